@@ -1,0 +1,58 @@
+# The two front doors: `make demo` and `make test`. Each sets up what it needs.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+HOST   ?= 127.0.0.1
+PORT   ?= 5000
+HTMX_VERSION ?= 4.0.1
+
+.PHONY: demo test bench browser clean vendor-htmx
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# A stamp per requirements file: pip runs again only when the file changes.
+$(VENV)/.run-deps: requirements.txt | $(BIN)/python
+	$(BIN)/pip install -q -r requirements.txt
+	touch $@
+
+$(VENV)/.dev-deps: requirements-dev.txt requirements.txt | $(BIN)/python
+	$(BIN)/pip install -q -r requirements-dev.txt
+	touch $@ $(VENV)/.run-deps
+
+demo: $(VENV)/.run-deps
+	@echo ""
+	@echo "  Dashboard: http://$(HOST):$(PORT)   (Ctrl+C stops it)"
+	@echo ""
+	BIND=$(HOST):$(PORT) $(BIN)/gunicorn -c gunicorn.conf.py
+
+test: $(VENV)/.dev-deps browser
+	$(BIN)/python -m pytest
+
+bench: $(VENV)/.dev-deps
+	$(BIN)/python -m bench
+
+# Debian's Chromium for the browser tests. Installed when we can (root with
+# apt-get, as in CI); otherwise the browser tests say how to get it.
+browser:
+	@if command -v chromium >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing chromium with apt-get"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1 || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }; \
+	else echo "chromium not found and cannot install it here: browser tests will be skipped (install Debian's chromium package)"; fi
+
+# Maintainers only: fetch a pinned htmx from the npm registry and record its hashes.
+vendor-htmx:
+	rm -rf .vendor-tmp && mkdir .vendor-tmp
+	cd .vendor-tmp && npm pack -q htmx.org@$(HTMX_VERSION) && tar xzf htmx.org-$(HTMX_VERSION).tgz
+	cp .vendor-tmp/package/dist/htmx.min.js static/htmx/htmx.min.js
+	cp .vendor-tmp/package/dist/ext/hx-ptag.min.js static/htmx/ext/hx-ptag.min.js
+	cp .vendor-tmp/package/LICENSE static/htmx/LICENSE
+	echo "htmx.org $(HTMX_VERSION)" > static/htmx/VERSION
+	cd static/htmx && sha256sum htmx.min.js ext/hx-ptag.min.js LICENSE > SHA256SUMS
+	rm -rf .vendor-tmp
+
+clean:
+	rm -rf $(VENV) .pytest_cache

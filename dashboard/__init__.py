@@ -1,0 +1,87 @@
+"""A Flask app with an in-process work queue and a live htmx dashboard.
+
+``create_app`` builds the demo app. To use the queue in your own app, see
+:class:`~dashboard.ext.QueueExtension`, :func:`~dashboard.tasks.task` and
+:data:`~dashboard.ext.current_queue`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Mapping
+
+from flask import Flask, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from .config import ConfigError
+from .ext import QueueExtension, current_queue, get_queue
+from .records import State
+from .store import QueueClosed, QueueFull
+from .tasks import Bool, Float, Int, InvalidParam, Registry, Str, UnknownKind, registry, task
+from .workqueue import TaskContext, WorkQueue
+
+__all__ = [
+    "create_app",
+    "QueueExtension",
+    "current_queue",
+    "get_queue",
+    "WorkQueue",
+    "TaskContext",
+    "State",
+    "task",
+    "registry",
+    "Registry",
+    "Int",
+    "Float",
+    "Str",
+    "Bool",
+    "ConfigError",
+    "QueueFull",
+    "QueueClosed",
+    "InvalidParam",
+    "UnknownKind",
+]
+
+LOG_FORMAT = "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"
+
+
+def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
+    """Build the dashboard app: config defaults, then ``FLASK_*`` environment
+    variables, then ``test_config``; a bad value raises :class:`ConfigError`.
+    """
+    from . import demo  # noqa: F401  registers the demo task kinds
+    from .config import DEFAULTS
+    from .views import bp
+
+    app = Flask(__name__, static_folder=None)
+    app.config.from_mapping(DEFAULTS)
+    app.config["MAX_CONTENT_LENGTH"] = 64 * 1024
+    app.config.from_prefixed_env()
+    if test_config is not None:
+        app.config.from_mapping(test_config)
+
+    _configure_logging()
+    QueueExtension(app)
+    app.register_blueprint(bp)
+    app.register_error_handler(HTTPException, _http_error)
+    return app
+
+
+def _configure_logging() -> None:
+    """Log INFO and up from this package to stderr, unless logging is set up already."""
+    logger = logging.getLogger("dashboard")
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.INFO)
+    if not logger.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        logger.addHandler(handler)
+
+
+def _http_error(exc: HTTPException):
+    """JSON errors under /api/, Flask's short HTML page elsewhere; never a traceback."""
+    if request.path.startswith("/api/"):
+        response = jsonify(error=f"{exc.code} {exc.name}: {exc.description}")
+        response.status_code = exc.code or 500
+        return response
+    return exc

@@ -1,0 +1,65 @@
+"""The app's configuration keys: defaults, allowed values, and the check at start.
+
+Every key can be set in the environment with the ``FLASK_`` prefix
+(``FLASK_WORKERS=4``); values there are parsed as JSON first, so numbers
+and ``true``/``false`` arrive typed. A value that is not allowed stops the
+app at start with a message that names the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, MutableMapping
+
+from .tasks import Bool, Float, Int, InvalidParam, Param, Str
+
+
+class ConfigError(ValueError):
+    """A configuration value is not allowed. The message names the key."""
+
+
+@dataclass(frozen=True)
+class Setting:
+    key: str
+    default: Any
+    spec: Param
+    doc: str
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("WORKERS", 1, Int(0, 64), "Worker threads per process. 0 starts none: "
+            "tasks then run only when code calls `run_pending()` (tests)."),
+    Setting("WORK_TIME", 3.0, Float(0, 3600), "Seconds one demo `pretend` or `flaky` task "
+            "takes when the request does not say."),
+    Setting("MAX_QUEUED", 10_000, Int(1, 10_000_000), "Most tasks that may wait in the queue; "
+            "beyond it submits are refused (503 with `Retry-After`)."),
+    Setting("MAX_BATCH", 100, Int(1, 100_000), "Most tasks one request may add (`count`)."),
+    Setting("HISTORY", 1_000, Int(0, 1_000_000), "Finished tasks remembered for the "
+            "dashboard and `GET /api/tasks/<id>`; counters keep the totals beyond it."),
+    Setting("POLL_INTERVAL", 1.0, Float(0.2, 60), "Seconds between dashboard polls."),
+    Setting("SHUTDOWN_TIMEOUT", 10.0, Float(0, 3600), "Seconds running tasks get to finish "
+            "when the process is asked to stop."),
+    Setting("DEFAULT_KIND", "pretend", Str(100), "The task kind the \"Add work\" button "
+            "and requests without `kind` submit."),
+    Setting("HANDLE_SIGNALS", True, Bool(), "Close the queue on SIGTERM/SIGINT before the "
+            "server's own handler runs, so no new work is taken while stopping."),
+)
+
+DEFAULTS = {s.key: s.default for s in SETTINGS}
+
+
+def check_config(config: MutableMapping[str, Any]) -> None:
+    """Parse every setting in place, or raise :class:`ConfigError` naming the key."""
+    for setting in SETTINGS:
+        try:
+            config[setting.key] = setting.spec.parse(setting.key, config.get(setting.key))
+        except InvalidParam as exc:
+            raise ConfigError(
+                f"invalid configuration: {exc} (set it in the app config or as "
+                f"FLASK_{setting.key} in the environment)"
+            ) from None
+    if config["MAX_BATCH"] > config["MAX_QUEUED"]:
+        raise ConfigError(
+            "invalid configuration: MAX_BATCH must not be larger than MAX_QUEUED "
+            f"({config['MAX_BATCH']} > {config['MAX_QUEUED']})"
+        )

@@ -1,0 +1,217 @@
+"""The Flask glue: one WorkQueue per app, started once per serving process.
+
+Workers start in the process that serves requests, and only there:
+
+* on the first request a process handles (any server: the dev server with or
+  without the reloader, gunicorn with or without ``--preload``, uWSGI), or
+* eagerly from a server hook, :func:`start_serving` (our ``gunicorn.conf.py``
+  calls it in each worker process after it is forked).
+
+Creating the app never starts threads, so a reloader's watching parent or a
+preloading master that only imports the app runs no task. A forked child
+starts its own threads; :class:`~dashboard.workqueue.WorkQueue` handles that.
+
+On SIGTERM or SIGINT the queue closes at once (new submissions get 503), and
+running tasks get ``SHUTDOWN_TIMEOUT`` seconds when the process exits.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import signal
+import threading
+import weakref
+from typing import Any, Callable, Mapping
+
+from flask import Flask, current_app
+from werkzeug.local import LocalProxy
+
+from .config import DEFAULTS, check_config
+from .tasks import Registry
+from .workqueue import TaskContext, WorkQueue, live_queues
+
+logger = logging.getLogger("dashboard.ext")
+
+EXTENSION_KEY = "dashboard"
+
+
+class QueueExtension:
+    """Adds a work queue to a Flask app; the object is kept in ``app.extensions``.
+
+    Use it like any Flask extension::
+
+        queue_ext = QueueExtension()
+
+        def create_app():
+            app = Flask(__name__)
+            queue_ext.init_app(app)
+            return app
+
+    and submit work from a view with ``current_queue.submit("kind", **params)``.
+    Every task runs inside ``app.app_context()``, torn down after each task.
+    """
+
+    def __init__(self, app: Flask | None = None, *, registry: Registry | None = None):
+        self.registry = registry
+        self._queues: weakref.WeakKeyDictionary[Flask, WorkQueue] = weakref.WeakKeyDictionary()
+        if app is not None:
+            self.init_app(app)
+
+    def init_app(self, app: Flask) -> None:
+        for key, value in DEFAULTS.items():
+            app.config.setdefault(key, value)
+        check_config(app.config)
+        queue = WorkQueue(
+            workers=app.config["WORKERS"],
+            max_queued=app.config["MAX_QUEUED"],
+            history=app.config["HISTORY"],
+            registry=self.registry,
+            runner=_app_context_runner(app),
+            shutdown_timeout=app.config["SHUTDOWN_TIMEOUT"],
+            name=f"{app.name}-queue",
+        )
+        if app.config["DEFAULT_KIND"] not in queue.registry:
+            from .config import ConfigError
+
+            raise ConfigError(
+                "invalid configuration: DEFAULT_KIND must be one of: "
+                f"{', '.join(queue.registry.names()) or '(none registered)'}; "
+                f"got {app.config['DEFAULT_KIND']!r}"
+            )
+        self._queues[app] = queue
+        app.extensions[EXTENSION_KEY] = self
+        # The cheapest correct place to start: the first request this process serves.
+        app.before_request(queue.start)
+        if app.config["HANDLE_SIGNALS"]:
+            install_signal_handlers()
+        _register_atexit()
+
+    def queue_for(self, app: Flask) -> WorkQueue:
+        return self._queues[app]
+
+    @property
+    def queue(self) -> WorkQueue:
+        """The queue of the current app."""
+        return self._queues[current_app._get_current_object()]  # type: ignore[attr-defined]
+
+
+def get_queue(app: Flask | None = None) -> WorkQueue:
+    """The WorkQueue of ``app``, or of the current app."""
+    app = app if app is not None else current_app._get_current_object()  # type: ignore[attr-defined]
+    try:
+        ext: QueueExtension = app.extensions[EXTENSION_KEY]
+    except KeyError:
+        raise RuntimeError(
+            "this app has no work queue: call QueueExtension().init_app(app) first"
+        ) from None
+    return ext.queue_for(app)
+
+
+#: The current app's :class:`~dashboard.workqueue.WorkQueue`.
+current_queue: WorkQueue = LocalProxy(get_queue)  # type: ignore[assignment]
+
+
+def _app_context_runner(app: Flask) -> Callable[..., Any]:
+    def run(fn: Callable[..., Any], ctx: TaskContext, params: Mapping[str, Any]) -> Any:
+        with app.app_context():
+            return fn(ctx, **params)
+
+    return run
+
+
+def start_serving(app: Any) -> bool:
+    """Start the app's workers now, in this serving process; for server hooks.
+
+    ``app`` may be anything a server loaded; if it is not a Flask app with a
+    queue, nothing happens and ``False`` is returned. Also installs the signal
+    handlers when called in the main thread, after the server installed its own.
+    """
+    ext = getattr(app, "extensions", {}).get(EXTENSION_KEY)
+    if not isinstance(ext, QueueExtension):
+        return False
+    queue = ext.queue_for(app)
+    if app.config.get("HANDLE_SIGNALS", True):
+        install_signal_handlers(force=True)
+    queue.start()
+    return True
+
+
+def stop_serving(app: Any) -> None:
+    """Shut the app's queue down now (for a server's worker-exit hook)."""
+    ext = getattr(app, "extensions", {}).get(EXTENSION_KEY)
+    if isinstance(ext, QueueExtension):
+        queue = ext.queue_for(app)
+        if queue.started:
+            queue.shutdown()
+
+
+# -- signals and exit ------------------------------------------------------
+
+_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_previous: dict[int, Any] = {}
+_installed_in: int | None = None
+
+
+def _close_started_queues() -> None:
+    for queue in live_queues():
+        if queue.started:
+            queue.close()
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    # Runs in the main thread between two bytecodes, maybe while that thread
+    # holds a store's lock: take no lock here, let another thread close.
+    try:
+        threading.Thread(target=_close_started_queues, name="dashboard-close").start()
+    except RuntimeError:  # interpreter shutting down: nothing left to refuse
+        pass
+    previous = _previous.get(signum)
+    if callable(previous):
+        previous(signum, frame)
+    elif previous == signal.SIG_DFL or previous is None:
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        # The default would kill the process on the spot, skipping the wait
+        # for running tasks; a clean exit runs the atexit shutdown instead.
+        raise SystemExit(0)
+
+
+def install_signal_handlers(force: bool = False) -> bool:
+    """Close every started queue on SIGTERM/SIGINT, then do what was there before.
+
+    Installs once per process, and only from the main thread. ``force``
+    installs again over handlers a server set since (gunicorn resets them in
+    each worker after loading the app).
+    """
+    global _installed_in
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    pid = os.getpid()
+    for signum in _SIGNALS:
+        current = signal.getsignal(signum)
+        if current is _on_signal:
+            continue
+        if _installed_in == pid and not force:
+            continue
+        _previous[signum] = current
+        signal.signal(signum, _on_signal)
+    _installed_in = pid
+    return True
+
+
+_atexit_registered = False
+
+
+def _register_atexit() -> None:
+    global _atexit_registered
+    if not _atexit_registered:
+        atexit.register(_shutdown_at_exit)
+        _atexit_registered = True
+
+
+def _shutdown_at_exit() -> None:
+    for queue in live_queues():
+        if queue.started:
+            queue.shutdown()

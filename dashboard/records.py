@@ -1,0 +1,199 @@
+"""Task states, task records and the read-only snapshots handed to views.
+
+A :class:`TaskRecord` is the store's mutable, private state of one task. What
+leaves the store is always a copy: :class:`TaskInfo` for a task,
+:class:`WorkerInfo` for a worker thread and :class:`Snapshot` for the whole
+queue, all immutable, so a view can render them without holding any lock.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any, NamedTuple
+
+
+class State(str, Enum):
+    """Every state a task can be in. Templates and JSON use the string values."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+FINISHED_STATES = frozenset({State.DONE, State.FAILED, State.CANCELLED})
+
+
+class TaskRecord:
+    """The live state of one task inside a store. Change it only under the store's lock."""
+
+    __slots__ = (
+        "id",
+        "kind",
+        "params",
+        "state",
+        "enqueued_at",
+        "started_at",
+        "finished_at",
+        "progress",
+        "message",
+        "error",
+        "traceback",
+        "worker",
+        "cancel_requested",
+    )
+
+    def __init__(self, task_id: int, kind: str, params: dict[str, Any], enqueued_at: float):
+        self.id = task_id
+        self.kind = kind
+        self.params = params
+        self.state = State.QUEUED
+        self.enqueued_at = enqueued_at
+        self.started_at: float | None = None
+        self.finished_at: float | None = None
+        self.progress = 0.0
+        self.message: str | None = None
+        self.error: str | None = None
+        self.traceback: str | None = None
+        self.worker: str | None = None
+        self.cancel_requested = False
+
+    def info(self) -> TaskInfo:
+        return TaskInfo(
+            self.id,
+            self.kind,
+            self.params,
+            self.state,
+            self.enqueued_at,
+            self.started_at,
+            self.finished_at,
+            self.progress,
+            self.message,
+            self.error,
+            self.traceback,
+            self.worker,
+        )
+
+
+class TaskInfo(NamedTuple):
+    """An immutable copy of one task, as views and the JSON API see it."""
+
+    id: int
+    kind: str
+    params: dict[str, Any]
+    state: State
+    enqueued_at: float
+    started_at: float | None
+    finished_at: float | None
+    progress: float
+    message: str | None
+    error: str | None
+    traceback: str | None
+    worker: str | None
+
+    @property
+    def wait(self) -> float | None:
+        """Seconds between being queued and starting, once started."""
+        if self.started_at is None:
+            return None
+        return max(0.0, self.started_at - self.enqueued_at)
+
+    @property
+    def duration(self) -> float | None:
+        """Seconds the task ran, once finished after starting."""
+        if self.started_at is None or self.finished_at is None:
+            return None
+        return max(0.0, self.finished_at - self.started_at)
+
+    @property
+    def percent(self) -> int:
+        return int(self.progress * 100)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "params": dict(self.params),
+            "state": self.state.value,
+            "enqueued_at": self.enqueued_at,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "progress": self.progress,
+            "message": self.message,
+            "error": self.error,
+            "worker": self.worker,
+        }
+
+
+class WorkerInfo(NamedTuple):
+    """One worker thread: its name, state (idle, running, paused, stopped) and task."""
+
+    name: str
+    state: str
+    task: TaskInfo | None
+    done: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "state": self.state,
+            "task": None if self.task is None else self.task.to_dict(),
+            "done": self.done,
+        }
+
+
+class Snapshot(NamedTuple):
+    """One consistent view of a queue, taken under one lock.
+
+    ``tag`` changes whenever anything a dashboard shows changes; it includes a
+    token of the process and store, so tags from another process or an earlier
+    run never match.
+    """
+
+    tag: str
+    version: int
+    pid: int
+    queued: int
+    running: int
+    done: int
+    failed: int
+    cancelled: int
+    submitted: int
+    restarts: int
+    paused: bool
+    closed: bool
+    max_queued: int
+    workers: tuple[WorkerInfo, ...]
+    recent: tuple[TaskInfo, ...]
+    mean_wait: float | None
+    mean_run: float | None
+    taken_at: float
+
+    @property
+    def finished(self) -> int:
+        return self.done + self.failed + self.cancelled
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "tag": self.tag,
+            "version": self.version,
+            "pid": self.pid,
+            "queued": self.queued,
+            "running": self.running,
+            "done": self.done,
+            "failed": self.failed,
+            "cancelled": self.cancelled,
+            "submitted": self.submitted,
+            "restarts": self.restarts,
+            "paused": self.paused,
+            "closed": self.closed,
+            "max_queued": self.max_queued,
+            "workers": [w.to_dict() for w in self.workers],
+            "recent": [t.to_dict() for t in self.recent],
+            "mean_wait": self.mean_wait,
+            "mean_run": self.mean_run,
+        }

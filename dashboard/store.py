@@ -1,0 +1,451 @@
+"""Where tasks live: the store interface and the in-memory store.
+
+A store owns every piece of queue state a dashboard shows: the tasks (queued,
+running and a bounded history of finished ones), cumulative counters, the
+worker slots and what each one runs, the paused and closed flags, and a version
+number that changes whenever any of that changes. The :class:`~dashboard.workqueue.WorkQueue`
+on top of it owns only threads.
+
+:class:`MemoryStore` keeps all of it in this process under one lock. It is
+fast and simple, and it is per process: another process has another queue,
+and queued work is gone when the process ends.
+
+This module imports nothing from Flask.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import threading
+import time
+from collections import deque
+from itertools import islice
+from typing import Any
+
+from .records import FINISHED_STATES, Snapshot, State, TaskInfo, TaskRecord, WorkerInfo
+from .tasks import TaskError
+
+
+class QueueFull(TaskError):
+    """The queue holds ``max_queued`` tasks; nothing of the request was queued."""
+
+    def __init__(self, queued: int, max_queued: int, requested: int):
+        self.queued = queued
+        self.max_queued = max_queued
+        self.requested = requested
+        super().__init__(
+            f"queue is full: {queued} of {max_queued} queued, {requested} more requested"
+        )
+
+
+class QueueClosed(TaskError):
+    """The queue is shutting down and takes no new work."""
+
+    def __init__(self) -> None:
+        super().__init__("queue is shutting down and takes no new work")
+
+
+class Store:
+    """The interface every store implements. All methods are thread-safe.
+
+    Workers are named slots. A worker thread asks for work with :meth:`claim`
+    and reports the end of each task with :meth:`finish`; the store moves the
+    task between states and keeps the counters, so the log, the counters and
+    the dashboard always agree.
+    """
+
+    #: Largest number of tasks that may wait in the queue.
+    max_queued: int
+
+    @property
+    def tag(self) -> str:
+        """A short string that changes whenever anything visible changes.
+
+        Cheap to read (no lock, no copy): views compare it to what a page holds
+        to answer 304 without rendering.
+        """
+        raise NotImplementedError
+
+    def add(self, kind: str, params: dict[str, Any], count: int = 1) -> list[int]:
+        """Queue ``count`` tasks of ``kind`` with ``params``, all or none.
+
+        Returns their ids in order. Raises :class:`QueueFull` when fewer than
+        ``count`` places are free and :class:`QueueClosed` after :meth:`close`.
+        """
+        raise NotImplementedError
+
+    def claim(self, worker: str | None, block: bool = True) -> TaskRecord | None:
+        """Take the oldest queued task for ``worker`` and mark it running.
+
+        With ``block``, waits while the queue is empty or paused. Returns
+        ``None`` when there is nothing to do: the store is closed, the worker
+        was asked to stop, or (without ``block``) nothing is ready.
+        ``worker=None`` claims for the calling thread, outside any slot.
+        """
+        raise NotImplementedError
+
+    def progress(self, record: TaskRecord, fraction: float, message: str | None) -> None:
+        """Record a running task's progress (``fraction`` already in 0..1)."""
+        raise NotImplementedError
+
+    def finish(
+        self,
+        record: TaskRecord,
+        state: State,
+        error: str | None = None,
+        traceback: str | None = None,
+    ) -> None:
+        """Move a running task to a finished ``state`` and free its worker."""
+        raise NotImplementedError
+
+    def add_worker(self, name: str, replacement: bool = False) -> None:
+        """Register (or revive) the worker slot ``name``.
+
+        ``replacement`` says a supervisor is replacing a thread that died; the
+        store counts those restarts.
+        """
+        raise NotImplementedError
+
+    def worker_exited(self, name: str, error: str | None = None) -> None:
+        """A worker thread ended. With ``error`` it died, and its task fails with it."""
+        raise NotImplementedError
+
+    def snapshot(self, recent: int = 20) -> Snapshot:
+        """Return one consistent copy of everything visible, with ``recent`` finished tasks."""
+        raise NotImplementedError
+
+    def get(self, task_id: int) -> TaskInfo | None:
+        """Return a copy of one task, or ``None`` if unknown or gone from the history."""
+        raise NotImplementedError
+
+    def wait_idle(self, timeout: float | None) -> bool:
+        """Block until nothing is queued or running; ``False`` on timeout."""
+        raise NotImplementedError
+
+    def set_paused(self, paused: bool) -> None:
+        """While paused, workers finish what they run and take nothing new."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Refuse new work from now on and wake every waiting worker so it can exit."""
+        raise NotImplementedError
+
+    def drop_queued(self) -> int:
+        """Forget every queued task (at shutdown); return how many there were."""
+        raise NotImplementedError
+
+    def reset_after_fork(self) -> int:
+        """Called in a forked child: start empty; return how many queued tasks were dropped."""
+        raise NotImplementedError
+
+
+class _Slot:
+    __slots__ = ("name", "task", "done", "alive")
+
+    def __init__(self, name: str):
+        self.name = name
+        self.task: TaskRecord | None = None
+        self.done = 0
+        self.alive = True
+
+
+class MemoryStore(Store):
+    """All state in this process's memory, under one lock.
+
+    Memory is bounded: at most ``max_queued`` queued tasks, one running task
+    per worker, and a ring of the last ``history`` finished tasks. Counters
+    keep the totals after the ring forgets a task.
+    """
+
+    def __init__(self, max_queued: int = 10_000, history: int = 1_000):
+        if max_queued < 1:
+            raise ValueError("max_queued must be at least 1")
+        if history < 0:
+            raise ValueError("history must be 0 or more")
+        self.max_queued = max_queued
+        self.history_size = history
+        self._init_state()
+
+    def _init_state(self) -> None:
+        self._lock = threading.Lock()
+        self._work = threading.Condition(self._lock)  # workers wait here for tasks
+        self._idle = threading.Condition(self._lock)  # join() waits here
+        self._queue: deque[TaskRecord] = deque()
+        self._tasks: dict[int, TaskRecord] = {}
+        self._history: deque[TaskRecord] = deque()
+        self._slots: dict[str, _Slot] = {}
+        self._waiting = 0  # workers blocked in claim(): submit notifies only if any
+        self._joiners = 0
+        self._next_id = 1
+        self._queued = 0
+        self._running = 0
+        self._submitted = 0
+        self._counts = {State.DONE: 0, State.FAILED: 0, State.CANCELLED: 0}
+        self._restarts = 0
+        self._run_total = 0.0
+        self._wait_total = 0.0
+        self._timed = 0
+        self._paused = False
+        self._closed = False
+        self._version = 0
+        self._token = f"{os.getpid():x}{secrets.token_hex(3)}"
+
+    # -- reading ---------------------------------------------------------
+
+    @property
+    def tag(self) -> str:
+        return f"{self._token}-{self._version}"
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def snapshot(self, recent: int = 20) -> Snapshot:
+        with self._lock:
+            paused = self._paused
+            workers = tuple(
+                WorkerInfo(
+                    s.name,
+                    _worker_state(s, paused, self._closed),
+                    None if s.task is None else s.task.info(),
+                    s.done,
+                )
+                for s in self._slots.values()
+            )
+            last = tuple(r.info() for r in islice(reversed(self._history), recent))
+            timed = self._timed
+            return Snapshot(
+                tag=f"{self._token}-{self._version}",
+                version=self._version,
+                pid=os.getpid(),
+                queued=self._queued,
+                running=self._running,
+                done=self._counts[State.DONE],
+                failed=self._counts[State.FAILED],
+                cancelled=self._counts[State.CANCELLED],
+                submitted=self._submitted,
+                restarts=self._restarts,
+                paused=paused,
+                closed=self._closed,
+                max_queued=self.max_queued,
+                workers=workers,
+                recent=last,
+                mean_wait=self._wait_total / timed if timed else None,
+                mean_run=self._run_total / timed if timed else None,
+                taken_at=time.time(),
+            )
+
+    def get(self, task_id: int) -> TaskInfo | None:
+        with self._lock:
+            record = self._tasks.get(task_id)
+            return None if record is None else record.info()
+
+    # -- submitting ------------------------------------------------------
+
+    def add(self, kind: str, params: dict[str, Any], count: int = 1) -> list[int]:
+        now = time.time()
+        with self._lock:
+            if self._closed:
+                raise QueueClosed()
+            if self._queued + count > self.max_queued:
+                raise QueueFull(self._queued, self.max_queued, count)
+            first = self._next_id
+            self._next_id += count
+            append = self._queue.append
+            tasks = self._tasks
+            for task_id in range(first, first + count):
+                # Each task gets its own params dict: a task may not see another's changes.
+                record = TaskRecord(task_id, kind, dict(params) if count > 1 else params, now)
+                append(record)
+                tasks[task_id] = record
+            self._queued += count
+            self._submitted += count
+            self._version += 1
+            if self._waiting:
+                if count == 1:
+                    self._work.notify()
+                else:
+                    self._work.notify(count)
+            return list(range(first, first + count))
+
+    # -- working ---------------------------------------------------------
+
+    def claim(self, worker: str | None, block: bool = True) -> TaskRecord | None:
+        with self._lock:
+            slot = None if worker is None else self._slots[worker]
+            while True:
+                if self._closed or (slot is not None and not slot.alive):
+                    return None
+                if self._queue and not self._paused:
+                    record = self._queue.popleft()
+                    if record.state is not State.QUEUED:
+                        continue  # cancelled while queued: already counted
+                    record.state = State.RUNNING
+                    record.started_at = time.time()
+                    record.worker = worker
+                    self._queued -= 1
+                    self._running += 1
+                    if slot is not None:
+                        slot.task = record
+                    self._version += 1
+                    return record
+                if not block:
+                    return None
+                self._waiting += 1
+                try:
+                    self._work.wait()
+                finally:
+                    self._waiting -= 1
+
+    def progress(self, record: TaskRecord, fraction: float, message: str | None) -> None:
+        with self._lock:
+            if record.state is not State.RUNNING:
+                return
+            # Only a change a person can see is a new version: whole percents or a new message.
+            visible = int(fraction * 100) != int(record.progress * 100) or message != record.message
+            record.progress = fraction
+            record.message = message
+            if visible:
+                self._version += 1
+
+    def finish(
+        self,
+        record: TaskRecord,
+        state: State,
+        error: str | None = None,
+        traceback: str | None = None,
+    ) -> None:
+        with self._lock:
+            self._finish_locked(record, state, error, traceback)
+
+    def _finish_locked(
+        self, record: TaskRecord, state: State, error: str | None, traceback: str | None
+    ) -> None:
+        if record.state is not State.RUNNING:
+            raise ValueError(f"task {record.id} is {record.state}, not running")
+        if state not in FINISHED_STATES:
+            raise ValueError(f"{state} is not a finished state")
+        now = time.time()
+        record.state = state
+        record.finished_at = now
+        record.error = error
+        record.traceback = traceback
+        if state is State.DONE:
+            record.progress = 1.0
+        self._running -= 1
+        self._counts[state] += 1
+        started = record.started_at or now
+        self._run_total += now - started
+        self._wait_total += started - record.enqueued_at
+        self._timed += 1
+        slot = self._slots.get(record.worker) if record.worker is not None else None
+        if slot is not None and slot.task is record:
+            slot.task = None
+            slot.done += 1
+        self._remember(record)
+        self._version += 1
+        if self._joiners and not self._queued and not self._running:
+            self._idle.notify_all()
+
+    def _remember(self, record: TaskRecord) -> None:
+        history = self._history
+        if len(history) >= self.history_size:
+            if not self.history_size:
+                del self._tasks[record.id]
+                return
+            del self._tasks[history.popleft().id]
+        history.append(record)
+
+    # -- workers ---------------------------------------------------------
+
+    def add_worker(self, name: str, replacement: bool = False) -> None:
+        with self._lock:
+            slot = self._slots.get(name)
+            if slot is None:
+                self._slots[name] = _Slot(name)
+            else:
+                slot.alive = True
+            if replacement:
+                self._restarts += 1
+            self._version += 1
+
+    def stop_worker(self, name: str) -> None:
+        """Ask one worker to exit after its current task."""
+        with self._lock:
+            slot = self._slots.get(name)
+            if slot is not None:
+                slot.alive = False
+                self._work.notify_all()
+                self._version += 1
+
+    def worker_exited(self, name: str, error: str | None = None) -> None:
+        with self._lock:
+            slot = self._slots.get(name)
+            if slot is None:
+                return
+            slot.alive = False
+            if slot.task is not None:
+                self._finish_locked(slot.task, State.FAILED, error or "worker thread exited", None)
+            self._version += 1
+
+    def remove_worker(self, name: str) -> None:
+        with self._lock:
+            if self._slots.pop(name, None) is not None:
+                self._version += 1
+
+    # -- control ---------------------------------------------------------
+
+    def wait_idle(self, timeout: float | None) -> bool:
+        with self._lock:
+            self._joiners += 1
+            try:
+                return self._idle.wait_for(
+                    lambda: not self._queued and not self._running, timeout
+                )
+            finally:
+                self._joiners -= 1
+
+    def set_paused(self, paused: bool) -> None:
+        with self._lock:
+            if self._paused != paused:
+                self._paused = paused
+                self._version += 1
+                if not paused:
+                    self._work.notify_all()
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._version += 1
+            self._work.notify_all()
+
+    def drop_queued(self) -> int:
+        with self._lock:
+            dropped = 0
+            for record in self._queue:
+                if record.state is State.QUEUED:
+                    self._tasks.pop(record.id, None)
+                    dropped += 1
+            self._queue.clear()
+            self._queued = 0
+            self._version += 1
+            if self._joiners and not self._running:
+                self._idle.notify_all()
+            return dropped
+
+    def reset_after_fork(self) -> int:
+        # The parent's threads and any lock they held did not come along:
+        # new locks, and no tasks, or two processes would run the same ones.
+        dropped = self._queued
+        self._init_state()
+        return dropped
+
+
+def _worker_state(slot: _Slot, paused: bool, closed: bool) -> str:
+    if slot.task is not None:
+        return "stopping" if closed or not slot.alive else "running"
+    if not slot.alive:
+        return "stopped"
+    return "paused" if paused else "idle"

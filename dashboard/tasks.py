@@ -1,0 +1,250 @@
+"""Task kinds: the registry of named functions a queue may run, and their params.
+
+Only a registered kind can ever run. A request names a kind (a string), never
+a function or a module, and every parameter it passes is checked against the
+kind's declared :class:`Param` specs before anything is queued.
+
+This module imports nothing from Flask.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+
+class TaskError(Exception):
+    """Base class for errors raised when work is refused."""
+
+
+class UnknownKind(TaskError):
+    """The named task kind is not registered."""
+
+    def __init__(self, kind: object, known: list[str]):
+        self.kind = kind
+        self.known = known
+        super().__init__(
+            f"kind must be one of: {', '.join(known) or '(none registered)'}; got {kind!r}"
+        )
+
+
+class InvalidParam(TaskError):
+    """A task parameter is missing its spec, has the wrong type or is out of range."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(f"{field} {message}")
+
+
+class Param:
+    """The spec of one task parameter: how to parse it and which values are allowed."""
+
+    kind_name = "value"
+
+    def parse(self, name: str, value: object) -> Any:
+        """Return the checked value or raise :class:`InvalidParam` naming ``name``."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """A short text of the allowed values, used in error messages and docs."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Int(Param):
+    """An integer from ``min`` to ``max`` inclusive. Form strings like ``"12"`` are accepted."""
+
+    min: int
+    max: int
+
+    def describe(self) -> str:
+        return f"an integer from {self.min} to {self.max}"
+
+    def parse(self, name: str, value: object) -> int:
+        if isinstance(value, bool):
+            raise InvalidParam(name, f"must be {self.describe()}, got {value!r}")
+        if isinstance(value, str):
+            try:
+                value = int(value.strip())
+            except ValueError:
+                raise InvalidParam(name, f"must be {self.describe()}, got {value!r}") from None
+        elif isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if not isinstance(value, int) or not self.min <= value <= self.max:
+            raise InvalidParam(name, f"must be {self.describe()}, got {value!r}")
+        return value
+
+
+@dataclass(frozen=True)
+class Float(Param):
+    """A finite number from ``min`` to ``max`` inclusive."""
+
+    min: float
+    max: float
+
+    def describe(self) -> str:
+        return f"a number from {self.min:g} to {self.max:g}"
+
+    def parse(self, name: str, value: object) -> float:
+        if isinstance(value, bool):
+            raise InvalidParam(name, f"must be {self.describe()}, got {value!r}")
+        if isinstance(value, str):
+            try:
+                value = float(value.strip())
+            except ValueError:
+                raise InvalidParam(name, f"must be {self.describe()}, got {value!r}") from None
+        if not isinstance(value, (int, float)):
+            raise InvalidParam(name, f"must be {self.describe()}, got {value!r}")
+        value = float(value)
+        if not math.isfinite(value) or not self.min <= value <= self.max:
+            raise InvalidParam(name, f"must be {self.describe()}, got {value!r}")
+        return value
+
+
+@dataclass(frozen=True)
+class Str(Param):
+    """A string of at most ``max_length`` characters, optionally one of ``choices``."""
+
+    max_length: int = 200
+    choices: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        if self.choices:
+            return "one of: " + ", ".join(self.choices)
+        return f"a string of at most {self.max_length} characters"
+
+    def parse(self, name: str, value: object) -> str:
+        if not isinstance(value, str) or len(value) > self.max_length:
+            raise InvalidParam(name, f"must be {self.describe()}, got {_short(value)}")
+        if self.choices and value not in self.choices:
+            raise InvalidParam(name, f"must be {self.describe()}, got {_short(value)}")
+        return value
+
+
+@dataclass(frozen=True)
+class Bool(Param):
+    """``true`` or ``false``; form and environment spellings like ``"1"`` or ``"off"`` too."""
+
+    TRUE = frozenset({"1", "true", "yes", "on"})
+    FALSE = frozenset({"0", "false", "no", "off"})
+
+    def describe(self) -> str:
+        return "true or false"
+
+    def parse(self, name: str, value: object) -> bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in self.TRUE | self.FALSE:
+            return value.strip().lower() in self.TRUE
+        raise InvalidParam(name, f"must be {self.describe()}, got {_short(value)}")
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+@dataclass(frozen=True)
+class TaskKind:
+    """A registered task: its name, the function, and the parameters it accepts."""
+
+    name: str
+    fn: Callable[..., Any]
+    params: Mapping[str, Param] = field(default_factory=dict)
+    description: str = ""
+
+    def check_params(self, given: Mapping[str, object]) -> dict[str, Any]:
+        """Return ``given`` parsed against the specs; unknown names are refused."""
+        specs = self.params
+        if not given:
+            return {}
+        checked = {}
+        for name, value in given.items():
+            spec = specs.get(name)
+            if spec is None:
+                allowed = ", ".join(specs) or "none"
+                raise InvalidParam(
+                    name, f"is not a parameter of {self.name!r} (allowed: {allowed})"
+                )
+            checked[name] = spec.parse(name, value)
+        return checked
+
+
+class Registry:
+    """A set of task kinds, looked up by name.
+
+    Most apps use the module-level default registry through :func:`task`.
+    Tests and embedding apps that want isolation make their own.
+    """
+
+    def __init__(self) -> None:
+        self._kinds: dict[str, TaskKind] = {}
+
+    def task(
+        self,
+        name: str | None = None,
+        *,
+        params: Mapping[str, Param] | None = None,
+        description: str | None = None,
+    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """Register the decorated function as a task kind called ``name``.
+
+        The function is called as ``fn(ctx, **params)``; ``ctx`` is a
+        :class:`~dashboard.queue.TaskContext`. ``params`` declares each keyword
+        argument that may be passed when the task is submitted, with its type
+        and range; anything else is refused at submit time.
+        """
+
+        def decorator(fn: Callable[..., Any]) -> Callable[..., Any]:
+            kind_name = name or fn.__name__
+            specs = dict(params or {})
+            _check_signature(kind_name, fn, specs)
+            if kind_name in self._kinds and self._kinds[kind_name].fn is not fn:
+                raise ValueError(f"task kind {kind_name!r} is already registered")
+            doc = description if description is not None else inspect.getdoc(fn) or ""
+            self._kinds[kind_name] = TaskKind(
+                kind_name, fn, specs, doc.split("\n\n")[0].replace("\n", " ")
+            )
+            return fn
+
+        return decorator
+
+    def get(self, name: object) -> TaskKind:
+        """Return the kind called ``name`` or raise :class:`UnknownKind`."""
+        try:
+            return self._kinds[name]  # type: ignore[index]
+        except (KeyError, TypeError):
+            raise UnknownKind(name, self.names()) from None
+
+    def names(self) -> list[str]:
+        return sorted(self._kinds)
+
+    def kinds(self) -> list[TaskKind]:
+        return [self._kinds[n] for n in self.names()]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._kinds
+
+
+def _check_signature(name: str, fn: Callable[..., Any], specs: Mapping[str, Param]) -> None:
+    """Fail at registration, not at run time, when specs and function disagree."""
+    sig = inspect.signature(fn)
+    positional = [
+        p
+        for p in sig.parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)
+    ]
+    if not positional:
+        raise TypeError(f"task {name!r}: the function must take the task context first")
+    accepts_kwargs = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
+    for param_name, spec in specs.items():
+        if not isinstance(spec, Param):
+            raise TypeError(f"task {name!r}: spec for {param_name!r} must be a Param")
+        if param_name not in sig.parameters and not accepts_kwargs:
+            raise TypeError(f"task {name!r}: the function has no parameter {param_name!r}")
+
+
+registry = Registry()
+task = registry.task

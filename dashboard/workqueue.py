@@ -1,0 +1,384 @@
+"""The work queue: worker threads and their supervisor on top of a store.
+
+:class:`WorkQueue` owns threads and nothing else; all state lives in the
+store (:mod:`dashboard.store`). Submitting is O(1) and never waits for work.
+
+This module imports nothing from Flask; :mod:`dashboard.ext` adds the glue.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import traceback
+import weakref
+from typing import Any, Callable, Mapping
+
+from .records import Snapshot, State, TaskInfo, TaskRecord
+from .store import MemoryStore, QueueClosed, QueueFull, Store
+from .tasks import Registry, registry as default_registry
+
+__all__ = ["WorkQueue", "TaskContext", "QueueFull", "QueueClosed"]
+
+logger = logging.getLogger("dashboard.queue")
+
+#: ``runner(fn, ctx, params)`` calls the task function; the Flask glue wraps it
+#: in an app context.
+Runner = Callable[[Callable[..., Any], "TaskContext", Mapping[str, Any]], Any]
+
+
+def _run_plain(fn: Callable[..., Any], ctx: TaskContext, params: Mapping[str, Any]) -> Any:
+    return fn(ctx, **params)
+
+
+class TaskContext:
+    """What a running task receives as its first argument.
+
+    Use it to report progress, which the dashboard shows as a bar, and to
+    check whether someone asked the task to stop.
+    """
+
+    __slots__ = ("_record", "_store")
+
+    def __init__(self, record: TaskRecord, store: Store):
+        self._record = record
+        self._store = store
+
+    @property
+    def task_id(self) -> int:
+        return self._record.id
+
+    @property
+    def kind(self) -> str:
+        return self._record.kind
+
+    @property
+    def cancelled(self) -> bool:
+        """True once cancellation of this task was requested.
+
+        Checking it is cheap; a long task should check it between steps and
+        return early when it is set.
+        """
+        return self._record.cancel_requested
+
+    def progress(self, fraction: float, message: str | None = None) -> None:
+        """Report how far the task is, from 0 to 1, with an optional short message.
+
+        Values outside 0..1 are clamped; the message is cut to 200 characters.
+        """
+        try:
+            fraction = min(1.0, max(0.0, float(fraction)))
+        except (TypeError, ValueError):
+            raise TypeError(f"progress fraction must be a number, got {fraction!r}") from None
+        if fraction != fraction:  # NaN
+            raise ValueError("progress fraction must be a number from 0 to 1, got nan")
+        if message is not None:
+            message = str(message)[:200]
+        self._store.progress(self._record, fraction, message)
+
+
+class _Default:
+    pass
+
+
+_DEFAULT = _Default()
+
+_live_queues: weakref.WeakSet[WorkQueue] = weakref.WeakSet()
+
+
+def live_queues() -> list[WorkQueue]:
+    """Every WorkQueue object that still exists in this process."""
+    return list(_live_queues)
+
+
+def _after_fork_in_child() -> None:
+    for queue in list(_live_queues):
+        queue._after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class WorkQueue:
+    """A queue of named tasks run by worker threads in this process.
+
+    ``submit`` queues a task and returns its id at once; ``workers`` threads
+    take tasks in FIFO order and run them. A task that raises is recorded as
+    failed and the worker goes on; a worker thread that dies anyway is
+    replaced by a supervisor thread.
+
+    Threads start with :meth:`start`, not in the constructor, so a queue can be
+    built at import time in a process that will fork (a preloading server)
+    and started in each child. With ``workers=0`` nothing runs until you call
+    :meth:`run_pending`, which runs queued tasks in the calling thread: the
+    deterministic mode for tests.
+    """
+
+    def __init__(
+        self,
+        workers: int = 1,
+        *,
+        max_queued: int = 10_000,
+        history: int = 1_000,
+        registry: Registry | None = None,
+        runner: Runner | None = None,
+        store: Store | None = None,
+        name: str = "dashboard",
+        shutdown_timeout: float = 10.0,
+    ):
+        if workers < 0:
+            raise ValueError("workers must be 0 or more")
+        self.workers = workers
+        self.registry = registry if registry is not None else default_registry
+        self.store = store if store is not None else MemoryStore(max_queued, history)
+        self.name = name
+        self.shutdown_timeout = shutdown_timeout
+        self._runner: Runner = runner or _run_plain
+        self._init_threads()
+        self._pid: int | None = None  # the process whose threads run, once started
+        self._shut_down = False
+        self._closed_at: float | None = None
+        self._forked_dropped = 0
+        _live_queues.add(self)
+
+    def _init_threads(self) -> None:
+        self._start_lock = threading.Lock()
+        self._threads: dict[str, threading.Thread] = {}
+        self._dead: set[str] = set()
+        self._wake = threading.Event()  # wakes the supervisor
+        self._supervisor: threading.Thread | None = None
+
+    # -- lifecycle -------------------------------------------------------
+
+    @property
+    def started(self) -> bool:
+        """True when worker threads were started in this process."""
+        return self._pid == os.getpid()
+
+    def start(self) -> None:
+        """Start the worker threads and the supervisor, once per process.
+
+        Calling it again in the same process does nothing; calling it in a
+        forked child of a started process starts that child's own threads.
+        """
+        pid = os.getpid()
+        if self._pid == pid:
+            return
+        with self._start_lock:
+            if self._pid == pid:
+                return
+            if self._shut_down:
+                raise QueueClosed()
+            self._pid = pid
+            if self._forked_dropped:
+                logger.warning(
+                    "pid %d: dropped %d task(s) queued before this process was forked; "
+                    "submit work after the server has started",
+                    pid,
+                    self._forked_dropped,
+                )
+                self._forked_dropped = 0
+            for i in range(1, self.workers + 1):
+                self._spawn(f"worker-{i}")
+            if self.workers:
+                self._supervisor = threading.Thread(
+                    target=self._supervise, name=f"{self.name}-supervisor", daemon=True
+                )
+                self._supervisor.start()
+            logger.info("started %d worker thread(s) in pid %d", self.workers, pid)
+
+    def _spawn(self, name: str, replacement: bool = False) -> None:
+        self.store.add_worker(name, replacement=replacement)
+        thread = threading.Thread(
+            target=self._worker_main, args=(name,), name=f"{self.name}-{name}", daemon=True
+        )
+        self._threads[name] = thread
+        thread.start()
+
+    def _after_fork(self) -> None:
+        dropped = self.store.reset_after_fork()
+        self._init_threads()
+        # Logging from an at-fork hook is not safe; say it at the next start.
+        self._forked_dropped = dropped
+
+    def close(self) -> None:
+        """Refuse new submissions; workers stop after the task they run.
+
+        Safe to call from any thread, repeatedly. :meth:`shutdown` calls it.
+        """
+        if self._closed_at is None:
+            self._closed_at = time.monotonic()
+        self.store.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed_at is not None
+
+    def shutdown(self, timeout: float | None | _Default = _DEFAULT) -> int:
+        """Stop: refuse new work, drop what is queued, let running tasks finish.
+
+        Running tasks get ``timeout`` seconds (default: the queue's
+        ``shutdown_timeout``; ``None`` waits for ever), counted from the first
+        :meth:`close` (a signal handler may have closed the queue earlier).
+        Returns how many queued tasks were dropped; that number is logged.
+        Never hangs: after the timeout, tasks still running are abandoned
+        (the threads are daemon threads and end with the process).
+        """
+        if isinstance(timeout, _Default):
+            timeout = self.shutdown_timeout
+        self.close()
+        dropped = self.store.drop_queued()
+        if self._shut_down:
+            return dropped
+        self._shut_down = True
+        if dropped:
+            logger.warning("shutdown: dropped %d queued task(s)", dropped)
+        deadline = None if timeout is None else (self._closed_at or time.monotonic()) + timeout
+        self._wake.set()
+        threads = list(self._threads.values()) if self.started else []
+        if self._supervisor is not None and self.started:
+            threads.append(self._supervisor)
+        for thread in threads:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if thread is not threading.current_thread():
+                thread.join(remaining)
+        still = [t.name for t in threads if t.is_alive()]
+        if still:
+            logger.warning(
+                "shutdown: %d thread(s) still running a task after %.1fs, not waiting: %s",
+                len(still),
+                timeout,
+                ", ".join(still),
+            )
+        return dropped
+
+    def is_healthy(self) -> bool:
+        """True when every worker thread of this process is alive and work is accepted."""
+        if self.closed:
+            return False
+        if not self.workers:
+            return True
+        if not self.started:
+            return True  # nothing started yet in this process: nothing can have died
+        return all(t.is_alive() for t in self._threads.values()) and not self._dead
+
+    # -- submitting ------------------------------------------------------
+
+    def submit(self, kind: str, /, **params: Any) -> int:
+        """Queue one task of ``kind`` with ``params`` and return its id.
+
+        Raises :class:`~dashboard.tasks.UnknownKind`,
+        :class:`~dashboard.tasks.InvalidParam`, :class:`QueueFull` or
+        :class:`QueueClosed`; in each case nothing is queued.
+        """
+        checked = self.registry.get(kind).check_params(params)
+        return self.store.add(kind, checked, 1)[0]
+
+    def submit_many(
+        self, kind: str, count: int, params: Mapping[str, Any] | None = None
+    ) -> list[int]:
+        """Queue ``count`` tasks of the same kind and params, all or none."""
+        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+            raise ValueError(f"count must be a positive integer, got {count!r}")
+        checked = self.registry.get(kind).check_params(params or {})
+        return self.store.add(kind, checked, count)
+
+    # -- reading ---------------------------------------------------------
+
+    @property
+    def tag(self) -> str:
+        """Changes whenever anything :meth:`stats` shows changes; cheap to read."""
+        return self.store.tag
+
+    def stats(self, recent: int = 20) -> Snapshot:
+        """One consistent snapshot: counts, workers, the ``recent`` last finished tasks."""
+        return self.store.snapshot(recent)
+
+    def get(self, task_id: int) -> TaskInfo | None:
+        """One task by id, or ``None`` when unknown or forgotten by the history."""
+        return self.store.get(task_id)
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Block until nothing is queued or running. Returns ``False`` on timeout."""
+        return self.store.wait_idle(timeout)
+
+    def pause(self) -> None:
+        """Workers finish their current task and take nothing new until :meth:`resume`."""
+        self.store.set_paused(True)
+
+    def resume(self) -> None:
+        self.store.set_paused(False)
+
+    # -- running ---------------------------------------------------------
+
+    def run_pending(self, limit: int | None = None) -> int:
+        """Run queued tasks in the calling thread until none is ready; return how many ran.
+
+        Failures are recorded exactly as in a worker thread. For tests and
+        scripts: no thread, no sleeping, the same code path as the workers.
+        """
+        ran = 0
+        while limit is None or ran < limit:
+            record = self.store.claim(None, block=False)
+            if record is None:
+                break
+            self._execute(record)
+            ran += 1
+        return ran
+
+    def _worker_main(self, name: str) -> None:
+        error = None
+        try:
+            claim, execute = self.store.claim, self._execute
+            while True:
+                record = claim(name)
+                if record is None:
+                    return
+                execute(record)
+        except BaseException as exc:  # noqa: BLE001 - a dying worker must still be accounted for
+            error = f"worker thread died: {type(exc).__name__}: {exc}"
+            logger.critical("%s %s; its task is failed and the thread replaced", name, error)
+        finally:
+            self.store.worker_exited(name, error)
+            if error is not None:
+                self._dead.add(name)
+                self._wake.set()
+
+    def _execute(self, record: TaskRecord) -> None:
+        ctx = TaskContext(record, self.store)
+        try:
+            fn = self.registry.get(record.kind).fn
+            self._runner(fn, ctx, record.params)
+        except Exception as exc:
+            message = f"{type(exc).__name__}: {exc}"
+            logger.error(
+                "task %d (%s) failed: %s", record.id, record.kind, message, exc_info=True
+            )
+            self.store.finish(record, State.FAILED, message[:1000], traceback.format_exc())
+        else:
+            self.store.finish(record, State.DONE)
+            if logger.isEnabledFor(logging.INFO):
+                logger.info(
+                    "task %d (%s) done in %.2fs [pid %d %s]",
+                    record.id,
+                    record.kind,
+                    (record.finished_at or 0.0) - (record.started_at or 0.0),
+                    os.getpid(),
+                    record.worker or "caller",
+                )
+
+    def _supervise(self) -> None:
+        while not self._shut_down:
+            self._wake.wait(timeout=1.0)
+            self._wake.clear()
+            if self._shut_down or self.closed:
+                return
+            with self._start_lock:
+                for name, thread in list(self._threads.items()):
+                    if name in self._dead or not thread.is_alive():
+                        thread.join(1.0)
+                        self._dead.discard(name)
+                        logger.error("%s died; starting a replacement", name)
+                        self._spawn(name, replacement=True)

@@ -1,0 +1,42 @@
+"""gunicorn settings for the dashboard: `gunicorn -c gunicorn.conf.py`.
+
+One worker process with several threads is the default on purpose: the
+in-memory queue lives in one process, so one process means one queue, and
+every poll sees the same one. Threads serve the pages and the polls; the
+queue's own worker threads run the tasks.
+"""
+
+import logging
+import os
+
+wsgi_app = "dashboard:create_app()"
+bind = [os.environ.get("BIND", f"127.0.0.1:{os.environ.get('PORT', '5000')}")]
+workers = int(os.environ.get("WEB_CONCURRENCY", "1"))
+worker_class = "gthread"
+threads = int(os.environ.get("GUNICORN_THREADS", "8"))
+
+# Running tasks get FLASK_SHUTDOWN_TIMEOUT seconds when a worker stops; give
+# gunicorn a little longer before it kills the worker.
+graceful_timeout = float(os.environ.get("FLASK_SHUTDOWN_TIMEOUT", "10")) + 5
+
+log = logging.getLogger("dashboard.gunicorn")
+
+
+def post_worker_init(worker):
+    # The app was loaded (or, with --preload, forked into this process):
+    # start its queue's threads here, after gunicorn set its signal handlers.
+    from dashboard.ext import start_serving
+
+    if start_serving(worker.wsgi) and worker.cfg.workers > 1:
+        log.warning(
+            "%d worker processes each have their own in-memory queue: a dashboard "
+            "shows whichever process answers its poll. Use one process (the default) "
+            "and raise GUNICORN_THREADS instead.",
+            worker.cfg.workers,
+        )
+
+
+def worker_exit(server, worker):
+    from dashboard.ext import stop_serving
+
+    stop_serving(getattr(worker, "wsgi", None))
