@@ -17,7 +17,7 @@ threads = int(os.environ.get("GUNICORN_THREADS", "8"))
 
 # Running tasks get FLASK_SHUTDOWN_TIMEOUT seconds when a worker stops; give
 # gunicorn a little longer before it kills the worker.
-graceful_timeout = float(os.environ.get("FLASK_SHUTDOWN_TIMEOUT", "10")) + 5
+graceful_timeout = int(float(os.environ.get("FLASK_SHUTDOWN_TIMEOUT", "10"))) + 5
 
 log = logging.getLogger("dashboard.gunicorn")
 
