@@ -242,9 +242,11 @@ def api_add_tasks() -> Response:
     return response
 
 
-@bp.get("/api/tasks/<int:task_id>")
-def api_task(task_id: int) -> Response:
-    info = current_queue.get(task_id)
+@bp.get("/api/tasks/<task_id>")
+def api_task(task_id: str) -> Response:
+    if not task_id.isdigit() or len(task_id) > 18:
+        return _json_error(f"no task {task_id[:40]!r}: task ids are positive integers", 404)
+    info = current_queue.get(int(task_id))
     if info is None:
         return _json_error(f"no task {task_id}: unknown, or no longer in the history", 404)
     return jsonify(info.to_dict())
