@@ -244,7 +244,7 @@ def api_add_tasks() -> Response:
 
 @bp.get("/api/tasks/<task_id>")
 def api_task(task_id: str) -> Response:
-    if not task_id.isdigit() or len(task_id) > 18:
+    if not (task_id.isascii() and task_id.isdigit()) or len(task_id) > 18:
         return _json_error(f"no task {task_id[:40]!r}: task ids are positive integers", 404)
     info = current_queue.get(int(task_id))
     if info is None:

@@ -1,0 +1,460 @@
+"""The engine on its own: no Flask, mostly no threads (run_pending), never a bare sleep."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import Counter
+
+import pytest
+
+from dashboard.records import State
+from dashboard.store import QueueClosed, QueueFull
+from dashboard.tasks import Float, Int, InvalidParam, Str, UnknownKind
+from dashboard.workqueue import WorkQueue
+from tests.conftest import wait_for
+
+
+@pytest.fixture
+def make_queue(registry):
+    """Build queues on the private registry and shut every one down after the test."""
+    made = []
+
+    def make(workers=0, **kwargs):
+        q = WorkQueue(workers, registry=registry, **kwargs)
+        made.append(q)
+        return q
+
+    yield make
+    for q in made:
+        q.shutdown(timeout=5)
+
+
+# -- registry and params -------------------------------------------------------
+
+
+def test_only_registered_kinds_can_be_submitted(registry, make_queue):
+    @registry.task("hello")
+    def hello(ctx):
+        pass
+
+    q = make_queue()
+    with pytest.raises(UnknownKind, match=r"kind must be one of: hello; got 'os.system'"):
+        q.submit("os.system")
+    assert q.stats().submitted == 0
+
+
+def test_params_are_typed_and_bounded(registry, make_queue):
+    @registry.task("sized", params={"n": Int(1, 10), "rate": Float(0, 1), "tag": Str(5)})
+    def sized(ctx, n=1, rate=0.5, tag=""):
+        pass
+
+    q = make_queue()
+    for bad, match in [
+        ({"n": 0}, r"n must be an integer from 1 to 10, got 0"),
+        ({"n": "x"}, r"n must be an integer from 1 to 10, got 'x'"),
+        ({"n": True}, r"n must be an integer"),
+        ({"rate": float("nan")}, r"rate must be a number from 0 to 1"),
+        ({"rate": "inf"}, r"rate must be a number from 0 to 1"),
+        ({"tag": "toolong"}, r"tag must be a string of at most 5 characters"),
+        ({"other": 1}, r"other is not a parameter of 'sized' \(allowed: n, rate, tag\)"),
+    ]:
+        with pytest.raises(InvalidParam, match=match):
+            q.submit("sized", **bad)
+    assert q.stats().submitted == 0
+    task_id = q.submit("sized", n="7", rate=1, tag="ok")
+    assert q.get(task_id).params == {"n": 7, "rate": 1.0, "tag": "ok"}
+
+
+def test_registration_checks_the_function(registry):
+    with pytest.raises(TypeError, match="no parameter 'm'"):
+
+        @registry.task("bad", params={"m": Int(0, 1)})
+        def bad(ctx, n=0):
+            pass
+
+    with pytest.raises(TypeError, match="task context first"):
+
+        @registry.task("noctx")
+        def noctx():
+            pass
+
+
+# -- running -------------------------------------------------------------------
+
+
+def test_fifo_order_in_the_calling_thread(registry, make_queue):
+    ran = []
+
+    @registry.task("record", params={"i": Int(0, 1000)})
+    def record(ctx, i):
+        ran.append(i)
+
+    q = make_queue()
+    for i in range(50):
+        q.submit("record", i=i)
+    assert q.run_pending() == 50
+    assert ran == list(range(50))
+
+
+def test_fifo_order_with_one_worker_thread(registry, make_queue):
+    ran = []
+
+    @registry.task("record", params={"i": Int(0, 1000)})
+    def record(ctx, i):
+        ran.append(i)
+
+    q = make_queue(workers=1)
+    q.pause()  # queue everything first, so order cannot come from timing
+    for i in range(200):
+        q.submit("record", i=i)
+    q.start()
+    q.resume()
+    assert q.join(timeout=30)
+    assert ran == list(range(200))
+
+
+def test_many_submitters_every_task_runs_exactly_once(registry, make_queue):
+    runs = Counter()
+    runs_lock = threading.Lock()
+
+    @registry.task("count")
+    def count(ctx):
+        with runs_lock:
+            runs[ctx.task_id] += 1
+
+    q = make_queue(workers=4, max_queued=10_000, history=100)
+    q.start()
+    ids: list[list[int]] = [[] for _ in range(8)]
+    go = threading.Barrier(8)
+
+    def submitter(n):
+        go.wait()
+        for _ in range(1250):
+            ids[n].append(q.submit("count"))
+
+    threads = [threading.Thread(target=submitter, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert q.join(timeout=60)
+
+    submitted = [i for chunk in ids for i in chunk]
+    assert len(submitted) == len(set(submitted)) == 10_000
+    assert set(runs) == set(submitted)
+    assert set(runs.values()) == {1}
+    snap = q.stats()
+    assert (snap.submitted, snap.done, snap.queued, snap.running, snap.failed) == (
+        10_000, 10_000, 0, 0, 0,
+    )
+    assert sum(w.done for w in snap.workers) == 10_000
+    assert len(snap.recent) == 20  # the ring forgets; the counters keep totals
+
+
+def test_a_failing_task_is_recorded_and_the_worker_goes_on(registry, make_queue, caplog):
+    @registry.task("boom")
+    def boom(ctx):
+        raise ValueError("disk on fire")
+
+    @registry.task("fine")
+    def fine(ctx):
+        pass
+
+    q = make_queue(workers=1)
+    q.start()
+    worker = q._threads["worker-1"]
+    with caplog.at_level(logging.ERROR, logger="dashboard.queue"):
+        failed = q.submit("boom")
+        ok = q.submit("fine")
+        assert q.join(timeout=30)
+
+    info = q.get(failed)
+    assert info.state is State.FAILED
+    assert info.error == "ValueError: disk on fire"
+    assert "Traceback" in info.traceback and "disk on fire" in info.traceback
+    assert q.get(ok).state is State.DONE
+    assert q._threads["worker-1"] is worker and worker.is_alive()  # not replaced: it never died
+    logged = [r for r in caplog.records if "disk on fire" in r.getMessage()]
+    assert logged and logged[0].exc_info is not None  # the traceback is in the log
+    assert q.stats().restarts == 0
+
+
+def test_supervisor_replaces_a_worker_thread_that_dies(registry, make_queue, caplog):
+    @registry.task("exit")
+    def exit_task(ctx):
+        raise SystemExit(3)  # not an Exception: it ends the thread
+
+    @registry.task("fine")
+    def fine(ctx):
+        pass
+
+    q = make_queue(workers=1)
+    q.start()
+    first_thread = q._threads["worker-1"]
+    with caplog.at_level(logging.ERROR, logger="dashboard.queue"):
+        killer = q.submit("exit")
+        after = q.submit("fine")
+        assert q.join(timeout=30)
+
+    assert q.get(killer).state is State.FAILED
+    assert "worker thread died: SystemExit" in q.get(killer).error
+    assert q.get(after).state is State.DONE  # run by the replacement
+    wait_for(lambda: q._threads["worker-1"] is not first_thread)
+    assert not first_thread.is_alive()
+    snap = q.stats()
+    assert snap.restarts == 1
+    assert [w.name for w in snap.workers] == ["worker-1"]
+    assert q.is_healthy()
+    assert any("starting a replacement" in r.getMessage() for r in caplog.records)
+
+
+def test_a_full_queue_refuses_and_queues_nothing(registry, make_queue):
+    @registry.task("noop")
+    def noop(ctx):
+        pass
+
+    q = make_queue(max_queued=5)
+    q.submit_many("noop", 3)
+    with pytest.raises(QueueFull, match="queue is full: 3 of 5 queued, 3 more requested"):
+        q.submit_many("noop", 3)  # all or nothing: not 2 of 3
+    assert q.stats().queued == 3
+    q.submit_many("noop", 2)
+    with pytest.raises(QueueFull):
+        q.submit("noop")
+    assert q.run_pending() == 5
+    q.submit("noop")  # room again once work ran
+
+
+def test_history_is_a_bounded_ring_and_counters_keep_totals(registry, make_queue):
+    @registry.task("noop")
+    def noop(ctx):
+        pass
+
+    q = make_queue(history=5)
+    ids = q.submit_many("noop", 100)
+    q.run_pending()
+    snap = q.stats(recent=50)
+    assert [t.id for t in snap.recent] == ids[-1:-6:-1]  # newest first, only 5 kept
+    assert snap.done == snap.submitted == 100
+    assert q.get(ids[0]) is None
+    assert q.get(ids[-1]).state is State.DONE
+    assert len(q.store._tasks) == 5  # nothing else is held on to
+
+
+def test_stats_version_changes_exactly_when_something_visible_changes(registry, make_queue):
+    @registry.task("steps")
+    def steps(ctx):
+        ctx.progress(0.5, "half")
+        ctx.progress(0.501, "half")  # same percent, same message: nothing visible
+        ctx.progress(7)  # clamped to 1
+
+    q = make_queue()
+    tag0 = q.tag
+    assert q.tag == tag0 == q.stats().tag  # reading changes nothing
+    q.submit("steps")
+    tag1 = q.tag
+    assert tag1 != tag0
+
+    seen = []
+    store_progress = q.store.progress
+
+    def spy(record, fraction, message):
+        before = q.tag
+        store_progress(record, fraction, message)
+        seen.append((fraction, q.tag != before))
+
+    q.store.progress = spy
+    q.run_pending()
+    assert seen == [(0.5, True), (0.501, False), (1.0, True)]
+    assert q.get(1).state is State.DONE
+
+
+def test_progress_is_visible_in_the_snapshot_while_running(registry, make_queue):
+    halfway = threading.Event()
+    release = threading.Event()
+
+    @registry.task("slow")
+    def slow(ctx):
+        ctx.progress(0.25, "a quarter")
+        halfway.set()
+        release.wait(30)
+
+    q = make_queue(workers=1)
+    q.start()
+    task_id = q.submit("slow")
+    assert halfway.wait(30)
+    snap = q.stats()
+    (worker,) = snap.workers
+    assert worker.state == "running"
+    assert worker.task.id == task_id
+    assert (worker.task.percent, worker.task.message) == (25, "a quarter")
+    assert snap.running == 1 and snap.queued == 0
+    release.set()
+    assert q.join(timeout=30)
+    assert q.stats().workers[0].state == "idle"
+
+
+def test_pause_holds_work_and_resume_releases_it(registry, make_queue):
+    @registry.task("noop")
+    def noop(ctx):
+        pass
+
+    q = make_queue(workers=2)
+    q.start()
+    q.pause()
+    q.submit_many("noop", 10)
+    assert not q.join(timeout=0.05)  # nothing may run while paused
+    snap = q.stats()
+    assert snap.paused and snap.queued == 10 and snap.done == 0
+    assert {w.state for w in snap.workers} == {"paused"}
+    q.resume()
+    assert q.join(timeout=30)
+    assert q.stats().done == 10
+
+
+def test_context_carries_the_cancel_flag(registry, make_queue):
+    seen = []
+
+    @registry.task("look")
+    def look(ctx):
+        seen.append((ctx.task_id, ctx.kind, ctx.cancelled))
+
+    q = make_queue()
+    task_id = q.submit("look")
+    q.run_pending()
+    assert seen == [(task_id, "look", False)]
+
+
+# -- shutdown --------------------------------------------------------------------
+
+
+def test_shutdown_drops_queued_work_and_says_how_much(registry, make_queue, caplog):
+    @registry.task("noop")
+    def noop(ctx):
+        pass
+
+    q = make_queue(workers=1)
+    q.pause()
+    q.submit_many("noop", 7)
+    q.start()
+    with caplog.at_level(logging.WARNING, logger="dashboard.queue"):
+        assert q.shutdown(timeout=5) == 7
+    assert "dropped 7 queued task(s)" in caplog.text
+    with pytest.raises(QueueClosed):
+        q.submit("noop")
+    assert not q.is_healthy()
+
+
+def test_shutdown_lets_a_running_task_finish(registry, make_queue):
+    started = threading.Event()
+    release = threading.Event()
+
+    @registry.task("slow")
+    def slow(ctx):
+        started.set()
+        release.wait(30)
+
+    q = make_queue(workers=1)
+    q.start()
+    task_id = q.submit("slow")
+    assert started.wait(30)
+    timer = threading.Timer(0.05, release.set)  # the task ends while shutdown waits
+    timer.start()
+    q.shutdown(timeout=30)
+    timer.join()
+    assert q.get(task_id).state is State.DONE
+
+
+def test_shutdown_never_hangs_on_a_stuck_task(registry, make_queue, caplog):
+    started = threading.Event()
+    release = threading.Event()
+
+    @registry.task("stuck")
+    def stuck(ctx):
+        started.set()
+        release.wait(60)
+
+    q = make_queue(workers=1)
+    q.start()
+    q.submit("stuck")
+    assert started.wait(30)
+    with caplog.at_level(logging.WARNING, logger="dashboard.queue"):
+        q.shutdown(timeout=0.1)  # returns although the task still runs
+    assert q._threads["worker-1"].is_alive()
+    assert "still running a task" in caplog.text
+    release.set()  # let the thread end so the leak check passes
+    q._threads["worker-1"].join(30)
+
+
+def test_close_wakes_idle_workers_and_they_exit(registry, make_queue):
+    @registry.task("noop")
+    def noop(ctx):
+        pass
+
+    q = make_queue(workers=3)
+    q.start()
+    threads = list(q._threads.values())
+    q.close()
+    for t in threads:
+        t.join(30)
+        assert not t.is_alive()
+    assert {w.state for w in q.stats().workers} == {"stopped"}
+
+
+# -- processes -------------------------------------------------------------------
+
+
+def test_start_is_once_per_process(registry, make_queue):
+    @registry.task("noop")
+    def noop(ctx):
+        pass
+
+    q = make_queue(workers=2)
+    q.start()
+    threads = dict(q._threads)
+    q.start()
+    assert q._threads == threads
+    assert len([t for t in threading.enumerate() if t.name.startswith("dashboard-worker")]) == 2
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_starts_empty_with_threads_of_its_own(registry, make_queue):
+    ran_in = []
+
+    @registry.task("where")
+    def where(ctx):
+        ran_in.append(os.getpid())
+
+    q = make_queue(workers=1)
+    q.start()
+    q.pause()
+    q.submit_many("where", 3)  # queued in the parent: the child must not run them
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report through the pipe, never return into pytest
+        code = 1
+        try:
+            queued_after_fork = q.stats().queued
+            started_before = q.started
+            q.start()
+            q.resume()
+            q.submit("where")
+            joined = q.join(timeout=30)
+            ok = (queued_after_fork, started_before, joined, ran_in, q.stats().done)
+            os.write(write_fd, repr(ok).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    with os.fdopen(read_fd) as pipe:
+        report = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, report
+    assert report == repr((0, False, True, [pid], 1))
+    # The parent's queue is untouched: its three tasks still wait for it.
+    assert q.stats().queued == 3
+    q.resume()
+    assert q.join(timeout=30)
+    assert ran_in == [os.getpid()] * 3
