@@ -108,8 +108,10 @@ def live() -> Response:
 def live_region(region: str) -> Response:
     """One live region alone, for pages that poll regions separately."""
     if region not in REGIONS:
-        return make_response(
-            f"unknown region {region!r}; regions are: {', '.join(REGIONS)}", 404
+        return Response(
+            f"unknown region {region[:40]!r}; regions are: {', '.join(REGIONS)}",
+            404,
+            mimetype="text/plain",
         )
     if _not_modified(current_queue.tag):
         return _not_modified_response()
