@@ -23,8 +23,14 @@ from collections import deque
 from itertools import islice
 from typing import Any
 
-from .records import FINISHED_STATES, Snapshot, State, TaskInfo, TaskRecord, WorkerInfo
+from .records import Snapshot, State, TaskInfo, TaskRecord, WorkerInfo
 from .tasks import TaskError
+
+# Enum member lookups cost a class attribute access each time; the hot paths
+# (submit, claim, finish) use these module constants instead.
+QUEUED, RUNNING, DONE, FAILED, CANCELLED = (
+    State.QUEUED, State.RUNNING, State.DONE, State.FAILED, State.CANCELLED
+)
 
 
 class QueueFull(TaskError):
@@ -181,7 +187,9 @@ class MemoryStore(Store):
         self._queued = 0
         self._running = 0
         self._submitted = 0
-        self._counts = {State.DONE: 0, State.FAILED: 0, State.CANCELLED: 0}
+        self._done = 0
+        self._failed = 0
+        self._cancelled = 0
         self._restarts = 0
         self._run_total = 0.0
         self._wait_total = 0.0
@@ -221,9 +229,9 @@ class MemoryStore(Store):
                 pid=os.getpid(),
                 queued=self._queued,
                 running=self._running,
-                done=self._counts[State.DONE],
-                failed=self._counts[State.FAILED],
-                cancelled=self._counts[State.CANCELLED],
+                done=self._done,
+                failed=self._failed,
+                cancelled=self._cancelled,
                 submitted=self._submitted,
                 restarts=self._restarts,
                 paused=paused,
@@ -242,6 +250,26 @@ class MemoryStore(Store):
             return None if record is None else record.info()
 
     # -- submitting ------------------------------------------------------
+
+    def add_one(self, kind: str, params: dict[str, Any]) -> int:
+        """:meth:`add` for one task, returning its id: the path every submit takes."""
+        now = time.time()
+        with self._lock:
+            if self._closed:
+                raise QueueClosed()
+            if self._queued >= self.max_queued:
+                raise QueueFull(self._queued, self.max_queued, 1)
+            task_id = self._next_id
+            self._next_id = task_id + 1
+            record = TaskRecord(task_id, kind, params, now)
+            self._queue.append(record)
+            self._tasks[task_id] = record
+            self._queued += 1
+            self._submitted += 1
+            self._version += 1
+            if self._waiting:
+                self._work.notify()
+            return task_id
 
     def add(self, kind: str, params: dict[str, Any], count: int = 1) -> list[int]:
         now = time.time()
@@ -273,30 +301,47 @@ class MemoryStore(Store):
 
     def claim(self, worker: str | None, block: bool = True) -> TaskRecord | None:
         with self._lock:
-            slot = None if worker is None else self._slots[worker]
-            while True:
-                if self._closed or (slot is not None and not slot.alive):
-                    return None
-                if self._queue and not self._paused:
-                    record = self._queue.popleft()
-                    if record.state is not State.QUEUED:
-                        continue  # cancelled while queued: already counted
-                    record.state = State.RUNNING
-                    record.started_at = time.time()
-                    record.worker = worker
-                    self._queued -= 1
-                    self._running += 1
-                    if slot is not None:
-                        slot.task = record
-                    self._version += 1
-                    return record
-                if not block:
-                    return None
-                self._waiting += 1
-                try:
-                    self._work.wait()
-                finally:
-                    self._waiting -= 1
+            return self._claim_locked(worker, block)
+
+    def finish_and_claim(
+        self,
+        record: TaskRecord,
+        state: State,
+        error: str | None = None,
+        traceback: str | None = None,
+        block: bool = True,
+    ) -> TaskRecord | None:
+        """:meth:`finish` then :meth:`claim` for the same worker, under one lock."""
+        with self._lock:
+            self._finish_locked(record, state, error, traceback)
+            return self._claim_locked(record.worker, block)
+
+    def _claim_locked(self, worker: str | None, block: bool) -> TaskRecord | None:
+        slot = None if worker is None else self._slots[worker]
+        queue = self._queue
+        while True:
+            if self._closed or (slot is not None and not slot.alive):
+                return None
+            if queue and not self._paused:
+                record = queue.popleft()
+                if record.state is not QUEUED:
+                    continue  # cancelled while queued: already counted
+                record.state = RUNNING
+                record.started_at = time.time()
+                record.worker = worker
+                self._queued -= 1
+                self._running += 1
+                if slot is not None:
+                    slot.task = record
+                self._version += 1
+                return record
+            if not block:
+                return None
+            self._waiting += 1
+            try:
+                self._work.wait()
+            finally:
+                self._waiting -= 1
 
     def progress(self, record: TaskRecord, fraction: float, message: str | None) -> None:
         with self._lock:
@@ -322,19 +367,24 @@ class MemoryStore(Store):
     def _finish_locked(
         self, record: TaskRecord, state: State, error: str | None, traceback: str | None
     ) -> None:
-        if record.state is not State.RUNNING:
+        if record.state is not RUNNING:
             raise ValueError(f"task {record.id} is {record.state}, not running")
-        if state not in FINISHED_STATES:
-            raise ValueError(f"{state} is not a finished state")
         now = time.time()
         record.state = state
         record.finished_at = now
-        record.error = error
-        record.traceback = traceback
-        if state is State.DONE:
+        if state is DONE:
             record.progress = 1.0
+            self._done += 1
+        elif state is FAILED:
+            record.error = error
+            record.traceback = traceback
+            self._failed += 1
+        elif state is CANCELLED:
+            record.error = error
+            self._cancelled += 1
+        else:
+            raise ValueError(f"{state} is not a finished state")
         self._running -= 1
-        self._counts[state] += 1
         started = record.started_at or now
         self._run_total += now - started
         self._wait_total += started - record.enqueued_at
@@ -425,7 +475,7 @@ class MemoryStore(Store):
         with self._lock:
             dropped = 0
             for record in self._queue:
-                if record.state is State.QUEUED:
+                if record.state is QUEUED:
                     self._tasks.pop(record.id, None)
                     dropped += 1
             self._queue.clear()

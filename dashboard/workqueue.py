@@ -79,6 +79,14 @@ class TaskContext:
         self._store.progress(self._record, fraction, message)
 
 
+_FAILED = State.FAILED
+_DONE_RESULT = (State.DONE, None, None)
+
+
+def _log_info() -> bool:
+    return logger.isEnabledFor(logging.INFO)
+
+
 class _Default:
     pass
 
@@ -274,7 +282,7 @@ class WorkQueue:
         :class:`QueueClosed`; in each case nothing is queued.
         """
         checked = self.registry.get(kind).check_params(params)
-        return self.store.add(kind, checked, 1)[0]
+        return self.store.add_one(kind, checked)
 
     def submit_many(
         self, kind: str, count: int, params: Mapping[str, Any] | None = None
@@ -324,19 +332,18 @@ class WorkQueue:
             record = self.store.claim(None, block=False)
             if record is None:
                 break
-            self._execute(record)
+            self.store.finish(record, *self._execute(record))
             ran += 1
         return ran
 
     def _worker_main(self, name: str) -> None:
         error = None
         try:
-            claim, execute = self.store.claim, self._execute
-            while True:
-                record = claim(name)
-                if record is None:
-                    return
-                execute(record)
+            execute, finish_and_claim = self._execute, self.store.finish_and_claim
+            record = self.store.claim(name)
+            while record is not None:
+                # The end of one task and the start of the next take the lock once.
+                record = finish_and_claim(record, *execute(record))
         except BaseException as exc:  # noqa: BLE001 - a dying worker must still be accounted for
             error = f"worker thread died: {type(exc).__name__}: {exc}"
             logger.critical("%s %s; its task is failed and the thread replaced", name, error)
@@ -346,28 +353,33 @@ class WorkQueue:
                 self._dead.add(name)
                 self._wake.set()
 
-    def _execute(self, record: TaskRecord) -> None:
-        ctx = TaskContext(record, self.store)
+    def _execute(self, record: TaskRecord) -> tuple[State, str | None, str | None]:
+        """Run one task; return how it ended as ``(state, error, traceback)`` for the store."""
         try:
             fn = self.registry.get(record.kind).fn
-            self._runner(fn, ctx, record.params)
+            self._runner(fn, TaskContext(record, self.store), record.params)
         except Exception as exc:
-            message = f"{type(exc).__name__}: {exc}"
+            message = f"{type(exc).__name__}: {exc}"[:1000]
             logger.error(
-                "task %d (%s) failed: %s", record.id, record.kind, message, exc_info=True
+                "task %d (%s) failed: %s [pid %d %s]",
+                record.id,
+                record.kind,
+                message,
+                os.getpid(),
+                record.worker or "caller",
+                exc_info=True,
             )
-            self.store.finish(record, State.FAILED, message[:1000], traceback.format_exc())
-        else:
-            self.store.finish(record, State.DONE)
-            if logger.isEnabledFor(logging.INFO):
-                logger.info(
-                    "task %d (%s) done in %.2fs [pid %d %s]",
-                    record.id,
-                    record.kind,
-                    (record.finished_at or 0.0) - (record.started_at or 0.0),
-                    os.getpid(),
-                    record.worker or "caller",
-                )
+            return _FAILED, message, traceback.format_exc()
+        if _log_info():
+            logger.info(
+                "task %d (%s) done in %.2fs [pid %d %s]",
+                record.id,
+                record.kind,
+                time.time() - (record.started_at or 0.0),
+                os.getpid(),
+                record.worker or "caller",
+            )
+        return _DONE_RESULT
 
     def _supervise(self) -> None:
         while not self._shut_down:
