@@ -1,0 +1,66 @@
+"""The README is part of the product: its table and its example must match the code."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from flask import Flask
+
+from dashboard import Int, QueueExtension, Registry, Str, current_queue, get_queue
+from dashboard.config import SETTINGS
+
+README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+
+
+def test_readme_config_table_lists_every_setting_with_its_default():
+    rows = dict(re.findall(r"^\| `([A-Z_]+)` \| `([^`]*)` \|", README, re.M))
+    assert set(rows) == {s.key for s in SETTINGS}
+    for setting in SETTINGS:
+        assert rows[setting.key] == str(setting.default), setting.key
+
+
+def test_readme_gives_the_two_commands_first():
+    commands = README.index("## Two commands")
+    assert commands < README.index("## How it works")
+    assert "make demo" in README[commands:] and "make test" in README[commands:]
+
+
+def test_the_embedding_example_works_in_another_app():
+    """The README's "Use it in your own app", on a registry of its own."""
+    registry = Registry()
+    done = []
+
+    @registry.task("send_report", params={"user_id": Int(1, 10**9), "fmt": Str(choices=("pdf", "csv"))})
+    def send_report(ctx, user_id, fmt="pdf"):
+        for i in range(3):
+            ctx.progress((i + 1) / 3, f"row {i + 1} of 3")
+        done.append((user_id, fmt))
+
+    from dashboard.views import bp
+
+    app = Flask("someone_elses_app")
+    app.config.update(WORKERS=0, HANDLE_SIGNALS=False, DEFAULT_KIND="send_report")
+    QueueExtension(registry=registry).init_app(app)
+    app.register_blueprint(bp, url_prefix="/queue")
+
+    @app.post("/reports/<int:user_id>")
+    def order_report(user_id):
+        return {"id": current_queue.submit("send_report", user_id=user_id, fmt="csv")}, 202
+
+    try:
+        client = app.test_client()
+        assert client.post("/reports/42").json == {"id": 1}
+        page = client.get("/queue/")
+        assert page.status_code == 200
+        assert b'id="queue-depth" class="big">1<' in page.data
+        assert b'href="/queue/static/dashboard.css"' in page.data
+        assert b'hx-get="/queue/live"' in page.data
+        with client.get("/queue/static/dashboard.css") as css:
+            assert css.status_code == 200
+        assert get_queue(app).run_pending() == 1
+        assert done == [(42, "csv")]
+        bad = client.post("/queue/tasks", data={"kind": "send_report", "fmt": "doc"})
+        assert bad.status_code == 400 and b"fmt must be one of: pdf, csv" in bad.data
+    finally:
+        get_queue(app).shutdown()
