@@ -69,11 +69,12 @@ class TaskContext:
         Values outside 0..1 are clamped; the message is cut to 200 characters.
         """
         try:
-            fraction = min(1.0, max(0.0, float(fraction)))
+            value = float(fraction)
         except (TypeError, ValueError):
             raise TypeError(f"progress fraction must be a number, got {fraction!r}") from None
-        if fraction != fraction:  # NaN
+        if value != value:  # NaN compares unequal to itself, and would clamp to 0 unseen
             raise ValueError("progress fraction must be a number from 0 to 1, got nan")
+        fraction = min(1.0, max(0.0, value))
         if message is not None:
             message = str(message)[:200]
         self._store.progress(self._record, fraction, message)
@@ -178,7 +179,9 @@ class WorkQueue:
             if self._pid == pid:
                 return
             if self._shut_down:
-                raise QueueClosed()
+                # A request can still arrive while the server stops; it must
+                # not fail because the queue already shut down.
+                return
             self._pid = pid
             if self._forked_dropped:
                 logger.warning(

@@ -458,3 +458,29 @@ def test_a_forked_child_starts_empty_with_threads_of_its_own(registry, make_queu
     q.resume()
     assert q.join(timeout=30)
     assert ran_in == [os.getpid()] * 3
+
+
+def test_progress_rejects_what_is_not_a_fraction(registry, make_queue):
+    errors = []
+
+    @registry.task("odd")
+    def odd(ctx):
+        for bad in ("half", None, float("nan")):
+            try:
+                ctx.progress(bad)
+            except (TypeError, ValueError) as exc:
+                errors.append(type(exc).__name__)
+        ctx.progress(-3)
+        errors.append(ctx._record.progress)
+
+    q = make_queue()
+    q.submit("odd")
+    q.run_pending()
+    assert errors == ["TypeError", "TypeError", "ValueError", 0.0]
+
+
+def test_start_after_shutdown_does_nothing(registry, make_queue):
+    q = make_queue(workers=2)
+    q.shutdown()
+    q.start()  # e.g. a request arriving while the server stops
+    assert not q.started and q._threads == {}
