@@ -15,6 +15,10 @@ workers = int(os.environ.get("WEB_CONCURRENCY", "1"))
 worker_class = "gthread"
 threads = int(os.environ.get("GUNICORN_THREADS", "8"))
 
+# gunicorn 27's control socket sits at one path per user, so two instances
+# (two checkouts, parallel tests) would fight over it; the demo needs none.
+control_socket_disable = True
+
 # Running tasks get FLASK_SHUTDOWN_TIMEOUT seconds when a worker stops; give
 # gunicorn a little longer before it kills the worker.
 graceful_timeout = int(float(os.environ.get("FLASK_SHUTDOWN_TIMEOUT", "10"))) + 5
