@@ -42,7 +42,9 @@ __all__ = [
     "UnknownKind",
 ]
 
-LOG_FORMAT = "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"
+# The shape of gunicorn's own lines, so the two read as one log.
+LOG_FORMAT = "[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s"
+LOG_DATEFMT = "%Y-%m-%d %H:%M:%S %z"
 
 
 def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
@@ -74,7 +76,7 @@ def _configure_logging() -> None:
         logger.setLevel(logging.INFO)
     if not logger.handlers and not logging.getLogger().handlers:
         handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        handler.setFormatter(logging.Formatter(LOG_FORMAT, LOG_DATEFMT))
         logger.addHandler(handler)
 
 
