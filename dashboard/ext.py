@@ -154,19 +154,14 @@ _previous: dict[int, Any] = {}
 _installed_in: int | None = None
 
 
-def _close_started_queues() -> None:
-    for queue in live_queues():
-        if queue.started:
-            queue.close()
-
-
 def _on_signal(signum: int, frame: Any) -> None:
     # Runs in the main thread between two bytecodes, maybe while that thread
-    # holds a store's lock: take no lock here, let another thread close.
-    try:
-        threading.Thread(target=_close_started_queues, name="dashboard-close").start()
-    except RuntimeError:  # interpreter shutting down: nothing left to refuse
-        pass
+    # holds a store's lock or the threading module's own: take no lock and
+    # start no thread. close_nowait() only sets flags; the exit-time
+    # shutdown wakes idle workers and waits for running tasks.
+    for queue in live_queues():
+        if queue.started:
+            queue.close_nowait()
     previous = _previous.get(signum)
     if callable(previous):
         previous(signum, frame)
@@ -191,7 +186,10 @@ def install_signal_handlers(force: bool = False) -> bool:
     pid = os.getpid()
     for signum in _SIGNALS:
         current = signal.getsignal(signum)
-        if current is _on_signal:
+        # A signal the process was started to ignore (nohup, a background
+        # job) stays ignored: it must not close the queue of a server that
+        # keeps running.
+        if current is _on_signal or current == signal.SIG_IGN:
             continue
         if _installed_in == pid and not force:
             continue

@@ -137,6 +137,13 @@ class Store:
         """Refuse new work from now on and wake every waiting worker so it can exit."""
         raise NotImplementedError
 
+    def close_nowait(self) -> None:
+        """Refuse new work from now on without taking any lock (for signal handlers).
+
+        Waiting workers are not woken; a later :meth:`close` does that.
+        """
+        raise NotImplementedError
+
     def drop_queued(self) -> int:
         """Forget every queued task (at shutdown); return how many there were."""
         raise NotImplementedError
@@ -470,6 +477,11 @@ class MemoryStore(Store):
                 self._closed = True
                 self._version += 1
             self._work.notify_all()
+
+    def close_nowait(self) -> None:
+        # One attribute store is atomic; add() and claim() read it under the
+        # lock, so from here on nothing new is queued or started.
+        self._closed = True
 
     def drop_queued(self) -> int:
         with self._lock:

@@ -223,6 +223,16 @@ class WorkQueue:
             self._closed_at = time.monotonic()
         self.store.close()
 
+    def close_nowait(self) -> None:
+        """Refuse new submissions from now on, taking no lock: safe in a signal handler.
+
+        Workers stop taking tasks after the one they run; idle workers are
+        woken by the next :meth:`close` or :meth:`shutdown`.
+        """
+        if self._closed_at is None:
+            self._closed_at = time.monotonic()
+        self.store.close_nowait()
+
     @property
     def closed(self) -> bool:
         return self._closed_at is not None

@@ -484,3 +484,18 @@ def test_start_after_shutdown_does_nothing(registry, make_queue):
     q.shutdown()
     q.start()  # e.g. a request arriving while the server stops
     assert not q.started and q._threads == {}
+
+
+def test_close_nowait_refuses_work_and_stops_claims_without_a_lock(registry, make_queue):
+    @registry.task("noop")
+    def noop(ctx):
+        pass
+
+    q = make_queue()
+    q.submit_many("noop", 2)
+    with q.store._lock:  # as if the signal arrived while the main thread held the lock
+        q.close_nowait()
+    with pytest.raises(QueueClosed):
+        q.submit("noop")
+    assert q.run_pending() == 0  # nothing queued starts after the close
+    assert q.closed and q.shutdown() == 2

@@ -357,11 +357,6 @@ def test_a_task_longer_than_the_shutdown_timeout_does_not_hold_the_process(start
     assert_workers_started_once_in(server, serving)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: dashboard.ext.install_signal_handlers replaces a SIGINT/SIGTERM the process "
-    "was started to ignore (nohup, a background job of a script); that signal then "
-    "closes the queue and the server stays up refusing all work with 503"
-))
 def test_a_signal_the_server_was_started_to_ignore_stays_ignored(start_server):
     server = start_server("flask", ignore=("SIGINT",))
     server.wait_ready()  # the app is loaded, its handlers installed
