@@ -38,6 +38,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from support import wait_for
+
 try:
     from playwright.sync_api import Browser, ConsoleMessage, Page, Request, Response, expect
     from playwright.sync_api import Error as PlaywrightError
@@ -172,7 +174,7 @@ class Server:
 
     def wait_idle(self, timeout: float = 60.0) -> dict[str, Any]:
         """Wait until nothing is queued or running (tests sharing a server start here)."""
-        return poll_until(
+        return wait_for(
             lambda: (s := self.stats())["queued"] == 0 and s["running"] == 0 and s,
             timeout,
             "the server under test to be idle",
@@ -183,16 +185,6 @@ class Server:
         return "\n".join(text.splitlines()[-lines:])
 
 
-def poll_until(predicate, timeout: float, what: str, interval: float = 0.05):
-    """Call ``predicate`` until it returns something truthy, or fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up after {timeout:g}s waiting for {what}")
-        time.sleep(interval)
 
 
 def gunicorn_bin() -> Path:

@@ -5,24 +5,12 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Callable
-
 import pytest
 
 from dashboard import create_app, get_queue
 from dashboard.tasks import Registry
 
 
-def wait_for(predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.01):
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s: {predicate}")
-        time.sleep(interval)
 
 
 @pytest.fixture(autouse=True)

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence, TypeVar
 
+from support import wait_for
+
 ROOT = Path(__file__).resolve().parent.parent
 #: The venv's scripts: the tests run under .venv/bin/python.
 BIN = Path(sys.executable).parent
@@ -72,16 +74,6 @@ def server_env(settings: Mapping[str, str]) -> dict[str, str]:
     return env
 
 
-def wait_for(what: str, predicate: Callable[[], T], timeout: float, interval: float = 0.05) -> T:
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout:.0f}s: {what}")
-        time.sleep(interval)
 
 
 def parent_pid(pid: int) -> int | None:
@@ -222,8 +214,8 @@ class Server:
         return group_members(self.pid) if self.proc is not None else []
 
     def wait_group_gone(self, timeout: float = EXIT_TIMEOUT) -> None:
-        wait_for(f"every process of {self.name} gone (left: {self.members()})",
-                 lambda: not self.members(), timeout)
+        wait_for(lambda: not self.members(), timeout,
+                 f"every process of {self.name} gone (left: {self.members()})")
 
     def stop(self) -> None:
         """Kill the whole process group and reap what we started. Safe to call twice."""
@@ -264,8 +256,8 @@ class Server:
     def wait_log(self, what: str, predicate: Callable[[str], T],
                  timeout: float = TASK_TIMEOUT) -> T:
         try:
-            return wait_for(f"{what} in the log of {self.name}",
-                            lambda: predicate(self.log()), timeout)
+            return wait_for(lambda: predicate(self.log()), timeout,
+                            f"{what} in the log of {self.name}")
         except AssertionError as exc:
             raise AssertionError(f"{exc}; log:\n{self.log_tail()}") from None
 
@@ -325,7 +317,7 @@ class Server:
             return reply.body if reply.status == 200 else None
 
         try:
-            return wait_for(f"{self.name} answering on port {self.port}", answer, timeout, 0.1)
+            return wait_for(answer, timeout, f"{self.name} answering on port {self.port}", 0.1)
         except AssertionError as exc:
             raise AssertionError(f"{exc}; log:\n{self.log_tail()}") from None
 
@@ -341,7 +333,7 @@ class Server:
             return stats if predicate(stats) else None
 
         try:
-            return wait_for(what, check, timeout)
+            return wait_for(check, timeout, what)
         except AssertionError as exc:
             raise AssertionError(f"{exc}; log:\n{self.log_tail()}") from None
 

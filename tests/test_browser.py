@@ -19,6 +19,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from support import wait_for
+
 from browser import (  # noqa: F401  (the fixtures are used by name)
     CHROMIUM_ENV,
     INSTALL_HINT,
@@ -30,7 +32,6 @@ from browser import (  # noqa: F401  (the fixtures are used by name)
     expect,
     find_chromium,
     open_tab,
-    poll_until,
     run_server,
     tab,
 )
@@ -114,7 +115,7 @@ def test_five_clicks_raise_the_depth_which_drains_by_itself_without_a_reload(tab
         button.click()
 
     # The depth rises: four or five wait while at most one runs.
-    poll_until(lambda: page.evaluate("window.__peakDepth") >= 3, 10, "#queue-depth to reach 3")
+    wait_for(lambda: page.evaluate("window.__peakDepth") >= 3, 10, "#queue-depth to reach 3")
     # ...then falls to 0 by itself, every task done, on the same page.
     expect(page.locator("#queue-depth")).to_have_text("0", timeout=DRAIN)
     expect(page.locator("#count-done")).to_have_text(str(done_before + 5), timeout=QUICK)
@@ -137,7 +138,7 @@ def test_a_burst_of_clicks_adds_every_task(tab: Tab):
           for (let i = 0; i < 5; i++) button.click();
         }"""
     )
-    poll_until(lambda: tab.server.stats()["submitted"] == before + 5, 10, "5 tasks submitted")
+    wait_for(lambda: tab.server.stats()["submitted"] == before + 5, 10, "5 tasks submitted")
     expect(page.locator("#queue-depth")).to_have_text("0", timeout=DRAIN)
     assert tab.server.stats()["submitted"] == before + 5
 
@@ -189,7 +190,7 @@ def test_unchanged_polls_are_304_and_swap_nothing(tab: Tab, record_property):
         }"""
     )
     # Once a poll has been handled, whatever it brought, mark the page.
-    poll_until(lambda: page.evaluate("window.__swaps.length") >= 1, 10, "a poll to be handled")
+    wait_for(lambda: page.evaluate("window.__swaps.length") >= 1, 10, "a poll to be handled")
     baseline = page.evaluate(
         """async () => {
           // A morph swap makes #queue-depth's attributes match the server's, dropping this.

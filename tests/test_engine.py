@@ -13,7 +13,7 @@ from dashboard.records import State
 from dashboard.store import QueueClosed, QueueFull
 from dashboard.tasks import Float, Int, InvalidParam, Str, UnknownKind
 from dashboard.workqueue import WorkQueue
-from tests.conftest import wait_for
+from support import wait_for
 
 
 @pytest.fixture
