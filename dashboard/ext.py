@@ -28,7 +28,7 @@ from typing import Any, Callable, Mapping
 from flask import Flask, current_app
 from werkzeug.local import LocalProxy
 
-from .config import DEFAULTS, check_config
+from .config import DEFAULTS, ConfigError, check_config
 from .tasks import Registry
 from .workqueue import TaskContext, WorkQueue, live_queues
 
@@ -73,8 +73,6 @@ class QueueExtension:
             name=f"{app.name}-queue",
         )
         if app.config["DEFAULT_KIND"] not in queue.registry:
-            from .config import ConfigError
-
             raise ConfigError(
                 "invalid configuration: DEFAULT_KIND must be one of: "
                 f"{', '.join(queue.registry.names()) or '(none registered)'}; "
@@ -114,7 +112,14 @@ current_queue: WorkQueue = LocalProxy(get_queue)  # type: ignore[assignment]
 
 
 def _app_context_runner(app: Flask) -> Callable[..., Any]:
+    # A weak reference: the app owns its queue, the queue must not keep the
+    # app alive (the per-app table above is keyed weakly on the app).
+    app_ref = weakref.ref(app)
+
     def run(fn: Callable[..., Any], ctx: TaskContext, params: Mapping[str, Any]) -> Any:
+        app = app_ref()
+        if app is None:
+            raise RuntimeError("the app this queue belonged to is gone")
         with app.app_context():
             return fn(ctx, **params)
 
