@@ -286,6 +286,8 @@ def test_api_defaults(client, queue):
     "body,status,message",
     [
         ({"kind": "nope"}, 400, "kind must be one of"),
+        ({"kind": ["pretend"]}, 400, "kind must be one of"),
+        ({"kind": None}, 400, "kind must be one of"),
         ({"count": 0}, 400, "count must be an integer from 1 to 100, got 0"),
         ({"count": "3"}, 202, None),  # numeric strings are accepted, like in forms
         ({"count": True}, 400, "count must be an integer"),
