@@ -45,6 +45,9 @@ class TaskRecord:
         "traceback",
         "worker",
         "cancel_requested",
+        "cancel_seen",
+        "retry_of",
+        "retried_as",
     )
 
     def __init__(self, task_id: int, kind: str, params: dict[str, Any], enqueued_at: float):
@@ -61,6 +64,9 @@ class TaskRecord:
         self.traceback: str | None = None
         self.worker: str | None = None
         self.cancel_requested = False
+        self.cancel_seen = False  # the task read ctx.cancelled while it was set
+        self.retry_of: int | None = None
+        self.retried_as: int | None = None
 
     def info(self) -> TaskInfo:
         return TaskInfo(
@@ -76,6 +82,9 @@ class TaskRecord:
             self.error,
             self.traceback,
             self.worker,
+            self.cancel_requested,
+            self.retry_of,
+            self.retried_as,
         )
 
 
@@ -94,6 +103,13 @@ class TaskInfo(NamedTuple):
     error: str | None
     traceback: str | None
     worker: str | None
+    cancel_requested: bool = False
+    retry_of: int | None = None
+    retried_as: int | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.state in FINISHED_STATES
 
     @property
     def wait(self) -> float | None:
@@ -126,6 +142,9 @@ class TaskInfo(NamedTuple):
             "message": self.message,
             "error": self.error,
             "worker": self.worker,
+            "cancel_requested": self.cancel_requested,
+            "retry_of": self.retry_of,
+            "retried_as": self.retried_as,
         }
 
 
@@ -151,7 +170,10 @@ class Snapshot(NamedTuple):
 
     ``tag`` changes whenever anything a dashboard shows changes; it includes a
     token of the process and store, so tags from another process or an earlier
-    run never match.
+    run never match. ``throughput`` (tasks finished per minute), ``mean_wait``
+    and ``mean_run`` are measured over the last minute; ``series`` holds
+    ``(second, depth at its end)`` for the seconds in which anything happened,
+    over the last few minutes.
     """
 
     tag: str
@@ -171,11 +193,22 @@ class Snapshot(NamedTuple):
     recent: tuple[TaskInfo, ...]
     mean_wait: float | None
     mean_run: float | None
+    throughput: float
+    series: tuple[tuple[int, int], ...]
     taken_at: float
 
     @property
     def finished(self) -> int:
         return self.done + self.failed + self.cancelled
+
+    @property
+    def eta(self) -> float | None:
+        """Seconds until the queue is empty at the current rate; None if it is not moving."""
+        if not self.queued:
+            return 0.0
+        if self.paused or not self.throughput:
+            return None
+        return self.queued * 60.0 / self.throughput
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -196,4 +229,6 @@ class Snapshot(NamedTuple):
             "recent": [t.to_dict() for t in self.recent],
             "mean_wait": self.mean_wait,
             "mean_run": self.mean_run,
+            "throughput": self.throughput,
+            "eta": self.eta,
         }

@@ -2,9 +2,10 @@
 
 A store owns every piece of queue state a dashboard shows: the tasks (queued,
 running and a bounded history of finished ones), cumulative counters, the
-worker slots and what each one runs, the paused and closed flags, and a version
-number that changes whenever any of that changes. The :class:`~dashboard.workqueue.WorkQueue`
-on top of it owns only threads.
+worker slots and what each one runs, the paused and closed flags, a rolling
+per-second record of the last few minutes, and a version number that changes
+whenever any of that changes. The :class:`~dashboard.workqueue.WorkQueue` on
+top of it owns only threads.
 
 :class:`MemoryStore` keeps all of it in this process under one lock. It is
 fast and simple, and it is per process: another process has another queue,
@@ -32,6 +33,11 @@ QUEUED, RUNNING, DONE, FAILED, CANCELLED = (
     State.QUEUED, State.RUNNING, State.DONE, State.FAILED, State.CANCELLED
 )
 
+#: Seconds of per-second history kept for the depth chart and the rates.
+SERIES_SECONDS = 300
+#: The window the rates (throughput, mean wait and run time) are measured over.
+RATE_WINDOW = 60
+
 
 class QueueFull(TaskError):
     """The queue holds ``max_queued`` tasks; nothing of the request was queued."""
@@ -52,13 +58,30 @@ class QueueClosed(TaskError):
         super().__init__("queue is shutting down and takes no new work")
 
 
+class TaskNotFound(TaskError):
+    """No task has this id (or the history forgot it)."""
+
+    def __init__(self, task_id: int):
+        self.task_id = task_id
+        super().__init__(f"no task {task_id}: unknown, or no longer in the history")
+
+
+class WrongState(TaskError):
+    """The task is not in a state that allows what was asked."""
+
+    def __init__(self, task_id: int, state: State, wanted: str):
+        self.task_id = task_id
+        self.state = state
+        super().__init__(f"task {task_id} is {state}; {wanted}")
+
+
 class Store:
     """The interface every store implements. All methods are thread-safe.
 
     Workers are named slots. A worker thread asks for work with :meth:`claim`
-    and reports the end of each task with :meth:`finish`; the store moves the
-    task between states and keeps the counters, so the log, the counters and
-    the dashboard always agree.
+    and reports the end of each task with :meth:`finish` (or
+    :meth:`finish_and_claim`); the store moves the task between states and
+    keeps the counters, so the log, the counters and the dashboard agree.
     """
 
     #: Largest number of tasks that may wait in the queue.
@@ -73,13 +96,23 @@ class Store:
         """
         raise NotImplementedError
 
-    def add(self, kind: str, params: dict[str, Any], count: int = 1) -> list[int]:
+    # -- submitting --
+
+    def add(
+        self, kind: str, params: dict[str, Any], count: int = 1, retry_of: int | None = None
+    ) -> list[int]:
         """Queue ``count`` tasks of ``kind`` with ``params``, all or none.
 
         Returns their ids in order. Raises :class:`QueueFull` when fewer than
         ``count`` places are free and :class:`QueueClosed` after :meth:`close`.
         """
         raise NotImplementedError
+
+    def add_one(self, kind: str, params: dict[str, Any]) -> int:
+        """:meth:`add` for one task, returning its id: the path every submit takes."""
+        return self.add(kind, params, 1)[0]
+
+    # -- working --
 
     def claim(self, worker: str | None, block: bool = True) -> TaskRecord | None:
         """Take the oldest queued task for ``worker`` and mark it running.
@@ -105,6 +138,50 @@ class Store:
         """Move a running task to a finished ``state`` and free its worker."""
         raise NotImplementedError
 
+    def finish_and_claim(
+        self,
+        record: TaskRecord,
+        state: State,
+        error: str | None = None,
+        traceback: str | None = None,
+    ) -> TaskRecord | None:
+        """:meth:`finish` then a blocking :meth:`claim` for the same worker."""
+        self.finish(record, state, error, traceback)
+        return self.claim(record.worker)
+
+    # -- operating on one task --
+
+    def cancel(self, task_id: int) -> State:
+        """Cancel a queued task (it never runs) or ask a running one to stop.
+
+        Returns the task's state afterwards: ``CANCELLED`` for a queued task,
+        ``RUNNING`` for a running one (its ``cancel_requested`` is now set).
+        Raises :class:`TaskNotFound`, or :class:`WrongState` once finished.
+        """
+        raise NotImplementedError
+
+    def retry(self, task_id: int) -> int:
+        """Queue a new task with the kind and params of a failed or cancelled one.
+
+        The new task records ``retry_of``; the old one ``retried_as``. Returns
+        the new id. Raises :class:`TaskNotFound`, :class:`WrongState`,
+        :class:`QueueFull` or :class:`QueueClosed`.
+        """
+        raise NotImplementedError
+
+    def clear_history(self) -> int:
+        """Forget the finished tasks (counters stay); return how many were forgotten."""
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        """Clear the history, the counters and the per-second record, for a fresh run.
+
+        Queued and running tasks are kept; they count as submitted.
+        """
+        raise NotImplementedError
+
+    # -- workers --
+
     def add_worker(self, name: str, replacement: bool = False) -> None:
         """Register (or revive) the worker slot ``name``.
 
@@ -113,9 +190,19 @@ class Store:
         """
         raise NotImplementedError
 
+    def stop_worker(self, name: str) -> None:
+        """Ask one worker to exit after its current task; its claim returns ``None``."""
+        raise NotImplementedError
+
     def worker_exited(self, name: str, error: str | None = None) -> None:
         """A worker thread ended. With ``error`` it died, and its task fails with it."""
         raise NotImplementedError
+
+    def remove_worker(self, name: str) -> None:
+        """Forget a worker slot whose thread has ended for good."""
+        raise NotImplementedError
+
+    # -- reading --
 
     def snapshot(self, recent: int = 20) -> Snapshot:
         """Return one consistent copy of everything visible, with ``recent`` finished tasks."""
@@ -124,6 +211,8 @@ class Store:
     def get(self, task_id: int) -> TaskInfo | None:
         """Return a copy of one task, or ``None`` if unknown or gone from the history."""
         raise NotImplementedError
+
+    # -- the whole queue --
 
     def wait_idle(self, timeout: float | None) -> bool:
         """Block until nothing is queued or running; ``False`` on timeout."""
@@ -163,12 +252,25 @@ class _Slot:
         self.alive = True
 
 
+class _Second:
+    """What happened in one second: the depth at its end, and the tasks that finished."""
+
+    __slots__ = ("second", "depth", "finished", "wait_sum", "run_sum")
+
+    def __init__(self, second: int, depth: int):
+        self.second = second
+        self.depth = depth
+        self.finished = 0
+        self.wait_sum = 0.0
+        self.run_sum = 0.0
+
+
 class MemoryStore(Store):
     """All state in this process's memory, under one lock.
 
     Memory is bounded: at most ``max_queued`` queued tasks, one running task
-    per worker, and a ring of the last ``history`` finished tasks. Counters
-    keep the totals after the ring forgets a task.
+    per worker, a ring of the last ``history`` finished tasks and
+    ``SERIES_SECONDS`` per-second buckets. Counters keep the totals.
     """
 
     def __init__(self, max_queued: int = 10_000, history: int = 1_000):
@@ -184,7 +286,7 @@ class MemoryStore(Store):
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)  # workers wait here for tasks
         self._idle = threading.Condition(self._lock)  # join() waits here
-        self._queue: deque[TaskRecord] = deque()
+        self._queue: deque[TaskRecord] = deque()  # may hold cancelled records: skipped
         self._tasks: dict[int, TaskRecord] = {}
         self._history: deque[TaskRecord] = deque()
         self._slots: dict[str, _Slot] = {}
@@ -193,18 +295,33 @@ class MemoryStore(Store):
         self._next_id = 1
         self._queued = 0
         self._running = 0
-        self._submitted = 0
-        self._done = 0
-        self._failed = 0
-        self._cancelled = 0
-        self._restarts = 0
-        self._run_total = 0.0
-        self._wait_total = 0.0
-        self._timed = 0
         self._paused = False
         self._closed = False
         self._version = 0
         self._token = f"{os.getpid():x}{secrets.token_hex(3)}"
+        self._zero_counters()
+
+    def _zero_counters(self) -> None:
+        self._submitted = self._queued + self._running
+        self._done = 0
+        self._failed = 0
+        self._cancelled = 0
+        self._restarts = 0
+        self._series: deque[_Second] = deque(maxlen=SERIES_SECONDS)
+
+    # -- the per-second record -------------------------------------------
+
+    def _second(self, now: float) -> _Second:
+        """The bucket of the current second, started if need be. Call under the lock."""
+        second = int(now)
+        series = self._series
+        if series:
+            last = series[-1]
+            if last.second == second:
+                return last
+        bucket = _Second(second, self._queued)
+        series.append(bucket)
+        return bucket
 
     # -- reading ---------------------------------------------------------
 
@@ -217,6 +334,7 @@ class MemoryStore(Store):
         return self._closed
 
     def snapshot(self, recent: int = 20) -> Snapshot:
+        now = time.time()
         with self._lock:
             paused = self._paused
             workers = tuple(
@@ -229,12 +347,21 @@ class MemoryStore(Store):
                 for s in self._slots.values()
             )
             last = tuple(r.info() for r in islice(reversed(self._history), recent))
-            timed = self._timed
+            series = tuple((b.second, b.depth) for b in self._series)
+            since = int(now) - RATE_WINDOW
+            finished = wait_sum = run_sum = 0.0
+            for bucket in reversed(self._series):
+                if bucket.second <= since:
+                    break
+                finished += bucket.finished
+                wait_sum += bucket.wait_sum
+                run_sum += bucket.run_sum
+            queued = self._queued
             return Snapshot(
                 tag=f"{self._token}-{self._version}",
                 version=self._version,
                 pid=os.getpid(),
-                queued=self._queued,
+                queued=queued,
                 running=self._running,
                 done=self._done,
                 failed=self._failed,
@@ -246,9 +373,11 @@ class MemoryStore(Store):
                 max_queued=self.max_queued,
                 workers=workers,
                 recent=last,
-                mean_wait=self._wait_total / timed if timed else None,
-                mean_run=self._run_total / timed if timed else None,
-                taken_at=time.time(),
+                mean_wait=wait_sum / finished if finished else None,
+                mean_run=run_sum / finished if finished else None,
+                throughput=finished * 60.0 / RATE_WINDOW,
+                series=series,
+                taken_at=now,
             )
 
     def get(self, task_id: int) -> TaskInfo | None:
@@ -259,7 +388,6 @@ class MemoryStore(Store):
     # -- submitting ------------------------------------------------------
 
     def add_one(self, kind: str, params: dict[str, Any]) -> int:
-        """:meth:`add` for one task, returning its id: the path every submit takes."""
         now = time.time()
         with self._lock:
             if self._closed:
@@ -273,36 +401,46 @@ class MemoryStore(Store):
             self._tasks[task_id] = record
             self._queued += 1
             self._submitted += 1
+            self._second(now).depth = self._queued
             self._version += 1
             if self._waiting:
                 self._work.notify()
             return task_id
 
-    def add(self, kind: str, params: dict[str, Any], count: int = 1) -> list[int]:
-        now = time.time()
+    def add(
+        self, kind: str, params: dict[str, Any], count: int = 1, retry_of: int | None = None
+    ) -> list[int]:
         with self._lock:
-            if self._closed:
-                raise QueueClosed()
-            if self._queued + count > self.max_queued:
-                raise QueueFull(self._queued, self.max_queued, count)
-            first = self._next_id
-            self._next_id += count
-            append = self._queue.append
-            tasks = self._tasks
-            for task_id in range(first, first + count):
-                # Each task gets its own params dict: a task may not see another's changes.
-                record = TaskRecord(task_id, kind, dict(params) if count > 1 else params, now)
-                append(record)
-                tasks[task_id] = record
-            self._queued += count
-            self._submitted += count
-            self._version += 1
-            if self._waiting:
-                if count == 1:
-                    self._work.notify()
-                else:
-                    self._work.notify(count)
-            return list(range(first, first + count))
+            return self._add_locked(kind, params, count, retry_of)
+
+    def _add_locked(
+        self, kind: str, params: dict[str, Any], count: int, retry_of: int | None
+    ) -> list[int]:
+        if self._closed:
+            raise QueueClosed()
+        if self._queued + count > self.max_queued:
+            raise QueueFull(self._queued, self.max_queued, count)
+        now = time.time()
+        first = self._next_id
+        self._next_id += count
+        append = self._queue.append
+        tasks = self._tasks
+        for task_id in range(first, first + count):
+            # Each task gets its own params dict: a task may not see another's changes.
+            record = TaskRecord(task_id, kind, dict(params) if count > 1 else params, now)
+            record.retry_of = retry_of
+            append(record)
+            tasks[task_id] = record
+        self._queued += count
+        self._submitted += count
+        self._second(now).depth = self._queued
+        self._version += 1
+        if self._waiting:
+            if count == 1:
+                self._work.notify()
+            else:
+                self._work.notify(count)
+        return list(range(first, first + count))
 
     # -- working ---------------------------------------------------------
 
@@ -316,12 +454,11 @@ class MemoryStore(Store):
         state: State,
         error: str | None = None,
         traceback: str | None = None,
-        block: bool = True,
     ) -> TaskRecord | None:
-        """:meth:`finish` then :meth:`claim` for the same worker, under one lock."""
+        # One lock round-trip between the end of one task and the start of the next.
         with self._lock:
             self._finish_locked(record, state, error, traceback)
-            return self._claim_locked(record.worker, block)
+            return self._claim_locked(record.worker, True)
 
     def _claim_locked(self, worker: str | None, block: bool) -> TaskRecord | None:
         slot = None if worker is None else self._slots[worker]
@@ -333,13 +470,15 @@ class MemoryStore(Store):
                 record = queue.popleft()
                 if record.state is not QUEUED:
                     continue  # cancelled while queued: already counted
+                now = time.time()
                 record.state = RUNNING
-                record.started_at = time.time()
+                record.started_at = now
                 record.worker = worker
                 self._queued -= 1
                 self._running += 1
                 if slot is not None:
                     slot.task = record
+                self._second(now).depth = self._queued
                 self._version += 1
                 return record
             if not block:
@@ -352,7 +491,7 @@ class MemoryStore(Store):
 
     def progress(self, record: TaskRecord, fraction: float, message: str | None) -> None:
         with self._lock:
-            if record.state is not State.RUNNING:
+            if record.state is not RUNNING:
                 return
             # Only a change a person can see is a new version: whole percents or a new message.
             visible = int(fraction * 100) != int(record.progress * 100) or message != record.message
@@ -393,9 +532,10 @@ class MemoryStore(Store):
             raise ValueError(f"{state} is not a finished state")
         self._running -= 1
         started = record.started_at or now
-        self._run_total += now - started
-        self._wait_total += started - record.enqueued_at
-        self._timed += 1
+        bucket = self._second(now)
+        bucket.finished += 1
+        bucket.run_sum += now - started
+        bucket.wait_sum += started - record.enqueued_at
         slot = self._slots.get(record.worker) if record.worker is not None else None
         if slot is not None and slot.task is record:
             slot.task = None
@@ -414,6 +554,73 @@ class MemoryStore(Store):
             del self._tasks[history.popleft().id]
         history.append(record)
 
+    # -- operating on one task -------------------------------------------
+
+    def cancel(self, task_id: int) -> State:
+        with self._lock:
+            record = self._tasks.get(task_id)
+            if record is None:
+                raise TaskNotFound(task_id)
+            if record.state is QUEUED:
+                now = time.time()
+                record.state = CANCELLED
+                record.finished_at = now
+                record.error = "cancelled before it started"
+                self._queued -= 1
+                self._cancelled += 1
+                self._second(now).depth = self._queued
+                self._remember(record)
+                self._compact_queue()
+                self._version += 1
+                if self._joiners and not self._queued and not self._running:
+                    self._idle.notify_all()
+                return CANCELLED
+            if record.state is RUNNING:
+                if not record.cancel_requested:
+                    record.cancel_requested = True
+                    self._version += 1
+                return RUNNING
+            raise WrongState(task_id, record.state, "only queued or running tasks can be cancelled")
+
+    def _compact_queue(self) -> None:
+        # Cancelled records stay in the deque until a worker skips them; when
+        # they outnumber the live ones (a paused queue, mass cancels), drop them
+        # so the deque never holds much more than max_queued records.
+        if len(self._queue) > 2 * self._queued + 64:
+            self._queue = deque(r for r in self._queue if r.state is QUEUED)
+
+    def retry(self, task_id: int) -> int:
+        with self._lock:
+            record = self._tasks.get(task_id)
+            if record is None:
+                raise TaskNotFound(task_id)
+            if record.state is not FAILED and record.state is not CANCELLED:
+                raise WrongState(
+                    task_id, record.state, "only failed or cancelled tasks can be retried"
+                )
+            (new_id,) = self._add_locked(record.kind, dict(record.params), 1, record.id)
+            record.retried_as = new_id
+            return new_id
+
+    def clear_history(self) -> int:
+        with self._lock:
+            return self._clear_history_locked()
+
+    def _clear_history_locked(self) -> int:
+        forgotten = len(self._history)
+        for record in self._history:
+            self._tasks.pop(record.id, None)
+        self._history.clear()
+        self._version += 1
+        return forgotten
+
+    def reset(self) -> None:
+        with self._lock:
+            self._clear_history_locked()
+            self._zero_counters()
+            for slot in self._slots.values():
+                slot.done = 0
+
     # -- workers ---------------------------------------------------------
 
     def add_worker(self, name: str, replacement: bool = False) -> None:
@@ -428,7 +635,6 @@ class MemoryStore(Store):
             self._version += 1
 
     def stop_worker(self, name: str) -> None:
-        """Ask one worker to exit after its current task."""
         with self._lock:
             slot = self._slots.get(name)
             if slot is not None:
@@ -443,7 +649,7 @@ class MemoryStore(Store):
                 return
             slot.alive = False
             if slot.task is not None:
-                self._finish_locked(slot.task, State.FAILED, error or "worker thread exited", None)
+                self._finish_locked(slot.task, FAILED, error or "worker thread exited", None)
             self._version += 1
 
     def remove_worker(self, name: str) -> None:
@@ -451,7 +657,7 @@ class MemoryStore(Store):
             if self._slots.pop(name, None) is not None:
                 self._version += 1
 
-    # -- control ---------------------------------------------------------
+    # -- the whole queue -------------------------------------------------
 
     def wait_idle(self, timeout: float | None) -> bool:
         with self._lock:
@@ -492,6 +698,7 @@ class MemoryStore(Store):
                     dropped += 1
             self._queue.clear()
             self._queued = 0
+            self._second(time.time()).depth = 0
             self._version += 1
             if self._joiners and not self._running:
                 self._idle.notify_all()

@@ -59,9 +59,16 @@ class TaskContext:
         """True once cancellation of this task was requested.
 
         Checking it is cheap; a long task should check it between steps and
-        return early when it is set.
+        return early when it is set. A task that returns after seeing it set
+        is recorded as cancelled; one that never looks runs to the end and is
+        recorded as done.
         """
-        return self._record.cancel_requested
+        if self._record.cancel_requested:
+            # The task saw the request: if it now returns, it stopped because
+            # of it, and is recorded as cancelled rather than done.
+            self._record.cancel_seen = True
+            return True
+        return False
 
     def progress(self, fraction: float, message: str | None = None) -> None:
         """Report how far the task is, from 0 to 1, with an optional short message.
@@ -82,6 +89,11 @@ class TaskContext:
 
 _FAILED = State.FAILED
 _DONE_RESULT = (State.DONE, None, None)
+_CANCELLED_RESULT = (State.CANCELLED, "cancelled while running", None)
+
+
+def _worker_number(name: str) -> int:
+    return int(name.rpartition("-")[2])
 
 
 def _log_info() -> bool:
@@ -136,10 +148,12 @@ class WorkQueue:
         store: Store | None = None,
         name: str = "dashboard",
         shutdown_timeout: float = 10.0,
+        max_workers: int = 64,
     ):
-        if workers < 0:
-            raise ValueError("workers must be 0 or more")
+        if not 0 <= workers <= max_workers:
+            raise ValueError(f"workers must be from 0 to {max_workers}")
         self.workers = workers
+        self.max_workers = max_workers
         self.registry = registry if registry is not None else default_registry
         self.store = store if store is not None else MemoryStore(max_queued, history)
         self.name = name
@@ -155,7 +169,8 @@ class WorkQueue:
     def _init_threads(self) -> None:
         self._start_lock = threading.Lock()
         self._threads: dict[str, threading.Thread] = {}
-        self._dead: set[str] = set()
+        self._dead: set[str] = set()  # died: the supervisor replaces them
+        self._retiring: set[str] = set()  # asked to stop by set_workers: not replaced
         self._wake = threading.Event()  # wakes the supervisor
         self._supervisor: threading.Thread | None = None
 
@@ -332,6 +347,55 @@ class WorkQueue:
     def resume(self) -> None:
         self.store.set_paused(False)
 
+    # -- operating on tasks ------------------------------------------------
+
+    def cancel(self, task_id: int) -> State:
+        """Cancel a queued task, or ask a running one to stop (see :meth:`Store.cancel`)."""
+        return self.store.cancel(task_id)
+
+    def retry(self, task_id: int) -> int:
+        """Queue a failed or cancelled task again, linked to it; return the new id."""
+        return self.store.retry(task_id)
+
+    def clear_history(self) -> int:
+        """Forget finished tasks; the counters keep their totals."""
+        return self.store.clear_history()
+
+    def reset(self) -> None:
+        """Clear history, counters and the per-second record, for the next run."""
+        self.store.reset()
+
+    def set_workers(self, count: int) -> int:
+        """Run ``count`` worker threads from now on (0..``max_workers``); return it.
+
+        Extra workers finish the task they run, then exit; new ones start at
+        once. Before :meth:`start`, only the number to start changes.
+        """
+        if not isinstance(count, int) or not 0 <= count <= self.max_workers:
+            raise ValueError(f"workers must be from 0 to {self.max_workers}, got {count!r}")
+        with self._start_lock:
+            self.workers = count
+            if not self.started or self._shut_down:
+                return count
+            active = sorted(
+                (n for n in self._threads if n not in self._retiring), key=_worker_number
+            )
+            for name in active[count:]:
+                self._retiring.add(name)
+                self.store.stop_worker(name)
+            number = 1
+            for _ in range(count - len(active)):
+                while f"worker-{number}" in self._threads:
+                    number += 1
+                self._spawn(f"worker-{number}")
+            if count and (self._supervisor is None or not self._supervisor.is_alive()):
+                self._supervisor = threading.Thread(
+                    target=self._supervise, name=f"{self.name}-supervisor", daemon=True
+                )
+                self._supervisor.start()
+        logger.info("now %d worker thread(s) in pid %d", count, os.getpid())
+        return count
+
     # -- running ---------------------------------------------------------
 
     def run_pending(self, limit: int | None = None) -> int:
@@ -362,9 +426,14 @@ class WorkQueue:
             logger.critical("%s %s; its task is failed and the thread replaced", name, error)
         finally:
             self.store.worker_exited(name, error)
-            if error is not None:
+            if error is not None and name not in self._retiring:
                 self._dead.add(name)
                 self._wake.set()
+            elif name in self._retiring:
+                with self._start_lock:
+                    self._retiring.discard(name)
+                    self._threads.pop(name, None)
+                self.store.remove_worker(name)
 
     def _execute(self, record: TaskRecord) -> tuple[State, str | None, str | None]:
         """Run one task; return how it ended as ``(state, error, traceback)`` for the store."""
@@ -383,6 +452,9 @@ class WorkQueue:
                 exc_info=True,
             )
             return _FAILED, message, traceback.format_exc()
+        if record.cancel_seen:
+            logger.info("task %d (%s) stopped: cancelled while running", record.id, record.kind)
+            return _CANCELLED_RESULT
         if _log_info():
             logger.info(
                 "task %d (%s) done in %.2fs [pid %d %s]",
@@ -402,6 +474,8 @@ class WorkQueue:
                 return
             with self._start_lock:
                 for name, thread in list(self._threads.items()):
+                    if name in self._retiring:
+                        continue
                     if name in self._dead or not thread.is_alive():
                         thread.join(1.0)
                         self._dead.discard(name)

@@ -10,7 +10,7 @@ from collections import Counter
 import pytest
 
 from dashboard.records import State
-from dashboard.store import QueueClosed, QueueFull
+from dashboard.store import QueueClosed, QueueFull, TaskNotFound, WrongState
 from dashboard.tasks import Float, Int, InvalidParam, Str, UnknownKind
 from dashboard.workqueue import WorkQueue
 from support import wait_for
@@ -499,3 +499,176 @@ def test_close_nowait_refuses_work_and_stops_claims_without_a_lock(registry, mak
         q.submit("noop")
     assert q.run_pending() == 0  # nothing queued starts after the close
     assert q.closed and q.shutdown() == 2
+
+
+# -- control: cancel, retry, clear, reset, scale -----------------------------------
+
+
+def test_a_cancelled_queued_task_never_runs(registry, make_queue):
+    ran = []
+
+    @registry.task("note", params={"i": Int(0, 99)})
+    def note(ctx, i):
+        ran.append(i)
+
+    q = make_queue()
+    ids = [q.submit("note", i=i) for i in range(3)]
+    assert q.cancel(ids[1]) is State.CANCELLED
+    snap = q.stats()
+    assert (snap.queued, snap.cancelled) == (2, 1)
+    assert q.run_pending() == 2
+    assert ran == [0, 2]
+    info = q.get(ids[1])
+    assert (info.state, info.error, info.started_at) == (
+        State.CANCELLED, "cancelled before it started", None,
+    )
+    assert [t.id for t in q.stats().recent][-1] == ids[1]  # listed with the finished ones
+
+
+def test_cancelling_a_running_task_that_checks_stops_it(registry, make_queue):
+    started, stopped = threading.Event(), threading.Event()
+
+    @registry.task("polite")
+    def polite(ctx):
+        started.set()
+        while not ctx.cancelled:
+            stopped.wait(0.01)
+
+    q = make_queue(workers=1)
+    q.start()
+    task_id = q.submit("polite")
+    assert started.wait(30)
+    assert q.cancel(task_id) is State.RUNNING  # asked; it stops when it looks
+    assert q.get(task_id).cancel_requested
+    assert q.join(timeout=30)
+    info = q.get(task_id)
+    assert (info.state, info.error) == (State.CANCELLED, "cancelled while running")
+    assert q.stats().cancelled == 1
+
+
+def test_a_running_task_that_ignores_cancel_finishes_as_done(registry, make_queue):
+    started, go_on = threading.Event(), threading.Event()
+
+    @registry.task("stubborn")
+    def stubborn(ctx):
+        started.set()
+        go_on.wait(30)
+
+    q = make_queue(workers=1)
+    q.start()
+    task_id = q.submit("stubborn")
+    assert started.wait(30)
+    q.cancel(task_id)
+    go_on.set()
+    assert q.join(timeout=30)
+    info = q.get(task_id)
+    assert info.state is State.DONE and info.cancel_requested
+    with pytest.raises(WrongState, match=f"task {task_id} is done; only queued or running"):
+        q.cancel(task_id)
+    with pytest.raises(TaskNotFound, match="no task 999"):
+        q.cancel(999)
+
+
+def test_retry_queues_a_linked_copy_of_a_failed_task(registry, make_queue):
+    attempts = []
+
+    @registry.task("shaky", params={"n": Int(0, 9)})
+    def shaky(ctx, n):
+        attempts.append(n)
+        if len(attempts) == 1:
+            raise RuntimeError("first try fails")
+
+    q = make_queue()
+    first = q.submit("shaky", n=7)
+    q.run_pending()
+    assert q.get(first).state is State.FAILED
+    second = q.retry(first)
+    assert second != first
+    assert q.get(second).retry_of == first and q.get(first).retried_as == second
+    q.run_pending()
+    assert attempts == [7, 7]
+    assert q.get(second).state is State.DONE
+    with pytest.raises(WrongState, match="only failed or cancelled tasks can be retried"):
+        q.retry(second)
+    with pytest.raises(TaskNotFound):
+        q.retry(12345)
+
+
+def test_clear_history_keeps_counters_and_reset_clears_both(registry, make_queue):
+    @registry.task("noop")
+    def noop(ctx):
+        pass
+
+    q = make_queue()
+    q.submit_many("noop", 5)
+    q.run_pending()
+    q.submit_many("noop", 2)  # still queued: a reset keeps them
+    assert q.clear_history() == 5
+    snap = q.stats()
+    assert (snap.recent, snap.done, snap.submitted) == ((), 5, 7)
+    assert q.get(1) is None
+    q.reset()
+    snap = q.stats()
+    assert (snap.done, snap.failed, snap.submitted, snap.queued, snap.series) == (0, 0, 2, 2, ())
+    assert q.run_pending() == 2 and q.stats().done == 2
+
+
+def test_set_workers_scales_up_and_down_live(registry, make_queue):
+    release = threading.Event()
+    running = threading.Semaphore(0)
+
+    @registry.task("hold")
+    def hold(ctx):
+        running.release()
+        release.wait(30)
+
+    q = make_queue(workers=1, max_workers=8)
+    q.start()
+    q.submit_many("hold", 6)
+    assert running.acquire(timeout=30)
+    assert q.set_workers(4) == 4
+    for _ in range(3):  # three more run at once: the new workers took them
+        assert running.acquire(timeout=30)
+    snap = q.stats()
+    assert snap.running == 4 and len(snap.workers) == 4
+    q.set_workers(2)  # two retire after their current task
+    release.set()
+    assert q.join(timeout=30)
+    wait_for(lambda: [w.name for w in q.stats().workers] == ["worker-1", "worker-2"])
+    assert q.stats().restarts == 0  # retired workers are not "replaced"
+    assert q.is_healthy()
+    with pytest.raises(ValueError, match="workers must be from 0 to 8"):
+        q.set_workers(9)
+
+
+def test_rates_series_and_eta(registry, make_queue):
+    @registry.task("noop")
+    def noop(ctx):
+        pass
+
+    q = make_queue()
+    q.submit_many("noop", 10)
+    q.run_pending(4)
+    snap = q.stats()
+    assert snap.throughput == 4.0  # finished in the last minute
+    assert snap.mean_run is not None and snap.mean_wait is not None
+    assert snap.eta == pytest.approx(6 * 60 / 4)  # six left at four a minute
+    assert snap.series and snap.series[-1][1] == 6
+    q.pause()
+    assert q.stats().eta is None  # not moving
+    q.resume()
+    q.run_pending()
+    assert q.stats().eta == 0.0
+
+
+def test_cancelled_records_do_not_pile_up_in_the_queue(registry, make_queue):
+    @registry.task("noop")
+    def noop(ctx):
+        pass
+
+    q = make_queue(max_queued=100, history=10)
+    for _ in range(50):  # fill, cancel everything, again and again, with nobody running
+        for task_id in q.submit_many("noop", 100):
+            q.cancel(task_id)
+    assert q.stats().cancelled == 5000
+    assert len(q.store._queue) <= 2 * 0 + 64 + 1
