@@ -29,6 +29,8 @@ class Setting:
 SETTINGS: tuple[Setting, ...] = (
     Setting("WORKERS", 1, Int(0, 64), "Worker threads per process. 0 starts none: "
             "tasks then run only when code calls `run_pending()` (tests)."),
+    Setting("MAX_WORKERS", 16, Int(1, 64), "Most worker threads the dashboard's + button "
+            "(or `POST /workers`) can reach."),
     Setting("WORK_TIME", 3.0, Float(0, 3600), "Seconds one demo `pretend` or `flaky` task "
             "takes when the request does not say."),
     Setting("MAX_QUEUED", 10_000, Int(1, 10_000_000), "Most tasks that may wait in the queue; "
@@ -58,6 +60,11 @@ def check_config(config: MutableMapping[str, Any]) -> None:
                 f"invalid configuration: {exc} (set it in the app config or as "
                 f"FLASK_{setting.key} in the environment)"
             ) from None
+    if config["WORKERS"] > config["MAX_WORKERS"]:
+        raise ConfigError(
+            "invalid configuration: WORKERS must not be larger than MAX_WORKERS "
+            f"({config['WORKERS']} > {config['MAX_WORKERS']})"
+        )
     if config["MAX_BATCH"] > config["MAX_QUEUED"]:
         raise ConfigError(
             "invalid configuration: MAX_BATCH must not be larger than MAX_QUEUED "

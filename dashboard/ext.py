@@ -70,6 +70,7 @@ class QueueExtension:
             registry=self.registry,
             runner=_app_context_runner(app),
             shutdown_timeout=app.config["SHUTDOWN_TIMEOUT"],
+            max_workers=app.config["MAX_WORKERS"],
             name=f"{app.name}-queue",
         )
         if app.config["DEFAULT_KIND"] not in queue.registry:

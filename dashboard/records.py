@@ -191,6 +191,7 @@ class Snapshot(NamedTuple):
     max_queued: int
     workers: tuple[WorkerInfo, ...]
     recent: tuple[TaskInfo, ...]
+    upcoming: tuple[TaskInfo, ...]
     mean_wait: float | None
     mean_run: float | None
     throughput: float

@@ -204,8 +204,12 @@ class Store:
 
     # -- reading --
 
-    def snapshot(self, recent: int = 20) -> Snapshot:
-        """Return one consistent copy of everything visible, with ``recent`` finished tasks."""
+    def snapshot(self, recent: int = 20, upcoming: int = 0) -> Snapshot:
+        """One consistent copy of everything visible.
+
+        With the ``recent`` last finished tasks (newest first) and the next
+        ``upcoming`` queued ones (oldest first).
+        """
         raise NotImplementedError
 
     def get(self, task_id: int) -> TaskInfo | None:
@@ -333,7 +337,7 @@ class MemoryStore(Store):
     def closed(self) -> bool:
         return self._closed
 
-    def snapshot(self, recent: int = 20) -> Snapshot:
+    def snapshot(self, recent: int = 20, upcoming: int = 0) -> Snapshot:
         now = time.time()
         with self._lock:
             paused = self._paused
@@ -347,6 +351,8 @@ class MemoryStore(Store):
                 for s in self._slots.values()
             )
             last = tuple(r.info() for r in islice(reversed(self._history), recent))
+            waiting = (r for r in self._queue if r.state is QUEUED)
+            next_up = tuple(r.info() for r in islice(waiting, upcoming)) if upcoming else ()
             series = tuple((b.second, b.depth) for b in self._series)
             since = int(now) - RATE_WINDOW
             finished = wait_sum = run_sum = 0.0
@@ -373,6 +379,7 @@ class MemoryStore(Store):
                 max_queued=self.max_queued,
                 workers=workers,
                 recent=last,
+                upcoming=next_up,
                 mean_wait=wait_sum / finished if finished else None,
                 mean_run=run_sum / finished if finished else None,
                 throughput=finished * 60.0 / RATE_WINDOW,

@@ -1,8 +1,12 @@
-"""The dashboard blueprint: the page, its live partials, the forms and the JSON API.
+"""The dashboard blueprint: the page, its live partials, the controls and the JSON API.
 
 Views read one snapshot per request and hand templates plain data. A poll
 whose ``HX-PTag`` (or ``If-None-Match``) equals the queue's current tag gets
 a 304 before anything is rendered.
+
+Every state-changing form answers an htmx request with the live regions
+(the click shows at once) and a plain post with a 303 back to the page it
+came from, so the page works without JavaScript.
 """
 
 from __future__ import annotations
@@ -11,11 +15,12 @@ import math
 import os
 import time
 from datetime import datetime, timezone
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from flask import (
     Blueprint,
     Response,
+    abort,
     current_app,
     jsonify,
     make_response,
@@ -25,10 +30,11 @@ from flask import (
     url_for,
 )
 
+from .chart import depth_chart
 from .ext import current_queue
-from .records import Snapshot
-from .store import QueueClosed, QueueFull
-from .tasks import Int, TaskError, TaskKind
+from .records import Snapshot, State, TaskInfo
+from .store import QueueClosed, QueueFull, TaskNotFound, WrongState
+from .tasks import Int, InvalidParam, TaskError, TaskKind
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,9 +48,11 @@ bp = Blueprint(
 
 #: Finished tasks the page lists.
 RECENT = 20
+#: Queued tasks the page lists, oldest first, each with a Cancel button.
+UPCOMING = 10
 
 #: The live regions: each is a template ``_<name>.html`` of its own.
-REGIONS = ("counts", "workers", "history")
+REGIONS = ("counts", "controls", "chart", "workers", "upcoming", "history")
 
 API_TASK_KEYS = frozenset({"kind", "count", "params"})
 
@@ -61,24 +69,43 @@ def _is_htmx() -> bool:
     return request.headers.get("HX-Request") == "true"
 
 
+def _presenting() -> bool:
+    """Presenter mode: ``?present=1`` on a page, or ``present=1`` in a form."""
+    value = request.values.get("present", "")
+    return value.lower() in ("1", "true", "on", "yes")
+
+
+def _snapshot() -> Snapshot:
+    return current_queue.stats(RECENT, UPCOMING)
+
+
 def _page_data(snap: Snapshot, **extra: Any) -> dict[str, Any]:
     config = current_app.config
     queue = current_queue
     return {
         "snap": snap,
+        "chart": depth_chart(snap),
         "kinds": queue.registry.kinds(),
         "default_kind": config["DEFAULT_KIND"],
         "poll_interval": config["POLL_INTERVAL"],
         "work_time": config["WORK_TIME"],
         "max_batch": config["MAX_BATCH"],
-        "workers_configured": queue.workers,
+        "workers_target": queue.workers,
+        "max_workers": config["MAX_WORKERS"],
         "recent_size": RECENT,
+        "present": _presenting(),
         **extra,
     }
 
 
 def _not_modified(tag: str) -> bool:
     return request.headers.get("HX-PTag") == tag or tag in request.if_none_match
+
+
+def _not_modified_response() -> Response:
+    response = make_response("", 304)
+    response.headers["HX-PTag"] = current_queue.tag
+    return response
 
 
 def _render_live(template: str, snap: Snapshot, status: int = 200, **extra: Any) -> Response:
@@ -88,12 +115,21 @@ def _render_live(template: str, snap: Snapshot, status: int = 200, **extra: Any)
     return response
 
 
+def _page(template: str, code: int = 200, **data: Any) -> Response:
+    return make_response(render_template(template, **data), code)
+
+
+def _message_page(message: str, status: int) -> Response:
+    """A small full page for an error a person reached by a link or a plain form."""
+    return _page("message.html", status, message=message, status=status)
+
+
 # -- the page and its live regions -------------------------------------------
 
 
 @bp.get("/")
 def index() -> Response:
-    return make_response(render_template("index.html", **_page_data(current_queue.stats(RECENT))))
+    return _page("index.html", **_page_data(_snapshot()))
 
 
 @bp.get("/live")
@@ -101,7 +137,7 @@ def live() -> Response:
     """Every live region in one response: the page polls this once per tick."""
     if _not_modified(current_queue.tag):
         return _not_modified_response()
-    return _render_live("_live.html", current_queue.stats(RECENT))
+    return _render_live("_live.html", _snapshot())
 
 
 @bp.get("/live/<region>")
@@ -115,13 +151,65 @@ def live_region(region: str) -> Response:
         )
     if _not_modified(current_queue.tag):
         return _not_modified_response()
-    return _render_live(f"_{region}.html", current_queue.stats(RECENT))
+    return _render_live(f"_{region}.html", _snapshot())
 
 
-def _not_modified_response() -> Response:
-    response = make_response("", 304)
-    response.headers["HX-PTag"] = current_queue.tag
-    return response
+# -- answering a state-changing form -----------------------------------------------
+
+
+def _error_status(exc: Exception) -> tuple[int, dict[str, str]]:
+    if isinstance(exc, QueueFull):
+        return 503, {"Retry-After": _retry_after(exc.requested)}
+    if isinstance(exc, QueueClosed):
+        return 503, {"Retry-After": "5"}
+    if isinstance(exc, TaskNotFound):
+        return 404, {}
+    if isinstance(exc, WrongState):
+        return 409, {}
+    return 400, {}
+
+
+def _retry_after(requested: int) -> str:
+    """Seconds until ``requested`` places are likely free, from the recent run time."""
+    snap = current_queue.stats(0)
+    run = snap.mean_run or current_app.config["WORK_TIME"] or 1.0
+    per_worker = max(1, current_queue.workers)
+    return str(max(1, min(60, math.ceil(requested * run / per_worker))))
+
+
+def _form_action(action: Callable[[], Any], back: Callable[[Any], str]) -> Response:
+    """Run a form's ``action``; answer htmx with the live regions, a plain post with a 303.
+
+    ``back(result)`` is where a plain post returns. A refused action answers
+    htmx with an error fragment for ``#form-errors`` and a plain post with
+    the page again (or a message page), the error shown, with a 4xx/503.
+    """
+    try:
+        result = action()
+    except TaskError as exc:
+        status, headers = _error_status(exc)
+        message = str(exc)
+        current_app.logger.info("%s %s refused (%d): %s", request.method, request.path, status,
+                                message)
+        if _is_htmx():
+            return make_response(render_template("_error.html", error=message), status, headers)
+        if status in (404, 409):
+            response = _message_page(message, status)
+        else:
+            response = _page("index.html", status, **_page_data(_snapshot(), error=message))
+        response.headers.update(headers)
+        return response
+    if _is_htmx():
+        if request.form.get("view") == "task" and request.view_args:
+            # From a task's page: show that task again (now cancelled, or
+            # linking to its retry), not the dashboard's regions.
+            return _render_task(_parse_task_id(request.view_args["task_id"]))
+        return _render_live("_live_after_post.html", _snapshot())
+    return redirect(back(result), 303)
+
+
+def _home() -> str:
+    return url_for(".index", present=1) if _presenting() else url_for(".index")
 
 
 # -- adding work ---------------------------------------------------------------
@@ -155,41 +243,144 @@ def _submit(kind_name: Any, count: Any, params: Any) -> list[int]:
     return current_queue.submit_many(kind_name, count, params)
 
 
-def _retry_after(requested: int) -> str:
-    """Seconds until ``requested`` places are likely free, from the mean run time."""
-    snap = current_queue.stats(0)
-    run = snap.mean_run or current_app.config["WORK_TIME"] or 1.0
-    per_worker = max(1, current_queue.workers)
-    return str(max(1, min(60, math.ceil(requested * run / per_worker))))
-
-
-def _error_status(exc: Exception) -> tuple[int, dict[str, str]]:
-    if isinstance(exc, QueueFull):
-        return 503, {"Retry-After": _retry_after(exc.requested)}
-    if isinstance(exc, QueueClosed):
-        return 503, {"Retry-After": "5"}
-    return 400, {}
-
-
 @bp.post("/tasks")
 def add_tasks() -> Response:
-    """Add work from the page's form: htmx gets the live regions, a plain post a 303."""
+    """Add work from the page's form."""
     form = request.form
-    kind_name = form.get("kind", "").strip() or current_app.config["DEFAULT_KIND"]
+
+    def add() -> list[int]:
+        kind = current_queue.registry.get(form.get("kind", "").strip()
+                                          or current_app.config["DEFAULT_KIND"])
+        return _submit(kind.name, form.get("count", "1"), _form_params(kind, form))
+
+    return _form_action(add, lambda ids: _home())
+
+
+# -- controlling the queue ---------------------------------------------------------
+
+
+def _workers_count(data: Mapping[str, Any]) -> int:
+    """The worker count a request asks for: ``count`` outright, or ``delta`` from now."""
+    top = current_app.config["MAX_WORKERS"]
+    if data.get("count") not in (None, ""):
+        return Int(1, top).parse("count", data["count"])
+    delta = Int(-top, top).parse("delta", data.get("delta"))
+    wanted = current_queue.workers + delta
+    if not 1 <= wanted <= top:
+        raise InvalidParam("workers", f"must stay from 1 to {top}, got {wanted}")
+    return wanted
+
+
+@bp.post("/pause")
+def pause() -> Response:
+    return _form_action(current_queue.pause, lambda _: _home())
+
+
+@bp.post("/resume")
+def resume() -> Response:
+    return _form_action(current_queue.resume, lambda _: _home())
+
+
+@bp.post("/workers")
+def workers() -> Response:
+    """Form field ``delta`` (+1 or -1 from the buttons) or ``count``."""
+    return _form_action(
+        lambda: current_queue.set_workers(_workers_count(request.form)), lambda _: _home()
+    )
+
+
+@bp.post("/history/clear")
+def clear_history() -> Response:
+    return _form_action(current_queue.clear_history, lambda _: _home())
+
+
+@bp.post("/reset")
+def reset() -> Response:
+    """Clear counters and history for the next run; queued and running work stays."""
+    return _form_action(current_queue.reset, lambda _: _home())
+
+
+# -- one task --------------------------------------------------------------------------
+
+
+def _parse_task_id(raw: str) -> int:
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:
+        raise TaskNotFound(raw[:40])  # type: ignore[arg-type]
+    return int(raw)
+
+
+def _task_or_404(raw: str) -> TaskInfo:
+    """The task, or a 404 page: templates never receive ``None``."""
     try:
-        kind = current_queue.registry.get(kind_name)
-        _submit(kind.name, form.get("count", "1"), _form_params(kind, form))
-    except TaskError as exc:
-        status, headers = _error_status(exc)
-        message = str(exc)
-        current_app.logger.info("POST /tasks refused (%d): %s", status, message)
-        if _is_htmx():
-            return make_response(render_template("_error.html", error=message), status, headers)
-        page = render_template("index.html", **_page_data(current_queue.stats(RECENT), error=message))
-        return make_response(page, status, headers)
-    if _is_htmx():
-        return _render_live("_live_after_post.html", current_queue.stats(RECENT))
-    return redirect(url_for(".index"), 303)
+        info = current_queue.get(_parse_task_id(raw))
+    except TaskNotFound:
+        info = None
+    if info is None:
+        abort(_message_page(f"no task {raw[:40]!r}: unknown, or no longer in the history", 404))
+    return info
+
+
+def _render_task(task_id: int, template: str = "_task.html") -> Response:
+    info = current_queue.get(task_id)
+    if info is None:
+        return _message_page(f"no task {task_id}: unknown, or no longer in the history", 404)
+    snap_tag = current_queue.tag
+    response = make_response(render_template(template, **_task_data(info)))
+    response.headers["HX-PTag"] = snap_tag
+    return response
+
+
+def _task_data(info: TaskInfo) -> dict[str, Any]:
+    return {
+        "task": info,
+        "poll_interval": current_app.config["POLL_INTERVAL"],
+        "tag": current_queue.tag,
+        "present": False,
+    }
+
+
+@bp.get("/tasks/<task_id>")
+def task_detail(task_id: str) -> Response:
+    info = _task_or_404(task_id)
+    return _page("task.html", **_task_data(info))
+
+
+@bp.get("/tasks/<task_id>/live")
+def task_live(task_id: str) -> Response:
+    """The task's detail region, polled while the task is not finished."""
+    if _not_modified(current_queue.tag):
+        return _not_modified_response()
+    return _render_task(_task_or_404(task_id).id)
+
+
+@bp.get("/tasks/lookup")
+def task_lookup() -> Response:
+    """The page's "find a task" form: ``?id=N`` → the task's page."""
+    raw = request.args.get("id", "").strip().lstrip("#")
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:
+        return _message_page(f"id must be a task number like 42, got {raw[:40]!r}", 400)
+    return redirect(url_for(".task_detail", task_id=int(raw)), 303)
+
+
+def _back_to_task(task_id: int) -> str:
+    if request.form.get("view") == "task":
+        return url_for(".task_detail", task_id=task_id)
+    return _home()
+
+
+@bp.post("/tasks/<task_id>/cancel")
+def cancel_task(task_id: str) -> Response:
+    def cancel() -> int:
+        number = _parse_task_id(task_id)
+        current_queue.cancel(number)
+        return number
+
+    return _form_action(cancel, _back_to_task)
+
+
+@bp.post("/tasks/<task_id>/retry")
+def retry_task(task_id: str) -> Response:
+    return _form_action(lambda: current_queue.retry(_parse_task_id(task_id)), _back_to_task)
 
 
 # -- JSON API ------------------------------------------------------------------
@@ -203,12 +394,40 @@ def _json_error(message: str, status: int, headers: Mapping[str, str] | None = N
     return response
 
 
+def _json_body(allowed: frozenset[str]) -> dict[str, Any] | Response:
+    if not request.is_json:
+        return _json_error("send a JSON object with Content-Type: application/json", 415)
+    data = request.get_json(silent=True)
+    if not isinstance(data, dict):
+        example = ", ".join(f'"{k}": ...' for k in sorted(allowed))
+        return _json_error(f"body must be a JSON object like {{{example}}}", 400)
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        return _json_error(
+            f"unknown field(s): {', '.join(map(str, unknown))}; allowed: "
+            f"{', '.join(sorted(allowed))}",
+            400,
+        )
+    return data
+
+
+def _json_action(action: Callable[[], Any], ok: Callable[[Any], Response]) -> Response:
+    try:
+        result = action()
+    except TaskError as exc:
+        status, headers = _error_status(exc)
+        return _json_error(str(exc), status, headers)
+    return ok(result)
+
+
 @bp.get("/api/stats")
 def api_stats() -> Response:
     snap = current_queue.stats(RECENT)
     if snap.tag in request.if_none_match:
         return make_response("", 304)
-    response = jsonify(snap.to_dict())
+    data = snap.to_dict()
+    data["workers_target"] = current_queue.workers
+    response = jsonify(data)
     response.set_etag(snap.tag)
     return response
 
@@ -216,30 +435,23 @@ def api_stats() -> Response:
 @bp.post("/api/tasks")
 def api_add_tasks() -> Response:
     """``{"kind": ..., "count": n, "params": {...}}`` → 202 with the new ids."""
-    if not request.is_json:
-        return _json_error("send a JSON object with Content-Type: application/json", 415)
-    data = request.get_json(silent=True)
-    if not isinstance(data, dict):
-        return _json_error(
-            'body must be a JSON object like {"kind": "pretend", "count": 1, "params": {}}', 400
-        )
-    unknown = sorted(set(data) - API_TASK_KEYS)
-    if unknown:
-        return _json_error(
-            f"unknown field(s): {', '.join(map(str, unknown))}; allowed: count, kind, params", 400
-        )
-    try:
-        ids = _submit(
+    data = _json_body(API_TASK_KEYS)
+    if isinstance(data, Response):
+        return data
+
+    def ok(ids: list[int]) -> Response:
+        response = jsonify(ids=ids, count=len(ids))
+        response.status_code = 202
+        return response
+
+    return _json_action(
+        lambda: _submit(
             data.get("kind", current_app.config["DEFAULT_KIND"]),
             data.get("count", 1),
             data.get("params", {}),
-        )
-    except TaskError as exc:
-        status, headers = _error_status(exc)
-        return _json_error(str(exc), status, headers)
-    response = jsonify(ids=ids, count=len(ids))
-    response.status_code = 202
-    return response
+        ),
+        ok,
+    )
 
 
 @bp.get("/api/tasks/<task_id>")
@@ -250,6 +462,47 @@ def api_task(task_id: str) -> Response:
     if info is None:
         return _json_error(f"no task {task_id}: unknown, or no longer in the history", 404)
     return jsonify(info.to_dict())
+
+
+@bp.post("/api/tasks/<task_id>/cancel")
+def api_cancel(task_id: str) -> Response:
+    def cancel() -> TaskInfo | None:
+        number = _parse_task_id(task_id)
+        current_queue.cancel(number)
+        return current_queue.get(number)
+
+    return _json_action(cancel, lambda info: jsonify(info.to_dict() if info else {}))
+
+
+@bp.post("/api/tasks/<task_id>/retry")
+def api_retry(task_id: str) -> Response:
+    def ok(new_id: int) -> Response:
+        response = jsonify(id=new_id, retry_of=int(task_id))
+        response.status_code = 202
+        return response
+
+    return _json_action(lambda: current_queue.retry(_parse_task_id(task_id)), ok)
+
+
+@bp.post("/api/pause")
+def api_pause() -> Response:
+    return _json_action(current_queue.pause, lambda _: jsonify(paused=True))
+
+
+@bp.post("/api/resume")
+def api_resume() -> Response:
+    return _json_action(current_queue.resume, lambda _: jsonify(paused=False))
+
+
+@bp.post("/api/workers")
+def api_workers() -> Response:
+    """``{"count": n}`` or ``{"delta": ±n}`` → the number of worker threads now asked for."""
+    data = _json_body(frozenset({"count", "delta"}))
+    if isinstance(data, Response):
+        return data
+    return _json_action(
+        lambda: current_queue.set_workers(_workers_count(data)), lambda n: jsonify(workers=n)
+    )
 
 
 @bp.get("/healthz")
@@ -283,6 +536,19 @@ def _seconds(value: float | None) -> str:
     return f"{value / 60:.0f}m"
 
 
+@bp.app_template_filter("duration")
+def _duration(value: float | None) -> str:
+    """A rounded human duration for estimates: 45s, 3m 20s, 2h 05m."""
+    if value is None:
+        return "—"
+    value = int(round(value))
+    if value < 60:
+        return f"{value}s"
+    if value < 3600:
+        return f"{value // 60}m {value % 60:02d}s"
+    return f"{value // 3600}h {value % 3600 // 60:02d}m"
+
+
 @bp.app_template_filter("clock")
 def _clock(value: float | None) -> str:
     return "—" if value is None else time.strftime("%H:%M:%S", time.localtime(value))
@@ -293,3 +559,8 @@ def _isotime(value: float | None) -> str:
     if value is None:
         return ""
     return datetime.fromtimestamp(value, timezone.utc).isoformat(timespec="seconds")
+
+
+@bp.app_context_processor
+def _states() -> dict[str, Any]:
+    return {"State": State}

@@ -328,9 +328,10 @@ class WorkQueue:
         """Changes whenever anything :meth:`stats` shows changes; cheap to read."""
         return self.store.tag
 
-    def stats(self, recent: int = 20) -> Snapshot:
-        """One consistent snapshot: counts, workers, the ``recent`` last finished tasks."""
-        return self.store.snapshot(recent)
+    def stats(self, recent: int = 20, upcoming: int = 0) -> Snapshot:
+        """One consistent snapshot: counts, workers, rates, the ``recent`` last
+        finished tasks and the next ``upcoming`` queued ones."""
+        return self.store.snapshot(recent, upcoming)
 
     def get(self, task_id: int) -> TaskInfo | None:
         """One task by id, or ``None`` when unknown or forgotten by the history."""

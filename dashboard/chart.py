@@ -1,0 +1,73 @@
+"""The queue-depth chart: a snapshot's per-second record as inline SVG data.
+
+The view hands the template plain numbers (a polyline's points, the axis
+labels); the template draws them. No chart library, no JavaScript.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from .records import Snapshot
+from .store import SERIES_SECONDS
+
+WIDTH = 600
+HEIGHT = 140
+
+
+def _nice_ceiling(value: int) -> int:
+    """The smallest of 1, 2, 5, 10, 20, 50... that is at least ``value``."""
+    if value <= 1:
+        return 1
+    power = 10 ** int(math.floor(math.log10(value)))
+    for step in (1, 2, 5, 10):
+        if value <= step * power:
+            return step * power
+    return 10 * power  # pragma: no cover - unreachable
+
+
+def depth_chart(snap: Snapshot, seconds: int = SERIES_SECONDS) -> dict[str, Any]:
+    """Step-line points of the queue depth over the last ``seconds``, up to now.
+
+    The depth holds between the seconds in which something happened, so each
+    recorded second is a step; the line runs on to now at the last depth.
+    """
+    end = snap.taken_at
+    start = end - seconds
+    points = [(second, depth) for second, depth in snap.series if second + 1 > start]
+    top = _nice_ceiling(max([depth for _, depth in points] + [snap.queued, 1]))
+
+    def x(t: float) -> float:
+        return round((min(max(t, start), end) - start) / seconds * WIDTH, 1)
+
+    def y(depth: int) -> float:
+        return round(HEIGHT - depth / top * HEIGHT, 1)
+
+    coords: list[tuple[float, float]] = []
+    previous = None
+    for second, depth in points:
+        if previous is not None:
+            coords.append((x(second), y(previous)))  # hold the old depth up to this second
+        coords.append((x(second), y(depth)))
+        previous = depth
+    if coords:
+        coords.append((x(end), y(snap.queued)))
+    peak = max((depth for _, depth in points), default=snap.queued)
+    return {
+        "width": WIDTH,
+        "height": HEIGHT,
+        "points": " ".join(f"{a:g},{b:g}" for a, b in coords),
+        "area": (
+            f"{coords[0][0]:g},{HEIGHT} " + " ".join(f"{a:g},{b:g}" for a, b in coords)
+            + f" {coords[-1][0]:g},{HEIGHT}"
+        ) if coords else "",
+        "top": top,
+        "half": top / 2,
+        "minutes": seconds // 60,
+        "peak": peak,
+        "label": (
+            f"Queue depth over the last {seconds // 60} minutes: now {snap.queued}, "
+            f"peak {peak}."
+        ),
+    }
