@@ -31,12 +31,14 @@ def depth_chart(snap: Snapshot, seconds: int = SERIES_SECONDS) -> dict[str, Any]
     """Step-line points of the queue depth over the last ``seconds``, up to now.
 
     The depth holds between the seconds in which something happened, so each
-    recorded second is a step; the line runs on to now at the last depth.
+    recorded second is a step (up to its peak, then to its final depth); the
+    line runs on to now at the last depth.
     """
     end = snap.taken_at
     start = end - seconds
-    points = [(second, depth) for second, depth in snap.series if second + 1 > start]
-    top = _nice_ceiling(max([depth for _, depth in points] + [snap.queued, 1]))
+    points = [entry for entry in snap.series if entry[0] + 1 > start]
+    peak = max((high for _, _, high in points), default=snap.queued)
+    top = _nice_ceiling(max(peak, snap.queued, 1))
 
     def x(t: float) -> float:
         return round((min(max(t, start), end) - start) / seconds * WIDTH, 1)
@@ -46,14 +48,15 @@ def depth_chart(snap: Snapshot, seconds: int = SERIES_SECONDS) -> dict[str, Any]
 
     coords: list[tuple[float, float]] = []
     previous = None
-    for second, depth in points:
+    for second, depth, high in points:
         if previous is not None:
             coords.append((x(second), y(previous)))  # hold the old depth up to this second
+        if high != depth:
+            coords.append((x(second), y(high)))  # a burst that drained within the second
         coords.append((x(second), y(depth)))
         previous = depth
     if coords:
         coords.append((x(end), y(snap.queued)))
-    peak = max((depth for _, depth in points), default=snap.queued)
     return {
         "width": WIDTH,
         "height": HEIGHT,

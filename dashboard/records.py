@@ -172,8 +172,8 @@ class Snapshot(NamedTuple):
     token of the process and store, so tags from another process or an earlier
     run never match. ``throughput`` (tasks finished per minute), ``mean_wait``
     and ``mean_run`` are measured over the last minute; ``series`` holds
-    ``(second, depth at its end)`` for the seconds in which anything happened,
-    over the last few minutes.
+    ``(second, depth at its end, highest depth in it)`` for the seconds in
+    which anything happened, over the last few minutes.
     """
 
     tag: str
@@ -195,7 +195,7 @@ class Snapshot(NamedTuple):
     mean_wait: float | None
     mean_run: float | None
     throughput: float
-    series: tuple[tuple[int, int], ...]
+    series: tuple[tuple[int, int, int], ...]
     taken_at: float
 
     @property

@@ -257,13 +257,14 @@ class _Slot:
 
 
 class _Second:
-    """What happened in one second: the depth at its end, and the tasks that finished."""
+    """One second: the depth at its end and at its highest, and the tasks that finished."""
 
-    __slots__ = ("second", "depth", "finished", "wait_sum", "run_sum")
+    __slots__ = ("second", "depth", "peak", "finished", "wait_sum", "run_sum")
 
     def __init__(self, second: int, depth: int):
         self.second = second
         self.depth = depth
+        self.peak = depth
         self.finished = 0
         self.wait_sum = 0.0
         self.run_sum = 0.0
@@ -327,6 +328,12 @@ class MemoryStore(Store):
         series.append(bucket)
         return bucket
 
+    def _grew(self, now: float) -> None:
+        bucket = self._second(now)
+        bucket.depth = depth = self._queued
+        if depth > bucket.peak:
+            bucket.peak = depth
+
     # -- reading ---------------------------------------------------------
 
     @property
@@ -353,7 +360,7 @@ class MemoryStore(Store):
             last = tuple(r.info() for r in islice(reversed(self._history), recent))
             waiting = (r for r in self._queue if r.state is QUEUED)
             next_up = tuple(r.info() for r in islice(waiting, upcoming)) if upcoming else ()
-            series = tuple((b.second, b.depth) for b in self._series)
+            series = tuple((b.second, b.depth, b.peak) for b in self._series)
             since = int(now) - RATE_WINDOW
             finished = wait_sum = run_sum = 0.0
             for bucket in reversed(self._series):
@@ -408,7 +415,7 @@ class MemoryStore(Store):
             self._tasks[task_id] = record
             self._queued += 1
             self._submitted += 1
-            self._second(now).depth = self._queued
+            self._grew(now)
             self._version += 1
             if self._waiting:
                 self._work.notify()
@@ -440,7 +447,7 @@ class MemoryStore(Store):
             tasks[task_id] = record
         self._queued += count
         self._submitted += count
-        self._second(now).depth = self._queued
+        self._grew(now)
         self._version += 1
         if self._waiting:
             if count == 1:

@@ -10,6 +10,7 @@ import pytest
 from flask import template_rendered
 
 from dashboard import ConfigError, create_app, get_queue
+from dashboard.views import REGIONS
 
 ROOT = Path(__file__).resolve().parent.parent
 HTMX = {"HX-Request": "true"}
@@ -66,7 +67,7 @@ def test_history_lists_at_most_20_newest_first_with_errors(client, queue):
     assert b'id="count-failed">1<' in html
 
 
-@pytest.mark.parametrize("region", ["counts", "workers", "history"])
+@pytest.mark.parametrize("region", REGIONS)
 def test_each_live_region_renders_alone(client, queue, region, rendered):
     response = client.get(f"/live/{region}", headers=HTMX)
     assert response.status_code == 200
@@ -78,7 +79,7 @@ def test_each_live_region_renders_alone(client, queue, region, rendered):
 def test_unknown_region_is_404(client):
     response = client.get("/live/secrets")
     assert response.status_code == 404
-    assert b"regions are: counts, workers, history" in response.data
+    assert b"regions are: counts, controls, chart, workers, upcoming, history" in response.data
     probe = client.get("/live/<b>bold")
     assert probe.status_code == 404 and probe.mimetype == "text/plain"
 
@@ -86,12 +87,11 @@ def test_unknown_region_is_404(client):
 def test_the_poll_renders_every_region_from_their_own_templates(client, rendered):
     response = client.get("/live", headers=HTMX)
     assert response.status_code == 200
-    for region in ("counts", "workers", "history"):
+    for region in REGIONS:
         assert f'<section id="{region}"'.encode() in response.data
-    assert rendered == ["_live.html"]  # includes are not separate renders
-    assert b"{% include" not in (ROOT / "templates/_counts.html").read_bytes()
+    assert rendered[0] == "_live.html"  # the regions are included, not rendered apart
     live = (ROOT / "templates/_live.html").read_text()
-    assert all(f'include "_{r}.html"' in live for r in ("counts", "workers", "history"))
+    assert all(f'include "_{r}.html"' in live for r in REGIONS)
 
 
 # -- 304: an unchanged poll costs no rendering --------------------------------
@@ -440,3 +440,198 @@ def test_vendored_htmx_matches_its_recorded_version_and_hashes(client):
         with client.get(f"/static/htmx/{name}") as response:
             assert response.status_code == 200
     assert b"https://" not in page  # no CDN
+
+
+# -- controls (issue: a dashboard worth putting on a projector) -----------------------
+
+
+def post(client, path, data=None, htmx=True):
+    return client.post(path, data=data or {}, headers=HTMX if htmx else {})
+
+
+def test_pause_and_resume_from_the_page(client, queue):
+    response = post(client, "/pause")
+    assert response.status_code == 200
+    assert b'id="paused-flag"' in response.data and b">Resume</button>" in response.data
+    assert queue.stats().paused
+    plain = post(client, "/resume", htmx=False)
+    assert plain.status_code == 303 and plain.headers["Location"] == "/"
+    assert not queue.stats().paused
+    assert b">Pause</button>" in client.get("/").data
+
+
+def test_presenter_forms_come_back_to_presenter_mode(client):
+    page = client.get("/?present=1").data
+    assert b'<body class="present">' in page
+    assert b'name="present" value="1"' in page
+    assert b'id="history"' not in page and b'id="upcoming"' not in page
+    response = client.post("/pause", data={"present": "1"})
+    assert response.headers["Location"] == "/?present=1"
+
+
+def test_workers_plus_minus_and_count():
+    app = create_app({"WORKERS": 1, "MAX_WORKERS": 3, "HANDLE_SIGNALS": False})
+    queue = get_queue(app)
+    try:
+        client = app.test_client()
+        response = post(client, "/workers", {"delta": "1"})
+        assert response.status_code == 200 and b'id="workers-target">2<' in response.data
+        assert queue.workers == 2 and len(queue.stats().workers) == 2
+        assert post(client, "/workers", {"count": "3"}).status_code == 200
+        page = client.get("/").data
+        assert b'aria-label="More workers" disabled' in page  # at the maximum
+        for data, message in [
+            ({"delta": "1"}, b"workers must stay from 1 to 3, got 4"),
+            ({"count": "0"}, b"count must be an integer from 1 to 3, got 0"),
+            ({"delta": "x"}, b"delta must be an integer from -3 to 3, got &#39;x&#39;"),
+            ({}, b"delta must be an integer"),
+        ]:
+            response = post(client, "/workers", data)
+            assert response.status_code == 400 and message in response.data
+        assert queue.workers == 3
+        api = client.post("/api/workers", json={"count": 1})
+        assert api.json == {"workers": 1}
+        assert client.post("/api/workers", json={"count": 9}).status_code == 400
+        assert client.post("/api/workers", json={"n": 1}).status_code == 400
+    finally:
+        queue.shutdown()
+
+
+def test_cancel_a_queued_task_from_the_page(client, queue):
+    ids = queue.submit_many("pretend", 3, {"seconds": 0})
+    page = client.get("/").data
+    assert f'id="queued-{ids[1]}"'.encode() in page  # listed under Up next, with a button
+    assert f'action="/tasks/{ids[1]}/cancel"'.encode() in page
+    response = post(client, f"/tasks/{ids[1]}/cancel")
+    assert response.status_code == 200
+    assert f'id="queued-{ids[1]}"'.encode() not in response.data
+    assert b'id="count-cancelled">1<' in response.data
+    queue.run_pending()
+    assert queue.get(ids[1]).started_at is None
+    again = post(client, f"/tasks/{ids[1]}/cancel")
+    assert again.status_code == 409 and b"only queued or running tasks can be cancelled" in again.data
+    assert post(client, "/tasks/999/cancel").status_code == 404
+    assert post(client, "/tasks/abc/cancel").status_code == 404
+
+
+def test_retry_a_failed_task_from_the_page(client, queue):
+    failed = queue.submit("flaky", seconds=0, fail_rate=1)
+    queue.run_pending()
+    page = client.get("/").data
+    assert f'action="/tasks/{failed}/retry"'.encode() in page
+    response = post(client, f"/tasks/{failed}/retry", htmx=False)
+    assert response.status_code == 303
+    new = queue.get(failed).retried_as
+    assert queue.get(new).retry_of == failed and queue.get(new).params == queue.get(failed).params
+    assert f"retried as #{new}".encode() in client.get("/").data
+    done = queue.submit("pretend", seconds=0)
+    queue.run_pending()
+    assert post(client, f"/tasks/{done}/retry").status_code == 409
+
+
+def test_clear_history_and_reset(client, queue):
+    queue.submit_many("pretend", 3, {"seconds": 0})
+    queue.run_pending()
+    response = post(client, "/history/clear")
+    assert b"Nothing has finished yet" in response.data and b'id="count-done">3<' in response.data
+    response = post(client, "/reset")
+    assert b'id="count-done">0<' in response.data
+    assert b'hx-confirm="Reset clears the counters' in client.get("/").data
+
+
+def test_task_detail_page_shows_params_times_error_and_traceback(client, queue):
+    failed = queue.submit("flaky", seconds=0, fail_rate=1)
+    queue.run_pending()
+    page = client.get(f"/tasks/{failed}")
+    assert page.status_code == 200
+    html = page.data
+    assert b'id="task-state">failed<' in html
+    assert b"<code>fail_rate=1.0</code>" in html
+    assert b'id="task-error">RuntimeError: flaky task gave up' in html
+    assert b'class="traceback">Traceback (most recent call last)' in html
+    assert b"hx-trigger" not in html.split(b'id="task-detail"')[1].split(b">")[0]  # finished: no poll
+    assert f'action="/tasks/{failed}/retry"'.encode() in html
+
+
+def test_task_detail_polls_while_running_and_answers_304(client, queue):
+    task_id = queue.submit("pretend", seconds=0)
+    html = client.get(f"/tasks/{task_id}").data
+    assert f'hx-get="/tasks/{task_id}/live"'.encode() in html
+    live = client.get(f"/tasks/{task_id}/live", headers=HTMX)
+    assert live.status_code == 200 and live.data.lstrip().startswith(b'<section id="task-detail"')
+    tag = live.headers["HX-PTag"]
+    assert client.get(f"/tasks/{task_id}/live", headers={**HTMX, "HX-PTag": tag}).status_code == 304
+    queue.run_pending()
+    assert b'id="task-state">done<' in client.get(f"/tasks/{task_id}/live", headers=HTMX).data
+
+
+def test_cancel_from_the_task_page_shows_that_task_again(client, queue):
+    task_id = queue.submit("pretend", seconds=0)
+    response = post(client, f"/tasks/{task_id}/cancel", {"view": "task"})
+    assert response.data.lstrip().startswith(b'<section id="task-detail"')
+    assert b'id="task-state">cancelled<' in response.data
+    plain = post(client, f"/tasks/{task_id}/retry", {"view": "task"}, htmx=False)
+    assert plain.headers["Location"] == f"/tasks/{queue.get(task_id).retried_as}"  # the new one
+
+
+def test_unknown_task_pages_are_404_pages(client):
+    for path in ("/tasks/99", "/tasks/abc", "/tasks/99/live"):
+        response = client.get(path)
+        assert response.status_code == 404
+        assert b'id="message">no task' in response.data
+
+
+def test_lookup_by_id(client, queue):
+    task_id = queue.submit("pretend", seconds=0)
+    response = client.get(f"/tasks/lookup?id=%23{task_id}")
+    assert response.status_code == 303 and response.headers["Location"] == f"/tasks/{task_id}"
+    bad = client.get("/tasks/lookup?id=<b>1")
+    assert bad.status_code == 400
+    assert b"id must be a task number like 42, got &#39;&lt;b&gt;1&#39;" in bad.data
+
+
+def test_params_and_errors_are_escaped_everywhere(client, queue):
+    from dashboard.tasks import Str
+
+    registry = queue.registry
+
+    def echo(ctx, text=""):
+        raise ValueError(text)
+
+    registry._kinds.pop("echo", None)
+    registry.task("echo", params={"text": Str(100)})(echo)
+    try:
+        probe = "<script>alert(1)</script>"
+        task_id = queue.submit("echo", text=probe)
+        page = client.get("/").data
+        assert probe.encode() not in page  # queued: params shown in Up next
+        queue.run_pending()
+        for html in (client.get("/").data, client.get(f"/tasks/{task_id}").data):
+            assert probe.encode() not in html
+            assert b"&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    finally:
+        registry._kinds.pop("echo", None)
+
+
+def test_api_controls(client, queue):
+    assert client.post("/api/pause").json == {"paused": True}
+    assert client.get("/api/stats").json["paused"] is True
+    assert client.post("/api/resume").json == {"paused": False}
+    task_id = queue.submit("pretend", seconds=0)
+    cancelled = client.post(f"/api/tasks/{task_id}/cancel")
+    assert cancelled.status_code == 200 and cancelled.json["state"] == "cancelled"
+    retried = client.post(f"/api/tasks/{task_id}/retry")
+    assert retried.status_code == 202 and retried.json["retry_of"] == task_id
+    queued_retry = retried.json["id"]
+    assert client.post(f"/api/tasks/{queued_retry}/retry").status_code == 409  # not failed
+    assert client.post("/api/tasks/777/cancel").status_code == 404
+
+
+def test_chart_draws_the_depth_over_time(client, queue):
+    queue.submit_many("pretend", 5, {"seconds": 0})
+    queue.run_pending(2)
+    html = client.get("/live/chart").data
+    assert b'<svg viewBox="0 0 600 158" role="img"' in html
+    assert b'aria-label="Queue depth over the last 5 minutes: now 3, peak 5."' in html
+    assert b'<polyline class="line" points="' in html
+    assert b"style=" not in html  # nothing a strict CSP would block
