@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import logging
 import queue as stdlib_queue
 import statistics
 import sys
@@ -80,6 +81,53 @@ def raw_queue_rate(n: int) -> float:
     return n / (time.perf_counter() - start)
 
 
+def poll_render_seconds(finished: int, polls: int = 200) -> float:
+    """Median seconds to answer one changed poll (GET /live, full render) after
+    ``finished`` tasks ran; the rendering must not grow with that number."""
+    from dashboard import create_app, get_queue
+
+    app = create_app({"WORKERS": 0, "HANDLE_SIGNALS": False, "MAX_QUEUED": max(finished, 1000)})
+    queue = get_queue(app)
+    logging.getLogger("dashboard").setLevel(logging.WARNING)
+    try:
+        for _ in range(0, finished, 1000):
+            queue.submit_many("flaky", min(1000, finished), {"seconds": 0, "fail_rate": 0.1})
+            queue.run_pending()
+        queue.submit_many("pretend", 5, {"seconds": 0})  # something queued and listed too
+        client = app.test_client()
+        headers = {"HX-Request": "true"}
+        times = []
+        for _ in range(polls):
+            start = time.perf_counter()
+            response = client.get("/live", headers=headers)
+            times.append(time.perf_counter() - start)
+            assert response.status_code == 200
+        return statistics.median(times)
+    finally:
+        queue.shutdown(timeout=5)
+
+
+def poll_bytes() -> tuple[int, int]:
+    """Body bytes of a changed poll and of an unchanged (304) one."""
+    from dashboard import create_app, get_queue
+
+    app = create_app({"WORKERS": 0, "HANDLE_SIGNALS": False})
+    queue = get_queue(app)
+    logging.getLogger("dashboard").setLevel(logging.WARNING)
+    try:
+        queue.submit_many("flaky", 30, {"seconds": 0, "fail_rate": 0.3})
+        queue.run_pending(25)
+        client = app.test_client()
+        changed = client.get("/live", headers={"HX-Request": "true"})
+        unchanged = client.get(
+            "/live", headers={"HX-Request": "true", "HX-PTag": changed.headers["HX-PTag"]}
+        )
+        assert unchanged.status_code == 304
+        return len(changed.data), len(unchanged.data)
+    finally:
+        queue.shutdown(timeout=5)
+
+
 def compare(ours: Callable[[int], float], base: Callable[[int], float], n: int, rounds: int):
     mine, theirs = [], []
     for _ in range(rounds):
@@ -109,6 +157,16 @@ def main(argv: list[str] | None = None) -> int:
         met = ratio >= target
         print(f"{name:<48} {mine:>10,.0f} {base:>10,.0f} {ratio:>6.2f} {'>=' + str(target):>7}"
               f"  {'yes' if met else 'NO'}")
+
+    print()
+    few = poll_render_seconds(10)
+    many = poll_render_seconds(10_000)
+    ratio = many / few
+    print(f"{'row':<48} {'10,000':>10} {'10':>10} {'ratio':>6} {'target':>7}  met")
+    print(f"{'changed poll render, ms, after N tasks ran':<48} {many * 1000:>10.2f} "
+          f"{few * 1000:>10.2f} {ratio:>6.2f} {'<=1.2':>7}  {'yes' if ratio <= 1.2 else 'NO'}")
+    changed, unchanged = poll_bytes()
+    print(f"poll body bytes: changed {changed:,}, unchanged (304) {unchanged}")
     return 0
 
 

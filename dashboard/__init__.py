@@ -56,6 +56,9 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     from .views import bp
 
     app = Flask(__name__, static_folder=None)
+    # Polled fragments are sent every second: leave out the template's indentation.
+    app.jinja_env.trim_blocks = True
+    app.jinja_env.lstrip_blocks = True
     app.config.from_mapping(DEFAULTS)
     app.config["MAX_CONTENT_LENGTH"] = 64 * 1024
     app.config.from_prefixed_env()
