@@ -88,10 +88,10 @@ def poll_render_seconds(finished: int, polls: int = 200) -> float:
 
     app = create_app({"WORKERS": 0, "HANDLE_SIGNALS": False, "MAX_QUEUED": max(finished, 1000)})
     queue = get_queue(app)
-    logging.getLogger("dashboard").setLevel(logging.WARNING)
+    logging.getLogger("dashboard").setLevel(logging.CRITICAL)
     try:
         for _ in range(0, finished, 1000):
-            queue.submit_many("flaky", min(1000, finished), {"seconds": 0, "fail_rate": 0.1})
+            queue.submit_many("pretend", min(1000, finished), {"seconds": 0})
             queue.run_pending()
         queue.submit_many("pretend", 5, {"seconds": 0})  # something queued and listed too
         client = app.test_client()
@@ -113,7 +113,7 @@ def poll_bytes() -> tuple[int, int]:
 
     app = create_app({"WORKERS": 0, "HANDLE_SIGNALS": False})
     queue = get_queue(app)
-    logging.getLogger("dashboard").setLevel(logging.WARNING)
+    logging.getLogger("dashboard").setLevel(logging.CRITICAL)
     try:
         queue.submit_many("flaky", 30, {"seconds": 0, "fail_rate": 0.3})
         queue.run_pending(25)
@@ -159,12 +159,18 @@ def main(argv: list[str] | None = None) -> int:
               f"  {'yes' if met else 'NO'}")
 
     print()
-    few = poll_render_seconds(10)
-    many = poll_render_seconds(10_000)
-    ratio = many / few
-    print(f"{'row':<48} {'10,000':>10} {'10':>10} {'ratio':>6} {'target':>7}  met")
-    print(f"{'changed poll render, ms, after N tasks ran':<48} {many * 1000:>10.2f} "
-          f"{few * 1000:>10.2f} {ratio:>6.2f} {'<=1.2':>7}  {'yes' if ratio <= 1.2 else 'NO'}")
+    # The page lists the last 20: after 10 tasks it shows 10 rows, after 20 or
+    # more it shows 20. The row that matters compares pages of the same shape.
+    ten, twenty, many = (poll_render_seconds(n) for n in (10, 20, 10_000))
+    print(f"{'changed poll render (GET /live), ms':<48} {'ours':>10} {'base':>10} {'ratio':>6}"
+          f" {'target':>7}  met")
+    for name, mine, base in (
+        ("  after 10,000 tasks vs after 20 (same rows)", many, twenty),
+        ("  after 10,000 tasks vs after 10 (10 rows)", many, ten),
+    ):
+        ratio = mine / base
+        print(f"{name:<48} {mine * 1000:>10.2f} {base * 1000:>10.2f} {ratio:>6.2f} {'<=1.2':>7}"
+              f"  {'yes' if ratio <= 1.2 else 'NO'}")
     changed, unchanged = poll_bytes()
     print(f"poll body bytes: changed {changed:,}, unchanged (304) {unchanged}")
     return 0
