@@ -16,6 +16,12 @@ Fixtures (import them into a test module):
     A fresh context and page per test, watched for console errors, page
     errors, failed requests and HTTP errors; any that the test did not
     declare expected fail it.
+``start_server``
+    Starts a quick server of the test's own (``QUICK`` plus the environment
+    it is given), stopped when the test ends; for tests that pause the
+    queue, change its workers or reset it. One starts in well under a second.
+``fresh_server``, ``fresh_tab``
+    One such server with the ``QUICK`` settings, and a watched page on it.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -33,7 +40,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, NoReturn
+from typing import Any, Callable, Iterator, Mapping, NoReturn
 from urllib.parse import urlsplit
 
 import pytest
@@ -269,6 +276,9 @@ def _stop(proc: subprocess.Popen, grace: float = 15.0) -> None:
 
 # -- a watched page ---------------------------------------------------------------
 
+#: The paths pages poll: the dashboard's regions and a task's detail.
+POLL_PATH = re.compile(r"/live(/[a-z]+)?|/tasks/\d+/live")
+
 
 @dataclass
 class Tab:
@@ -282,13 +292,25 @@ class Tab:
     failed_requests: list[str] = field(default_factory=list)
     http_errors: list[tuple[int, str]] = field(default_factory=list)
     expected: set[tuple[int, str]] = field(default_factory=set)
+    aborted_polls_expected: bool = False
     watching: bool = True
 
     def expect_http_error(self, status: int, path: str) -> None:
         self.expected.add((status, path))
 
-    def watch(self) -> None:
-        page = self.page
+    def expect_aborted_polls(self) -> None:
+        """Declare that the test navigates away from a polling page: the browser
+        aborts the poll then in flight (``net::ERR_ABORTED``), which is no fault."""
+        self.aborted_polls_expected = True
+
+    def new_page(self) -> Page:
+        """Another page in the same context, watched like the first."""
+        page = self.page.context.new_page()
+        self.watch(page)
+        return page
+
+    def watch(self, page: Page | None = None) -> None:
+        page = page or self.page
         page.on("console", self._on_console)
         page.on("pageerror", lambda error: self.watching and self.page_errors.append(str(error)))
         page.on("requestfailed", self._on_request_failed)
@@ -306,6 +328,13 @@ class Tab:
         self.console_errors.append(f"{message.text} ({url})")
 
     def _on_request_failed(self, request: Request) -> None:
+        if (
+            self.aborted_polls_expected
+            and request.method == "GET"
+            and request.failure == "net::ERR_ABORTED"
+            and POLL_PATH.fullmatch(urlsplit(request.url).path)
+        ):
+            return
         if self.watching:
             self.failed_requests.append(f"{request.method} {request.url}: {request.failure}")
 
@@ -324,10 +353,10 @@ class Tab:
             + [f"HTTP {status} for {what}" for status, what in self.http_errors]
         )
 
-    def screenshot(self, name: str) -> Path:
+    def screenshot(self, name: str, page: Page | None = None) -> Path:
         ARTIFACTS.mkdir(exist_ok=True)
         path = ARTIFACTS / name
-        self.page.screenshot(path=str(path), full_page=True)
+        (page or self.page).screenshot(path=str(path), full_page=True)
         return path
 
 
@@ -396,4 +425,33 @@ def tab(chromium_browser: Browser, dashboard_server: Server) -> Iterator[Tab]:
     """A fresh, watched page on the quick server, once that server is idle."""
     dashboard_server.wait_idle()
     with open_tab(chromium_browser, dashboard_server) as tab:
+        yield tab
+
+
+@pytest.fixture
+def start_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
+    """``start_server(**env)``: a quick server of this test's own, ``QUICK`` plus ``env``
+    (``FLASK_WORKERS="3"``); every one started is stopped when the test ends."""
+    with contextlib.ExitStack() as stack:
+        started = 0
+
+        def start(**env: str) -> Server:
+            nonlocal started
+            started += 1
+            log = tmp_path / f"gunicorn-{started}.log"
+            return stack.enter_context(run_server(log, {**QUICK, **env}))
+
+        yield start
+
+
+@pytest.fixture
+def fresh_server(start_server: Callable[..., Server]) -> Server:
+    """A quick server for this test alone: its pauses, workers and resets stay here."""
+    return start_server()
+
+
+@pytest.fixture
+def fresh_tab(chromium_browser: Browser, fresh_server: Server) -> Iterator[Tab]:
+    """A watched page on this test's own quick server."""
+    with open_tab(chromium_browser, fresh_server) as tab:
         yield tab
