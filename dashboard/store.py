@@ -362,6 +362,10 @@ class MemoryStore(Store):
             next_up = tuple(r.info() for r in islice(waiting, upcoming)) if upcoming else ()
             series = tuple((b.second, b.depth, b.peak) for b in self._series)
             since = int(now) - RATE_WINDOW
+            # In the first minute of a run, the rate is over the time there is.
+            span = RATE_WINDOW
+            if self._series:
+                span = min(RATE_WINDOW, max(1.0, now - self._series[0].second))
             finished = wait_sum = run_sum = 0.0
             for bucket in reversed(self._series):
                 if bucket.second <= since:
@@ -389,7 +393,7 @@ class MemoryStore(Store):
                 upcoming=next_up,
                 mean_wait=wait_sum / finished if finished else None,
                 mean_run=run_sum / finished if finished else None,
-                throughput=finished * 60.0 / RATE_WINDOW,
+                throughput=finished * 60.0 / span,
                 series=series,
                 taken_at=now,
             )

@@ -650,9 +650,11 @@ def test_rates_series_and_eta(registry, make_queue):
     q.submit_many("noop", 10)
     q.run_pending(4)
     snap = q.stats()
-    assert snap.throughput == 4.0  # finished in the last minute
+    # Four finished within the first second or two of the run: the rate is
+    # over the time there was, not over a whole minute.
+    assert snap.throughput >= 4 * 60 / 2
     assert snap.mean_run is not None and snap.mean_wait is not None
-    assert snap.eta == pytest.approx(6 * 60 / 4)  # six left at four a minute
+    assert snap.eta == pytest.approx(6 * 60 / snap.throughput)
     assert snap.series and snap.series[-1][1] == 6
     q.pause()
     assert q.stats().eta is None  # not moving
