@@ -27,14 +27,20 @@ def _nice_ceiling(value: int) -> int:
     return 10 * power  # pragma: no cover - unreachable
 
 
-def depth_chart(snap: Snapshot, seconds: int = SERIES_SECONDS) -> dict[str, Any]:
+def depth_chart(snap: Snapshot, seconds: int | None = None) -> dict[str, Any]:
     """Step-line points of the queue depth over the last ``seconds``, up to now.
+
+    By default the window covers the recorded activity, in whole minutes
+    from one to five, so a run that just started fills the chart.
 
     The depth holds between the seconds in which something happened, so each
     recorded second is a step (up to its peak, then to its final depth); the
     line runs on to now at the last depth.
     """
     end = snap.taken_at
+    if seconds is None:
+        first = snap.series[0][0] if snap.series else end
+        seconds = min(SERIES_SECONDS, max(60, math.ceil((end - first) / 60) * 60))
     start = end - seconds
     points = [entry for entry in snap.series if entry[0] + 1 > start]
     peak = max((high for _, _, high in points), default=snap.queued)
@@ -68,9 +74,10 @@ def depth_chart(snap: Snapshot, seconds: int = SERIES_SECONDS) -> dict[str, Any]
         "top": top,
         "half": top / 2,
         "minutes": seconds // 60,
+        "window": "minute" if seconds == 60 else f"{seconds // 60} minutes",
         "peak": peak,
         "label": (
-            f"Queue depth over the last {seconds // 60} minutes: now {snap.queued}, "
-            f"peak {peak}."
+            f"Queue depth over the last {'minute' if seconds == 60 else f'{seconds // 60} minutes'}:"
+            f" now {snap.queued}, peak {peak}."
         ),
     }

@@ -632,6 +632,22 @@ def test_chart_draws_the_depth_over_time(client, queue):
     queue.run_pending(2)
     html = client.get("/live/chart").data
     assert b'<svg viewBox="0 0 600 158" role="img"' in html
-    assert b'aria-label="Queue depth over the last 5 minutes: now 3, peak 5."' in html
+    assert b'aria-label="Queue depth over the last minute: now 3, peak 5."' in html
     assert b'<polyline class="line" points="' in html
     assert b"style=" not in html  # nothing a strict CSP would block
+
+
+def test_chart_window_follows_the_activity_from_one_to_five_minutes(queue):
+    from dashboard.chart import depth_chart
+
+    snap = queue.stats()
+    now = 10_000.0
+    at = lambda ago, depth: (int(now - ago), depth, depth)  # noqa: E731
+    cases = [((), 1), ((at(20, 3),), 1), ((at(150, 3), at(10, 1)), 3), ((at(299, 9),), 5)]
+    for series, minutes in cases:
+        chart = depth_chart(snap._replace(series=series, taken_at=now, queued=1))
+        assert chart["minutes"] == minutes, series
+    chart = depth_chart(snap._replace(series=(at(30, 4), at(10, 2)), taken_at=now, queued=2))
+    # A step line: up to 4 at -30 s, down to 2 at -10 s, on to now at 2.
+    assert chart["points"] == "300,28 500,28 500,84 600,84"
+    assert chart["top"] == 5
