@@ -64,3 +64,11 @@ def test_the_embedding_example_works_in_another_app():
         assert bad.status_code == 400 and b"fmt must be one of: pdf, csv" in bad.data
     finally:
         get_queue(app).shutdown()
+
+
+def test_files_the_readme_links_to_exist():
+    root = Path(__file__).resolve().parent.parent
+    targets = re.findall(r"\]\(((?!https?://|#)[^)\s]+)\)", README)
+    assert "docs/screenshot.png" in targets
+    for target in targets:
+        assert (root / target).exists(), target
