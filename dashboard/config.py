@@ -11,11 +11,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, MutableMapping
 
+import click
+
 from .tasks import Bool, Float, Int, InvalidParam, Param, Str
 
 
-class ConfigError(ValueError):
-    """A configuration value is not allowed. The message names the key."""
+class ConfigError(click.ClickException, ValueError):
+    """The app cannot start as configured. The message names the key or the file.
+
+    A click exception, so ``flask run`` shows it as one line ("Error: ...")
+    instead of a traceback.
+    """
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,16 @@ SETTINGS: tuple[Setting, ...] = (
             "when the process is asked to stop."),
     Setting("DEFAULT_KIND", "pretend", Str(100), "The task kind the \"Add work\" button "
             "and requests without `kind` submit."),
+    Setting("QUEUE_URL", "memory://", Str(1000), "Where tasks live: `memory://` (this "
+            "process, lost on restart) or `sqlite:///path/to/queue.db` (one file shared by "
+            "every process on the machine, kept across restarts; a relative path is under "
+            "the app's instance folder)."),
+    Setting("LEASE_TIME", 30.0, Float(1, 3600), "SQLite store: seconds a running task's claim "
+            "lasts without its process renewing it; then the task is queued again."),
+    Setting("MAX_ATTEMPTS", 3, Int(1, 100), "SQLite store: starts a task gets before it is "
+            "failed for good when its process keeps dying under it."),
+    Setting("RETENTION", 604800.0, Float(60, 3.2e8), "SQLite store: seconds a finished task "
+            "is kept at most (HISTORY caps how many)."),
     Setting("HANDLE_SIGNALS", True, Bool(), "Close the queue on SIGTERM/SIGINT before the "
             "server's own handler runs, so no new work is taken while stopping."),
 )
@@ -64,6 +80,12 @@ def check_config(config: MutableMapping[str, Any]) -> None:
         raise ConfigError(
             "invalid configuration: WORKERS must not be larger than MAX_WORKERS "
             f"({config['WORKERS']} > {config['MAX_WORKERS']})"
+        )
+    url = config["QUEUE_URL"]
+    if url != "memory://" and not (url.startswith("sqlite:///") and len(url) > len("sqlite:///")):
+        raise ConfigError(
+            "invalid configuration: QUEUE_URL must be memory:// or sqlite:///path/to/queue.db,"
+            f" got {url!r}"
         )
     if config["MAX_BATCH"] > config["MAX_QUEUED"]:
         raise ConfigError(

@@ -29,6 +29,8 @@ from flask import Flask, current_app
 from werkzeug.local import LocalProxy
 
 from .config import DEFAULTS, ConfigError, check_config
+from .sqlite_store import SqliteStore, StoreError
+from .store import MemoryStore, Store
 from .tasks import Registry
 from .workqueue import TaskContext, WorkQueue, live_queues
 
@@ -65,8 +67,7 @@ class QueueExtension:
         check_config(app.config)
         queue = WorkQueue(
             workers=app.config["WORKERS"],
-            max_queued=app.config["MAX_QUEUED"],
-            history=app.config["HISTORY"],
+            store=make_store(app),
             registry=self.registry,
             runner=_app_context_runner(app),
             shutdown_timeout=app.config["SHUTDOWN_TIMEOUT"],
@@ -94,6 +95,29 @@ class QueueExtension:
     def queue(self) -> WorkQueue:
         """The queue of the current app."""
         return self._queues[current_app._get_current_object()]  # type: ignore[attr-defined]
+
+
+def make_store(app: Flask) -> Store:
+    """The store ``QUEUE_URL`` names; a file that cannot be used fails here, at start."""
+    config = app.config
+    url = config["QUEUE_URL"]
+    if url == "memory://":
+        return MemoryStore(config["MAX_QUEUED"], config["HISTORY"])
+    path = url[len("sqlite:///"):]
+    if not os.path.isabs(path):
+        os.makedirs(app.instance_path, exist_ok=True)
+        path = os.path.join(app.instance_path, path)
+    try:
+        return SqliteStore(
+            path,
+            config["MAX_QUEUED"],
+            config["HISTORY"],
+            retention=config["RETENTION"],
+            lease_time=config["LEASE_TIME"],
+            max_attempts=config["MAX_ATTEMPTS"],
+        )
+    except StoreError as exc:
+        raise ConfigError(f"QUEUE_URL: {exc}") from None
 
 
 def get_queue(app: Flask | None = None) -> WorkQueue:

@@ -48,6 +48,8 @@ class TaskRecord:
         "cancel_seen",
         "retry_of",
         "retried_as",
+        "attempts",
+        "checked_at",
     )
 
     def __init__(self, task_id: int, kind: str, params: dict[str, Any], enqueued_at: float):
@@ -67,6 +69,8 @@ class TaskRecord:
         self.cancel_seen = False  # the task read ctx.cancelled while it was set
         self.retry_of: int | None = None
         self.retried_as: int | None = None
+        self.attempts = 0
+        self.checked_at = 0.0  # when a shared store last looked for a cancel request
 
     def info(self) -> TaskInfo:
         return TaskInfo(
@@ -85,6 +89,7 @@ class TaskRecord:
             self.cancel_requested,
             self.retry_of,
             self.retried_as,
+            self.attempts,
         )
 
 
@@ -106,6 +111,7 @@ class TaskInfo(NamedTuple):
     cancel_requested: bool = False
     retry_of: int | None = None
     retried_as: int | None = None
+    attempts: int = 0
 
     @property
     def finished(self) -> bool:
@@ -145,16 +151,18 @@ class TaskInfo(NamedTuple):
             "cancel_requested": self.cancel_requested,
             "retry_of": self.retry_of,
             "retried_as": self.retried_as,
+            "attempts": self.attempts,
         }
 
 
 class WorkerInfo(NamedTuple):
-    """One worker thread: its name, state (idle, running, paused, stopped) and task."""
+    """One worker thread: its name, state (idle, running, paused, stopped), task and process."""
 
     name: str
     state: str
     task: TaskInfo | None
     done: int
+    pid: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -162,6 +170,7 @@ class WorkerInfo(NamedTuple):
             "state": self.state,
             "task": None if self.task is None else self.task.to_dict(),
             "done": self.done,
+            "pid": self.pid,
         }
 
 

@@ -86,6 +86,10 @@ class Store:
 
     #: Largest number of tasks that may wait in the queue.
     max_queued: int
+    #: True when queued work outlives the process (shutdown keeps it, does not drop it).
+    durable: bool = False
+    #: Seconds between two calls of :meth:`maintain` by a queue's supervisor.
+    maintain_every: float = 1.0
 
     @property
     def tag(self) -> str:
@@ -127,6 +131,10 @@ class Store:
     def progress(self, record: TaskRecord, fraction: float, message: str | None) -> None:
         """Record a running task's progress (``fraction`` already in 0..1)."""
         raise NotImplementedError
+
+    def cancel_requested(self, record: TaskRecord) -> bool:
+        """Whether someone asked this running task to stop (cheap: tasks poll it)."""
+        return record.cancel_requested
 
     def finish(
         self,
@@ -245,6 +253,34 @@ class Store:
         """Called in a forked child: start empty; return how many queued tasks were dropped."""
         raise NotImplementedError
 
+    # -- for shared stores --
+
+    def maintain(self) -> None:
+        """Periodic upkeep, called by each queue's supervisor every ``maintain_every``.
+
+        A shared store renews the leases of this process's running tasks,
+        requeues the tasks of processes that stopped, prunes old history and
+        forgets dead processes. The in-memory store has nothing to do.
+        """
+
+    def workers_target(self) -> int | None:
+        """The number of worker threads every process should run, if the store keeps one."""
+        return None
+
+    def set_workers_target(self, count: int) -> None:
+        """Ask every process sharing this store to run ``count`` worker threads."""
+
+    def release(self, records: list[TaskRecord]) -> int:
+        """Give back tasks this process will not finish (it is stopping); return how many.
+
+        A durable store queues them again for another process; the
+        in-memory store has nobody to give them to.
+        """
+        return 0
+
+    def detach(self) -> None:
+        """This process stops using the store: forget its workers (shared stores)."""
+
 
 class _Slot:
     __slots__ = ("name", "task", "done", "alive")
@@ -346,6 +382,7 @@ class MemoryStore(Store):
 
     def snapshot(self, recent: int = 20, upcoming: int = 0) -> Snapshot:
         now = time.time()
+        pid = os.getpid()
         with self._lock:
             paused = self._paused
             workers = tuple(
@@ -354,6 +391,7 @@ class MemoryStore(Store):
                     _worker_state(s, paused, self._closed),
                     None if s.task is None else s.task.info(),
                     s.done,
+                    pid,
                 )
                 for s in self._slots.values()
             )
@@ -377,7 +415,7 @@ class MemoryStore(Store):
             return Snapshot(
                 tag=f"{self._token}-{self._version}",
                 version=self._version,
-                pid=os.getpid(),
+                pid=pid,
                 queued=queued,
                 running=self._running,
                 done=self._done,
@@ -492,6 +530,7 @@ class MemoryStore(Store):
                 record.state = RUNNING
                 record.started_at = now
                 record.worker = worker
+                record.attempts += 1
                 self._queued -= 1
                 self._running += 1
                 if slot is not None:

@@ -63,7 +63,7 @@ class TaskContext:
         is recorded as cancelled; one that never looks runs to the end and is
         recorded as done.
         """
-        if self._record.cancel_requested:
+        if self._store.cancel_requested(self._record):
             # The task saw the request: if it now returns, it stopped because
             # of it, and is recorded as cancelled rather than done.
             self._record.cancel_seen = True
@@ -169,6 +169,7 @@ class WorkQueue:
     def _init_threads(self) -> None:
         self._start_lock = threading.Lock()
         self._threads: dict[str, threading.Thread] = {}
+        self._current: dict[str, TaskRecord | None] = {}  # what each worker runs now
         self._dead: set[str] = set()  # died: the supervisor replaces them
         self._retiring: set[str] = set()  # asked to stop by set_workers: not replaced
         self._wake = threading.Event()  # wakes the supervisor
@@ -206,6 +207,14 @@ class WorkQueue:
                     self._forked_dropped,
                 )
                 self._forked_dropped = 0
+            try:
+                self.store.maintain()  # a shared store: register, requeue what the dead left
+                target = self.store.workers_target()
+            except Exception:  # noqa: BLE001 - the supervisor retries
+                logger.exception("store upkeep failed at start")
+                target = None
+            if target is not None and 0 < target <= self.max_workers:
+                self.workers = target
             for i in range(1, self.workers + 1):
                 self._spawn(f"worker-{i}")
             if self.workers:
@@ -265,12 +274,17 @@ class WorkQueue:
         if isinstance(timeout, _Default):
             timeout = self.shutdown_timeout
         self.close()
-        dropped = self.store.drop_queued()
+        durable = self.store.durable
+        dropped = 0 if durable else self.store.drop_queued()
         if self._shut_down:
             return dropped
         self._shut_down = True
         if dropped:
             logger.warning("shutdown: dropped %d queued task(s)", dropped)
+        elif durable and self.started:
+            kept = self.store.snapshot(0).queued
+            if kept:
+                logger.info("shutdown: %d queued task(s) stay in the store for the next start", kept)
         deadline = None if timeout is None else (self._closed_at or time.monotonic()) + timeout
         self._wake.set()
         threads = list(self._threads.values()) if self.started else []
@@ -288,6 +302,14 @@ class WorkQueue:
                 timeout,
                 ", ".join(still),
             )
+        if self.started:
+            # Tasks still running here will not finish: a durable store
+            # queues them again for the next process (at-least-once).
+            abandoned = [r for r in self._current.values() if r is not None]
+            released = self.store.release(abandoned) if abandoned else 0
+            if released:
+                logger.warning("shutdown: %d unfinished task(s) queued again", released)
+            self.store.detach()
         return dropped
 
     def is_healthy(self) -> bool:
@@ -366,14 +388,17 @@ class WorkQueue:
         """Clear history, counters and the per-second record, for the next run."""
         self.store.reset()
 
-    def set_workers(self, count: int) -> int:
+    def set_workers(self, count: int, share: bool = True) -> int:
         """Run ``count`` worker threads from now on (0..``max_workers``); return it.
 
         Extra workers finish the task they run, then exit; new ones start at
-        once. Before :meth:`start`, only the number to start changes.
+        once. Before :meth:`start`, only the number to start changes. With a
+        shared store, every process sharing it follows (``share``).
         """
         if not isinstance(count, int) or not 0 <= count <= self.max_workers:
             raise ValueError(f"workers must be from 0 to {self.max_workers}, got {count!r}")
+        if share:
+            self.store.set_workers_target(count)
         with self._start_lock:
             self.workers = count
             if not self.started or self._shut_down:
@@ -416,12 +441,13 @@ class WorkQueue:
 
     def _worker_main(self, name: str) -> None:
         error = None
+        current = self._current
         try:
             execute, finish_and_claim = self._execute, self.store.finish_and_claim
-            record = self.store.claim(name)
+            record = current[name] = self.store.claim(name)
             while record is not None:
                 # The end of one task and the start of the next take the lock once.
-                record = finish_and_claim(record, *execute(record))
+                record = current[name] = finish_and_claim(record, *execute(record))
         except BaseException as exc:  # noqa: BLE001 - a dying worker must still be accounted for
             error = f"worker thread died: {type(exc).__name__}: {exc}"
             logger.critical("%s %s; its task is failed and the thread replaced", name, error)
@@ -468,11 +494,23 @@ class WorkQueue:
         return _DONE_RESULT
 
     def _supervise(self) -> None:
+        store = self.store
+        next_upkeep = 0.0
         while not self._shut_down:
-            self._wake.wait(timeout=1.0)
+            self._wake.wait(timeout=min(1.0, store.maintain_every))
             self._wake.clear()
             if self._shut_down or self.closed:
                 return
+            if time.monotonic() >= next_upkeep:
+                next_upkeep = time.monotonic() + store.maintain_every
+                try:
+                    store.maintain()
+                    target = store.workers_target()
+                    if target is not None and target != self.workers:
+                        logger.info("following the shared worker count: %d", target)
+                        self.set_workers(target, share=False)
+                except Exception:  # noqa: BLE001 - upkeep must never kill the supervisor
+                    logger.exception("store upkeep failed; trying again shortly")
             with self._start_lock:
                 for name, thread in list(self._threads.items()):
                     if name in self._retiring:
