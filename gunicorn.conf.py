@@ -26,6 +26,22 @@ graceful_timeout = int(float(os.environ.get("FLASK_SHUTDOWN_TIMEOUT", "10"))) + 
 log = logging.getLogger("dashboard.gunicorn")
 
 
+def on_starting(server):
+    # Build the app once in the master, before any worker is forked: a bad
+    # setting or an unusable queue file then stops gunicorn with one line,
+    # instead of every worker failing to boot with a traceback. Nothing it
+    # builds starts a thread or keeps a file open, so nothing crosses the fork.
+    from gunicorn.util import import_app
+
+    from dashboard.config import ConfigError
+
+    try:
+        import_app(server.app.app_uri)
+    except ConfigError as exc:
+        server.log.error("cannot start: %s", exc.message)
+        raise SystemExit(1) from None
+
+
 def post_worker_init(worker):
     # The app was loaded (or, with --preload, forked into this process):
     # start its queue's threads here, after gunicorn set its signal handlers.

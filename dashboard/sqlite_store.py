@@ -217,7 +217,7 @@ class SqliteStore(Store):
                 check_same_thread=False,
             )
         except sqlite3.Error as exc:
-            raise StoreError(f"cannot open the queue database {self.path}: {exc}") from None
+            raise StoreError(_explain(self.path, exc)) from None
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
@@ -876,7 +876,7 @@ def _state(task: TaskInfo | None, alive: bool, paused: bool, closed: bool) -> st
     return "paused" if paused else "idle"
 
 
-def _explain(path: str, exc: sqlite3.DatabaseError) -> str:
+def _explain(path: str, exc: sqlite3.Error) -> str:
     text = str(exc)
     if "not a database" in text or "malformed" in text or "file is encrypted" in text:
         return (f"{path} is not a usable SQLite database ({text}): it is corrupt or some other "
