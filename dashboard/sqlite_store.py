@@ -187,7 +187,7 @@ class SqliteStore(Store):
         self._init_process()
         # Check (or create) the file now, so a bad file fails at start, then
         # close: each process opens its own connection when it first needs one.
-        conn = self._open()
+        conn = self._open(check_first=True)
         try:
             self._instance = self._check_schema(conn)
         finally:
@@ -206,7 +206,7 @@ class SqliteStore(Store):
 
     # -- the connection --------------------------------------------------
 
-    def _open(self) -> sqlite3.Connection:
+    def _open(self, check_first: bool = False) -> sqlite3.Connection:
         directory = os.path.dirname(self.path) or "."
         if not os.path.isdir(directory):
             raise StoreError(f"cannot open the queue database {self.path}: "
@@ -220,6 +220,10 @@ class SqliteStore(Store):
             raise StoreError(_explain(self.path, exc)) from None
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+            if check_first:
+                # Before anything writes: switching to WAL rewrites the header of
+                # a file that may turn out to be someone else's.
+                self._refuse_foreign(conn)
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if mode.lower() != "wal":
                 raise StoreError(f"cannot use WAL mode for {self.path} (got {mode!r})")
@@ -229,25 +233,29 @@ class SqliteStore(Store):
         except sqlite3.DatabaseError as exc:
             conn.close()
             raise StoreError(_explain(self.path, exc)) from None
+        except BaseException:
+            conn.close()
+            raise
         return conn
+
+    def _refuse_foreign(self, conn: sqlite3.Connection) -> None:
+        """Refuse, reading only, a file of a newer schema or of something else."""
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"the queue database {self.path} has schema version {version}, newer than "
+                f"this code knows ({SCHEMA_VERSION}): it was written by a newer release. "
+                "Upgrade this code, or point QUEUE_URL at another file. Nothing was changed."
+            )
+        if version == 0 and conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+            raise StoreError(
+                f"{self.path} is a SQLite database of something else (it has tables "
+                "but no queue schema). Point QUEUE_URL at another file. Nothing was changed."
+            )
 
     def _check_schema(self, conn: sqlite3.Connection) -> str:
         try:
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise StoreError(
-                    f"the queue database {self.path} has schema version {version}, newer than "
-                    f"this code knows ({SCHEMA_VERSION}): it was written by a newer release. "
-                    "Upgrade this code, or point QUEUE_URL at another file. Nothing was changed."
-                )
-            if version == 0:
-                tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
-                if tables:
-                    raise StoreError(
-                        f"{self.path} is a SQLite database of something else (it has tables "
-                        "but no queue schema). Point QUEUE_URL at another file. "
-                        "Nothing was changed."
-                    )
+            if conn.execute("PRAGMA user_version").fetchone()[0] == 0:
                 conn.execute("BEGIN IMMEDIATE")
                 try:
                     # Another process may have created it while we waited for the lock.

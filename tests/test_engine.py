@@ -10,22 +10,49 @@ from collections import Counter
 import pytest
 
 from dashboard.records import State
-from dashboard.store import QueueClosed, QueueFull, TaskNotFound, WrongState
+from dashboard.sqlite_store import SqliteStore
+from dashboard.store import MemoryStore, QueueClosed, QueueFull, TaskNotFound, WrongState
 from dashboard.tasks import Float, Int, InvalidParam, Str, UnknownKind
 from dashboard.workqueue import WorkQueue
 from support import wait_for
 
 
-@pytest.fixture
-def make_queue(registry):
-    """Build queues on the private registry and shut every one down after the test."""
+@pytest.fixture(params=["memory", "sqlite"])
+def store_kind(request):
+    """Every test that takes make_queue runs on both stores: one suite, two stores."""
+    return request.param
+
+
+def _queue_factory(registry, kind, tmp_path):
     made = []
 
-    def make(workers=0, **kwargs):
-        q = WorkQueue(workers, registry=registry, **kwargs)
+    def make(workers=0, max_queued=10_000, history=1_000, **kwargs):
+        if kind == "sqlite":
+            path = str(tmp_path / f"queue-{len(made)}.db")
+            # A short poll: idle workers look for work from other processes this often.
+            store = SqliteStore(path, max_queued, history, poll_interval=0.01)
+        else:
+            store = MemoryStore(max_queued, history)
+        q = WorkQueue(workers, registry=registry, store=store, **kwargs)
         made.append(q)
         return q
 
+    return make, made
+
+
+@pytest.fixture
+def make_queue(registry, store_kind, tmp_path):
+    """Build queues on the private registry and shut every one down after the test."""
+    make, made = _queue_factory(registry, store_kind, tmp_path)
+    yield make
+    for q in made:
+        q.shutdown(timeout=5)
+
+
+@pytest.fixture
+def make_memory_queue(registry, tmp_path):
+    """For what only the in-memory store does (its ring, dropping work at shutdown, fork)."""
+    make, made = _queue_factory(registry, "memory", tmp_path)
     yield make
     for q in made:
         q.shutdown(timeout=5)
@@ -227,12 +254,12 @@ def test_a_full_queue_refuses_and_queues_nothing(registry, make_queue):
     q.submit("noop")  # room again once work ran
 
 
-def test_history_is_a_bounded_ring_and_counters_keep_totals(registry, make_queue):
+def test_history_is_a_bounded_ring_and_counters_keep_totals(registry, make_memory_queue):
     @registry.task("noop")
     def noop(ctx):
         pass
 
-    q = make_queue(history=5)
+    q = make_memory_queue(history=5)
     ids = q.submit_many("noop", 100)
     q.run_pending()
     snap = q.stats(recent=50)
@@ -330,12 +357,12 @@ def test_context_carries_the_cancel_flag(registry, make_queue):
 # -- shutdown --------------------------------------------------------------------
 
 
-def test_shutdown_drops_queued_work_and_says_how_much(registry, make_queue, caplog):
+def test_shutdown_drops_queued_work_and_says_how_much(registry, make_memory_queue, caplog):
     @registry.task("noop")
     def noop(ctx):
         pass
 
-    q = make_queue(workers=1)
+    q = make_memory_queue(workers=1)
     q.pause()
     q.submit_many("noop", 7)
     q.start()
@@ -420,14 +447,14 @@ def test_start_is_once_per_process(registry, make_queue):
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
-def test_a_forked_child_starts_empty_with_threads_of_its_own(registry, make_queue):
+def test_a_forked_child_starts_empty_with_threads_of_its_own(registry, make_memory_queue):
     ran_in = []
 
     @registry.task("where")
     def where(ctx):
         ran_in.append(os.getpid())
 
-    q = make_queue(workers=1)
+    q = make_memory_queue(workers=1)
     q.start()
     q.pause()
     q.submit_many("where", 3)  # queued in the parent: the child must not run them
@@ -498,7 +525,9 @@ def test_close_nowait_refuses_work_and_stops_claims_without_a_lock(registry, mak
     with pytest.raises(QueueClosed):
         q.submit("noop")
     assert q.run_pending() == 0  # nothing queued starts after the close
-    assert q.closed and q.shutdown() == 2
+    # The in-memory store drops what is queued; a durable one keeps it for the next start.
+    assert q.closed and q.shutdown() == (0 if q.store.durable else 2)
+    assert q.stats().queued == (2 if q.store.durable else 0)
 
 
 # -- control: cancel, retry, clear, reset, scale -----------------------------------
@@ -663,12 +692,12 @@ def test_rates_series_and_eta(registry, make_queue):
     assert q.stats().eta == 0.0
 
 
-def test_cancelled_records_do_not_pile_up_in_the_queue(registry, make_queue):
+def test_cancelled_records_do_not_pile_up_in_the_queue(registry, make_memory_queue):
     @registry.task("noop")
     def noop(ctx):
         pass
 
-    q = make_queue(max_queued=100, history=10)
+    q = make_memory_queue(max_queued=100, history=10)
     for _ in range(50):  # fill, cancel everything, again and again, with nobody running
         for task_id in q.submit_many("noop", 100):
             q.cancel(task_id)

@@ -1,0 +1,330 @@
+"""What only the SQLite store does: survive restarts, share one file, leases, bad files.
+
+Two SqliteStore objects on one file stand for two processes (each has its own
+process token and connection); the real multi-process proofs with gunicorn
+are in test_durable.py. The store suite common to both stores is
+test_engine.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+import threading
+import time
+from collections import Counter
+
+import pytest
+
+from dashboard import create_app, get_queue
+from dashboard.config import ConfigError
+from dashboard.records import State
+from dashboard.sqlite_store import SCHEMA_VERSION, SqliteStore, StoreError
+from dashboard.tasks import Int
+from dashboard.workqueue import WorkQueue
+from support import wait_for
+
+
+@pytest.fixture
+def db(tmp_path):
+    return str(tmp_path / "queue.db")
+
+
+@pytest.fixture
+def queues(registry):
+    made = []
+
+    def make(store, workers=0):
+        q = WorkQueue(workers, registry=registry, store=store)
+        made.append(q)
+        return q
+
+    yield make
+    for q in made:
+        q.shutdown(timeout=5)
+
+
+def test_the_file_is_wal_with_a_schema_version(db):
+    SqliteStore(db)
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    conn.close()
+
+
+def test_queued_work_survives_a_restart_and_runs_once(db, registry, queues):
+    ran = []
+
+    @registry.task("note", params={"i": Int(0, 99)})
+    def note(ctx, i):
+        ran.append(i)
+
+    first = queues(SqliteStore(db))
+    ids = [first.submit("note", i=i) for i in range(5)]
+    first.run_pending(2)
+    assert first.shutdown() == 0  # nothing dropped: it stays in the file
+    second = queues(SqliteStore(db))  # the next start, on the same file
+    snap = second.stats()
+    assert (snap.queued, snap.done, snap.submitted) == (3, 2, 5)
+    assert second.run_pending() == 3
+    assert ran == [0, 1, 2, 3, 4]
+    assert [second.get(i).state for i in ids] == [State.DONE] * 5
+
+
+def test_two_processes_never_take_the_same_task(db, registry, queues):
+    runs = Counter()
+    lock = threading.Lock()
+
+    @registry.task("count")
+    def count(ctx):
+        with lock:
+            runs[ctx.task_id] += 1
+
+    # Two stores on one file: two process tokens, two connections, as two processes.
+    a = queues(SqliteStore(db, poll_interval=0.01), workers=3)
+    b = queues(SqliteStore(db, poll_interval=0.01), workers=3)
+    a.start()
+    b.start()
+    ids = a.submit_many("count", 300) + b.submit_many("count", 300)
+    assert a.join(timeout=60) and b.join(timeout=60)
+    assert set(runs) == set(ids) and set(runs.values()) == {1}
+    snap = a.stats()
+    assert (snap.done, snap.queued, snap.running) == (600, 0, 0)
+    assert {w.pid for w in snap.workers} == {os.getpid()}
+    assert len(snap.workers) == 6  # both "processes" list their workers
+    assert sum(w.done for w in snap.workers) == 600
+
+
+def test_one_view_from_every_process(db, registry, queues):
+    @registry.task("noop")
+    def noop(ctx):
+        pass
+
+    a = queues(SqliteStore(db))
+    b = queues(SqliteStore(db))
+    a.submit_many("noop", 4)
+    b.run_pending(1)
+    sa, sb = a.stats(), b.stats()
+    assert sa.tag == sb.tag  # one tag for one state: a 304 from either process is right
+    assert (sa.queued, sa.done) == (sb.queued, sb.done) == (3, 1)
+    a.pause()
+    assert b.stats().paused  # a pause pauses every process
+    assert b.run_pending() == 0
+    b.resume()
+    assert a.run_pending() == 3
+
+
+def test_a_dead_process_tasks_are_queued_again_then_failed(db, registry, queues):
+    @registry.task("noop")
+    def noop(ctx):
+        pass
+
+    dying = SqliteStore(db, lease_time=0.5, max_attempts=2)
+    survivor = SqliteStore(db, lease_time=0.5, max_attempts=2)
+    queue = queues(survivor)
+    task_id = queue.submit("noop")
+    first = dying.claim(None, block=False)  # claimed, then its process "dies": no renewal
+    assert first.id == task_id and first.attempts == 1
+    wait_for(lambda: survivor.maintain() or survivor.get(task_id).state is State.QUEUED,
+             timeout=10, what="the lease to expire and the task to be queued again")
+    info = survivor.get(task_id)
+    assert "stopped during attempt 1" in info.message
+    second = dying.claim(None, block=False)  # the second attempt dies too
+    assert second.attempts == 2
+    wait_for(lambda: survivor.maintain() or survivor.get(task_id).state is State.FAILED,
+             timeout=10, what="the task to be failed after its last attempt")
+    info = survivor.get(task_id)
+    assert info.error.startswith("gave up after 2 attempts: the process running it stopped")
+    snap = queue.stats()
+    assert (snap.failed, snap.running, snap.queued) == (1, 0, 0)
+    # The dead process finishing late changes nothing: its lease was lost.
+    dying.finish(second, State.DONE)
+    assert survivor.get(task_id).state is State.FAILED and queue.stats().done == 0
+
+
+def test_a_live_process_keeps_its_tasks_by_renewing_the_lease(db, registry, queues):
+    release = threading.Event()
+    started = threading.Event()
+
+    @registry.task("slow")
+    def slow(ctx):
+        started.set()
+        release.wait(30)
+
+    owner = queues(SqliteStore(db, lease_time=0.6), workers=1)
+    other = SqliteStore(db, lease_time=0.6)
+    owner.start()
+    task_id = owner.submit("slow")
+    assert started.wait(30)
+    deadline = time.monotonic() + 2.0  # over three lease times: the supervisor renews
+    while time.monotonic() < deadline:
+        other.maintain()
+        assert other.get(task_id).state is State.RUNNING
+        time.sleep(0.05)
+    release.set()
+    assert owner.join(timeout=30)
+    assert owner.get(task_id).attempts == 1
+
+
+def test_graceful_shutdown_queues_again_what_it_could_not_finish(db, registry, queues, caplog):
+    started = threading.Event()
+    release = threading.Event()
+
+    @registry.task("stuck")
+    def stuck(ctx):
+        started.set()
+        release.wait(30)
+
+    q = queues(SqliteStore(db), workers=1)
+    q.start()
+    task_id = q.submit("stuck")
+    assert started.wait(30)
+    q.shutdown(timeout=0.1)
+    info = SqliteStore(db).get(task_id)
+    assert info.state is State.QUEUED and "stopped before it finished" in info.message
+    assert "queued again" in caplog.text
+    release.set()
+    q._threads["worker-1"].join(30)
+
+
+def test_workers_of_a_process_that_stopped_are_dropped(db, registry, queues):
+    gone = SqliteStore(db, lease_time=0.3)
+    gone.add_worker("worker-1")
+    watcher = queues(SqliteStore(db, lease_time=0.3), workers=1)
+    watcher.start()
+    assert len(watcher.stats().workers) == 2
+    wait_for(lambda: watcher.store.maintain() or len(watcher.stats().workers) == 1,
+             timeout=10, what="the silent process's worker to be dropped")
+
+
+def test_the_history_is_pruned_by_count_and_age_in_batches(db, registry, queues):
+    @registry.task("noop")
+    def noop(ctx):
+        pass
+
+    store = SqliteStore(db, history=10)
+    q = queues(store)
+    q.submit_many("noop", 100)
+    q.run_pending()
+    assert store.prune(batch=7) == 90  # 13 short transactions
+    snap = q.stats(50)
+    assert len(snap.recent) == 10 and snap.done == 100  # the counters keep the totals
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE tasks SET finished_at = finished_at - 1e6")
+    conn.close()
+    store.retention = 3600
+    assert store.prune() == 10
+    assert q.stats().recent == ()
+
+
+def test_a_million_tasks_leave_the_file_small(db):
+    """Finished rows written in bulk, a million in all, pruned as the queue would."""
+    store = SqliteStore(db, history=1_000)
+    conn = sqlite3.connect(db)
+    sizes = []
+    try:
+        for _ in range(100):
+            now = time.time()
+            with conn:
+                conn.executemany(
+                    "INSERT INTO tasks (kind, params, state, enqueued_at, started_at, "
+                    "finished_at) VALUES ('noop', '{}', 'done', ?, ?, ?)",
+                    ((now, now, now) for _ in range(10_000)),
+                )
+            store.prune(batch=5_000)
+            sizes.append(os.path.getsize(db) + os.path.getsize(db + "-wal"))
+    finally:
+        conn.close()
+    with sqlite3.connect(db) as check:
+        assert check.execute("SELECT count(*) FROM tasks").fetchone()[0] == 1_000
+        assert check.execute("SELECT max(id) FROM tasks").fetchone()[0] == 1_000_000
+    check.close()
+    assert max(sizes[10:]) <= 1.5 * max(sizes[:10])  # flat: freed pages are reused
+
+
+# -- bad files: a clear error at start, nothing changed ----------------------------------
+
+
+def fingerprint(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest(), os.stat(path).st_mtime_ns
+
+
+def test_a_corrupt_file_is_refused_and_left_alone(db):
+    with open(db, "wb") as f:
+        f.write(b"this is no database " * 200)
+    before = fingerprint(db)
+    with pytest.raises(StoreError, match="is not a usable SQLite database .* Nothing was changed"):
+        SqliteStore(db)
+    assert fingerprint(db) == before
+    assert sorted(os.listdir(os.path.dirname(db))) == ["queue.db"]
+
+
+def test_a_schema_from_the_future_is_refused_and_left_alone(db):
+    SqliteStore(db)
+    with sqlite3.connect(db) as conn:
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.close()
+    before = fingerprint(db)
+    with pytest.raises(StoreError, match=f"schema version {SCHEMA_VERSION + 1}, newer than this "
+                                         f"code knows \\({SCHEMA_VERSION}\\)"):
+        SqliteStore(db)
+    assert fingerprint(db) == before
+
+
+def test_another_apps_database_is_refused_and_left_alone(db):
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE users (name TEXT)")
+    conn.close()
+    before = fingerprint(db)
+    with pytest.raises(StoreError, match="a SQLite database of something else"):
+        SqliteStore(db)
+    assert fingerprint(db) == before
+
+
+def test_an_unwritable_place_is_refused():
+    # Tests run as root, for whom chmod changes nothing: /proc is a read-only place for anyone.
+    with pytest.raises(StoreError, match="must be writable"):
+        SqliteStore("/proc/queue.db")
+    with pytest.raises(StoreError, match="the directory /no/such/dir does not exist"):
+        SqliteStore("/no/such/dir/queue.db")
+
+
+def test_the_app_reports_a_bad_queue_url_as_a_config_error(tmp_path):
+    bad = tmp_path / "bad.db"
+    bad.write_bytes(b"x" * 100)
+    with pytest.raises(ConfigError, match="QUEUE_URL: .*bad.db is not a usable SQLite database"):
+        create_app({"QUEUE_URL": f"sqlite:///{bad}", "HANDLE_SIGNALS": False})
+    with pytest.raises(ConfigError, match="QUEUE_URL must be memory:// or sqlite:///path"):
+        create_app({"QUEUE_URL": "redis://localhost", "HANDLE_SIGNALS": False})
+
+
+def test_a_relative_path_lives_in_the_instance_folder(tmp_path):
+    app = create_app({"QUEUE_URL": "sqlite:///q.db", "HANDLE_SIGNALS": False, "WORKERS": 0})
+    try:
+        assert get_queue(app).store.path == os.path.join(app.instance_path, "q.db")
+        assert os.path.exists(os.path.join(app.instance_path, "q.db"))
+    finally:
+        get_queue(app).shutdown()
+        for suffix in ("", "-wal", "-shm"):
+            path = os.path.join(app.instance_path, "q.db" + suffix)
+            if os.path.exists(path):
+                os.remove(path)
+
+
+def test_the_dashboard_runs_on_the_sqlite_store(tmp_path):
+    app = create_app({"QUEUE_URL": f"sqlite:///{tmp_path}/q.db", "WORKERS": 0,
+                      "HANDLE_SIGNALS": False, "WORK_TIME": 0})
+    queue = get_queue(app)
+    try:
+        client = app.test_client()
+        assert client.post("/tasks", data={"count": "3"}).status_code == 303
+        queue.run_pending()
+        live = client.get("/live", headers={"HX-Request": "true"})
+        assert b'id="count-done">3<' in live.data
+        again = client.get("/live", headers={"HX-Request": "true", "HX-PTag": live.headers["HX-PTag"]})
+        assert again.status_code == 304
+        assert client.get("/api/tasks/2").json["state"] == "done"
+    finally:
+        queue.shutdown()
