@@ -94,6 +94,8 @@ def _page_data(snap: Snapshot, **extra: Any) -> dict[str, Any]:
         "max_workers": config["MAX_WORKERS"],
         "recent_size": RECENT,
         "present": _presenting(),
+        "shared_store": queue.store.durable,
+        "pids": sorted({w.pid for w in snap.workers}),
         **extra,
     }
 

@@ -328,3 +328,22 @@ def test_the_dashboard_runs_on_the_sqlite_store(tmp_path):
         assert client.get("/api/tasks/2").json["state"] == "done"
     finally:
         queue.shutdown()
+
+
+def test_the_page_lists_the_workers_of_every_process(tmp_path):
+    path = tmp_path / "q.db"
+    app = create_app({"QUEUE_URL": f"sqlite:///{path}", "WORKERS": 1, "HANDLE_SIGNALS": False})
+    queue = get_queue(app)
+    try:
+        client = app.test_client()
+        client.get("/")  # starts this process's worker
+        other = SqliteStore(str(path))
+        other._pid = 4242  # another process, as the file sees it
+        other.add_worker("worker-1")
+        html = client.get("/").data
+        assert b"in 2 processes" in html
+        assert f'id="worker-{os.getpid()}-worker-1"'.encode() in html
+        assert b'id="worker-4242-worker-1"' in html
+        assert b"queue in a SQLite file shared by every process" in html
+    finally:
+        queue.shutdown()
