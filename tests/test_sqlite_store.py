@@ -337,9 +337,11 @@ def test_the_page_lists_the_workers_of_every_process(tmp_path):
     try:
         client = app.test_client()
         client.get("/")  # starts this process's worker
-        other = SqliteStore(str(path))
-        other._pid = 4242  # another process, as the file sees it
-        other.add_worker("worker-1")
+        with sqlite3.connect(path) as conn:  # another live process, as the file sees it
+            conn.execute("INSERT INTO processes VALUES ('other', 4242, 'host', ?, ?)",
+                         (time.time(), time.time()))
+            conn.execute("INSERT INTO workers (process, name, pid) VALUES ('other', 'worker-1', 4242)")
+        conn.close()
         html = client.get("/").data
         assert b"in 2 processes" in html
         assert f'id="worker-{os.getpid()}-worker-1"'.encode() in html
