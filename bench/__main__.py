@@ -10,6 +10,9 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import logging
+import os
+import sqlite3
+import tempfile
 import queue as stdlib_queue
 import statistics
 import sys
@@ -17,6 +20,7 @@ import threading
 import time
 from typing import Callable
 
+from dashboard.sqlite_store import SqliteStore
 from dashboard.tasks import Registry
 from dashboard.workqueue import WorkQueue
 
@@ -128,6 +132,58 @@ def poll_bytes() -> tuple[int, int]:
         queue.shutdown(timeout=5)
 
 
+def sqlite_submit_rate(n: int) -> float:
+    """Submits per second into a fresh SQLite store, no worker running."""
+    with tempfile.TemporaryDirectory() as tmp:
+        store = SqliteStore(os.path.join(tmp, "q.db"), max_queued=n)
+        q = WorkQueue(0, registry=registry, store=store)
+        try:
+            start = time.perf_counter()
+            submit = q.submit
+            for _ in range(n):
+                submit("noop")
+            return n / (time.perf_counter() - start)
+        finally:
+            q.shutdown(timeout=5)
+
+
+def sqlite_bare_insert_rate(n: int) -> float:
+    """The limit for a durable submit: one single-row INSERT and commit per task, same mode."""
+    with tempfile.TemporaryDirectory() as tmp:
+        conn = sqlite3.connect(os.path.join(tmp, "bare.db"), isolation_level=None)
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, kind TEXT, params TEXT, at REAL)")
+            start = time.perf_counter()
+            execute = conn.execute
+            for _ in range(n):
+                execute("BEGIN IMMEDIATE")
+                execute("INSERT INTO t (kind, params, at) VALUES ('noop', '{}', ?)", (time.time(),))
+                execute("COMMIT")
+            return n / (time.perf_counter() - start)
+        finally:
+            conn.close()
+
+
+def sqlite_end_to_end_rate(n: int) -> float:
+    """Submit ``n`` and join, one worker thread, SQLite store."""
+    with tempfile.TemporaryDirectory() as tmp:
+        store = SqliteStore(os.path.join(tmp, "q.db"), max_queued=n, poll_interval=0.05)
+        q = WorkQueue(1, registry=registry, store=store)
+        q.start()
+        try:
+            start = time.perf_counter()
+            submit = q.submit
+            for _ in range(n):
+                submit("noop")
+            if not q.join(timeout=600):
+                raise RuntimeError("the queue did not drain")
+            return n / (time.perf_counter() - start)
+        finally:
+            q.shutdown(timeout=10)
+
+
 def compare(ours: Callable[[int], float], base: Callable[[int], float], n: int, rounds: int):
     mine, theirs = [], []
     for _ in range(rounds):
@@ -157,6 +213,21 @@ def main(argv: list[str] | None = None) -> int:
         met = ratio >= target
         print(f"{name:<48} {mine:>10,.0f} {base:>10,.0f} {ratio:>6.2f} {'>=' + str(target):>7}"
               f"  {'yes' if met else 'NO'}")
+
+    print()
+    m = max(500, args.n // 10)
+    submits, bare = compare(sqlite_submit_rate, sqlite_bare_insert_rate, m, args.rounds)
+    durable, memory = compare(sqlite_end_to_end_rate, engine_rate, m, args.rounds)
+    print(f"SQLite store, {m:,} tasks per round (WAL, synchronous=NORMAL)")
+    print(f"{'row':<48} {'ours/s':>10} {'base/s':>10} {'ratio':>6} {'target':>7}  met")
+    for name, mine, base, target in (
+        ("sqlite submit vs bare INSERT+commit loop", submits, bare, 0.5),
+        ("sqlite submit+join vs in-memory store", durable, memory, None),
+    ):
+        ratio = mine / base
+        shown = "-" if target is None else f">={target}"
+        met = "" if target is None else ("yes" if ratio >= target else "NO")
+        print(f"{name:<48} {mine:>10,.0f} {base:>10,.0f} {ratio:>6.2f} {shown:>7}  {met}")
 
     print()
     # The page lists the last 20: after 10 tasks it shows 10 rows, after 20 or

@@ -56,21 +56,31 @@ _STATES = {s.value: s for s in State}
 
 _SCHEMA = """
 CREATE TABLE meta (
-    id          INTEGER PRIMARY KEY CHECK (id = 1),
-    instance    TEXT NOT NULL,             -- random: tags of another file never match
-    version     INTEGER NOT NULL DEFAULT 0,-- bumped by every visible change
-    paused      INTEGER NOT NULL DEFAULT 0,
-    workers     INTEGER,                   -- worker threads per process, once set live
-    queued      INTEGER NOT NULL DEFAULT 0,
-    running     INTEGER NOT NULL DEFAULT 0,
-    done        INTEGER NOT NULL DEFAULT 0,
-    failed      INTEGER NOT NULL DEFAULT 0,
-    cancelled   INTEGER NOT NULL DEFAULT 0,
-    submitted   INTEGER NOT NULL DEFAULT 0,
-    restarts    INTEGER NOT NULL DEFAULT 0
+    id           INTEGER PRIMARY KEY CHECK (id = 1),
+    instance     TEXT NOT NULL,             -- random: tags of another file never match
+    version      INTEGER NOT NULL DEFAULT 0,-- bumped by every visible change
+    paused       INTEGER NOT NULL DEFAULT 0,
+    workers      INTEGER,                   -- worker threads per process, once set live
+    queued       INTEGER NOT NULL DEFAULT 0,
+    running      INTEGER NOT NULL DEFAULT 0,
+    done         INTEGER NOT NULL DEFAULT 0,
+    failed       INTEGER NOT NULL DEFAULT 0,
+    cancelled    INTEGER NOT NULL DEFAULT 0,
+    submitted    INTEGER NOT NULL DEFAULT 0,
+    restarts     INTEGER NOT NULL DEFAULT 0,
+    max_queued   INTEGER NOT NULL DEFAULT 10000,
+    next_id      INTEGER NOT NULL DEFAULT 1,-- ids are never reused
+    head         INTEGER NOT NULL DEFAULT 1,-- no queued task has a smaller id
+    -- the current second's bucket, written to `seconds` when the next one starts
+    sec          INTEGER,
+    sec_depth    INTEGER NOT NULL DEFAULT 0,
+    sec_peak     INTEGER NOT NULL DEFAULT 0,
+    sec_finished INTEGER NOT NULL DEFAULT 0,
+    sec_wait     REAL NOT NULL DEFAULT 0,
+    sec_run      REAL NOT NULL DEFAULT 0
 );
 CREATE TABLE tasks (
-    id               INTEGER PRIMARY KEY AUTOINCREMENT,
+    id               INTEGER PRIMARY KEY,
     kind             TEXT NOT NULL,
     params           TEXT NOT NULL,        -- JSON
     state            TEXT NOT NULL,
@@ -90,8 +100,9 @@ CREATE TABLE tasks (
     retry_of         INTEGER,
     retried_as       INTEGER
 );
-CREATE INDEX tasks_queued ON tasks (id) WHERE state = 'queued';
-CREATE INDEX tasks_running ON tasks (process, lease_until) WHERE state = 'running';
+-- The only index: the history, newest first, and pruning oldest first. Every
+-- index is one more page written per commit, so the queue order comes from
+-- the ids (from meta.head up) and the running tasks are few enough to scan.
 CREATE INDEX tasks_finished ON tasks (finished_at) WHERE finished_at IS NOT NULL;
 CREATE TABLE processes (
     token        TEXT PRIMARY KEY,
@@ -117,7 +128,81 @@ CREATE TABLE seconds (
     wait_sum REAL NOT NULL DEFAULT 0,
     run_sum  REAL NOT NULL DEFAULT 0
 );
+-- The counters, the version, the queue head and the per-second record follow
+-- the tasks table in triggers: they change in the same statement as the task,
+-- so they never disagree with it, and a submit is one INSERT that touches two
+-- pages (the task's and meta's). The `seconds` table is written once a second.
+CREATE TRIGGER tasks_refuse_when_full BEFORE INSERT ON tasks
+WHEN NEW.state = 'queued' AND (SELECT queued >= max_queued FROM meta)
+BEGIN
+    SELECT RAISE(ABORT, 'queue full');
+END;
+CREATE TRIGGER tasks_added AFTER INSERT ON tasks
+WHEN NEW.state = 'queued'
+BEGIN
+    INSERT INTO seconds (second, depth, peak, finished, wait_sum, run_sum)
+    SELECT sec, sec_depth, sec_peak, sec_finished, sec_wait, sec_run FROM meta
+    WHERE sec IS NOT NULL AND sec != unixepoch()
+    ON CONFLICT (second) DO UPDATE SET
+        depth = excluded.depth, peak = max(peak, excluded.peak),
+        finished = finished + excluded.finished, wait_sum = wait_sum + excluded.wait_sum,
+        run_sum = run_sum + excluded.run_sum;
+    UPDATE meta SET
+        queued = queued + 1, submitted = submitted + 1, version = version + 1,
+        next_id = max(next_id, NEW.id + 1),
+        sec_peak = CASE WHEN sec = unixepoch() THEN max(sec_peak, queued + 1) ELSE queued + 1 END,
+        sec_finished = CASE WHEN sec = unixepoch() THEN sec_finished ELSE 0 END,
+        sec_wait = CASE WHEN sec = unixepoch() THEN sec_wait ELSE 0 END,
+        sec_run = CASE WHEN sec = unixepoch() THEN sec_run ELSE 0 END,
+        sec_depth = queued + 1,
+        sec = unixepoch();
+END;
+CREATE TRIGGER tasks_moved AFTER UPDATE OF state ON tasks
+WHEN OLD.state != NEW.state
+BEGIN
+    INSERT INTO seconds (second, depth, peak, finished, wait_sum, run_sum)
+    SELECT sec, sec_depth, sec_peak, sec_finished, sec_wait, sec_run FROM meta
+    WHERE sec IS NOT NULL AND sec != unixepoch()
+    ON CONFLICT (second) DO UPDATE SET
+        depth = excluded.depth, peak = max(peak, excluded.peak),
+        finished = finished + excluded.finished, wait_sum = wait_sum + excluded.wait_sum,
+        run_sum = run_sum + excluded.run_sum;
+    UPDATE meta SET
+        queued = queued + d.dq,
+        running = running - (OLD.state = 'running') + (NEW.state = 'running'),
+        done = done + (NEW.state = 'done'),
+        failed = failed + (NEW.state = 'failed'),
+        cancelled = cancelled + (NEW.state = 'cancelled'),
+        version = version + 1,
+        head = CASE
+            WHEN OLD.state = 'queued' AND NEW.state = 'running' THEN max(head, NEW.id + 1)
+            WHEN NEW.state = 'queued' THEN min(head, NEW.id)
+            ELSE head END,
+        sec_peak = CASE WHEN sec = unixepoch() THEN max(sec_peak, queued + d.dq)
+                        ELSE queued + d.dq END,
+        sec_finished = CASE WHEN sec = unixepoch() THEN sec_finished ELSE 0 END + d.ran,
+        sec_wait = CASE WHEN sec = unixepoch() THEN sec_wait ELSE 0 END
+                   + CASE WHEN d.ran THEN NEW.started_at - NEW.enqueued_at ELSE 0 END,
+        sec_run = CASE WHEN sec = unixepoch() THEN sec_run ELSE 0 END
+                  + CASE WHEN d.ran THEN NEW.finished_at - NEW.started_at ELSE 0 END,
+        sec_depth = queued + d.dq,
+        sec = unixepoch()
+    FROM (SELECT (NEW.state = 'queued') - (OLD.state = 'queued') AS dq,
+                 OLD.state = 'running' AND NEW.finished_at IS NOT NULL AS ran) AS d;
+END;
+CREATE TRIGGER tasks_touched AFTER UPDATE OF progress, message, cancel_requested, retried_as
+ON tasks
+BEGIN
+    UPDATE meta SET version = version + 1;
+END;
 """
+
+# The id comes from meta.next_id (the insert trigger moves it on): ids are
+# never reused, without AUTOINCREMENT's extra page per insert.
+_INSERT = (
+    "INSERT INTO tasks (id, kind, params, state, enqueued_at, retry_of) "
+    "SELECT next_id, ?, ?, 'queued', ?, ? FROM meta"
+)
 
 _TASK_COLUMNS = (
     "id, kind, params, state, enqueued_at, started_at, finished_at, progress, message, error, "
@@ -252,6 +337,16 @@ class SqliteStore(Store):
                 f"{self.path} is a SQLite database of something else (it has tables "
                 "but no queue schema). Point QUEUE_URL at another file. Nothing was changed."
             )
+        if version:
+            # Read every page now: a damaged one would otherwise show only at the
+            # first claim or submit, in every worker thread, again and again.
+            problems = [line for row in conn.execute("PRAGMA quick_check(3)")
+                        for line in row[0].splitlines() if not line.startswith("***")]
+            if problems != ["ok"]:
+                raise StoreError(
+                    f"{self.path} is not a usable SQLite database ({'; '.join(problems[:3])}): "
+                    "it is damaged. Point QUEUE_URL at another file. Nothing was changed."
+                )
 
     def _check_schema(self, conn: sqlite3.Connection) -> str:
         try:
@@ -260,9 +355,8 @@ class SqliteStore(Store):
                 try:
                     # Another process may have created it while we waited for the lock.
                     if not conn.execute("PRAGMA user_version").fetchone()[0]:
-                        for statement in _SCHEMA.split(";"):
-                            if statement.strip():
-                                conn.execute(statement)
+                        for statement in _statements(_SCHEMA):
+                            conn.execute(statement)
                         conn.execute("INSERT INTO meta (id, instance) VALUES (1, ?)",
                                      (secrets.token_hex(4),))
                         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -271,11 +365,15 @@ class SqliteStore(Store):
                 except BaseException:
                     conn.execute("ROLLBACK")
                     raise
+            conn.execute("UPDATE meta SET max_queued = ? WHERE max_queued != ?",
+                         (self.max_queued, self.max_queued))
             return conn.execute("SELECT instance FROM meta").fetchone()[0]
         except sqlite3.DatabaseError as exc:
             raise StoreError(_explain(self.path, exc)) from None
 
     def _connection(self) -> sqlite3.Connection:
+        if self._conn is not None and self._pid == os.getpid():
+            return self._conn
         if self._pid != os.getpid():
             # A forked child: the parent's connection must not be used (nor
             # closed) here. Start this process's own state.
@@ -309,66 +407,39 @@ class SqliteStore(Store):
 
     # -- helpers inside a write transaction ---------------------------------
 
-    @staticmethod
-    def _second(conn: sqlite3.Connection, now: float, depth: int, finished: int = 0,
-                wait: float = 0.0, run: float = 0.0) -> None:
-        conn.execute(
-            "INSERT INTO seconds (second, depth, peak, finished, wait_sum, run_sum) "
-            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (second) DO UPDATE SET "
-            "depth = excluded.depth, peak = max(peak, excluded.depth), "
-            "finished = finished + excluded.finished, wait_sum = wait_sum + excluded.wait_sum, "
-            "run_sum = run_sum + excluded.run_sum",
-            (int(now), depth, depth, finished, wait, run),
-        )
-
     def _add_locked(self, conn: sqlite3.Connection, kind: str, params: dict[str, Any],
                     count: int, retry_of: int | None = None) -> list[int]:
         if self._closed:
             raise QueueClosed()
         now = time.time()
-        row = conn.execute(
-            "UPDATE meta SET queued = queued + ?, submitted = submitted + ?, "
-            "version = version + 1 WHERE queued + ? <= ? RETURNING queued",
-            (count, count, count, self.max_queued),
-        ).fetchone()
-        if row is None:
-            queued = conn.execute("SELECT queued FROM meta").fetchone()[0]
-            raise QueueFull(queued, self.max_queued, count)
         text = json.dumps(params)
-        if count == 1:
-            ids = [conn.execute(
-                "INSERT INTO tasks (kind, params, state, enqueued_at, retry_of) "
-                "VALUES (?, ?, 'queued', ?, ?)", (kind, text, now, retry_of),
-            ).lastrowid]
-        else:
-            first = conn.execute(
-                "SELECT coalesce(max(seq), 0) FROM sqlite_sequence WHERE name = 'tasks'"
-            ).fetchone()[0] + 1
-            conn.executemany(
-                "INSERT INTO tasks (kind, params, state, enqueued_at, retry_of) "
-                "VALUES (?, ?, 'queued', ?, ?)",
-                ((kind, text, now, retry_of) for _ in range(count)),
-            )
-            ids = list(range(first, first + count))
-        self._second(conn, now, row[0])
-        return ids
+        try:
+            if count == 1:
+                return [conn.execute(_INSERT, (kind, text, now, retry_of)).lastrowid]
+            queued, first = conn.execute("SELECT queued, next_id FROM meta").fetchone()
+            if queued + count > self.max_queued:
+                raise QueueFull(queued, self.max_queued, count)
+            conn.executemany(_INSERT, ((kind, text, now, retry_of) for _ in range(count)))
+            return list(range(first, first + count))
+        except sqlite3.IntegrityError as exc:
+            if "queue full" not in str(exc):
+                raise
+            # The caller's transaction is rolled back: nothing of the batch stays.
+            queued = conn.execute("SELECT queued FROM meta").fetchone()[0]
+            raise QueueFull(queued, self.max_queued, count) from None
 
     def _claim_locked(self, conn: sqlite3.Connection, worker: str | None) -> TaskRecord | None:
         now = time.time()
         row = conn.execute(
             f"UPDATE tasks SET state = 'running', started_at = ?, worker = ?, process = ?, "
-            f"pid = ?, lease_until = ?, attempts = attempts + 1, progress = 0, message = NULL "
-            f"WHERE id = (SELECT id FROM tasks WHERE state = 'queued' ORDER BY id LIMIT 1) "
+            f"pid = ?, lease_until = ?, attempts = attempts + 1 "
+            f"WHERE id = (SELECT id FROM tasks WHERE id >= (SELECT head FROM meta) "
+            f"AND state = 'queued' ORDER BY id LIMIT 1) "
             f"AND (SELECT paused FROM meta) = 0 RETURNING {_TASK_COLUMNS}",
             (now, worker, self._token, self._pid, now + self.lease_time),
         ).fetchone()
         if row is None:
             return None
-        queued = conn.execute(
-            "UPDATE meta SET queued = queued - 1, running = running + 1, version = version + 1 "
-            "RETURNING queued"
-        ).fetchone()[0]
-        self._second(conn, now, queued)
         if worker is not None:
             conn.execute("UPDATE workers SET task_id = ? WHERE process = ? AND name = ?",
                          (row[0], self._token, worker))
@@ -379,9 +450,9 @@ class SqliteStore(Store):
         now = time.time()
         changed = conn.execute(
             "UPDATE tasks SET state = ?, finished_at = ?, error = ?, traceback = ?, "
-            "progress = CASE WHEN ? = 'done' THEN 1.0 ELSE progress END, lease_until = NULL "
+            "lease_until = NULL, progress = CASE WHEN ? THEN 1.0 ELSE progress END "
             "WHERE id = ? AND state = 'running' AND process = ?",
-            (state.value, now, error, traceback, state.value, record.id, self._token),
+            (state.value, now, error, traceback, state is State.DONE, record.id, self._token),
         ).rowcount
         if record.worker is not None:
             conn.execute(
@@ -395,13 +466,6 @@ class SqliteStore(Store):
             logger.warning("task %d: lease lost while it ran here; this result is not kept",
                            record.id)
             return False
-        column = {State.DONE: "done", State.FAILED: "failed", State.CANCELLED: "cancelled"}[state]
-        queued = conn.execute(
-            f"UPDATE meta SET running = running - 1, {column} = {column} + 1, "
-            "version = version + 1 RETURNING queued"
-        ).fetchone()[0]
-        started = record.started_at or now
-        self._second(conn, now, queued, 1, started - record.enqueued_at, now - started)
         record.state = state
         record.finished_at = now
         return True
@@ -426,7 +490,29 @@ class SqliteStore(Store):
         return ids
 
     def add_one(self, kind: str, params: dict[str, Any]) -> int:
-        return self.add(kind, params, 1)[0]
+        # The path of every submit, kept short: one INSERT in one transaction.
+        text = json.dumps(params) if params else "{}"
+        now = time.time()
+        with self._lock:
+            if self._closed:
+                raise QueueClosed()
+            conn = self._connection()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                task_id = conn.execute(_INSERT, (kind, text, now, None)).lastrowid
+            except sqlite3.IntegrityError as exc:
+                queued = conn.execute("SELECT queued FROM meta").fetchone()[0]
+                conn.execute("ROLLBACK")
+                if "queue full" in str(exc):
+                    raise QueueFull(queued, self.max_queued, 1) from None
+                raise
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+            if self._waiting:
+                self._work.notify()
+        return task_id
 
     def _wake_workers(self, count: int) -> None:
         with self._lock:
@@ -456,10 +542,7 @@ class SqliteStore(Store):
     def _maybe_ready(self) -> bool:
         """A cheap read: is anything queued and the queue not paused? (No write lock.)"""
         conn = self._connection()
-        row = conn.execute(
-            "SELECT (SELECT paused FROM meta) = 0 AND "
-            "EXISTS (SELECT 1 FROM tasks WHERE state = 'queued')"
-        ).fetchone()
+        row = conn.execute("SELECT paused = 0 AND queued > 0 FROM meta").fetchone()
         return bool(row[0])
 
     def finish(self, record: TaskRecord, state: State, error: str | None = None,
@@ -487,11 +570,10 @@ class SqliteStore(Store):
         if not visible:
             return  # not worth a write: nobody could see it
         with self._write() as conn:
-            if conn.execute(
+            conn.execute(
                 "UPDATE tasks SET progress = ?, message = ? WHERE id = ? AND state = 'running'",
                 (fraction, message, record.id),
-            ).rowcount:
-                conn.execute("UPDATE meta SET version = version + 1")
+            )
 
     def cancel_requested(self, record: TaskRecord) -> bool:
         if record.cancel_requested:
@@ -513,23 +595,16 @@ class SqliteStore(Store):
                 raise TaskNotFound(task_id)
             state = _STATES[row[0]]
             if state is State.QUEUED:
-                now = time.time()
                 conn.execute(
                     "UPDATE tasks SET state = 'cancelled', finished_at = ?, "
-                    "error = 'cancelled before it started' WHERE id = ?", (now, task_id),
+                    "error = 'cancelled before it started' WHERE id = ?", (time.time(), task_id),
                 )
-                queued = conn.execute(
-                    "UPDATE meta SET queued = queued - 1, cancelled = cancelled + 1, "
-                    "version = version + 1 RETURNING queued"
-                ).fetchone()[0]
-                self._second(conn, now, queued)
                 return State.CANCELLED
             if state is State.RUNNING:
-                if conn.execute(
+                conn.execute(
                     "UPDATE tasks SET cancel_requested = 1 WHERE id = ? AND cancel_requested = 0",
                     (task_id,),
-                ).rowcount:
-                    conn.execute("UPDATE meta SET version = version + 1")
+                )
                 return State.RUNNING
             raise WrongState(task_id, state, "only queued or running tasks can be cancelled")
 
@@ -561,7 +636,8 @@ class SqliteStore(Store):
             conn.execute("DELETE FROM seconds")
             conn.execute(
                 "UPDATE meta SET done = 0, failed = 0, cancelled = 0, restarts = 0, "
-                "submitted = queued + running, version = version + 1"
+                "submitted = queued + running, version = version + 1, sec = NULL, "
+                "sec_finished = 0, sec_wait = 0, sec_run = 0"
             )
             conn.execute("UPDATE workers SET done = 0")
 
@@ -646,16 +722,21 @@ class SqliteStore(Store):
                 f"SELECT {_TASK_COLUMNS} FROM tasks WHERE finished_at IS NOT NULL "
                 "ORDER BY finished_at DESC, id DESC LIMIT ?", (recent,)))
             next_up = tuple(_info(r) for r in conn.execute(
-                f"SELECT {_TASK_COLUMNS} FROM tasks WHERE state = 'queued' ORDER BY id LIMIT ?",
-                (upcoming,))) if upcoming else ()
-            series = tuple(conn.execute(
-                "SELECT second, depth, peak FROM seconds WHERE second > ? ORDER BY second",
-                (int(now) - SERIES_SECONDS,)))
+                f"SELECT {_TASK_COLUMNS} FROM tasks WHERE id >= (SELECT head FROM meta) "
+                "AND state = 'queued' ORDER BY id LIMIT ?", (upcoming,))) if upcoming else ()
+            # The seconds written so far, and the current one, still in meta.
+            buckets = conn.execute(
+                "SELECT second, depth, peak, finished, wait_sum, run_sum FROM seconds "
+                "WHERE second > ? UNION ALL "
+                "SELECT sec, sec_depth, sec_peak, sec_finished, sec_wait, sec_run FROM meta "
+                "WHERE sec > ? ORDER BY 1", (int(now) - SERIES_SECONDS,) * 2,
+            ).fetchall()
+            series = tuple((b[0], b[1], b[2]) for b in buckets)
             since = int(now) - RATE_WINDOW
-            finished, wait_sum, run_sum = conn.execute(
-                "SELECT coalesce(sum(finished), 0), coalesce(sum(wait_sum), 0), "
-                "coalesce(sum(run_sum), 0) FROM seconds WHERE second > ?", (since,)
-            ).fetchone()
+            recent_buckets = [b for b in buckets if b[0] > since]
+            finished = sum(b[3] for b in recent_buckets)
+            wait_sum = sum(b[4] for b in recent_buckets)
+            run_sum = sum(b[5] for b in recent_buckets)
         span = RATE_WINDOW
         if series:
             span = min(RATE_WINDOW, max(1.0, now - series[0][0]))
@@ -789,11 +870,6 @@ class SqliteStore(Store):
                     "process = NULL, lease_until = NULL, progress = 0, message = ? WHERE id = ?",
                     (f"queued again: process {pid} stopped during attempt {attempts}", task_id),
                 )
-                queued = conn.execute(
-                    "UPDATE meta SET running = running - 1, queued = queued + 1, "
-                    "version = version + 1 RETURNING queued"
-                ).fetchone()[0]
-                self._second(conn, now, queued)
                 logger.warning("task %d: process %s stopped while running it; queued again "
                                "(attempt %d of %d)", task_id, pid, attempts, self.max_attempts)
             else:
@@ -803,8 +879,6 @@ class SqliteStore(Store):
                     (now, f"gave up after {attempts} attempts: the process running it stopped "
                           f"each time (last: pid {pid})", task_id),
                 )
-                conn.execute("UPDATE meta SET running = running - 1, failed = failed + 1, "
-                             "version = version + 1")
                 logger.error("task %d: failed after %d attempts, each cut off by its process "
                              "stopping", task_id, attempts)
 
@@ -857,12 +931,6 @@ class SqliteStore(Store):
                      self._token),
                 ).rowcount:
                     released += 1
-            if released:
-                queued = conn.execute(
-                    "UPDATE meta SET running = running - ?, queued = queued + ?, "
-                    "version = version + 1 RETURNING queued", (released, released)
-                ).fetchone()[0]
-                self._second(conn, time.time(), queued)
         return released
 
     def detach(self) -> None:
@@ -870,6 +938,17 @@ class SqliteStore(Store):
             conn.execute("DELETE FROM workers WHERE process = ?", (self._token,))
             conn.execute("DELETE FROM processes WHERE token = ?", (self._token,))
             conn.execute("UPDATE meta SET version = version + 1")
+
+
+def _statements(script: str) -> Iterator[str]:
+    """Split a script into statements (triggers hold ``;`` of their own)."""
+    pending = ""
+    for line in script.splitlines(keepends=True):
+        pending += line
+        if sqlite3.complete_statement(pending):
+            if pending.strip():
+                yield pending
+            pending = ""
 
 
 # Connections inherited through a fork: never used or closed in the child.
