@@ -3,7 +3,8 @@
 One worker process with several threads is the default on purpose: the
 in-memory queue lives in one process, so one process means one queue, and
 every poll sees the same one. Threads serve the pages and the polls; the
-queue's own worker threads run the tasks.
+queue's own worker threads run the tasks. With the SQLite store
+(FLASK_QUEUE_URL=sqlite:///...), WEB_CONCURRENCY processes share one queue.
 """
 
 import logging
@@ -45,15 +46,17 @@ def on_starting(server):
 def post_worker_init(worker):
     # The app was loaded (or, with --preload, forked into this process):
     # start its queue's threads here, after gunicorn set its signal handlers.
-    from dashboard.ext import start_serving
+    from dashboard.ext import get_queue, start_serving
 
     if start_serving(worker.wsgi) and worker.cfg.workers > 1:
-        log.warning(
-            "%d worker processes each have their own in-memory queue: a dashboard "
-            "shows whichever process answers its poll. Use one process (the default) "
-            "and raise GUNICORN_THREADS instead.",
-            worker.cfg.workers,
-        )
+        if not get_queue(worker.wsgi).store.durable:
+            log.warning(
+                "%d worker processes each have their own in-memory queue: a dashboard "
+                "shows whichever process answers its poll. Use one process (the default) "
+                "and raise GUNICORN_THREADS, or share one queue with "
+                "FLASK_QUEUE_URL=sqlite:///queue.db.",
+                worker.cfg.workers,
+            )
 
 
 def worker_exit(server, worker):
