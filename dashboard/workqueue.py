@@ -501,16 +501,17 @@ class WorkQueue:
             self._wake.clear()
             if self._shut_down or self.closed:
                 return
-            if time.monotonic() >= next_upkeep:
-                next_upkeep = time.monotonic() + store.maintain_every
-                try:
+            try:
+                if time.monotonic() >= next_upkeep:
+                    next_upkeep = time.monotonic() + store.maintain_every
                     store.maintain()
-                    target = store.workers_target()
-                    if target is not None and target != self.workers:
-                        logger.info("following the shared worker count: %d", target)
-                        self.set_workers(target, share=False)
-                except Exception:  # noqa: BLE001 - upkeep must never kill the supervisor
-                    logger.exception("store upkeep failed; trying again shortly")
+                # Every tick: a + or - clicked in another process shows here within a second.
+                target = store.workers_target()
+                if target is not None and target != self.workers:
+                    logger.info("following the shared worker count: %d", target)
+                    self.set_workers(target, share=False)
+            except Exception:  # noqa: BLE001 - upkeep must never kill the supervisor
+                logger.exception("store upkeep failed; trying again shortly")
             with self._start_lock:
                 for name, thread in list(self._threads.items()):
                     if name in self._retiring:
