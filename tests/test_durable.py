@@ -1,0 +1,598 @@
+"""The SQLite store under real gunicorn processes: one queue for all, kept across restarts.
+
+Each test starts gunicorn with ``tests/apps/counting.py``: the demo app plus a
+``count`` task that appends ``"<id> <pid> start"`` and ``"<id> <pid> end"``
+to a file (one atomic ``O_APPEND`` write per line), so the test can count how
+often each task started and finished, and in which process, whatever
+happened to the processes in between. Every server of a test shares one
+queue file in ``tmp_path``.
+
+What is shown:
+
+* exactly once across processes: 1,000 tasks submitted concurrently over
+  HTTP to three worker processes each start once and end once, spread over
+  all three, and every process then answers the same counts;
+* ``kill -9`` of every process while tasks run and wait: after a restart on
+  the same file every task ends; those cut off ran again (attempt 2) and no
+  task was lost;
+* SIGTERM, then start: the running tasks finish, the queued ones stay in the
+  file (the log says so) and run once after the next start;
+* one view: whichever process answers, the same workers of all live
+  processes; a killed process drops out, its replacement comes in; pause and
+  the worker count set through one process hold in all;
+* a file that cannot be used (garbage, a damaged page, a schema from the
+  future, a directory, a read-only directory) stops ``flask run`` and
+  gunicorn at start with one line naming it, no traceback, and the file
+  untouched.
+
+Deadlines only bound failures; the one fixed window is where a negative is
+shown (nothing starts while paused), and it is stated there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import random
+import re
+import shutil
+import signal
+import sqlite3
+import subprocess
+import time
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+
+from servers import BIN, HOST, ROOT, Server, free_port, group_members, parent_pid, server_env
+from support import wait_for
+
+pytestmark = pytest.mark.server
+
+APPS = ROOT / "tests" / "apps"
+APP = "counting:create_app()"  # tests/ is no package: tests/apps goes on the path
+RUN_TIMEOUT = 120.0  # bounds a failure only
+
+
+# -- the count file -----------------------------------------------------------------
+
+
+class CountLog:
+    """The ``count`` task's record: ``(task id, pid, "start" | "end")`` per line."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def events(self) -> list[tuple[int, int, str]]:
+        try:
+            text = self.path.read_text()
+        except FileNotFoundError:
+            return []
+        # Everything after the last newline may be a line still being written.
+        events = []
+        for line in text.split("\n")[:-1]:
+            task_id, pid, event = line.split()
+            events.append((int(task_id), int(pid), event))
+        return events
+
+    def count(self, event: str) -> Counter[int]:
+        return Counter(t for t, _, e in self.events() if e == event)
+
+    def pids(self, event: str) -> dict[int, list[int]]:
+        """The pids that wrote ``event`` for each task, in file order."""
+        seen: dict[int, list[int]] = defaultdict(list)
+        for task_id, pid, e in self.events():
+            if e == event:
+                seen[task_id].append(pid)
+        return seen
+
+    def unfinished(self) -> set[int]:
+        """Tasks with more starts than ends: running, or cut off."""
+        starts, ends = self.count("start"), self.count("end")
+        return {t for t, n in starts.items() if n > ends[t]}
+
+    def wait_ended(self, ids: list[int], timeout: float = RUN_TIMEOUT) -> Counter[int]:
+        wanted = set(ids)
+
+        def ended() -> Counter[int] | None:
+            ends = self.count("end")
+            return ends if wanted <= set(ends) else None
+
+        try:
+            return wait_for(ended, timeout, f"all {len(ids)} tasks ended", 0.05)
+        except AssertionError as exc:
+            missing = sorted(wanted - set(self.count("end")))
+            raise AssertionError(f"{exc}; no end line for {missing[:20]}") from None
+
+
+# -- the servers --------------------------------------------------------------------
+
+
+class Cluster:
+    """gunicorn with the counting app on one queue file; ``start()`` as often as needed."""
+
+    def __init__(self, tmp_path: Path):
+        self.tmp_path = tmp_path
+        self.db = tmp_path / "queue.db"
+        self.counts = CountLog(tmp_path / "count.log")
+        self.servers: list[Server] = []
+
+    def start(self, processes: int = 3, **settings: str) -> Server:
+        port = free_port()
+        env = server_env({
+            "BIND": f"{HOST}:{port}",
+            "WEB_CONCURRENCY": str(processes),
+            "FLASK_QUEUE_URL": f"sqlite:///{self.db}",
+            "FLASK_WORKERS": "1",
+            "FLASK_SHUTDOWN_TIMEOUT": "10",
+            "COUNT_LOG": str(self.counts.path),
+            **settings,
+        })
+        args = [str(BIN / "gunicorn"), "-c", str(ROOT / "gunicorn.conf.py"),
+                "--pythonpath", str(APPS), APP]
+        n = len(self.servers)
+        server = Server(f"gunicorn-{n}", args, self.tmp_path / f"gunicorn-{n}.log", env, port)
+        self.servers.append(server)
+        return server.start()
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.stop()
+
+    def task_rows(self) -> dict[int, tuple[str, int]]:
+        """``{id: (state, attempts)}`` read from the file itself (no server running)."""
+        with closing(sqlite3.connect(self.db)) as conn:
+            return {i: (s, a) for i, s, a in conn.execute("SELECT id, state, attempts FROM tasks")}
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    made = Cluster(tmp_path)
+    try:
+        yield made
+    finally:
+        made.stop()
+
+
+def try_stats(server: Server) -> dict[str, Any] | None:
+    """GET /api/stats on a new connection (so any process may answer), or None."""
+    try:
+        reply = server.request("GET", "/api/stats")
+    except (OSError, http.client.HTTPException):
+        return None
+    return reply.body if reply.status == 200 else None
+
+
+def by_pid(stats: dict[str, Any]) -> dict[int, list[str]]:
+    """The workers a stats answer lists, grouped by process."""
+    grouped: dict[int, list[str]] = defaultdict(list)
+    for worker in stats["workers"]:
+        grouped[worker["pid"]].append(worker["name"])
+    return {pid: sorted(names) for pid, names in grouped.items()}
+
+
+def counts(stats: dict[str, Any]) -> tuple[int, ...]:
+    return tuple(stats[k] for k in
+                 ("queued", "running", "done", "failed", "cancelled", "submitted", "paused"))
+
+
+def answers_from_every_process(
+    server: Server, pids: set[int], predicate: Callable[[dict[str, Any]], bool],
+    what: str, timeout: float = 60.0,
+) -> dict[int, dict[str, Any]]:
+    """Poll GET /api/stats until each of ``pids`` answered once with ``predicate`` true.
+
+    Each poll is a new connection, so the processes take turns answering;
+    which one does is up to the kernel, hence the polling.
+    """
+    answers: dict[int, dict[str, Any]] = {}
+
+    def collect() -> bool:
+        stats = try_stats(server)
+        if stats is not None and stats["pid"] in pids and predicate(stats):
+            answers[stats["pid"]] = stats
+        return set(answers) == pids
+
+    try:
+        wait_for(collect, timeout, f"{what}, answered by each of {sorted(pids)}", 0.02)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc} (answered: {sorted(answers)}); log:\n"
+                             f"{server.log_tail()}") from None
+    return answers
+
+
+def wait_processes(server: Server, n: int, names: list[str]) -> set[int]:
+    """Wait until stats list ``n`` worker processes of this master, each with ``names``."""
+    master = server.pid
+
+    def listed() -> set[int] | None:
+        if server.exited():
+            raise AssertionError(f"{server.name} exited; log:\n{server.log_tail()}")
+        stats = try_stats(server)
+        if stats is None:
+            return None
+        grouped = by_pid(stats)
+        ours = {pid for pid in grouped if parent_pid(pid) == master}
+        if len(ours) == n and all(grouped[pid] == names for pid in ours):
+            return ours
+        return None
+
+    try:
+        return wait_for(listed, 60.0, f"{n} processes of {server.name} listing {names}", 0.05)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; log:\n{server.log_tail()}") from None
+
+
+def submit(server: Server, count: int, seconds: float) -> list[int]:
+    reply = server.request("POST", "/api/tasks",
+                           {"kind": "count", "count": count, "params": {"seconds": seconds}})
+    assert reply.status == 202, reply
+    return reply.body["ids"]
+
+
+def task_info(server: Server, task_id: int) -> dict[str, Any]:
+    reply = server.request("GET", f"/api/tasks/{task_id}")
+    assert reply.status == 200, reply
+    return reply.body
+
+
+def assert_clean_log(server: Server) -> None:
+    log = server.log()
+    assert "Traceback" not in log, log
+    assert "lease lost" not in log, log
+
+
+# -- exactly once -------------------------------------------------------------------
+
+
+def test_a_thousand_tasks_over_three_processes_each_run_exactly_once(cluster):
+    server = cluster.start(processes=3, FLASK_WORKERS="2")
+    pids = wait_processes(server, 3, ["worker-1", "worker-2"])
+    assert server.pid not in pids, "no task runs in the master"
+
+    # 1,000 tasks in 600 requests of 1, 5 or 10, from 12 client threads at once,
+    # each request on a new connection: all three processes take submissions.
+    sizes = [1] * 500 + [5] * 60 + [10] * 20
+    random.Random(7).shuffle(sizes)
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        batches = list(pool.map(lambda n: submit(server, n, 0.005), sizes))
+    ids = [task_id for batch in batches for task_id in batch]
+    assert len(ids) == 1000 and len(set(ids)) == 1000, "every submit got ids of its own"
+
+    ends = cluster.counts.wait_ended(ids)
+    starts = cluster.counts.count("start")
+    assert set(starts) == set(ends) == set(ids), "only the submitted tasks ran"
+    twice = {t: n for t, n in (starts + ends).items() if n != 2}
+    assert not twice, f"tasks that did not start once and end once: {twice}"
+
+    ran_in = Counter(pid for _, pid, e in cluster.counts.events() if e == "end")
+    assert set(ran_in) == pids, f"the work was not spread over the three processes: {ran_in}"
+    print(f"\ntasks per process: {dict(ran_in)}")
+
+    # Every process, asked in turn, tells the same story: all done, nothing left.
+    final = (0, 0, 1000, 0, 0, 1000, False)
+    answers = answers_from_every_process(
+        server, pids, lambda s: counts(s) == final, "1000 done, nothing queued or running"
+    )
+    views = {pid: by_pid(stats) for pid, stats in answers.items()}
+    assert all(view == {p: ["worker-1", "worker-2"] for p in pids} for view in views.values())
+    assert sum(w["done"] for w in answers[min(pids)]["workers"]) == 1000
+    assert set(cluster.task_rows().values()) == {("done", 1)}, "one attempt each"
+    assert_clean_log(server)
+
+
+# -- kill -9, then start again ------------------------------------------------------
+
+
+def test_kill_9_of_every_process_loses_nothing_and_the_cut_off_tasks_run_again(cluster):
+    settings = {"FLASK_WORKERS": "2", "FLASK_LEASE_TIME": "3"}
+    first = cluster.start(processes=3, **settings)
+    first_pids = wait_processes(first, 3, ["worker-1", "worker-2"])
+    ids = submit(first, 18, 1.5)
+
+    # Six running (two threads in each of three processes), more waiting.
+    first.wait_stats(
+        "six tasks running, more queued",
+        lambda s: s["running"] == 6 and s["queued"] >= 6
+        and len(cluster.counts.unfinished()) == 6,
+    )
+    first.stop()  # SIGKILL to the process group: master and workers at once
+    assert not first.members()
+
+    # What the file says at the kill, and what the tasks wrote.
+    at_kill = cluster.task_rows()
+    running = {t for t, (state, _) in at_kill.items() if state == "running"}
+    done = {t for t, (state, _) in at_kill.items() if state == "done"}
+    queued = {t for t, (state, _) in at_kill.items() if state == "queued"}
+    assert running | done | queued == set(ids), at_kill
+    assert running and queued, f"nothing was both running and queued at the kill: {at_kill}"
+    starts_before = cluster.counts.count("start")
+    cut_off = cluster.counts.unfinished()
+    assert cut_off, "a task was running when the processes were killed"
+    # A claimed task whose start line was not written yet, or one whose end
+    # line was written but not its result: the file is what counts.
+    assert cut_off <= running, (cut_off, running)
+
+    second = cluster.start(processes=3, **settings)
+    second_pids = wait_processes(second, 3, ["worker-1", "worker-2"])
+    assert not second_pids & first_pids
+    ends = cluster.counts.wait_ended(ids)
+
+    starts = cluster.counts.count("start")
+    start_pids = cluster.counts.pids("start")
+    for task_id in ids:
+        info = task_info(second, task_id)
+        assert info["state"] == "done", info
+        if task_id in done:  # finished before the kill: never again
+            assert (starts[task_id], ends[task_id], info["attempts"]) == (1, 1, 1), info
+        elif task_id in running:  # cut off: once more, in the new processes
+            assert info["attempts"] == 2, info
+            assert starts[task_id] == starts_before[task_id] + 1, (task_id, start_pids[task_id])
+            assert start_pids[task_id][-1] in second_pids
+        else:  # queued at the kill: once, after the restart
+            assert (starts[task_id], ends[task_id], info["attempts"]) == (1, 1, 1), info
+            assert start_pids[task_id] == [start_pids[task_id][0]]
+            assert start_pids[task_id][0] in second_pids
+    for task_id in cut_off:
+        assert (starts[task_id], ends[task_id]) == (2, 1), (task_id, start_pids[task_id])
+        assert start_pids[task_id][0] in first_pids and start_pids[task_id][1] in second_pids
+
+    stats = second.wait_stats("all done", lambda s: not s["queued"] and not s["running"])
+    assert (stats["done"], stats["failed"], stats["submitted"]) == (18, 0, 18), stats
+    requeued = {int(m) for m in re.findall(
+        r"task (\d+): process \d+ stopped while running it; queued again \(attempt 1 of 3\)",
+        second.log())}
+    assert requeued == running, second.log_tail()
+    assert_clean_log(second)
+
+
+# -- SIGTERM, then start again ------------------------------------------------------
+
+
+def test_sigterm_keeps_the_queued_tasks_for_the_next_start_and_each_runs_once(cluster):
+    first = cluster.start(processes=2, FLASK_WORKERS="1")
+    first_pids = wait_processes(first, 2, ["worker-1"])
+    ids = submit(first, 8, 1.0)
+    first.wait_stats(
+        "two tasks running, more queued",
+        lambda s: s["running"] == 2 and s["queued"] >= 2
+        and len(cluster.counts.unfinished()) == 2,
+    )
+    first.send(signal.SIGTERM)
+    assert first.wait_exit() == 0, first.log_tail()
+    first.wait_group_gone()
+
+    log = first.log()
+    # The running tasks finished within SHUTDOWN_TIMEOUT, in the first run.
+    ran_first = set(cluster.counts.count("end"))
+    assert len(ran_first) >= 2 and not cluster.counts.unfinished(), cluster.counts.events()
+    assert all(pid in first_pids for _, pid, _ in cluster.counts.events())
+    left = set(ids) - ran_first
+    assert left, "tasks were queued at the signal"
+    kept = [int(n) for n in re.findall(
+        r"shutdown: (\d+) queued task\(s\) stay in the store for the next start", log)]
+    assert kept and all(len(left) <= n <= 6 for n in kept), log
+    assert "queued again" not in log and "still running a task" not in log, log
+    assert_clean_log(first)
+
+    second = cluster.start(processes=2, FLASK_WORKERS="1")
+    second_pids = wait_processes(second, 2, ["worker-1"])
+    ends = cluster.counts.wait_ended(ids)
+    starts = cluster.counts.count("start")
+    assert all(starts[t] == 1 and ends[t] == 1 for t in ids), (starts, ends)
+    start_pids = cluster.counts.pids("start")
+    assert all(start_pids[t][0] in second_pids for t in left)
+    stats = second.wait_stats("all done", lambda s: not s["queued"] and not s["running"])
+    assert (stats["done"], stats["failed"], stats["submitted"]) == (8, 0, 8), stats
+    assert all(task_info(second, t)["attempts"] == 1 for t in ids)
+    assert_clean_log(second)
+
+
+# -- several processes, one view ----------------------------------------------------
+
+
+def test_every_process_shows_one_view_and_follows_one_control(cluster):
+    server = cluster.start(processes=3, FLASK_WORKERS="1", FLASK_LEASE_TIME="3")
+    master = server.pid
+    pids = wait_processes(server, 3, ["worker-1"])
+
+    # Whichever process answers lists the workers of all three.
+    one = {pid: ["worker-1"] for pid in pids}
+    answers_from_every_process(server, pids, lambda s: by_pid(s) == one, "the same three workers")
+
+    # The worker count set through one process: every process runs two.
+    reply = server.request("POST", "/api/workers", {"count": 2})
+    assert reply.status == 200 and reply.body == {"workers": 2}, reply
+    two = {pid: ["worker-1", "worker-2"] for pid in pids}
+    answers_from_every_process(server, pids, lambda s: by_pid(s) == two, "two workers each")
+
+    # kill -9 one process: gunicorn starts another; the dead one's workers
+    # drop out of every answer once its heartbeat is old, the new one's come in
+    # (with two workers: it follows the shared count).
+    victim = min(pids)
+    assert parent_pid(victim) == master
+    os.kill(victim, signal.SIGKILL)
+
+    def replaced(stats: dict[str, Any]) -> bool:
+        grouped = by_pid(stats)
+        return (victim not in grouped and len(grouped) == 3 and pids - {victim} <= set(grouped)
+                and all(names == ["worker-1", "worker-2"] for names in grouped.values()))
+
+    stats = wait_for(lambda: (s := try_stats(server)) and replaced(s) and s, 60,
+                     f"pid {victim} replaced in the workers list")
+    live = set(by_pid(stats))
+    newcomer = (live - pids).pop()
+    assert parent_pid(newcomer) == master
+    assert victim not in group_members(master)
+    answers_from_every_process(server, live, replaced, "the same view without the dead process")
+
+    # Pause through one process: no process starts anything.
+    assert server.request("POST", "/api/pause").body == {"paused": True}
+    ids = [submit(server, 1, 0)[0] for _ in range(6)]
+    # The one window of this file, for a negative: every idle worker looks
+    # for work five times a second, so a second (and each process answering
+    # at least once, paused, with all six waiting) would see any start.
+    window_ends = time.monotonic() + 1.0
+    seen: set[int] = set()
+
+    def paused_long_enough() -> bool:
+        stats = try_stats(server)
+        if stats is not None:
+            assert (stats["paused"], stats["queued"], stats["running"]) == (True, 6, 0), stats
+            assert {w["state"] for w in stats["workers"]} == {"paused"}, stats["workers"]
+            seen.add(stats["pid"])
+        assert not cluster.counts.events(), "a task started while paused"
+        return seen == live and time.monotonic() >= window_ends
+
+    wait_for(paused_long_enough, 60, "every process answering, paused, for a second")
+
+    assert server.request("POST", "/api/resume").body == {"paused": False}
+    cluster.counts.wait_ended(ids, timeout=60)
+    assert cluster.counts.count("start") == Counter({t: 1 for t in ids})
+    answers_from_every_process(
+        server, live, lambda s: counts(s) == (0, 0, 6, 0, 0, 6, False), "six done"
+    )
+    assert "Traceback" not in server.log()
+
+
+# -- files that cannot be used ------------------------------------------------------
+
+
+def fingerprint(path: Path) -> tuple[Any, ...]:
+    """The bytes and mtime of a file, or what a directory holds."""
+    if path.is_dir():
+        return ("dir", sorted(os.listdir(path)), path.stat().st_mtime_ns)
+    return (hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_mtime_ns)
+
+
+def queue_file(path: Path, tasks: int = 200) -> Path:
+    """A queue file as the app leaves it: the schema, and tasks waiting."""
+    from dashboard.sqlite_store import SqliteStore
+
+    SqliteStore(str(path))  # creates the schema, then closes its connection
+    with closing(sqlite3.connect(path)) as conn:
+        conn.executemany(
+            "INSERT INTO tasks (kind, params, state, enqueued_at) VALUES (?, ?, 'queued', ?)",
+            [("pretend", '{"seconds": 1}', time.time())] * tasks,
+        )
+        conn.commit()
+    return path
+
+
+def garbage(directory: Path) -> Path:
+    path = directory / "queue.db"
+    path.write_bytes(b"this is no database at all\n" * 300)
+    return path
+
+
+def damaged(directory: Path) -> Path:
+    """A real queue file with the tasks table's first page overwritten."""
+    path = queue_file(directory / "queue.db")
+    with closing(sqlite3.connect(path)) as conn:
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        root = conn.execute("SELECT rootpage FROM sqlite_master WHERE name = 'tasks'").fetchone()[0]
+    with open(path, "r+b") as f:
+        f.seek((root - 1) * page_size)
+        f.write(random.Random(3).randbytes(page_size))
+    return path
+
+
+def future(directory: Path) -> Path:
+    from dashboard.sqlite_store import SCHEMA_VERSION
+
+    path = queue_file(directory / "queue.db")
+    with closing(sqlite3.connect(path)) as conn:
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    return path
+
+
+def a_directory(directory: Path) -> Path:
+    path = directory / "queue.db"
+    path.mkdir()
+    return path
+
+
+def read_only_dir(directory: Path) -> Path:
+    return queue_file(directory / "queue.db")
+
+
+BAD_FILES = {
+    # name: (make the file, what the one line says, run in a read-only mount)
+    "garbage": (garbage, "is not a usable SQLite database (file is not a database)", False),
+    "damaged-page": (damaged, "is not a usable SQLite database", False),
+    "future-schema": (future, "newer than this code knows", False),
+    "a-directory": (a_directory, "unable to open database file", False),
+    "read-only-directory": (read_only_dir, "must be writable", True),
+}
+
+#: Runs a command in a mount namespace of its own in which the directory
+#: "$1" is bind-mounted read-only. The tests run as root, for whom chmod
+#: makes nothing read-only; a read-only mount is read-only for root too, and
+#: it exists only in that namespace, gone with the process.
+READ_ONLY_MOUNT = ('mount --bind "$1" "$1" && mount -o remount,ro,bind "$1" "$1" '
+                   '&& shift && exec "$@"')
+
+
+def read_only_prefix(directory: Path) -> list[str]:
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        pytest.skip("unshare (util-linux) is not installed: no read-only mount")
+    prefix = [unshare, "--mount", "--propagation", "private", "sh", "-c", READ_ONLY_MOUNT,
+              "sh", str(directory)]
+    probe = subprocess.run([*prefix, "sh", "-c", ': > "$0/probe"', str(directory)],
+                           check=False, capture_output=True, text=True, timeout=30)
+    if "Read-only file system" not in probe.stderr:
+        pytest.skip(f"cannot make a read-only mount here: {probe.stderr.strip()}")
+    return prefix
+
+
+def run_to_exit(args: list[str], env: dict[str, str], timeout: float = 30.0):
+    """Run a server that should refuse to start; kill its group if it does not exit."""
+    with subprocess.Popen(args, cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            raise AssertionError(f"still running {timeout:.0f}s later; stderr:\n{err[-3000:]}")
+    return proc.returncode, out, err
+
+
+@pytest.mark.parametrize("server", ["flask", "gunicorn"])
+@pytest.mark.parametrize("case", list(BAD_FILES))
+def test_an_unusable_queue_file_stops_the_server_at_start_and_is_left_alone(
+    tmp_path, server, case
+):
+    make, says, read_only = BAD_FILES[case]
+    directory = tmp_path / "data"
+    directory.mkdir()
+    path = make(directory)
+    prefix = read_only_prefix(directory) if read_only else []
+    before = fingerprint(path), sorted(os.listdir(directory))
+
+    port = free_port()
+    env = server_env({"FLASK_QUEUE_URL": f"sqlite:///{path}"})
+    if server == "flask":
+        args = [str(BIN / "flask"), "--app", "dashboard", "run", "--host", HOST,
+                "--port", str(port)]
+    else:
+        env.update(BIND=f"{HOST}:{port}", WEB_CONCURRENCY="3")
+        args = [str(BIN / "gunicorn"), "-c", str(ROOT / "gunicorn.conf.py")]
+    code, out, err = run_to_exit([*prefix, *args], env)
+
+    assert code != 0, err
+    assert "Traceback" not in out + err, err
+    # flask prints the one line; gunicorn its own start line, then the one line.
+    lines = err.strip().splitlines()
+    assert len(lines) == (1 if server == "flask" else 2), err
+    naming = [line for line in lines if str(path) in line]
+    assert len(naming) == 1, f"one line naming {path}, got:\n{err}"
+    assert "QUEUE_URL" in naming[0] and says in naming[0], naming[0]
+    assert (fingerprint(path), sorted(os.listdir(directory))) == before, "the file was changed"
