@@ -293,6 +293,9 @@ class SqliteStore(Store):
 
     def _open(self, check_first: bool = False) -> sqlite3.Connection:
         directory = os.path.dirname(self.path) or "."
+        if os.path.isdir(self.path):
+            raise StoreError(f"cannot use the queue database {self.path}: it is a directory; "
+                             "QUEUE_URL must name a file")
         if not os.path.isdir(directory):
             raise StoreError(f"cannot open the queue database {self.path}: "
                              f"the directory {directory} does not exist")

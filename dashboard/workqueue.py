@@ -172,6 +172,8 @@ class WorkQueue:
         self._current: dict[str, TaskRecord | None] = {}  # what each worker runs now
         self._dead: set[str] = set()  # died: the supervisor replaces them
         self._retiring: set[str] = set()  # asked to stop by set_workers: not replaced
+        self._deaths: dict[str, list[float]] = {}  # recent deaths, for backing off
+        self._not_before: dict[str, float] = {}
         self._wake = threading.Event()  # wakes the supervisor
         self._supervisor: threading.Thread | None = None
 
@@ -513,11 +515,34 @@ class WorkQueue:
             except Exception:  # noqa: BLE001 - upkeep must never kill the supervisor
                 logger.exception("store upkeep failed; trying again shortly")
             with self._start_lock:
+                now = time.monotonic()
                 for name, thread in list(self._threads.items()):
                     if name in self._retiring:
                         continue
                     if name in self._dead or not thread.is_alive():
+                        if now < self._not_before.get(name, 0.0):
+                            continue  # backing off: it keeps dying
                         thread.join(1.0)
                         self._dead.discard(name)
-                        logger.error("%s died; starting a replacement", name)
                         self._spawn(name, replacement=True)
+                        self._note_death(name, now)
+
+    def _note_death(self, name: str, now: float) -> None:
+        """Replace at once a worker that died; back off one that keeps dying.
+
+        A worker that dies again and again (a broken store, a bug in a
+        runner) would otherwise spin, filling the log: after three deaths
+        within a minute, each replacement waits twice as long, up to a minute.
+        """
+        deaths = [t for t in self._deaths.get(name, []) if now - t < 60.0] + [now]
+        self._deaths[name] = deaths
+        if len(deaths) < 3:
+            logger.error("%s died; started a replacement", name)
+            self._not_before.pop(name, None)
+            return
+        delay = min(60.0, 0.5 * 2 ** (len(deaths) - 3))
+        self._not_before[name] = now + delay
+        logger.error(
+            "%s died %d times in the last minute; started a replacement, and the next one "
+            "waits %.1fs", name, len(deaths), delay,
+        )

@@ -234,7 +234,7 @@ def test_supervisor_replaces_a_worker_thread_that_dies(registry, make_queue, cap
     assert snap.restarts == 1
     assert [w.name for w in snap.workers] == ["worker-1"]
     assert q.is_healthy()
-    assert any("starting a replacement" in r.getMessage() for r in caplog.records)
+    assert any("started a replacement" in r.getMessage() for r in caplog.records)
 
 
 def test_a_full_queue_refuses_and_queues_nothing(registry, make_queue):
@@ -703,3 +703,20 @@ def test_cancelled_records_do_not_pile_up_in_the_queue(registry, make_memory_que
             q.cancel(task_id)
     assert q.stats().cancelled == 5000
     assert len(q.store._queue) <= 2 * 0 + 64 + 1
+
+
+def test_a_worker_that_keeps_dying_is_replaced_more_and_more_slowly(registry, make_queue, caplog):
+    @registry.task("exit")
+    def exit_task(ctx):
+        raise SystemExit(1)
+
+    q = make_queue(workers=1)
+    q.start()
+    with caplog.at_level(logging.ERROR, logger="dashboard.queue"):
+        q.submit_many("exit", 4)
+        wait_for(lambda: "died 4 times in the last minute" in caplog.text, timeout=30)
+    assert "died 3 times in the last minute; started a replacement, and the next one waits 0.5s" \
+        in caplog.text
+    assert "died 4 times in the last minute; started a replacement, and the next one waits 1.0s" \
+        in caplog.text
+    assert q.stats().failed == 4
