@@ -526,7 +526,7 @@ BAD_FILES = {
     "garbage": (garbage, "is not a usable SQLite database (file is not a database)", False),
     "damaged-page": (damaged, "is not a usable SQLite database", False),
     "future-schema": (future, "newer than this code knows", False),
-    "a-directory": (a_directory, "unable to open database file", False),
+    "a-directory": (a_directory, "it is a directory; QUEUE_URL must name a file", False),
     "read-only-directory": (read_only_dir, "must be writable", True),
 }
 

@@ -259,7 +259,10 @@ def test_api_stats_workers_show_name_state_and_task():
         queue.pause()
         client = app.test_client()
         workers = client.get("/api/stats").json["workers"]  # the first request started them
-        assert workers == [{"name": "worker-1", "state": "paused", "task": None, "done": 0}]
+        pid = queue.stats().pid
+        assert workers == [
+            {"name": "worker-1", "state": "paused", "task": None, "done": 0, "pid": pid}
+        ]
     finally:
         queue.shutdown()
 
