@@ -36,11 +36,26 @@ def on_starting(server):
 
     from dashboard.config import ConfigError
 
+    global _access_token
     try:
-        import_app(server.app.app_uri)
+        app = import_app(server.app.app_uri)
     except ConfigError as exc:
         server.log.error("cannot start: %s", exc.message)
         raise SystemExit(1) from None
+    _access_token = getattr(app, "config", {}).get("ACCESS_TOKEN", "")
+
+
+_access_token = ""
+
+
+def when_ready(server):
+    # Listening now: say so loudly if that is beyond this machine with no secret.
+    from dashboard.security import warn_if_exposed
+
+    for listener in server.LISTENERS:
+        address = listener.sock.getsockname()
+        if isinstance(address, tuple):
+            warn_if_exposed(address[0], _access_token)
 
 
 def post_worker_init(worker):

@@ -69,6 +69,11 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     QueueExtension(app)
     app.register_blueprint(bp)
     app.register_error_handler(HTTPException, _http_error)
+    # The blueprint hardens its own responses; the app's own (a 404 outside
+    # the blueprint, say) get the same headers.
+    from .security import add_security_headers
+
+    app.after_request(add_security_headers)
     return app
 
 

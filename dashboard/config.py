@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, MutableMapping
+from urllib.parse import urlsplit
 
 import click
 
@@ -22,6 +23,28 @@ class ConfigError(click.ClickException, ValueError):
     A click exception, so ``flask run`` shows it as one line ("Error: ...")
     instead of a traceback.
     """
+
+
+@dataclass(frozen=True)
+class Origins(Param):
+    """A list of origins like ``https://admin.example.com``: a JSON list or a comma list."""
+
+    def describe(self) -> str:
+        return "a list of origins like https://admin.example.com"
+
+    def parse(self, name: str, value: object) -> tuple[str, ...]:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise InvalidParam(name, f"must be {self.describe()}, got {value!r}")
+        origins = []
+        for origin in value:
+            parts = urlsplit(origin) if isinstance(origin, str) else None
+            if (parts is None or parts.scheme not in ("http", "https") or not parts.netloc
+                    or parts.path or parts.query or parts.fragment):
+                raise InvalidParam(name, f"must be {self.describe()}, got {origin!r}")
+            origins.append(origin)
+        return tuple(origins)
 
 
 @dataclass(frozen=True)
@@ -59,6 +82,14 @@ SETTINGS: tuple[Setting, ...] = (
             "failed for good when its process keeps dying under it."),
     Setting("RETENTION", 604800.0, Float(60, 3.2e8), "SQLite store: seconds a finished task "
             "is kept at most (HISTORY caps how many)."),
+    Setting("ACCESS_TOKEN", "", Str(500), "A secret every request must carry (HTTP Basic "
+            "password, or `Authorization: Bearer`); empty: no secret. At least 12 characters."),
+    Setting("PUBLIC_READ", False, Bool(), "With `ACCESS_TOKEN`: leave the pages and polls "
+            "open (a projector), and ask for the secret only for actions."),
+    Setting("TRUSTED_ORIGINS", (), Origins(), "Other origins whose pages may post here "
+            "(everything else cross-site gets 403)."),
+    Setting("SUBMIT_LIMIT", "600 per minute", Str(100), "Most tasks one client (IP address) "
+            "may add, like `600 per minute` or `20/second`; empty for no limit. Per process."),
     Setting("HANDLE_SIGNALS", True, Bool(), "Close the queue on SIGTERM/SIGINT before the "
             "server's own handler runs, so no new work is taken while stopping."),
 )
@@ -80,6 +111,12 @@ def check_config(config: MutableMapping[str, Any]) -> None:
         raise ConfigError(
             "invalid configuration: WORKERS must not be larger than MAX_WORKERS "
             f"({config['WORKERS']} > {config['MAX_WORKERS']})"
+        )
+    token = config["ACCESS_TOKEN"]
+    if token and len(token) < 12:
+        raise ConfigError(
+            "invalid configuration: ACCESS_TOKEN must be at least 12 characters; make one with "
+            "python -c 'import secrets; print(secrets.token_urlsafe())'"
         )
     url = config["QUEUE_URL"]
     if url != "memory://" and not (url.startswith("sqlite:///") and len(url) > len("sqlite:///")):

@@ -28,6 +28,7 @@ from typing import Any, Callable, Mapping
 from flask import Flask, current_app
 from werkzeug.local import LocalProxy
 
+from . import security
 from .config import DEFAULTS, ConfigError, check_config
 from .sqlite_store import SqliteStore, StoreError
 from .store import MemoryStore, Store
@@ -82,6 +83,7 @@ class QueueExtension:
             )
         self._queues[app] = queue
         app.extensions[EXTENSION_KEY] = self
+        security.init_app(app)
         # The cheapest correct place to start: the first request this process serves.
         app.before_request(queue.start)
         if app.config["HANDLE_SIGNALS"]:

@@ -30,6 +30,7 @@ from flask import (
     url_for,
 )
 
+from . import security
 from .chart import depth_chart
 from .ext import current_queue
 from .records import Snapshot, State, TaskInfo
@@ -57,8 +58,22 @@ REGIONS = ("counts", "controls", "chart", "workers", "upcoming", "history")
 API_TASK_KEYS = frozenset({"kind", "count", "params"})
 
 
+@bp.before_request
+def _guard() -> Response | None:
+    """Cross-site requests get 403, requests without the secret (if one is set) 401."""
+    security.first_request_check()
+    reason = security.cross_site_reason()
+    if reason is not None:
+        current_app.logger.warning("%s %s: %s", request.method, request.path, reason)
+        if request.path.startswith(security.api_prefix()) or request.is_json:
+            return _json_error(reason, 403)
+        return Response(reason, 403, mimetype="text/plain")
+    return security.access_refusal()
+
+
 @bp.after_request
-def _no_store(response: Response) -> Response:
+def _headers(response: Response) -> Response:
+    security.add_security_headers(response)
     if request.endpoint != "dashboard.static":
         response.headers["Cache-Control"] = "no-store"
         response.vary.add("HX-Request")
@@ -95,6 +110,7 @@ def _page_data(snap: Snapshot, **extra: Any) -> dict[str, Any]:
         "recent_size": RECENT,
         "present": _presenting(),
         "shared_store": queue.store.durable,
+        "can_act": security.may_act(),
         "pids": sorted({w.pid for w in snap.workers}),
         **extra,
     }
@@ -160,6 +176,8 @@ def live_region(region: str) -> Response:
 
 
 def _error_status(exc: Exception) -> tuple[int, dict[str, str]]:
+    if isinstance(exc, security.RateLimited):
+        return 429, {"Retry-After": str(exc.retry_after)}
     if isinstance(exc, QueueFull):
         return 503, {"Retry-After": _retry_after(exc.requested)}
     if isinstance(exc, QueueClosed):
@@ -238,11 +256,19 @@ def _form_params(kind: TaskKind, form: Mapping[str, str]) -> dict[str, Any]:
 
 
 def _submit(kind_name: Any, count: Any, params: Any) -> list[int]:
-    """Check the request's count and params shape; the queue checks kind and params."""
+    """Check everything the request says, charge the client, then queue."""
     count = _count_spec().parse("count", count)
     if not isinstance(params, dict):
         raise BadField("params", f"must be an object of parameters, got {type(params).__name__}")
+    current_queue.registry.get(kind_name).check_params(params)  # refuse before charging
+    security.charge_submit(count)
     return current_queue.submit_many(kind_name, count, params)
+
+
+def _retry(task_id: str) -> int:
+    number = _parse_task_id(task_id)
+    security.charge_submit(1)
+    return current_queue.retry(number)
 
 
 @bp.post("/tasks")
@@ -338,6 +364,7 @@ def _task_data(info: TaskInfo) -> dict[str, Any]:
         "poll_interval": current_app.config["POLL_INTERVAL"],
         "tag": current_queue.tag,
         "present": False,
+        "can_act": security.may_act(),
     }
 
 
@@ -382,7 +409,7 @@ def cancel_task(task_id: str) -> Response:
 
 @bp.post("/tasks/<task_id>/retry")
 def retry_task(task_id: str) -> Response:
-    return _form_action(lambda: current_queue.retry(_parse_task_id(task_id)), _back_to_task)
+    return _form_action(lambda: _retry(task_id), _back_to_task)
 
 
 # -- JSON API ------------------------------------------------------------------
@@ -483,7 +510,7 @@ def api_retry(task_id: str) -> Response:
         response.status_code = 202
         return response
 
-    return _json_action(lambda: current_queue.retry(_parse_task_id(task_id)), ok)
+    return _json_action(lambda: _retry(task_id), ok)
 
 
 @bp.post("/api/pause")

@@ -1,0 +1,139 @@
+"""Arbitrary requests at every endpoint: never a 5xx, and a refusal never changes anything.
+
+Hypothesis throws methods, content types, bodies, form and JSON values,
+query strings and headers (htmx's, Fetch Metadata, Origin, Authorization)
+at each route. Two properties must hold for every example:
+
+1. the status is 2xx, 3xx or 4xx, never 5xx;
+2. when the answer is 4xx, the queue is exactly as it was (counts, paused,
+   worker count, the version every poll compares).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dashboard import create_app, get_queue
+
+SECRET = "fuzz-secret-0123456789"
+
+PATHS = [
+    "/", "/live", "/live/counts", "/live/history", "/live/{text}", "/tasks", "/tasks/{id}",
+    "/tasks/{id}/live", "/tasks/lookup", "/tasks/{id}/cancel", "/tasks/{id}/retry", "/pause",
+    "/resume", "/workers", "/history/clear", "/reset", "/api/stats", "/api/tasks",
+    "/api/tasks/{id}", "/api/tasks/{id}/cancel", "/api/tasks/{id}/retry", "/api/pause",
+    "/api/resume", "/api/workers", "/healthz",
+]
+
+FIELDS = ["kind", "count", "seconds", "fail_rate", "limit", "delta", "present", "view", "id",
+          "params", "extra"]
+
+scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(-10**12, 10**12),
+    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=40),
+    st.sampled_from(["pretend", "flaky", "primes", "1", "10", "-1", "0", "1e9", "nan", "NaN",
+                     "<script>alert(1)</script>", "' OR 1=1 --", "{{7*7}}", "%00", "\u202e"]),
+)
+json_values = st.recursive(scalars, lambda inner: st.one_of(
+    st.lists(inner, max_size=4), st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=8),
+                                                 inner, max_size=5)), max_leaves=12)
+
+# What can travel in a header line at all: latin-1, no line breaks.
+header_text = st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=255,
+                                             blacklist_characters="\x7f"), max_size=30)
+
+headers = st.fixed_dictionaries({}, optional={
+    "HX-Request": st.sampled_from(["true", "false", ""]),
+    "HX-PTag": header_text,
+    "If-None-Match": header_text,
+    "Sec-Fetch-Site": st.sampled_from(["same-origin", "same-site", "cross-site", "none", "x"]),
+    "Origin": st.sampled_from(["http://localhost", "https://evil.example", "null", "", "::"]),
+    "Authorization": st.sampled_from([f"Bearer {SECRET}", "Bearer nope", "Basic %%%", "Basic",
+                                      "Basic OmZ1enotc2VjcmV0LTAxMjM0NTY3ODk="]),
+    "Accept": st.sampled_from(["text/html", "application/json", "*/*"]),
+})
+
+
+@st.composite
+def requests(draw, path_template):
+    task_id = draw(st.sampled_from(["1", "2", "0", "-1", "abc", "99999999999999999999", "%20",
+                                    "١", "3.5"]))
+    path = path_template.format(id=task_id, text=draw(st.text(
+        alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="/?#%"),
+        min_size=1, max_size=12)))
+    method = draw(st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]))
+    kind = draw(st.sampled_from(["form", "json", "raw", "none"]))
+    request = {"method": method, "headers": dict(draw(headers)),
+               "query_string": draw(st.dictionaries(st.sampled_from(FIELDS),
+                                                    st.text(max_size=12), max_size=3))}
+    if kind == "form":
+        request["data"] = draw(st.dictionaries(st.sampled_from(FIELDS),
+                                               st.text(max_size=20) | st.sampled_from(
+                                                   ["1", "10", "0", "pretend", "0.5", "x"]),
+                                               max_size=6))
+    elif kind == "json":
+        request["data"] = json.dumps(draw(json_values))
+        request["content_type"] = draw(st.sampled_from(
+            ["application/json", "application/json; charset=utf-8", "text/plain"]))
+    elif kind == "raw":
+        request["data"] = draw(st.binary(max_size=300))
+        request["content_type"] = draw(st.sampled_from([
+            "application/x-www-form-urlencoded", "multipart/form-data",
+            "multipart/form-data; boundary=xyz", "application/json", "text/plain",
+            "application/octet-stream", "", "text/html; charset=klingon"]))
+    return path, request
+
+
+def state(queue):
+    snap = queue.stats()
+    return (snap.tag, snap.queued, snap.running, snap.done, snap.failed, snap.cancelled,
+            snap.submitted, snap.paused, queue.workers)
+
+
+@pytest.fixture(scope="module", params=["open", "secret"])
+def app(request):
+    """One app per mode for the whole module: examples share it, as real clients would."""
+    config = {"TESTING": False, "WORKERS": 0, "HANDLE_SIGNALS": False, "WORK_TIME": 0,
+              "SUBMIT_LIMIT": "", "MAX_QUEUED": 100_000, "MAX_BATCH": 50}
+    if request.param == "secret":
+        config.update(ACCESS_TOKEN=SECRET, PUBLIC_READ=True)
+    app = create_app(config)
+    queue = get_queue(app)
+    queue.submit("flaky", seconds=0, fail_rate=1)  # a failed task 1 and a done task 2 to
+    queue.submit("pretend", seconds=0)              # aim cancels and retries at
+    queue.run_pending()
+    yield app
+    queue.shutdown()
+
+
+@pytest.mark.parametrize("path_template", PATHS)
+def test_no_request_gets_a_5xx_and_refusals_change_nothing(app, path_template):
+    queue = get_queue(app)
+    client = app.test_client()
+
+    @settings(max_examples=200, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+    @given(requests(path_template))
+    def check(example):
+        path, kwargs = example
+        before = state(queue)
+        response = client.open(path, **kwargs)
+        try:
+            assert response.status_code < 500, (path, kwargs, response.data[:300])
+            if 400 <= response.status_code < 500:
+                assert state(queue) == before, (path, kwargs, response.status_code)
+            body = response.get_data()
+            if response.mimetype == "text/html":
+                assert b"<script>alert(1)</script>" not in body  # echoed input is escaped
+            if response.status_code >= 400:  # an error never shows the server's insides
+                assert not re.search(rb"Traceback \(most recent call last\)", body)
+        finally:
+            response.close()
+        queue.run_pending(5)  # work that was accepted runs, as it would
+
+    check()
