@@ -364,3 +364,40 @@ def test_a_signal_the_server_was_started_to_ignore_stays_ignored(start_server):
     server.send(signal.SIGINT)  # the kernel discards it
     server.submit()
     server.wait_done(1)
+
+
+# -- serving beyond this machine ------------------------------------------------------
+
+EXPOSED = "beyond this machine, with no ACCESS_TOKEN"
+
+
+@pytest.mark.parametrize("token", ["", "a-long-random-secret"], ids=["no-token", "token"])
+def test_gunicorn_on_every_interface_warns_at_start_unless_a_token_is_set(tmp_path, token):
+    port = free_port()
+    settings = {**QUICK, "BIND": f"0.0.0.0:{port}"}
+    if token:
+        settings["FLASK_ACCESS_TOKEN"] = token
+    args = [str(BIN / "gunicorn"), "-c", str(ROOT / "gunicorn.conf.py")]
+    server = Server("gunicorn", args, tmp_path / "gunicorn.log", server_env(settings), port)
+    try:
+        server.start()
+        # /healthz needs no token. gunicorn runs its when_ready hook, which warns,
+        # before it starts the worker that answers.
+        server.wait_log("the worker answering /healthz", lambda _: _healthy(server))
+        log = server.log()
+        assert f"Listening at: http://0.0.0.0:{port}" in log, log
+        if token:
+            assert EXPOSED not in log, log
+        else:
+            assert f"served on 0.0.0.0, {EXPOSED}" in log, log
+            # By the master, at start (the worker says it again at its first request).
+            assert f"[{server.pid}] [WARNING] dashboard.security:" in log, log
+    finally:
+        server.stop()
+
+
+def _healthy(server: Server) -> bool:
+    try:
+        return server.request("GET", "/healthz").status == 200
+    except OSError:
+        return False
