@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, Mapping
 
 from flask import Flask, jsonify, request
@@ -62,6 +63,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     app.config.from_mapping(DEFAULTS)
     app.config["MAX_CONTENT_LENGTH"] = 64 * 1024
     app.config.from_prefixed_env()
+    _keep_strings_raw(app.config)
     if test_config is not None:
         app.config.from_mapping(test_config)
 
@@ -75,6 +77,22 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
 
     app.after_request(add_security_headers)
     return app
+
+
+def _keep_strings_raw(config: dict) -> None:
+    """Text settings from the environment stay text.
+
+    ``from_prefixed_env`` reads values as JSON first, so a token like
+    ``FLASK_ACCESS_TOKEN=0123456789012`` would arrive as a number and lose
+    its leading zero; for text settings the raw string is what was meant.
+    """
+    from .config import SETTINGS
+    from .tasks import Str
+
+    for setting in SETTINGS:
+        raw = os.environ.get(f"FLASK_{setting.key}")
+        if raw is not None and isinstance(setting.spec, Str):
+            config[setting.key] = raw
 
 
 def _configure_logging() -> None:

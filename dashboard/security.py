@@ -158,6 +158,7 @@ def is_loopback(host: str) -> bool:
 
 
 _warned: set[tuple[int, str]] = set()
+_WARNED_ENV = "DASHBOARD_EXPOSURE_WARNED"
 
 
 def warn_if_exposed(host: str, secret: str) -> bool:
@@ -166,9 +167,12 @@ def warn_if_exposed(host: str, secret: str) -> bool:
     if secret or is_loopback(host):
         return False
     key = (os.getpid(), host)
-    if key in _warned:
+    # Once per address: a gunicorn master that warned at start tells the
+    # workers it forks through the environment they inherit.
+    if key in _warned or os.environ.get(_WARNED_ENV) == host:
         return False
     _warned.add(key)
+    os.environ[_WARNED_ENV] = host
     logger.warning(
         "\n"
         "  ************************************************************************\n"

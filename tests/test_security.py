@@ -250,7 +250,8 @@ def test_no_limit_when_empty(make_app):
 # -- exposure ----------------------------------------------------------------------------
 
 
-def test_serving_beyond_loopback_without_a_secret_warns(make_app, caplog):
+def test_serving_beyond_loopback_without_a_secret_warns(make_app, caplog, monkeypatch):
+    monkeypatch.delenv("DASHBOARD_EXPOSURE_WARNED", raising=False)
     with caplog.at_level(logging.WARNING, logger="dashboard.security"):
         assert warn_if_exposed("0.0.0.0", "") is True
         assert warn_if_exposed("0.0.0.0", "") is False  # once per process and address
@@ -278,3 +279,17 @@ def test_the_read_only_view_does_not_show_tracebacks(make_app):
     assert b"Traceback (most recent call last)" not in public  # the server's insides, no
     assert b"Traceback (most recent call last)" in client.get(
         f"/tasks/{task_id}", headers=basic(SECRET)).data
+
+
+def test_a_numeric_token_from_the_environment_stays_text(monkeypatch):
+    monkeypatch.setenv("FLASK_ACCESS_TOKEN", "0123456789012345")
+    monkeypatch.setenv("FLASK_SUBMIT_LIMIT", "")
+    app = create_app({"WORKERS": 0, "HANDLE_SIGNALS": False})
+    try:
+        assert app.config["ACCESS_TOKEN"] == "0123456789012345"
+        assert app.config["SUBMIT_LIMIT"] == ""
+        client = app.test_client()
+        assert client.get("/api/stats", headers={
+            "Authorization": "Bearer 0123456789012345"}).status_code == 200
+    finally:
+        get_queue(app).shutdown()
