@@ -61,7 +61,7 @@ API_TASK_KEYS = frozenset({"kind", "count", "params"})
 @bp.before_request
 def _guard() -> Response | None:
     """Cross-site requests get 403, requests without the secret (if one is set) 401."""
-    security.first_request_check()
+    _check_exposure()
     reason = security.cross_site_reason()
     if reason is not None:
         current_app.logger.warning("%s %s: %s", request.method, request.path, reason)
@@ -71,12 +71,34 @@ def _guard() -> Response | None:
     return security.access_refusal()
 
 
+def _check_exposure() -> None:
+    """security.first_request_check once per app, address and secret, not per request:
+    it parses the address each time, a few percent of answering a poll."""
+    key = (request.environ.get("SERVER_NAME", ""), current_app.config["ACCESS_TOKEN"])
+    checked = current_app.extensions.setdefault("dashboard.exposure_checked", set())
+    if key not in checked:
+        security.first_request_check()
+        if len(checked) >= 64:  # SERVER_NAME may come from the Host header: stay bounded
+            checked.clear()
+        checked.add(key)
+
+
 @bp.after_request
 def _headers(response: Response) -> Response:
-    security.add_security_headers(response)
+    # What security.add_security_headers and response.vary.add do, in one pass
+    # over the headers: every poll comes through here, and each missed lookup
+    # of werkzeug's Headers raises and catches an exception.
+    headers = response.headers
+    present = {name.lower() for name, _ in headers}
+    for name, value in security.SECURITY_HEADERS.items():
+        if name.lower() not in present:
+            headers.add(name, value)
     if request.endpoint != "dashboard.static":
-        response.headers["Cache-Control"] = "no-store"
-        response.vary.add("HX-Request")
+        headers["Cache-Control"] = "no-store"
+        if "vary" in present:
+            response.vary.add("HX-Request")
+        else:
+            headers.add("Vary", "HX-Request")
     return response
 
 
@@ -86,18 +108,53 @@ def _is_htmx() -> bool:
 
 def _presenting() -> bool:
     """Presenter mode: ``?present=1`` on a page, or ``present=1`` in a form."""
-    value = request.values.get("present", "")
-    return value.lower() in ("1", "true", "on", "yes")
+    # request.values would build a combined dict for one lookup, and
+    # request.args parses an empty query string into a dict of its own.
+    value = request.args.get("present") if request.query_string else None
+    if value is None and request.method != "GET":
+        value = request.form.get("present")
+    return bool(value) and value.lower() in ("1", "true", "on", "yes")
 
 
 def _snapshot() -> Snapshot:
     return current_queue.stats(RECENT, UPCOMING)
 
 
+class _Urls:
+    """``url_for`` for one render: each endpoint is built once, task ids spliced in.
+
+    A page lists up to 20 finished and 10 queued tasks, each with links and
+    buttons to its own URLs; building each through the URL map was a fifth
+    of a poll's render time.
+    """
+
+    _MARK = "TASKID0MARK"
+
+    def __init__(self) -> None:
+        self._built: dict[Any, Any] = {}
+
+    def __call__(self, endpoint: str, **values: Any) -> str:
+        task_id = values.get("task_id")
+        if len(values) == 1 and type(task_id) is int:
+            parts = self._built.get(endpoint)
+            if parts is None:
+                parts = url_for(endpoint, task_id=self._MARK).split(self._MARK)
+                self._built[endpoint] = parts
+            if len(parts) == 2:
+                return f"{parts[0]}{task_id}{parts[1]}"
+            return url_for(endpoint, **values)
+        key = (endpoint, *sorted(values.items()))
+        url = self._built.get(key)
+        if url is None:
+            url = self._built[key] = url_for(endpoint, **values)
+        return url
+
+
 def _page_data(snap: Snapshot, **extra: Any) -> dict[str, Any]:
     config = current_app.config
     queue = current_queue
     return {
+        "url_for": _Urls(),
         "snap": snap,
         "chart": depth_chart(snap),
         "kinds": queue.registry.kinds(),
@@ -120,9 +177,9 @@ def _not_modified(tag: str) -> bool:
     return request.headers.get("HX-PTag") == tag or tag in request.if_none_match
 
 
-def _not_modified_response() -> Response:
-    response = make_response("", 304)
-    response.headers["HX-PTag"] = current_queue.tag
+def _not_modified_response(tag: str | None = None) -> Response:
+    response = current_app.response_class(status=304)
+    response.headers["HX-PTag"] = current_queue.tag if tag is None else tag
     return response
 
 
@@ -130,6 +187,44 @@ def _render_live(template: str, snap: Snapshot, status: int = 200, **extra: Any)
     response = make_response(render_template(template, **_page_data(snap, **extra)), status)
     response.headers["HX-PTag"] = snap.tag
     response.set_etag(snap.tag)
+    return response
+
+
+#: Seconds a poll's rendered regions are reused for the next polls of the same
+#: state (the same tag): a changed state is rendered once for every dashboard
+#: watching it, not once per dashboard. What a tag does not cover (the rates
+#: over the last minute, the chart's time axis) is then at most this old;
+#: a dashboard that holds the tag sees those only at the next change anyway.
+LIVE_CACHE_SECONDS = 1.0
+_LIVE_CACHE_KEY = "dashboard.live_cache"
+_LIVE_CACHE_SIZE = 32
+
+
+def _live_regions(template: str) -> Response:
+    """A poll: 304 when the page holds the current tag, else the regions,
+    rendered or reused from a poll of the same state less than a second ago."""
+    queue = current_queue._get_current_object()  # type: ignore[attr-defined]
+    tag = queue.tag
+    if _not_modified(tag):
+        return _not_modified_response(tag)
+    if LIVE_CACHE_SECONDS <= 0:
+        return _render_live(template, _snapshot())
+    # Everything a render reads besides the snapshot, so a variant never
+    # reaches a request it was not rendered for.
+    key = (template, _presenting(), security.may_act(), queue.workers, request.script_root,
+           request.blueprint)
+    cache = current_app.extensions.setdefault(_LIVE_CACHE_KEY, {})
+    now = time.monotonic()
+    entry = cache.get(key)
+    if entry is None or entry[0] != tag or now - entry[2] >= LIVE_CACHE_SECONDS:
+        snap = _snapshot()
+        body = render_template(template, **_page_data(snap)).encode()
+        if len(cache) >= _LIVE_CACHE_SIZE:
+            cache.clear()
+        cache[key] = entry = (snap.tag, body, now)
+    response = current_app.response_class(entry[1], mimetype="text/html")
+    response.headers["HX-PTag"] = entry[0]
+    response.set_etag(entry[0])
     return response
 
 
@@ -153,9 +248,7 @@ def index() -> Response:
 @bp.get("/live")
 def live() -> Response:
     """Every live region in one response: the page polls this once per tick."""
-    if _not_modified(current_queue.tag):
-        return _not_modified_response()
-    return _render_live("_live.html", _snapshot())
+    return _live_regions("_live.html")
 
 
 @bp.get("/live/<region>")
@@ -167,9 +260,7 @@ def live_region(region: str) -> Response:
             404,
             mimetype="text/plain",
         )
-    if _not_modified(current_queue.tag):
-        return _not_modified_response()
-    return _render_live(f"_{region}.html", _snapshot())
+    return _live_regions(f"_{region}.html")
 
 
 # -- answering a state-changing form -----------------------------------------------
@@ -225,7 +316,14 @@ def _form_action(action: Callable[[], Any], back: Callable[[Any], str]) -> Respo
             # linking to its retry), not the dashboard's regions.
             return _render_task(_parse_task_id(request.view_args["task_id"]))
         return _render_live("_live_after_post.html", _snapshot())
-    return redirect(back(result), 303)
+    return _see_other(back(result))
+
+
+def _see_other(location: str) -> Response:
+    """A bare 303 to a URL of ours (werkzeug's redirect adds an HTML body no browser shows)."""
+    response = current_app.response_class(status=303)
+    response.headers["Location"] = location
+    return response
 
 
 def _home() -> str:
