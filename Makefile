@@ -6,7 +6,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 5000
 HTMX_VERSION ?= 4.0.1
 
-.PHONY: demo test bench browser clean vendor-htmx
+.PHONY: demo test bench browser wrk clean vendor-htmx
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,8 +30,19 @@ demo: $(VENV)/.run-deps
 test: $(VENV)/.dev-deps browser
 	$(BIN)/python -m pytest
 
-bench: $(VENV)/.dev-deps
+bench: $(VENV)/.dev-deps wrk
 	$(BIN)/python -m bench
+
+# Debian's wrk loads the HTTP rows of `make bench`. Installed when we can (root
+# with apt-get); otherwise the bench uses its own Python load client and says so.
+wrk:
+	@if command -v wrk >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing wrk with apt-get"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null 2>&1 || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk; } || \
+	  echo "could not install wrk: the HTTP rows use bench's Python load client"; \
+	else echo "wrk not found and cannot install it here: the HTTP rows use bench's Python load client (install Debian's wrk package)"; fi
 
 # Debian's Chromium for the browser tests. Installed when we can (root with
 # apt-get, as in CI); otherwise the browser tests say how to get it.

@@ -1,187 +1,46 @@
 """Run the benchmarks and print one table of ratios: ``python -m bench``.
 
 Each row compares our code to a baseline doing the same work in the same
-run, alternating rounds so both see the same machine; the ratio of median
-rates is what holds from one machine to another, not the rates themselves.
+run, alternating rounds so both see the same machine; the ratio of medians
+is what holds from one machine to another, not the rates themselves. The
+rows are those of issue 6, plus the poll's render time after many tasks:
+
+1. the engine against ``ThreadPoolExecutor(1)`` and a bare ``queue.Queue``;
+2. dispatch latency to an idle worker, against the bare queue's hand-off;
+3. memory per queued task, and RSS as a million tasks pass a bounded history;
+4. HTTP under ``gunicorn -c gunicorn.conf.py``, against a bare route;
+5. the SQLite store against a bare INSERT + commit loop;
+6. the server's CPU time with 50 dashboards polling;
+7. a changed poll's render after 10,000 tasks against after 20.
+
+HTTP load comes from wrk when it is installed (``make bench`` installs
+Debian's package when it can), else from :mod:`bench.load`'s Python client.
 """
 
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
-import logging
-import os
-import sqlite3
-import tempfile
-import queue as stdlib_queue
 import statistics
 import sys
-import threading
 import time
+from dataclasses import dataclass
 from typing import Callable
 
-from dashboard.sqlite_store import SqliteStore
-from dashboard.tasks import Registry
-from dashboard.workqueue import WorkQueue
+from . import engine, sqlite, web
+from .load import LoadGenerator
 
-registry = Registry()
-
-
-@registry.task("noop")
-def noop_task(ctx) -> None:
-    pass
+ROWS = ("1", "2", "3", "4", "5", "6", "7")
 
 
-def noop() -> None:
-    pass
-
-
-def engine_rate(n: int) -> float:
-    """Submit ``n`` trivial tasks from one thread to one worker, then join."""
-    q = WorkQueue(1, max_queued=n, history=1000, registry=registry)
-    q.start()
-    try:
-        start = time.perf_counter()
-        submit = q.submit
-        for _ in range(n):
-            submit("noop")
-        if not q.join(timeout=600):
-            raise RuntimeError("the queue did not drain")
-        return n / (time.perf_counter() - start)
-    finally:
-        q.shutdown(timeout=10)
-
-
-def executor_rate(n: int) -> float:
-    """The same work on ``ThreadPoolExecutor(max_workers=1)``: submit ``n``, wait for all."""
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        pool.submit(noop).result()  # start its thread outside the timing, as q.start() is
-        start = time.perf_counter()
-        submit = pool.submit
-        futures = [submit(noop) for _ in range(n)]
-        concurrent.futures.wait(futures)
-        return n / (time.perf_counter() - start)
-
-
-def raw_queue_rate(n: int) -> float:
-    """The floor of in-process hand-off: a bare ``queue.Queue`` and one thread."""
-    work: stdlib_queue.Queue = stdlib_queue.Queue()
-
-    def consume() -> None:
-        while True:
-            fn = work.get()
-            if fn is None:
-                return
-            fn()
-
-    thread = threading.Thread(target=consume)
-    thread.start()
-    start = time.perf_counter()
-    put = work.put
-    for _ in range(n):
-        put(noop)
-    put(None)
-    thread.join()
-    return n / (time.perf_counter() - start)
-
-
-def poll_render_seconds(finished: int, polls: int = 200) -> float:
-    """Median seconds to answer one changed poll (GET /live, full render) after
-    ``finished`` tasks ran; the rendering must not grow with that number."""
-    from dashboard import create_app, get_queue
-
-    app = create_app({"WORKERS": 0, "HANDLE_SIGNALS": False, "MAX_QUEUED": max(finished, 1000)})
-    queue = get_queue(app)
-    logging.getLogger("dashboard").setLevel(logging.CRITICAL)
-    try:
-        for _ in range(0, finished, 1000):
-            queue.submit_many("pretend", min(1000, finished), {"seconds": 0})
-            queue.run_pending()
-        queue.submit_many("pretend", 5, {"seconds": 0})  # something queued and listed too
-        client = app.test_client()
-        headers = {"HX-Request": "true"}
-        times = []
-        for _ in range(polls):
-            start = time.perf_counter()
-            response = client.get("/live", headers=headers)
-            times.append(time.perf_counter() - start)
-            assert response.status_code == 200
-        return statistics.median(times)
-    finally:
-        queue.shutdown(timeout=5)
-
-
-def poll_bytes() -> tuple[int, int]:
-    """Body bytes of a changed poll and of an unchanged (304) one."""
-    from dashboard import create_app, get_queue
-
-    app = create_app({"WORKERS": 0, "HANDLE_SIGNALS": False})
-    queue = get_queue(app)
-    logging.getLogger("dashboard").setLevel(logging.CRITICAL)
-    try:
-        queue.submit_many("flaky", 30, {"seconds": 0, "fail_rate": 0.3})
-        queue.run_pending(25)
-        client = app.test_client()
-        changed = client.get("/live", headers={"HX-Request": "true"})
-        unchanged = client.get(
-            "/live", headers={"HX-Request": "true", "HX-PTag": changed.headers["HX-PTag"]}
-        )
-        assert unchanged.status_code == 304
-        return len(changed.data), len(unchanged.data)
-    finally:
-        queue.shutdown(timeout=5)
-
-
-def sqlite_submit_rate(n: int) -> float:
-    """Submits per second into a fresh SQLite store, no worker running."""
-    with tempfile.TemporaryDirectory() as tmp:
-        store = SqliteStore(os.path.join(tmp, "q.db"), max_queued=n)
-        q = WorkQueue(0, registry=registry, store=store)
-        try:
-            start = time.perf_counter()
-            submit = q.submit
-            for _ in range(n):
-                submit("noop")
-            return n / (time.perf_counter() - start)
-        finally:
-            q.shutdown(timeout=5)
-
-
-def sqlite_bare_insert_rate(n: int) -> float:
-    """The limit for a durable submit: one single-row INSERT and commit per task, same mode."""
-    with tempfile.TemporaryDirectory() as tmp:
-        conn = sqlite3.connect(os.path.join(tmp, "bare.db"), isolation_level=None)
-        try:
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("PRAGMA synchronous = NORMAL")
-            conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, kind TEXT, params TEXT, at REAL)")
-            start = time.perf_counter()
-            execute = conn.execute
-            for _ in range(n):
-                execute("BEGIN IMMEDIATE")
-                execute("INSERT INTO t (kind, params, at) VALUES ('noop', '{}', ?)", (time.time(),))
-                execute("COMMIT")
-            return n / (time.perf_counter() - start)
-        finally:
-            conn.close()
-
-
-def sqlite_end_to_end_rate(n: int) -> float:
-    """Submit ``n`` and join, one worker thread, SQLite store."""
-    with tempfile.TemporaryDirectory() as tmp:
-        store = SqliteStore(os.path.join(tmp, "q.db"), max_queued=n, poll_interval=0.05)
-        q = WorkQueue(1, registry=registry, store=store)
-        q.start()
-        try:
-            start = time.perf_counter()
-            submit = q.submit
-            for _ in range(n):
-                submit("noop")
-            if not q.join(timeout=600):
-                raise RuntimeError("the queue did not drain")
-            return n / (time.perf_counter() - start)
-        finally:
-            q.shutdown(timeout=10)
+@dataclass
+class Row:
+    key: str
+    name: str
+    ours: str
+    base: str
+    ratio: float | None
+    target: str = "-"
+    met: bool | None = None
 
 
 def compare(ours: Callable[[int], float], base: Callable[[int], float], n: int, rounds: int):
@@ -192,58 +51,205 @@ def compare(ours: Callable[[int], float], base: Callable[[int], float], n: int, 
     return statistics.median(mine), statistics.median(theirs)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("-n", type=int, default=20_000, help="tasks per round")
-    parser.add_argument("--rounds", type=int, default=7)
-    args = parser.parse_args(argv)
+def rate(value: float) -> str:
+    return f"{value:,.0f}/s"
 
+
+def micros(value: float) -> str:
+    return f"{value * 1e6:,.0f} µs"
+
+
+def size(value: float) -> str:
+    return f"{value:,.0f} B"
+
+
+def mib(value: float) -> str:
+    return f"{value / 2**20:,.1f} MiB"
+
+
+def at_least(ratio: float, target: float) -> tuple[str, bool]:
+    return f">= {target:g}x", ratio >= target
+
+
+def engine_rows(n: int, rounds: int) -> list[Row]:
+    ours, executor = compare(engine.engine_rate, engine.executor_rate, n, rounds)
+    ours2, raw = compare(engine.engine_rate, engine.raw_queue_rate, n, rounds)
+    return [
+        Row("1a", f"engine submit+join, {n:,} tasks vs ThreadPoolExecutor(1)", rate(ours),
+            rate(executor), ours / executor, *at_least(ours / executor, 1.2)),
+        Row("1b", f"engine submit+join, {n:,} tasks vs queue.Queue + 1 thread", rate(ours2),
+            rate(raw), ours2 / raw, *at_least(ours2 / raw, 0.3)),
+    ]
+
+
+def latency_rows(tries: int) -> list[Row]:
+    lat = engine.dispatch_latency(tries)
+    ours, raw = lat["ours"], lat["raw"]
+    return [
+        Row("2a", f"dispatch to an idle worker, p50 of {tries:,} vs queue.Queue",
+            micros(ours["p50"]), micros(raw["p50"]), ours["p50"] / raw["p50"]),
+        Row("2b", f"dispatch to an idle worker, p99 of {tries:,} vs queue.Queue",
+            micros(ours["p99"]), micros(raw["p99"]), ours["p99"] / raw["p99"],
+            "p99 < 2 ms", ours["p99"] < 0.002),
+    ]
+
+
+def memory_rows(total: int) -> list[Row]:
+    queued = engine.queued_bytes(100_000)
+    run = engine.rss_run(total)
+    rss = run["rss"]
+    first, last = rss[min(rss)], rss[max(rss)]
+    growth = last / first
+    return [
+        Row("3a", "bytes per queued task beyond params, 100,000 queued vs queue.Queue item",
+            size(queued["ours"]), size(queued["raw"]), queued["ours"] / queued["raw"],
+            "< 1 KiB", queued["ours"] < 1024),
+        Row("3b", f"RSS after {max(rss):,} tasks vs after {min(rss):,} (history 1,000)",
+            mib(last), mib(first), growth, "<= 1.1x (flat)", growth <= 1.1),
+    ]
+
+
+def http_rows(load: LoadGenerator, rounds: int, seconds: float) -> tuple[list[Row], str]:
+    routes = web.http_rows(load, rounds, seconds, log=progress)
+    bare = routes["bare"]
     rows = []
-    ours, executor = compare(engine_rate, executor_rate, args.n, args.rounds)
-    rows.append(("engine vs ThreadPoolExecutor(1), submit+join", ours, executor, 1.2))
-    ours2, raw = compare(engine_rate, raw_queue_rate, args.n, args.rounds)
-    # The floor no in-process queue can beat; its 0.3x target is issue 6's.
-    rows.append(("engine vs queue.Queue + 1 thread (the floor)", ours2, raw, 0.3))
+    names = {
+        "post": ("POST /tasks (form, 303) vs bare route", 0.7),
+        "changed": ("changed poll (GET /live, all regions) vs bare route", 0.5),
+        "fresh": ("  the same, rendered anew for every request", 0.5),
+        "unchanged": ("unchanged poll (GET /live, 304) vs bare route", 0.85),
+    }
+    for letter, key in zip("abcd", ("post", "changed", "fresh", "unchanged")):
+        name, target = names[key]
+        route = routes[key]
+        ratio = route.rate / bare.rate
+        text, met = at_least(ratio, target)
+        rows.append(Row(f"4{letter}", name, rate(route.rate), rate(bare.rate), ratio, text,
+                        met and not route.bad))
+    for letter, key in zip("efg", ("post", "changed", "unchanged")):
+        route = routes[key]
+        rows.append(Row(f"4{letter}", f"bytes per response (headers + body): {key} vs bare",
+                        size(route.bytes), size(bare.bytes), route.bytes / bare.bytes))
+    bad = {k: r.bad for k, r in routes.items() if r.bad}
+    total = sum(r.requests for r in routes.values())
+    mix = (f"{total:,} measured responses, all 2xx/3xx" if not bad else
+           f"{total:,} measured responses; not 2xx/3xx or failed: {bad}")
+    return rows, (f"{mix}; 4b reuses a state's render for up to 1s (every page polling "
+                  "that state gets it), 4c renders for every request")
 
-    print(f"{args.n:,} trivial tasks per round, median of {args.rounds} rounds, Python "
-          f"{sys.version.split()[0]}")
-    print(f"{'row':<48} {'ours/s':>10} {'base/s':>10} {'ratio':>6} {'target':>7}  met")
-    for name, mine, base, target in rows:
-        ratio = mine / base
-        met = ratio >= target
-        print(f"{name:<48} {mine:>10,.0f} {base:>10,.0f} {ratio:>6.2f} {'>=' + str(target):>7}"
-              f"  {'yes' if met else 'NO'}")
 
-    print()
-    m = max(500, args.n // 10)
-    submits, bare = compare(sqlite_submit_rate, sqlite_bare_insert_rate, m, args.rounds)
-    durable, memory = compare(sqlite_end_to_end_rate, engine_rate, m, args.rounds)
-    print(f"SQLite store, {m:,} tasks per round (WAL, synchronous=NORMAL)")
-    print(f"{'row':<48} {'ours/s':>10} {'base/s':>10} {'ratio':>6} {'target':>7}  met")
-    for name, mine, base, target in (
-        ("sqlite submit vs bare INSERT+commit loop", submits, bare, 0.5),
-        ("sqlite submit+join vs in-memory store", durable, memory, None),
-    ):
-        ratio = mine / base
-        shown = "-" if target is None else f">={target}"
-        met = "" if target is None else ("yes" if ratio >= target else "NO")
-        print(f"{name:<48} {mine:>10,.0f} {base:>10,.0f} {ratio:>6.2f} {shown:>7}  {met}")
+def sqlite_rows(n: int, rounds: int) -> list[Row]:
+    submits, bare = compare(sqlite.sqlite_submit_rate, sqlite.sqlite_bare_insert_rate, n, rounds)
+    durable, memory = compare(sqlite.sqlite_end_to_end_rate, engine.engine_rate, n, rounds)
+    return [
+        Row("5a", f"SQLite submit, {n:,} tasks vs bare INSERT+commit loop (WAL)",
+            rate(submits), rate(bare), submits / bare, *at_least(submits / bare, 0.5)),
+        Row("5b", f"SQLite submit+join, {n:,} tasks vs in-memory store", rate(durable),
+            rate(memory), durable / memory),
+    ]
 
-    print()
-    # The page lists the last 20: after 10 tasks it shows 10 rows, after 20 or
-    # more it shows 20. The row that matters compares pages of the same shape.
-    ten, twenty, many = (poll_render_seconds(n) for n in (10, 20, 10_000))
-    print(f"{'changed poll render (GET /live), ms':<48} {'ours':>10} {'base':>10} {'ratio':>6}"
-          f" {'target':>7}  met")
-    for name, mine, base in (
-        ("  after 10,000 tasks vs after 20 (same rows)", many, twenty),
-        ("  after 10,000 tasks vs after 10 (10 rows)", many, ten),
-    ):
-        ratio = mine / base
-        print(f"{name:<48} {mine * 1000:>10.2f} {base * 1000:>10.2f} {ratio:>6.2f} {'<=1.2':>7}"
-              f"  {'yes' if ratio <= 1.2 else 'NO'}")
-    changed, unchanged = poll_bytes()
-    print(f"poll body bytes: changed {changed:,}, unchanged (304) {unchanged}")
+
+def polling_rows(dashboards: int, seconds: float) -> tuple[list[Row], str]:
+    cost = web.polling_cost(dashboards, seconds, log=progress)
+    idle, busy, alone = cost["idle"], cost["busy"], cost["busy_alone"]
+
+    def per_min(value: float) -> str:
+        return f"{value:.2f} CPU s/min"
+
+    rows = [
+        Row("6a", f"server CPU, {dashboards} dashboards polling 1/s: burning down vs unchanged",
+            per_min(busy.cpu_per_minute), per_min(idle.cpu_per_minute),
+            busy.cpu_per_minute / idle.cpu_per_minute if idle.cpu_per_minute else None),
+        Row("6b", f"server CPU, burning down: {dashboards} dashboards vs none",
+            per_min(busy.cpu_per_minute), per_min(alone.cpu_per_minute),
+            busy.cpu_per_minute / alone.cpu_per_minute if alone.cpu_per_minute else None),
+    ]
+    note = (f"{seconds:g}s windows; burning down: 4 workers on 2s tasks reporting progress "
+            f"10 times a second; polls answered: unchanged {dict(sorted(idle.statuses.items()))}"
+            f", burning down {dict(sorted(busy.statuses.items()))}")
+    return rows, note
+
+
+def render_rows() -> list[Row]:
+    render = engine.poll_render_seconds((20, 10_000))
+    twenty, many = render[20], render[10_000]
+    return [
+        Row("7", "changed poll render (in process) after 10,000 tasks vs after 20",
+            micros(many), micros(twenty), many / twenty, "<= 1.2x", many / twenty <= 1.2),
+    ]
+
+
+def progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def print_table(rows: list[Row]) -> None:
+    width = max(len(r.name) for r in rows)
+    ours_w = max(8, *(len(r.ours) for r in rows))
+    base_w = max(8, *(len(r.base) for r in rows))
+    target_w = max(6, *(len(r.target) for r in rows))
+    print(f"{'#':<3} {'row':<{width}}  {'ours':>{ours_w}}  {'baseline':>{base_w}}  "
+          f"{'ratio':>7}  {'target':<{target_w}}  met")
+    for r in rows:
+        ratio = "-" if r.ratio is None else f"{r.ratio:.2f}x"
+        met = "" if r.met is None else ("yes" if r.met else "NO")
+        print(f"{r.key:<3} {r.name:<{width}}  {r.ours:>{ours_w}}  {r.base:>{base_w}}  "
+              f"{ratio:>7}  {r.target:<{target_w}}  {met}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-n", type=int, default=20_000, help="tasks per engine round")
+    parser.add_argument("--rounds", type=int, default=7, help="rounds of the in-process rows")
+    parser.add_argument("--http-rounds", type=int, default=3)
+    parser.add_argument("--http-seconds", type=float, default=4.0, help="seconds per HTTP load")
+    parser.add_argument("--poll-seconds", type=float, default=15.0,
+                        help="seconds of each polling-cost window")
+    parser.add_argument("--dashboards", type=int, default=50,
+                        help="simulated dashboards of the polling-cost rows")
+    parser.add_argument("--tries", type=int, default=2000, help="dispatch latency samples")
+    parser.add_argument("--tasks", type=int, default=1_000_000,
+                        help="tasks run through the history for the RSS row")
+    parser.add_argument("--load", choices=("auto", "wrk", "python"), default="auto",
+                        help="HTTP load generator (auto: wrk if installed)")
+    parser.add_argument("--only", default=",".join(ROWS),
+                        help="comma-separated row numbers to run (default: all)")
+    args = parser.parse_args(argv)
+    only = set(args.only.split(","))
+
+    load = LoadGenerator(prefer_python=args.load == "python")
+    if args.load == "wrk" and not load.wrk:
+        parser.error("wrk is not installed (Debian: apt-get install wrk)")
+    started = time.monotonic()
+    rows: list[Row] = []
+    notes: list[str] = []
+    sections = [
+        ("1", "engine rate", lambda: engine_rows(args.n, args.rounds)),
+        ("2", "dispatch latency", lambda: latency_rows(args.tries)),
+        ("3", "memory", lambda: memory_rows(args.tasks)),
+        ("4", "HTTP", lambda: http_rows(load, args.http_rounds, args.http_seconds)),
+        ("5", "SQLite", lambda: sqlite_rows(max(500, args.n // 10), args.rounds)),
+        ("6", "polling cost", lambda: polling_rows(args.dashboards, args.poll_seconds)),
+        ("7", "poll render", render_rows),
+    ]
+    for key, title, run in sections:
+        if key not in only:
+            continue
+        progress(f"[{time.monotonic() - started:5.0f}s] {title} ...")
+        result = run()
+        if isinstance(result, tuple):
+            result, note = result
+            notes.append(f"row {key}: {note}")
+        rows += result
+
+    print(f"python -m bench: Python {sys.version.split()[0]}, {args.rounds} rounds in process, "
+          f"{args.http_rounds} x {args.http_seconds:g}s per HTTP route; HTTP load: "
+          f"{load.name if '4' in only else '-'}")
+    print_table(rows)
+    for note in notes:
+        print(note)
+    print(f"took {time.monotonic() - started:.0f}s")
     return 0
 
 
