@@ -5,7 +5,8 @@ Policy when no browser is available: under ``CI=true`` the browser tests
 fail (CI must run them); elsewhere they are skipped, loudly, with the way to
 get one. ``make browser`` (run by ``make test``) installs it when run as root.
 
-Fixtures (import them into a test module):
+Fixtures (tests/conftest.py loads this module as a plugin, so every test module
+shares them; importing them into a module would give it a second Chromium):
 
 ``chromium_browser``
     One Chromium for the whole session.

@@ -10,7 +10,10 @@ import pytest
 from dashboard import create_app, get_queue
 from dashboard.tasks import Registry
 
-
+# The browser fixtures are a plugin, so the session-wide Chromium (and its one
+# Playwright loop) is shared by every module instead of started once per module
+# that imports it: a second sync Playwright in the same thread fails.
+pytest_plugins = ["browser"]
 
 
 @pytest.fixture(autouse=True)

@@ -30,7 +30,7 @@ import pytest
 
 from support import wait_for
 
-from browser import (  # noqa: F401  (the fixtures are used by name)
+from browser import (
     CHROMIUM_ENV,
     INSTALL_HINT,
     ROOT,
@@ -38,16 +38,10 @@ from browser import (  # noqa: F401  (the fixtures are used by name)
     browser_unavailable,
     ARTIFACTS,
     Server,
-    chromium_browser,
-    dashboard_server,
     expect,
     find_chromium,
-    fresh_server,
-    fresh_tab,
     open_tab,
     run_server,
-    start_server,
-    tab,
 )
 
 # Far below every interval the server is configured with where it matters,

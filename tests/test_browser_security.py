@@ -29,14 +29,11 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-from browser import (  # noqa: F401  (the fixtures are used by name)
+from browser import (
     Server,
     Tab,
-    chromium_browser,
     expect,
-    fresh_server,
     open_tab,
-    start_server,
 )
 from support import wait_for
 
