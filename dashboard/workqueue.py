@@ -287,6 +287,8 @@ class WorkQueue:
             kept = self.store.snapshot(0).queued
             if kept:
                 logger.info("shutdown: %d queued task(s) stay in the store for the next start", kept)
+        elif self.started:
+            logger.info("shutdown: no queued task dropped")
         deadline = None if timeout is None else (self._closed_at or time.monotonic()) + timeout
         self._wake.set()
         threads = list(self._threads.values()) if self.started else []
