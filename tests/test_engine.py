@@ -234,7 +234,8 @@ def test_supervisor_replaces_a_worker_thread_that_dies(registry, make_queue, cap
     assert snap.restarts == 1
     assert [w.name for w in snap.workers] == ["worker-1"]
     assert q.is_healthy()
-    assert any("started a replacement" in r.getMessage() for r in caplog.records)
+    # The supervisor logs just after it swaps the thread in: wait for the line.
+    wait_for(lambda: any("started a replacement" in r.getMessage() for r in caplog.records))
 
 
 def test_a_full_queue_refuses_and_queues_nothing(registry, make_queue):
