@@ -46,31 +46,32 @@ def depth_chart(snap: Snapshot, seconds: int | None = None) -> dict[str, Any]:
     peak = max((high for _, _, high in points), default=snap.queued)
     top = _nice_ceiling(max(peak, snap.queued, 1))
 
-    def x(t: float) -> float:
-        return round((min(max(t, start), end) - start) / seconds * WIDTH, 1)
+    # A changed poll draws this every time: plain arithmetic in one loop,
+    # each point formatted once (it was a sixth of a poll's render).
+    x_scale = WIDTH / seconds
+    y_scale = HEIGHT / top
 
-    def y(depth: int) -> float:
-        return round(HEIGHT - depth / top * HEIGHT, 1)
+    def x(t: float) -> float:
+        return round((min(max(t, start), end) - start) * x_scale, 1)
 
     coords: list[tuple[float, float]] = []
     previous = None
     for second, depth, high in points:
+        sx = x(second)
         if previous is not None:
-            coords.append((x(second), y(previous)))  # hold the old depth up to this second
+            coords.append((sx, round(HEIGHT - previous * y_scale, 1)))  # hold the old depth
         if high != depth:
-            coords.append((x(second), y(high)))  # a burst that drained within the second
-        coords.append((x(second), y(depth)))
+            coords.append((sx, round(HEIGHT - high * y_scale, 1)))  # a burst drained within it
+        coords.append((sx, round(HEIGHT - depth * y_scale, 1)))
         previous = depth
     if coords:
-        coords.append((x(end), y(snap.queued)))
+        coords.append((x(end), round(HEIGHT - snap.queued * y_scale, 1)))
+    line = " ".join([f"{a:g},{b:g}" for a, b in coords])
     return {
         "width": WIDTH,
         "height": HEIGHT,
-        "points": " ".join(f"{a:g},{b:g}" for a, b in coords),
-        "area": (
-            f"{coords[0][0]:g},{HEIGHT} " + " ".join(f"{a:g},{b:g}" for a, b in coords)
-            + f" {coords[-1][0]:g},{HEIGHT}"
-        ) if coords else "",
+        "points": line,
+        "area": f"{coords[0][0]:g},{HEIGHT} {line} {coords[-1][0]:g},{HEIGHT}" if coords else "",
         "top": top,
         "half": top / 2,
         "minutes": seconds // 60,

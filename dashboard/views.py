@@ -30,6 +30,8 @@ from flask import (
     url_for,
 )
 
+from markupsafe import Markup
+
 from . import security
 from .chart import depth_chart
 from .ext import current_queue
@@ -150,11 +152,54 @@ class _Urls:
         return url
 
 
+#: Rendered rows kept per app (a page shows 20 finished and 10 queued tasks).
+_ROWS_KEY = "dashboard.rows"
+_ROWS_SIZE = 512
+
+
+class _Rows:
+    """``row(template, task)`` for one render: a task's row, rendered once and reused.
+
+    The rows of the history and of the queue were most of a changed poll's
+    render (20 finished and 10 queued tasks, each with links and a button),
+    yet what they show of a task does not change while it sits there: a
+    finished task changes only when it is retried, a queued one only by
+    leaving the queue. So each row is rendered once per task, state and
+    variant of the page, and a changed poll renders only what changed.
+    A row template may use only ``task``, ``can_act``, ``present`` and
+    ``url_for``: the key below covers those and nothing else.
+    """
+
+    def __init__(self, urls: _Urls, can_act: bool, present: bool) -> None:
+        self._context = {"url_for": urls, "can_act": can_act, "present": present}
+        self._variant = (can_act, present, request.script_root, request.blueprint)
+        self._cache: dict[tuple[Any, ...], Markup] = current_app.extensions.setdefault(
+            _ROWS_KEY, {}
+        )
+
+    def __call__(self, template: str, task: TaskInfo) -> Markup:
+        key = (template, task.id, task.state, task.enqueued_at, task.finished_at,
+               task.retried_as, self._variant)
+        html = self._cache.get(key)
+        if html is None:
+            html = Markup(
+                current_app.jinja_env.get_template(template).render(task=task, **self._context)
+            )
+            if len(self._cache) >= _ROWS_SIZE:
+                self._cache.clear()
+            self._cache[key] = html
+        return html
+
+
 def _page_data(snap: Snapshot, **extra: Any) -> dict[str, Any]:
     config = current_app.config
     queue = current_queue
+    urls = _Urls()
+    can_act = security.may_act()
+    present = _presenting()
     return {
-        "url_for": _Urls(),
+        "url_for": urls,
+        "row": _Rows(urls, can_act, present),
         "snap": snap,
         "chart": depth_chart(snap),
         "kinds": queue.registry.kinds(),
@@ -165,9 +210,9 @@ def _page_data(snap: Snapshot, **extra: Any) -> dict[str, Any]:
         "workers_target": queue.workers,
         "max_workers": config["MAX_WORKERS"],
         "recent_size": RECENT,
-        "present": _presenting(),
+        "present": present,
         "shared_store": queue.store.durable,
-        "can_act": security.may_act(),
+        "can_act": can_act,
         "pids": sorted({w.pid for w in snap.workers}),
         **extra,
     }

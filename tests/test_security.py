@@ -157,6 +157,24 @@ def test_public_read_leaves_the_pages_open_but_not_the_actions(make_app):
     assert b"Add work</button>" in authed and b">Pause</button>" in authed
 
 
+def test_rows_rendered_for_an_operator_never_reach_a_reader(make_app):
+    """Rows are reused between polls (views._Rows): never across who may act."""
+    app = make_app(ACCESS_TOKEN=SECRET, PUBLIC_READ=True)
+    queue = get_queue(app)
+    failed = queue.submit("flaky", seconds=0, fail_rate=1)
+    queue.run_pending()
+    waiting = queue.submit("pretend", seconds=0)
+    client = app.test_client()
+    buttons = (f'action="/tasks/{failed}/retry"'.encode(),
+               f'action="/tasks/{waiting}/cancel"'.encode())
+    for who in ("reader", "operator", "reader", "operator"):
+        body = client.get("/live", headers={"HX-Request": "true",
+                                            **(basic(SECRET) if who == "operator" else {})}).data
+        assert f'id="task-{failed}"'.encode() in body and f'id="queued-{waiting}"'.encode() in body
+        for button in buttons:
+            assert (button in body) == (who == "operator"), (who, button)
+
+
 @pytest.mark.parametrize(
     "config,message",
     [

@@ -532,6 +532,33 @@ def test_retry_a_failed_task_from_the_page(client, queue):
     assert post(client, f"/tasks/{done}/retry").status_code == 409
 
 
+def test_a_reused_row_still_shows_what_its_task_is_now(client, queue):
+    """Rows are rendered once per task, state and page variant and then reused
+    (views._Rows): a retried, a cancelled and a finished task show their new selves."""
+    failed = queue.submit("flaky", seconds=0, fail_rate=1)
+    queue.run_pending()
+    waiting = queue.submit("pretend", seconds=0)
+    doomed = queue.submit("pretend", seconds=0)
+    live = {"HX-Request": "true"}
+    for _ in range(2):  # the second poll reuses the rows of the first
+        body = client.get("/live", headers=live).data
+        assert f'action="/tasks/{failed}/retry"'.encode() in body
+        assert f'action="/tasks/{waiting}/cancel"'.encode() in body
+    assert post(client, f"/tasks/{failed}/retry").status_code == 200
+    assert post(client, f"/tasks/{doomed}/cancel").status_code == 200
+    new = queue.get(failed).retried_as
+    body = client.get("/live", headers=live).data
+    assert f"retried as #{new}".encode() in body
+    assert f'action="/tasks/{failed}/retry"'.encode() not in body
+    assert f'id="queued-{doomed}"'.encode() not in body
+    assert f'<tr id="task-{doomed}" class="state-cancelled">'.encode() in body
+    assert f'action="/tasks/{doomed}/retry"'.encode() in body
+    queue.run_pending()
+    body = client.get("/live", headers=live).data
+    assert f'id="queued-{waiting}"'.encode() not in body
+    assert f'<tr id="task-{waiting}" class="state-done">'.encode() in body
+
+
 def test_clear_history_and_reset(client, queue):
     queue.submit_many("pretend", 3, {"seconds": 0})
     queue.run_pending()
