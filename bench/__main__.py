@@ -135,7 +135,8 @@ def http_rows(load: LoadGenerator, rounds: int, seconds: float) -> tuple[list[Ro
     mix = (f"{total:,} measured responses, all 2xx/3xx" if not bad else
            f"{total:,} measured responses; not 2xx/3xx or failed: {bad}")
     return rows, (f"{mix}; 4b reuses a state's render for up to 1s (every page polling "
-                  "that state gets it), 4c renders for every request")
+                  "that state gets it), 4c renders the page for every request "
+                  "(the rows of unchanged tasks reused, as every poll does)")
 
 
 def sqlite_rows(n: int, rounds: int) -> list[Row]:
