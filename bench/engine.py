@@ -46,7 +46,11 @@ def noop() -> None:
 
 def engine_rate(n: int) -> float:
     """Submit ``n`` trivial tasks from one thread to one worker, then join."""
-    q = WorkQueue(1, max_queued=n, history=1000, registry=registry)
+    return drain_rate(WorkQueue(1, max_queued=n, history=1000, registry=registry), n)
+
+
+def drain_rate(q: WorkQueue, n: int) -> float:
+    """Start ``q``, submit ``n`` trivial tasks from this thread, join: tasks per second."""
     q.start()
     try:
         start = time.perf_counter()
@@ -71,9 +75,8 @@ def executor_rate(n: int) -> float:
         return n / (time.perf_counter() - start)
 
 
-def raw_queue_rate(n: int) -> float:
-    """The floor of in-process hand-off: a bare ``queue.Queue`` and one thread."""
-    work: stdlib_queue.Queue = stdlib_queue.Queue()
+def bare_consumer(work: stdlib_queue.Queue) -> threading.Thread:
+    """One thread calling each function put on ``work`` until it gets None."""
 
     def consume() -> None:
         while True:
@@ -84,6 +87,13 @@ def raw_queue_rate(n: int) -> float:
 
     thread = threading.Thread(target=consume)
     thread.start()
+    return thread
+
+
+def raw_queue_rate(n: int) -> float:
+    """The floor of in-process hand-off: a bare ``queue.Queue`` and one thread."""
+    work: stdlib_queue.Queue = stdlib_queue.Queue()
+    thread = bare_consumer(work)
     start = time.perf_counter()
     put = work.put
     for _ in range(n):
@@ -130,15 +140,7 @@ def raw_dispatch(tries: int) -> list[float]:
         stamps.append(time.perf_counter())
         started.set()
 
-    def consume() -> None:
-        while True:
-            fn = work.get()
-            if fn is None:
-                return
-            fn()
-
-    thread = threading.Thread(target=consume)
-    thread.start()
+    thread = bare_consumer(work)
     out = []
     try:
         for _ in range(tries):

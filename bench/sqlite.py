@@ -10,7 +10,7 @@ import time
 from dashboard.sqlite_store import SqliteStore
 from dashboard.workqueue import WorkQueue
 
-from .engine import registry
+from .engine import drain_rate, registry
 
 
 def sqlite_submit_rate(n: int) -> float:
@@ -51,15 +51,4 @@ def sqlite_end_to_end_rate(n: int) -> float:
     """Submit ``n`` and join, one worker thread, SQLite store."""
     with tempfile.TemporaryDirectory() as tmp:
         store = SqliteStore(os.path.join(tmp, "q.db"), max_queued=n, poll_interval=0.05)
-        q = WorkQueue(1, registry=registry, store=store)
-        q.start()
-        try:
-            start = time.perf_counter()
-            submit = q.submit
-            for _ in range(n):
-                submit("noop")
-            if not q.join(timeout=600):
-                raise RuntimeError("the queue did not drain")
-            return n / (time.perf_counter() - start)
-        finally:
-            q.shutdown(timeout=10)
+        return drain_rate(WorkQueue(1, registry=registry, store=store), n)
