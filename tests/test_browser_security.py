@@ -21,8 +21,6 @@ import contextlib
 import json
 import re
 import threading
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -81,17 +79,7 @@ def wait_for_polls(page, responses: list, n: int, what: str = "polls") -> None:
 def api(server: Server, method: str, path: str, body: Any = None,
         token: str | None = None) -> tuple[int, Any]:
     """The JSON API as a script would call it: no browser headers, maybe a Bearer token."""
-    data = None if body is None else json.dumps(body).encode()
-    headers = {"Content-Type": "application/json"} if data is not None else {}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    req = urllib.request.Request(server.url + path, data=data, headers=headers, method=method)
-    try:
-        with urllib.request.urlopen(req, timeout=10) as response:
-            return response.status, json.load(response)
-    except urllib.error.HTTPError as error:
-        with error:
-            return error.code, json.load(error)
+    return server.request(method, path, body, token=token)
 
 
 def stats(server: Server, token: str | None = None) -> dict[str, Any]:
