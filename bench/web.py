@@ -33,12 +33,6 @@ HX = {"HX-Request": "true"}
 POST_BODY = "kind=pretend&count=1&seconds=0"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
-
-
 def _clean_env(settings: dict[str, str]) -> dict[str, str]:
     """This environment less any server setting that would change what is measured."""
     env = {
@@ -54,9 +48,15 @@ class BenchServer:
     """``gunicorn -c gunicorn.conf.py bench.app:create_app()`` on a free port."""
 
     def __init__(self, **settings: str):
-        self.port = free_port()
+        # We bind the socket and hand gunicorn its descriptor (BIND=fd://N): a
+        # port chosen and closed again could be taken by anyone before gunicorn
+        # binds it, and the load would then measure somebody else's server.
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.bind((HOST, 0))
+        self.listener.listen(1024)
+        self.port = self.listener.getsockname()[1]
         self.settings = {
-            "BIND": f"{HOST}:{self.port}",
+            "BIND": f"fd://{self.listener.fileno()}",
             "FLASK_SUBMIT_LIMIT": "",  # the per-client limit would refuse the load
             "FLASK_SHUTDOWN_TIMEOUT": "1",
             **settings,
@@ -71,7 +71,9 @@ class BenchServer:
             [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "bench.app:create_app()"],
             cwd=ROOT, env=_clean_env(self.settings), stdin=subprocess.DEVNULL,
             stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+            pass_fds=(self.listener.fileno(),),
         )
+        self.listener.close()  # gunicorn holds its own copy now
         deadline = time.monotonic() + 60
         while True:
             if self.proc.poll() is not None:

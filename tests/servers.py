@@ -16,14 +16,17 @@ app's own log lines::
 
 from __future__ import annotations
 
+import fcntl
 import http.client
 import json
 import os
+import random
 import re
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -55,11 +58,38 @@ _ENV_DROP = ("BIND", "PORT", "WEB_CONCURRENCY")
 T = TypeVar("T")
 
 
+#: Ports for servers under test: below Linux's ephemeral range (32768-60999),
+#: where bind(0) and outgoing connections never land.
+PORT_RANGE = (20000, 32000)
+_PORT_LOCKS = Path(tempfile.gettempdir()) / "dashboard-test-ports"
+_held_ports: list[int] = []  # lock descriptors, open (so held) until this process ends
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
+    """A TCP port on 127.0.0.1 that nothing listens on, reserved for this process.
+
+    A port picked with bind(0) and closed again is free for anyone until the
+    server binds it, and the kernel hands the same one to the next bind(0):
+    two test sessions on one machine then started servers on one port, and
+    one session's requests reached the other's server. So the port is drawn
+    at random and held with a lock file for this process's life: no other
+    session (nor this one, a second time) can pick it.
+    """
+    _PORT_LOCKS.mkdir(exist_ok=True)
+    draw = random.SystemRandom().randint
+    for _ in range(500):
+        port = draw(*PORT_RANGE)
+        fd = os.open(_PORT_LOCKS / f"{port}.lock", os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                sock.bind((HOST, port))
+        except OSError:  # locked by another session, or in use
+            os.close(fd)
+            continue
+        _held_ports.append(fd)
+        return port
+    raise RuntimeError(f"no free port in {PORT_RANGE} after 500 tries")
 
 
 def server_env(settings: Mapping[str, str]) -> dict[str, str]:
@@ -314,7 +344,15 @@ class Server:
                 reply = self.request("GET", "/api/stats")
             except (OSError, http.client.HTTPException):
                 return None
-            return reply.body if reply.status == 200 else None
+            if reply.status != 200:
+                return None
+            answering = reply.body["pid"]
+            if answering != self.pid and parent_pid(answering) != self.pid:
+                raise AssertionError(
+                    f"pid {answering} answers on port {self.port}, and it is not {self.name} "
+                    f"(pid {self.pid}) nor its child: another server holds the port"
+                )
+            return reply.body
 
         try:
             return wait_for(answer, timeout, f"{self.name} answering on port {self.port}", 0.1)
