@@ -29,7 +29,6 @@ from flask import (
     request,
     url_for,
 )
-
 from markupsafe import Markup
 
 from . import security
