@@ -41,6 +41,7 @@ from .store import (
     Store,
     TaskNotFound,
     WrongState,
+    rates,
 )
 from .tasks import TaskError
 
@@ -53,6 +54,17 @@ SCHEMA_VERSION = 1
 LEASE_TIME = 30.0
 
 _STATES = {s.value: s for s in State}
+
+#: The statement both task triggers begin with: when a new second has begun,
+#: the last one (still in meta's sec_* columns) goes to the seconds table.
+_FLUSH_LAST_SECOND = """\
+INSERT INTO seconds (second, depth, peak, finished, wait_sum, run_sum)
+    SELECT sec, sec_depth, sec_peak, sec_finished, sec_wait, sec_run FROM meta
+    WHERE sec IS NOT NULL AND sec != unixepoch()
+    ON CONFLICT (second) DO UPDATE SET
+        depth = excluded.depth, peak = max(peak, excluded.peak),
+        finished = finished + excluded.finished, wait_sum = wait_sum + excluded.wait_sum,
+        run_sum = run_sum + excluded.run_sum;"""
 
 _SCHEMA = """
 CREATE TABLE meta (
@@ -140,13 +152,7 @@ END;
 CREATE TRIGGER tasks_added AFTER INSERT ON tasks
 WHEN NEW.state = 'queued'
 BEGIN
-    INSERT INTO seconds (second, depth, peak, finished, wait_sum, run_sum)
-    SELECT sec, sec_depth, sec_peak, sec_finished, sec_wait, sec_run FROM meta
-    WHERE sec IS NOT NULL AND sec != unixepoch()
-    ON CONFLICT (second) DO UPDATE SET
-        depth = excluded.depth, peak = max(peak, excluded.peak),
-        finished = finished + excluded.finished, wait_sum = wait_sum + excluded.wait_sum,
-        run_sum = run_sum + excluded.run_sum;
+    {flush_last_second}
     UPDATE meta SET
         queued = queued + 1, submitted = submitted + 1, version = version + 1,
         next_id = max(next_id, NEW.id + 1),
@@ -160,13 +166,7 @@ END;
 CREATE TRIGGER tasks_moved AFTER UPDATE OF state ON tasks
 WHEN OLD.state != NEW.state
 BEGIN
-    INSERT INTO seconds (second, depth, peak, finished, wait_sum, run_sum)
-    SELECT sec, sec_depth, sec_peak, sec_finished, sec_wait, sec_run FROM meta
-    WHERE sec IS NOT NULL AND sec != unixepoch()
-    ON CONFLICT (second) DO UPDATE SET
-        depth = excluded.depth, peak = max(peak, excluded.peak),
-        finished = finished + excluded.finished, wait_sum = wait_sum + excluded.wait_sum,
-        run_sum = run_sum + excluded.run_sum;
+    {flush_last_second}
     UPDATE meta SET
         queued = queued + d.dq,
         running = running - (OLD.state = 'running') + (NEW.state = 'running'),
@@ -195,7 +195,7 @@ ON tasks
 BEGIN
     UPDATE meta SET version = version + 1;
 END;
-"""
+""".format(flush_last_second=_FLUSH_LAST_SECOND)
 
 # The id comes from meta.next_id (the insert trigger moves it on): ids are
 # never reused, without AUTOINCREMENT's extra page per insert.
@@ -735,14 +735,9 @@ class SqliteStore(Store):
                 "WHERE sec > ? ORDER BY 1", (int(now) - SERIES_SECONDS,) * 2,
             ).fetchall()
             series = tuple((b[0], b[1], b[2]) for b in buckets)
-            since = int(now) - RATE_WINDOW
-            recent_buckets = [b for b in buckets if b[0] > since]
-            finished = sum(b[3] for b in recent_buckets)
-            wait_sum = sum(b[4] for b in recent_buckets)
-            run_sum = sum(b[5] for b in recent_buckets)
-        span = RATE_WINDOW
-        if series:
-            span = min(RATE_WINDOW, max(1.0, now - series[0][0]))
+        since = int(now) - RATE_WINDOW
+        measured = rates(now, series[0][0] if series else None,
+                         (b[3:] for b in buckets if b[0] > since))
         return Snapshot(
             tag=f"{self._instance}-{version}",
             version=version,
@@ -760,11 +755,9 @@ class SqliteStore(Store):
             workers=tuple(workers),
             recent=last,
             upcoming=next_up,
-            mean_wait=wait_sum / finished if finished else None,
-            mean_run=run_sum / finished if finished else None,
-            throughput=finished * 60.0 / span,
             series=series,
             taken_at=now,
+            **measured,
         )
 
     def _worker_rows(self, conn: sqlite3.Connection, alive_since: float) -> Iterator[tuple]:

@@ -21,8 +21,8 @@ import secrets
 import threading
 import time
 from collections import deque
-from itertools import islice
-from typing import Any
+from itertools import islice, takewhile
+from typing import Any, Iterable
 
 from .records import Snapshot, State, TaskInfo, TaskRecord, WorkerInfo
 from .tasks import TaskError
@@ -37,6 +37,29 @@ QUEUED, RUNNING, DONE, FAILED, CANCELLED = (
 SERIES_SECONDS = 300
 #: The window the rates (throughput, mean wait and run time) are measured over.
 RATE_WINDOW = 60
+
+
+def rates(now: float, first_second: int | None,
+          recent: Iterable[tuple[float, float, float]]) -> dict[str, float | None]:
+    """A snapshot's ``mean_wait``, ``mean_run`` and ``throughput`` (per minute), from
+    the ``(finished, wait_sum, run_sum)`` of each second in the last RATE_WINDOW.
+
+    In the first minute of a run (``first_second``: the oldest second recorded),
+    the rate is over the time there is. Both stores use it.
+    """
+    finished = wait_sum = run_sum = 0.0
+    for count, waited, ran in recent:
+        finished += count
+        wait_sum += waited
+        run_sum += ran
+    span = RATE_WINDOW
+    if first_second is not None:
+        span = min(RATE_WINDOW, max(1.0, now - first_second))
+    return {
+        "mean_wait": wait_sum / finished if finished else None,
+        "mean_run": run_sum / finished if finished else None,
+        "throughput": finished * 60.0 / span,
+    }
 
 
 class QueueFull(TaskError):
@@ -455,17 +478,12 @@ class MemoryStore(Store):
             next_up = tuple(r.info() for r in islice(waiting, upcoming)) if upcoming else ()
             series = tuple((b.second, b.depth, b.peak) for b in self._series)
             since = int(now) - RATE_WINDOW
-            # In the first minute of a run, the rate is over the time there is.
-            span = RATE_WINDOW
-            if self._series:
-                span = min(RATE_WINDOW, max(1.0, now - self._series[0].second))
-            finished = wait_sum = run_sum = 0.0
-            for bucket in reversed(self._series):
-                if bucket.second <= since:
-                    break
-                finished += bucket.finished
-                wait_sum += bucket.wait_sum
-                run_sum += bucket.run_sum
+            measured = rates(
+                now,
+                self._series[0].second if self._series else None,
+                ((b.finished, b.wait_sum, b.run_sum)
+                 for b in takewhile(lambda b: b.second > since, reversed(self._series))),
+            )
             queued = self._queued
             return Snapshot(
                 tag=f"{self._token}-{self._version}",
@@ -484,11 +502,9 @@ class MemoryStore(Store):
                 workers=workers,
                 recent=last,
                 upcoming=next_up,
-                mean_wait=wait_sum / finished if finished else None,
-                mean_run=run_sum / finished if finished else None,
-                throughput=finished * 60.0 / span,
                 series=series,
                 taken_at=now,
+                **measured,
             )
 
     def get(self, task_id: int) -> TaskInfo | None:

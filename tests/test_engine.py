@@ -693,6 +693,17 @@ def test_rates_series_and_eta(registry, make_queue):
     assert q.stats().eta == 0.0
 
 
+def test_rates_are_over_the_window_or_the_time_there_was():
+    from dashboard.store import rates
+
+    assert rates(100.5, None, []) == {"mean_wait": None, "mean_run": None, "throughput": 0.0}
+    seconds = [(2, 1.0, 4.0), (2, 1.0, 0.0)]  # 4 finished, 2 s waited, 4 s ran
+    young = rates(1000.0, 990, seconds)  # a run 10 s old: 4 per 10 s
+    assert young == {"mean_wait": 0.5, "mean_run": 1.0, "throughput": 24.0}
+    assert rates(1000.0, 100, seconds)["throughput"] == 4.0  # over the whole minute
+    assert rates(1000.2, 1000, seconds)["throughput"] == 240.0  # never under one second
+
+
 def test_cancelled_records_do_not_pile_up_in_the_queue(registry, make_memory_queue):
     @registry.task("noop")
     def noop(ctx):
