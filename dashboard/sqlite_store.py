@@ -259,6 +259,7 @@ class SqliteStore(Store):
         max_attempts: int = 3,
         poll_interval: float = 0.2,
         busy_timeout: float = 10.0,
+        check: bool = True,
     ):
         self.path = os.path.abspath(path)
         self.max_queued = max_queued
@@ -270,6 +271,13 @@ class SqliteStore(Store):
         self.busy_timeout = busy_timeout
         self.maintain_every = max(0.2, lease_time / 3)
         self._init_process()
+        self._instance: str | None = None
+        if not check:
+            # A process started after the file was checked (a server's worker
+            # forked from a master that checked it): no I/O here, so a file
+            # that is busy or gone for a moment cannot stop the process from
+            # starting; problems show at use, as StoreUnavailable.
+            return
         # Check (or create) the file now, so a bad file fails at start, then
         # close: each process opens its own connection when it first needs one.
         conn = self._open(check_first=True)
@@ -613,13 +621,15 @@ class SqliteStore(Store):
 
     def retry(self, task_id: int) -> int:
         with self._write() as conn:
-            row = conn.execute("SELECT state, kind, params FROM tasks WHERE id = ?",
+            row = conn.execute("SELECT state, kind, params, retried_as FROM tasks WHERE id = ?",
                                (task_id,)).fetchone()
             if row is None:
                 raise TaskNotFound(task_id)
             state = _STATES[row[0]]
             if state not in (State.FAILED, State.CANCELLED):
                 raise WrongState(task_id, state, "only failed or cancelled tasks can be retried")
+            if row[3] is not None:
+                return row[3]  # retried already: a double click queues one task
             (new_id,) = self._add_locked(conn, row[1], json.loads(row[2]), 1, task_id)
             conn.execute("UPDATE tasks SET retried_as = ? WHERE id = ?", (new_id, task_id))
         self._wake_workers(1)

@@ -81,6 +81,18 @@ class QueueClosed(TaskError):
         super().__init__("queue is shutting down and takes no new work")
 
 
+class StoreUnavailable(TaskError):
+    """The store cannot answer right now (its file is locked, deleted or unreadable).
+
+    Nothing was changed; the request may be sent again after ``retry_after`` seconds.
+    """
+
+    def __init__(self, reason: str, retry_after: int = 5):
+        self.reason = reason
+        self.retry_after = retry_after
+        super().__init__(f"the queue is unavailable right now: {reason}; try again shortly")
+
+
 class TaskNotFound(TaskError):
     """No task has this id (or the history forgot it)."""
 
@@ -195,8 +207,10 @@ class Store:
         """Queue a new task with the kind and params of a failed or cancelled one.
 
         The new task records ``retry_of``; the old one ``retried_as``. Returns
-        the new id. Raises :class:`TaskNotFound`, :class:`WrongState`,
-        :class:`QueueFull` or :class:`QueueClosed`.
+        the new id. A task that was retried already is not queued again: the
+        id of its retry is returned (a double click queues one task). Raises
+        :class:`TaskNotFound`, :class:`WrongState`, :class:`QueueFull` or
+        :class:`QueueClosed`.
         """
         raise NotImplementedError
 
@@ -763,6 +777,8 @@ class MemoryStore(Store):
                 raise WrongState(
                     task_id, record.state, "only failed or cancelled tasks can be retried"
                 )
+            if record.retried_as is not None:
+                return record.retried_as
             (new_id,) = self._add_locked(record.kind, dict(record.params), 1, record.id)
             record.retried_as = new_id
             return new_id

@@ -35,7 +35,7 @@ from . import security
 from .chart import depth_chart
 from .ext import current_queue
 from .records import Snapshot, State, TaskInfo
-from .store import QueueClosed, QueueFull, TaskNotFound, WrongState
+from .store import QueueClosed, QueueFull, StoreUnavailable, TaskNotFound, WrongState
 from .tasks import Int, InvalidParam, TaskError, TaskKind
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -317,6 +317,8 @@ def _error_status(exc: Exception) -> tuple[int, dict[str, str]]:
         return 503, {"Retry-After": _retry_after(exc.requested)}
     if isinstance(exc, QueueClosed):
         return 503, {"Retry-After": "5"}
+    if isinstance(exc, StoreUnavailable):
+        return 503, {"Retry-After": str(exc.retry_after)}
     if isinstance(exc, TaskNotFound):
         return 404, {}
     if isinstance(exc, WrongState):
