@@ -391,7 +391,14 @@ class SqliteStore(Store):
             _abandoned.append(self._conn)
             self._init_process()
         if self._conn is None:
-            self._conn = self._open()
+            conn = self._open()
+            if self._instance is None:
+                try:
+                    self._instance = conn.execute("SELECT instance FROM meta").fetchone()[0]
+                except sqlite3.Error:
+                    conn.close()
+                    raise
+            self._conn = conn
         return self._conn
 
     @contextmanager
