@@ -386,6 +386,57 @@ class Server:
         return stats
 
 
+UWSGI = BIN / "uwsgi"
+
+
+def server_command(kind: str, port: int, extra: Sequence[str] = ()
+                   ) -> tuple[list[str], dict[str, str]]:
+    """The command line for ``kind`` and the environment it takes its address from.
+
+    ``kind`` is flask, flask-debug, gunicorn (with gunicorn.conf.py) or uwsgi
+    (with uwsgi.ini); ``extra`` goes at the end of the command line.
+    """
+    if kind == "flask":
+        return [str(BIN / "flask"), "--app", "dashboard", "run", "--host", HOST,
+                "--port", str(port), *extra], {}
+    if kind == "flask-debug":
+        return [str(BIN / "flask"), "--app", "dashboard", "run", "--debug", "--host", HOST,
+                "--port", str(port), *extra], {}
+    bind = {"BIND": f"{HOST}:{port}"}
+    if kind == "gunicorn":
+        return [str(BIN / "gunicorn"), "-c", str(ROOT / "gunicorn.conf.py"), *extra], bind
+    if kind == "uwsgi":
+        return [str(UWSGI), "--ini", str(ROOT / "uwsgi.ini"), *extra], bind
+    raise ValueError(kind)
+
+
+class Servers:
+    """Starts servers for one test, each on a free port with its log in ``directory``.
+
+    ``servers(kind, *extra, ignore=(), **env)`` starts one with ``defaults``
+    and ``env`` in its environment; :meth:`stop_all` kills every one started.
+    """
+
+    def __init__(self, directory: Path, defaults: Mapping[str, str]):
+        self.directory = directory
+        self.defaults = dict(defaults)
+        self.started: list[Server] = []
+
+    def __call__(self, kind: str, *extra: str, ignore: Sequence[str] = (),
+                 **settings: str) -> Server:
+        port = free_port()
+        args, address = server_command(kind, port, extra)
+        env = server_env({**self.defaults, **settings, **address})
+        log = self.directory / f"{kind}-{len(self.started)}.log"
+        server = Server(kind, args, log, env, port, tuple(ignore))
+        self.started.append(server)
+        return server.start()
+
+    def stop_all(self) -> None:
+        for server in self.started:
+            server.stop()
+
+
 class HeldSubmit:
     """A submission in flight: the server has read its headers, its body is held back.
 

@@ -39,8 +39,10 @@ from servers import (
     HOST,
     ROOT,
     STARTED_RE,
+    UWSGI,
     HeldSubmit,
     Server,
+    Servers,
     assert_each_ran_once,
     fill_thread_pool,
     finish_held,
@@ -53,7 +55,6 @@ from servers import (
 
 pytestmark = pytest.mark.server
 
-UWSGI = BIN / "uwsgi"
 needs_uwsgi = pytest.mark.skipif(
     not UWSGI.exists(), reason=f"uWSGI is not installed in {BIN} (pip install pyuwsgi)"
 )
@@ -62,22 +63,6 @@ needs_uwsgi = pytest.mark.skipif(
 QUICK = {"FLASK_WORKERS": "2", "FLASK_WORK_TIME": "0.05", "FLASK_SHUTDOWN_TIMEOUT": "10"}
 
 StartServer = Callable[..., Server]
-
-
-def _command(kind: str, port: int, extra: tuple[str, ...]) -> tuple[list[str], dict[str, str]]:
-    """The command line for ``kind`` and the environment it takes its address from."""
-    if kind == "flask":
-        return [str(BIN / "flask"), "--app", "dashboard", "run", "--host", HOST,
-                "--port", str(port), *extra], {}
-    if kind == "flask-debug":
-        return [str(BIN / "flask"), "--app", "dashboard", "run", "--debug", "--host", HOST,
-                "--port", str(port), *extra], {}
-    bind = {"BIND": f"{HOST}:{port}"}
-    if kind == "gunicorn":
-        return [str(BIN / "gunicorn"), "-c", str(ROOT / "gunicorn.conf.py"), *extra], bind
-    if kind == "uwsgi":
-        return [str(UWSGI), "--ini", str(ROOT / "uwsgi.ini"), *extra], bind
-    raise ValueError(kind)
 
 
 @pytest.fixture
@@ -89,21 +74,11 @@ def start_server(tmp_path: Path) -> Iterator[StartServer]:
     signals it starts with ignored (SIGINT and SIGTERM are otherwise at their
     defaults, whatever this process has).
     """
-    started: list[Server] = []
-
-    def start(kind: str, *extra: str, ignore: tuple[str, ...] = (), **settings: str) -> Server:
-        port = free_port()
-        args, address = _command(kind, port, extra)
-        env = server_env({**QUICK, **settings, **address})
-        server = Server(kind, args, tmp_path / f"{kind}-{len(started)}.log", env, port, ignore)
-        started.append(server)
-        return server.start()
-
+    servers = Servers(tmp_path, QUICK)
     try:
-        yield start
+        yield servers
     finally:
-        for server in started:
-            server.stop()
+        servers.stop_all()
 
 
 def assert_workers_started_once_in(server: Server, *pids: int) -> None:
