@@ -7,8 +7,12 @@ queue's own worker threads run the tasks. With the SQLite store
 (FLASK_QUEUE_URL=sqlite:///...), WEB_CONCURRENCY processes share one queue.
 """
 
+import contextlib
 import logging
+import math
 import os
+import threading
+import time
 
 wsgi_app = "dashboard:create_app()"
 bind = [os.environ.get("BIND", f"127.0.0.1:{os.environ.get('PORT', '5000')}")]
@@ -21,10 +25,15 @@ threads = int(os.environ.get("GUNICORN_THREADS", "8"))
 control_socket_disable = True
 
 # Running tasks get FLASK_SHUTDOWN_TIMEOUT seconds when a worker stops; give
-# gunicorn a little longer before it kills the worker.
-graceful_timeout = int(float(os.environ.get("FLASK_SHUTDOWN_TIMEOUT", "10"))) + 5
+# gunicorn a little longer before it kills the worker. A value given on the
+# command line must be longer too: on_starting refuses one that is not.
+graceful_timeout = math.ceil(float(os.environ.get("FLASK_SHUTDOWN_TIMEOUT", "10"))) + 5
 
 log = logging.getLogger("dashboard.gunicorn")
+
+#: Seconds a stopping worker keeps telling the master it is alive beyond
+#: SHUTDOWN_TIMEOUT, while the queue lets go of its tasks and its file.
+EXIT_MARGIN = 5.0
 
 
 def on_starting(server):
@@ -35,17 +44,69 @@ def on_starting(server):
     from gunicorn.util import import_app
 
     from dashboard.config import ConfigError
+    from dashboard.ext import CHECKED_ENV, vouch_for_store
 
     global _access_token
+    # This master checks the file itself, whatever the one that started it
+    # (a USR2 upgrade) vouched for.
+    os.environ.pop(CHECKED_ENV, None)
     try:
         app = import_app(server.app.app_uri)
     except ConfigError as exc:
         server.log.error("cannot start: %s", exc.message)
         raise SystemExit(1) from None
     _access_token = getattr(app, "config", {}).get("ACCESS_TOKEN", "")
+    queue = _queue_of(app)
+    if queue is None:
+        return
+    problem = _settings_problem(server.cfg, queue)
+    if problem:
+        server.log.error("cannot start: %s", problem)
+        raise SystemExit(1)
+    # The file is good: the workers, and every worker forked later to replace
+    # one, build their store without touching it, so a file that is busy at
+    # that moment cannot make a replacement fail to boot (which halts gunicorn).
+    vouch_for_store(app)
+    if server.cfg.max_requests > 0 and not queue.store.durable:
+        log.warning(
+            "\n"
+            "  ************************************************************************\n"
+            "  gunicorn restarts each worker after max_requests (%d) requests, and the\n"
+            "  in-memory queue (QUEUE_URL=memory://) ends with its process: the tasks\n"
+            "  still queued at each restart are dropped (running ones get SHUTDOWN_TIMEOUT\n"
+            "  to finish). A dashboard polls once a second, so this happens often.\n"
+            "  Use the SQLite store (FLASK_QUEUE_URL=sqlite:///queue.db), or leave\n"
+            "  max_requests at 0 (README: 'Servers and processes').\n"
+            "  ************************************************************************",
+            server.cfg.max_requests,
+        )
 
 
 _access_token = ""
+
+
+def _queue_of(app):
+    from dashboard.ext import EXTENSION_KEY, get_queue
+
+    if EXTENSION_KEY not in getattr(app, "extensions", {}):
+        return None
+    return get_queue(app)
+
+
+def _settings_problem(cfg, queue):
+    """What makes these settings unable to keep the queue's promises, or None."""
+    shutdown_timeout = queue.shutdown_timeout
+    if cfg.graceful_timeout < shutdown_timeout + 1:
+        # On a stop, the master kills each worker graceful_timeout after the
+        # signal, whatever the worker is doing: the running tasks would be cut
+        # off before the SHUTDOWN_TIMEOUT they were promised.
+        return (
+            f"gunicorn's graceful_timeout ({cfg.graceful_timeout}s) must be longer than the "
+            f"queue's SHUTDOWN_TIMEOUT ({shutdown_timeout:g}s), by a second at least, or a "
+            "stopping worker is killed while its tasks finish: raise --graceful-timeout "
+            "(gunicorn.conf.py sets SHUTDOWN_TIMEOUT + 5) or lower FLASK_SHUTDOWN_TIMEOUT"
+        )
+    return None
 
 
 def when_ready(server):
@@ -58,11 +119,17 @@ def when_ready(server):
             warn_if_exposed(address[0], _access_token)
 
 
+#: This worker's own descriptor of its heartbeat file (see worker_exit).
+_heartbeat_fd = None
+
+
 def post_worker_init(worker):
     # The app was loaded (or, with --preload, forked into this process):
     # start its queue's threads here, after gunicorn set its signal handlers.
     from dashboard.ext import get_queue, start_serving
 
+    global _heartbeat_fd
+    _heartbeat_fd = os.dup(worker.tmp.fileno())
     if start_serving(worker.wsgi) and worker.cfg.workers > 1:
         if not get_queue(worker.wsgi).store.durable:
             log.warning(
@@ -75,6 +142,50 @@ def post_worker_init(worker):
 
 
 def worker_exit(server, worker):
+    # Running tasks get SHUTDOWN_TIMEOUT here. A worker that leaves by itself
+    # (after max_requests) or is stopped while the master goes on (a HUP
+    # reload, fewer workers) is still watched by the master, which kills it
+    # once it has not said "alive" for `timeout` seconds: it says so while it
+    # waits, for as long as SHUTDOWN_TIMEOUT allows and no longer.
     from dashboard.ext import stop_serving
 
-    stop_serving(getattr(worker, "wsgi", None))
+    app = getattr(worker, "wsgi", None)
+    queue = _queue_of(app) if app is not None else None
+    with _alive_for(worker, None if queue is None else queue.shutdown_timeout + EXIT_MARGIN):
+        stop_serving(app)
+
+
+@contextlib.contextmanager
+def _alive_for(worker, seconds):
+    """Tell the master this worker is alive, every second, for at most ``seconds``."""
+    fd = _heartbeat_fd
+    if fd is None or seconds is None:
+        yield
+        return
+    # gunicorn closes the worker's own heartbeat file before worker_exit
+    # runs; the copy of the descriptor taken at start still reaches it. Its
+    # mtime is what the master reads, set from the monotonic clock, as
+    # gunicorn's WorkerTmp.notify() does.
+    interval = min(1.0, worker.timeout / 2) if worker.timeout else 1.0
+    deadline = time.monotonic() + seconds
+    done = threading.Event()
+
+    def beat():
+        while True:
+            now = time.monotonic()
+            if now >= deadline:
+                return  # a shutdown that hangs is the master's to kill
+            try:
+                os.utime(fd, (now, now))
+            except OSError:
+                return
+            if done.wait(interval):
+                return
+
+    thread = threading.Thread(target=beat, name="gunicorn-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join(interval + 1)

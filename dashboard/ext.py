@@ -5,11 +5,20 @@ Workers start in the process that serves requests, and only there:
 * on the first request a process handles (any server: the dev server with or
   without the reloader, gunicorn with or without ``--preload``, uWSGI), or
 * eagerly from a server hook, :func:`start_serving` (our ``gunicorn.conf.py``
-  calls it in each worker process after it is forked).
+  calls it in each worker process after it is forked), or
+* under uWSGI, in each worker as soon as it has the app: when the app is
+  built there (``lazy-apps``), or right after the fork when it was built in
+  the master.
 
-Creating the app never starts threads, so a reloader's watching parent or a
-preloading master that only imports the app runs no task. A forked child
-starts its own threads; :class:`~dashboard.workqueue.WorkQueue` handles that.
+Creating the app never starts threads (except in a uWSGI worker, which
+serves), so a reloader's watching parent or a preloading master that only
+imports the app runs no task. A forked child starts its own threads;
+:class:`~dashboard.workqueue.WorkQueue` handles that.
+
+With a queue file, a process whose file cannot be written when it starts
+(locked by another process for longer than the busy timeout, read-only, its
+``-wal`` removed) still serves: its workers start from a thread that tries
+again every few seconds, and the log says so.
 
 On SIGTERM or SIGINT the queue closes at once (new submissions get 503), and
 running tasks get ``SHUTDOWN_TIMEOUT`` seconds when the process exits.
@@ -85,10 +94,11 @@ class QueueExtension:
         app.extensions[EXTENSION_KEY] = self
         security.init_app(app)
         # The cheapest correct place to start: the first request this process serves.
-        app.before_request(queue.start)
+        app.before_request(lambda: _start(queue))
         if app.config["HANDLE_SIGNALS"]:
             install_signal_handlers()
         _register_atexit()
+        _start_under_uwsgi(app)
 
     def queue_for(self, app: Flask) -> WorkQueue:
         return self._queues[app]
@@ -99,8 +109,20 @@ class QueueExtension:
         return self._queues[current_app._get_current_object()]  # type: ignore[attr-defined]
 
 
+#: Set by a server's master once it has built the app, so checked its queue
+#: file: the checked paths (``os.pathsep`` between them), for the processes it
+#: starts, which inherit the environment.
+CHECKED_ENV = "DASHBOARD_QUEUE_CHECKED"
+
+
 def make_store(app: Flask) -> Store:
-    """The store ``QUEUE_URL`` names; a file that cannot be used fails here, at start."""
+    """The store ``QUEUE_URL`` names; a file that cannot be used fails here, at start.
+
+    In a process started after its master checked the file (see
+    :func:`vouch_for_store`) the file is not touched here: a replacement
+    worker must boot even while the file is busy or unwritable for a moment;
+    problems then show when the file is used.
+    """
     config = app.config
     url = config["QUEUE_URL"]
     if url == "memory://":
@@ -109,6 +131,7 @@ def make_store(app: Flask) -> Store:
     if not os.path.isabs(path):
         os.makedirs(app.instance_path, exist_ok=True)
         path = os.path.join(app.instance_path, path)
+    path = os.path.abspath(path)
     try:
         return SqliteStore(
             path,
@@ -117,9 +140,35 @@ def make_store(app: Flask) -> Store:
             retention=config["RETENTION"],
             lease_time=config["LEASE_TIME"],
             max_attempts=config["MAX_ATTEMPTS"],
+            check=path not in _checked_paths(),
         )
     except StoreError as exc:
         raise ConfigError(f"QUEUE_URL: {exc}") from None
+
+
+def _checked_paths() -> list[str]:
+    return [p for p in os.environ.get(CHECKED_ENV, "").split(os.pathsep) if p]
+
+
+def vouch_for_store(app: Any) -> bool:
+    """Tell the processes this one starts that ``app``'s queue file was checked.
+
+    For a server's master that built the app at start (our
+    ``gunicorn.conf.py`` does, in ``on_starting``): the workers it forks, and
+    the ones it forks again later to replace them, then build their store
+    without opening the file. Returns True when there was a file to vouch for.
+    """
+    ext = getattr(app, "extensions", {}).get(EXTENSION_KEY)
+    if not isinstance(ext, QueueExtension):
+        return False
+    store = ext.queue_for(app).store
+    path = getattr(store, "path", None)
+    if not store.durable or not path:
+        return False
+    paths = _checked_paths()
+    if path not in paths:
+        os.environ[CHECKED_ENV] = os.pathsep.join([*paths, path])
+    return True
 
 
 def get_queue(app: Flask | None = None) -> WorkQueue:
@@ -159,6 +208,8 @@ def start_serving(app: Any) -> bool:
     ``app`` may be anything a server loaded; if it is not a Flask app with a
     queue, nothing happens and ``False`` is returned. Also installs the signal
     handlers when called in the main thread, after the server installed its own.
+    A queue file that cannot be written now does not stop the process: its
+    workers start once it can (see the module docstring).
     """
     ext = getattr(app, "extensions", {}).get(EXTENSION_KEY)
     if not isinstance(ext, QueueExtension):
@@ -166,7 +217,7 @@ def start_serving(app: Any) -> bool:
     queue = ext.queue_for(app)
     if app.config.get("HANDLE_SIGNALS", True):
         install_signal_handlers(force=True)
-    queue.start()
+    _start(queue)
     return True
 
 
@@ -175,8 +226,153 @@ def stop_serving(app: Any) -> None:
     ext = getattr(app, "extensions", {}).get(EXTENSION_KEY)
     if isinstance(ext, QueueExtension):
         queue = ext.queue_for(app)
+        _cancel_start(queue)
         if queue.started:
             queue.shutdown()
+
+
+# -- starting, when the store lets us ----------------------------------------
+
+
+class _Starter:
+    """Starts one queue's workers in this process: now, or once its store can be written.
+
+    ``WorkQueue.start`` writes to a durable store (it registers the process
+    and each worker). If it cannot, it fails half way, and a server whose
+    worker fails while booting may stop altogether (gunicorn halts). So for a
+    durable store one write is tried first; when it fails, the process goes
+    on serving and a thread tries again every ``RETRY`` seconds.
+    """
+
+    RETRY = 2.0
+
+    def __init__(self, queue: WorkQueue):
+        self.queue = queue
+        self.pid = os.getpid()
+        self.lock = threading.Lock()  # held while starting; cancel() waits for it
+        self.cancelled = False
+        self.retrying: threading.Thread | None = None
+        self.wake = threading.Event()
+
+    def start(self) -> None:
+        with self.lock:
+            if self.cancelled or self.queue.started or self.retrying is not None:
+                return
+            error = self._try_store()
+            if error is None:
+                self._start_queue()
+                return
+            logger.error(
+                "pid %d cannot start its worker threads: %s. It serves requests, and starts "
+                "them once the queue file can be written (trying every %gs).",
+                self.pid, error, self.RETRY,
+            )
+            self.retrying = threading.Thread(
+                target=self._retry, name=f"{self.queue.name}-starter", daemon=True
+            )
+            self.retrying.start()
+
+    def _try_store(self) -> str | None:
+        if not self.queue.store.durable:
+            return None
+        try:
+            self.queue.store.maintain()
+        except Exception as exc:  # noqa: BLE001 - any failure: try again later
+            return f"{type(exc).__name__}: {exc}"
+        return None
+
+    def _retry(self) -> None:
+        while not self.wake.wait(self.RETRY):
+            if self.cancelled or self.queue.closed:
+                return
+            if self._try_store() is not None:
+                continue
+            with self.lock:
+                if not self.cancelled and not self.queue.closed:
+                    logger.info("pid %d: the queue file can be written again", self.pid)
+                    self._start_queue()
+                self.cancelled = True  # done either way
+            return
+
+    def _start_queue(self) -> None:
+        if not self.queue.store.durable:
+            self.queue.start()
+            return
+        try:
+            self.queue.start()
+        except Exception:  # noqa: BLE001 - the file went away again between the two writes
+            # Serving must go on (a gunicorn worker that fails while booting
+            # halts the whole server); the log says what is missing.
+            logger.exception("pid %d: starting the worker threads failed part way; this "
+                             "process may run fewer workers until it is restarted", self.pid)
+
+    def cancel(self) -> None:
+        """Start nothing from now on; waits for a start in progress to finish."""
+        with self.lock:
+            self.cancelled = True
+            self.wake.set()
+
+
+_starters: weakref.WeakKeyDictionary[WorkQueue, _Starter] = weakref.WeakKeyDictionary()
+_starters_lock = threading.Lock()
+
+
+def _new_starters_lock() -> None:
+    global _starters_lock
+    _starters_lock = threading.Lock()  # a thread of the parent may have held it at the fork
+
+
+os.register_at_fork(after_in_child=_new_starters_lock)
+
+
+def _starter(queue: WorkQueue) -> _Starter:
+    with _starters_lock:
+        starter = _starters.get(queue)
+        if starter is None or starter.pid != os.getpid():  # none yet, or the parent's
+            starter = _starters[queue] = _Starter(queue)
+        return starter
+
+
+def _start(queue: WorkQueue) -> None:
+    """Start ``queue``'s workers in this process, once; never fails for a busy store."""
+    if queue.started:
+        return
+    _starter(queue).start()
+
+
+def _cancel_start(queue: WorkQueue) -> None:
+    starter = _starters.get(queue)
+    if starter is not None and starter.pid == os.getpid():
+        starter.cancel()
+
+
+def _start_under_uwsgi(app: Flask) -> None:
+    """Under uWSGI, start the workers of each worker process without waiting for a request.
+
+    Otherwise only the processes that served a request would run tasks: with
+    a shared queue file and ``processes = 2``, half the capacity sat idle.
+    Never in the master: there, the start is left to a post-fork hook.
+    """
+    try:
+        import uwsgi  # type: ignore[import-not-found]  # exists only inside uWSGI
+    except ImportError:
+        return
+    if uwsgi.mule_id() or uwsgi.i_am_the_spooler():
+        return  # not a process that serves requests
+    queue = get_queue(app)
+    if uwsgi.worker_id() > 0:
+        # The app is built in the worker (lazy-apps): this process serves.
+        _start(queue)
+        return
+    previous = getattr(uwsgi, "post_fork_hook", None)
+
+    def start_after_fork() -> None:
+        if callable(previous):
+            previous()
+        if uwsgi.worker_id() > 0 and not uwsgi.mule_id():
+            _start(queue)
+
+    uwsgi.post_fork_hook = start_after_fork
 
 
 # -- signals and exit ------------------------------------------------------
@@ -243,5 +439,6 @@ def _register_atexit() -> None:
 
 def _shutdown_at_exit() -> None:
     for queue in live_queues():
+        _cancel_start(queue)
         if queue.started:
             queue.shutdown()

@@ -1,0 +1,289 @@
+"""Regression tests for the server-level defects a hostile review found.
+
+Each test is named after the defect it pins (d13, d14, d11, d1, d2, uWSGI)
+and starts the real server in a subprocess (tests/servers.py): a free port,
+its own process group, always killed at the end. What ran where comes from
+the app's log lines and GET /api/stats; deadlines only bound a failure, and
+where a test needs a fixed window (a file held locked for longer than the
+store's busy timeout) it says so.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import time
+from collections import Counter
+from contextlib import closing
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+
+from servers import (
+    DONE_RE,
+    ROOT,
+    STARTED_RE,
+    UWSGI,
+    BIN,
+    Server,
+    Servers,
+    parent_pid,
+    server_env,
+    free_port,
+    HOST,
+)
+from support import wait_for
+
+pytestmark = pytest.mark.server
+
+needs_uwsgi = pytest.mark.skipif(
+    not UWSGI.exists(), reason=f"uWSGI is not installed in {BIN} (pip install pyuwsgi)"
+)
+
+QUICK = {"FLASK_WORKERS": "1", "FLASK_WORK_TIME": "0.05", "FLASK_SHUTDOWN_TIMEOUT": "10"}
+
+#: The counting app of test_durable.py: a ``count`` task that writes
+#: "<id> <pid> start" and "<id> <pid> end" to the file named by COUNT_LOG.
+COUNTING = ("--pythonpath", str(ROOT / "tests" / "apps"), "counting:create_app()")
+
+#: The store's busy timeout (SqliteStore's default; no setting lowers it).
+BUSY_TIMEOUT = 10.0
+
+WORKER_TIMEOUT = "WORKER TIMEOUT"
+SHUTDOWN_LINE = re.compile(r"\[(\d+)\] \[\w+\] dashboard\.queue: shutdown:")
+
+
+@pytest.fixture
+def start_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
+    """``start_server(kind, *args, **env)``: see servers.Servers; all are killed at the end."""
+    servers = Servers(tmp_path, QUICK)
+    try:
+        yield servers
+    finally:
+        servers.stop_all()
+
+
+def try_request(server: Server, method: str, path: str, body: Any = None,
+                timeout: float = 10.0):
+    """One request on a new connection, or None when nothing answered."""
+    conn = server.connect(timeout=timeout)
+    try:
+        return server.request(method, path, body, conn)
+    except (OSError, http.client.HTTPException):
+        return None
+    finally:
+        conn.close()
+
+
+def submit(server: Server, kind: str, count: int = 1, **params: Any) -> list[int]:
+    reply = server.request("POST", "/api/tasks", {"kind": kind, "count": count, "params": params})
+    assert reply.status == 202, reply
+    return reply.body["ids"]
+
+
+def task(server: Server, task_id: int) -> dict[str, Any] | None:
+    """GET /api/tasks/<id>: the task, or None for a 404."""
+    reply = server.request("GET", f"/api/tasks/{task_id}")
+    if reply.status == 404:
+        return None
+    assert reply.status == 200, reply
+    return reply.body
+
+
+def wait_task(server: Server, task_id: int, state: str = "done",
+              timeout: float = 60.0) -> dict[str, Any]:
+    def reached() -> dict[str, Any] | None:
+        reply = try_request(server, "GET", f"/api/tasks/{task_id}")
+        if reply is not None and reply.status == 200 and reply.body["state"] == state:
+            return reply.body
+        return None
+
+    try:
+        return wait_for(reached, timeout, f"task {task_id} {state}", 0.05)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; log:\n{server.log_tail()}") from None
+
+
+def new_pid_answering(server: Server, old: int, timeout: float = 60.0) -> int:
+    """Poll GET /api/stats until a process other than ``old`` answers; its pid."""
+    def other() -> int | None:
+        if server.exited():
+            raise AssertionError(f"{server.name} exited; log:\n{server.log_tail()}")
+        reply = try_request(server, "GET", "/api/stats")
+        if reply is not None and reply.status == 200 and reply.body["pid"] != old:
+            return reply.body["pid"]
+        return None
+
+    try:
+        return wait_for(other, timeout, f"a process other than {old} answering", 0.02)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; log:\n{server.log_tail()}") from None
+
+
+def run_to_exit(args: list[str], env: dict[str, str], timeout: float = 30.0):
+    """Run a server that should refuse to start; kill its group if it does not exit."""
+    with subprocess.Popen(args, cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            raise AssertionError(f"still running {timeout:.0f}s later; stderr:\n{err[-3000:]}")
+    return proc.returncode, out, err
+
+
+# -- 13: gunicorn's timeout and a worker that recycles ---------------------------------
+
+
+def test_d13_max_requests_recycle_lets_a_long_task_finish(start_server):
+    # The worker recycles after 10 requests; the master kills a worker silent
+    # for 3 s; the running task takes 8 s and SHUTDOWN_TIMEOUT promises 30.
+    server = start_server("gunicorn", "--max-requests", "10", "--timeout", "3",
+                          FLASK_SHUTDOWN_TIMEOUT="30")
+    first = server.wait_ready()["pid"]
+    [long_task] = submit(server, "pretend", seconds=8)
+    server.wait_stats("the long task running", lambda s: s["running"] == 1)
+    # More requests: the tenth makes the worker leave; the next process answers.
+    second = new_pid_answering(server, first)
+    assert parent_pid(second) == server.pid
+
+    log = server.log()
+    # A new worker is forked only once the old one has exited: its story is whole.
+    assert "Autorestarting worker after current request." in log, log
+    assert WORKER_TIMEOUT not in log, "the master killed the recycling worker mid-shutdown"
+    runs = [(int(m[1]), int(m[3])) for m in DONE_RE.finditer(log)]
+    assert (long_task, first) in runs, f"task {long_task} never finished in {first}:\n{log}"
+    # It finished during the worker's shutdown, which began with the recycle.
+    shutdown = next(m for m in SHUTDOWN_LINE.finditer(log) if int(m[1]) == first)
+    done = next(m for m in DONE_RE.finditer(log) if int(m[1]) == long_task)
+    assert shutdown.start() < done.start(), log
+
+
+def test_d13_graceful_timeout_shorter_than_the_shutdown_timeout_is_refused(tmp_path):
+    port = free_port()
+    env = server_env({"BIND": f"{HOST}:{port}", "FLASK_SHUTDOWN_TIMEOUT": "10"})
+    args = [str(BIN / "gunicorn"), "-c", str(ROOT / "gunicorn.conf.py"),
+            "--graceful-timeout", "5"]
+    code, out, err = run_to_exit(args, env)
+    assert code == 1, err
+    assert "Traceback" not in out + err, err
+    [line] = [line for line in err.splitlines() if "cannot start" in line]
+    assert "graceful_timeout (5s)" in line and "SHUTDOWN_TIMEOUT (10s)" in line, line
+
+
+# -- 14: max_requests and the in-memory queue ----------------------------------------
+
+RECYCLE_WARNING = "gunicorn restarts each worker after max_requests (100) requests"
+
+
+@pytest.mark.parametrize("store", ["memory", "sqlite"])
+def test_d14_max_requests_with_the_memory_store_warns_once_at_start(start_server, tmp_path,
+                                                                      store):
+    settings = {"WEB_CONCURRENCY": "2"}
+    if store == "sqlite":
+        settings["FLASK_QUEUE_URL"] = f"sqlite:///{tmp_path / 'queue.db'}"
+    server = start_server("gunicorn", "--max-requests", "100", **settings)
+    server.wait_ready()
+    server.wait_log("two workers booted",
+                    lambda log: log.count("Booting worker with pid") == 2)
+    log = server.log()
+    if store == "memory":
+        # Once, by the master, at start: not once per worker.
+        assert log.count(RECYCLE_WARNING) == 1, log
+        assert f"[{server.pid}] [WARNING] dashboard.gunicorn:" in log, log
+        assert log.index(RECYCLE_WARNING) < log.index("Booting worker with pid"), log
+    else:
+        assert RECYCLE_WARNING not in log, "the SQLite store keeps queued work: no warning"
+
+
+def test_d14_a_task_id_from_before_a_recycle_never_names_another_task(start_server):
+    server = start_server("gunicorn", "--max-requests", "20")
+    first = server.wait_ready()["pid"]
+    [old] = submit(server, "pretend", seconds=0.01)
+    before = wait_task(server, old)
+    second = new_pid_answering(server, first)
+    assert parent_pid(second) == server.pid
+    # The new process's own tasks: ids it hands out must not reuse the old one's.
+    new = submit(server, "pretend", count=3, seconds=0.02)
+    wait_task(server, new[-1])
+    assert old not in new, f"the new process handed out id {old} again: {new}"
+    after = task(server, old)
+    same = ("kind", "params", "enqueued_at")
+    assert after is None or {k: after[k] for k in same} == {k: before[k] for k in same}, (
+        f"GET /api/tasks/{old} answered with another task: {after} (was {before})"
+    )
+
+
+# -- 11: a worker replaced while the queue file is locked ----------------------------
+
+
+def worker_pids(server: Server, n: int) -> set[int]:
+    """Wait until GET /api/stats lists workers of ``n`` processes of this master."""
+    def listed() -> set[int] | None:
+        if server.exited():
+            raise AssertionError(f"{server.name} exited; log:\n{server.log_tail()}")
+        reply = try_request(server, "GET", "/api/stats")
+        if reply is None or reply.status != 200:
+            return None
+        pids = {w["pid"] for w in reply.body["workers"] if parent_pid(w["pid"]) == server.pid}
+        return pids if len(pids) == n else None
+
+    try:
+        return wait_for(listed, 60, f"workers of {n} processes listed", 0.05)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; log:\n{server.log_tail()}") from None
+
+
+BOOTING_RE = re.compile(r"Booting worker with pid: (\d+)")
+
+
+def test_d11_a_worker_replaced_while_the_file_is_locked_boots_and_the_server_keeps_answering(
+    start_server, tmp_path
+):
+    db = tmp_path / "queue.db"
+    server = start_server("gunicorn", WEB_CONCURRENCY="2", FLASK_QUEUE_URL=f"sqlite:///{db}")
+    pids = worker_pids(server, 2)
+    victim = min(pids)
+
+    with closing(sqlite3.connect(db, isolation_level=None)) as holder:
+        holder.execute("BEGIN IMMEDIATE")  # every writer now waits, then fails
+        os.kill(victim, signal.SIGKILL)
+        replacement = server.wait_log(
+            "a replacement worker booting",
+            lambda log: next((int(m[1]) for m in BOOTING_RE.finditer(log)
+                              if int(m[1]) not in pids), None),
+        )
+        # The one fixed window: the lock is held for longer than the store's
+        # busy timeout after the replacement began to boot (no setting lowers
+        # it), so whatever it writes while booting fails. Meanwhile the master
+        # runs, the port takes connections, and reads are answered (slowly:
+        # a writer waiting for the lock holds its process's connection).
+        hold_until = time.monotonic() + BUSY_TIMEOUT + 2
+        answers = Counter()
+        while time.monotonic() < hold_until:
+            assert not server.exited(), f"gunicorn stopped; log:\n{server.log_tail()}"
+            reply = try_request(server, "GET", "/api/stats", timeout=BUSY_TIMEOUT * 3)
+            assert reply is not None and reply.status == 200, (reply, server.log_tail())
+            answers[reply.body["pid"]] += 1
+        holder.execute("ROLLBACK")
+
+    assert not server.exited() and parent_pid(replacement) == server.pid, server.log_tail()
+    assert answers, "no read was answered while the file was locked"
+    # Once the file is free, everything works: tasks run, in both processes'
+    # workers (the replacement's start as soon as the file can be written).
+    server.wait_log("worker threads started in the replacement",
+                    lambda log: any(int(m[2]) == replacement for m in STARTED_RE.finditer(log)))
+    assert worker_pids(server, 2) == (pids - {victim}) | {replacement}
+    ids = submit(server, "pretend", count=4, seconds=0.1)
+    for task_id in ids:
+        wait_task(server, task_id)
+    log = server.log()
+    assert "Worker failed to boot" not in log, log
+    assert "damaged" not in log and "Point QUEUE_URL at another file" not in log, log
