@@ -31,6 +31,7 @@ import logging
 import os
 import signal
 import threading
+import time
 import weakref
 from typing import Any, Callable, Mapping
 
@@ -364,6 +365,12 @@ def _start_under_uwsgi(app: Flask) -> None:
         # The app is built in the worker (lazy-apps): this process serves.
         _start(queue)
         return
+    # The app is built in the master: uWSGI forks the workers from here,
+    # without Python's at-fork handling, and a child forked while another
+    # thread of this process runs blocks for ever taking the GIL
+    # (unbit/uwsgi#1149). The submit limiter's storage starts a 10 ms timer
+    # thread when the app is built: let such threads end first.
+    _let_threads_end(timeout=2.0)
     previous = getattr(uwsgi, "post_fork_hook", None)
 
     def start_after_fork() -> None:
@@ -373,6 +380,23 @@ def _start_under_uwsgi(app: Flask) -> None:
             _start(queue)
 
     uwsgi.post_fork_hook = start_after_fork
+
+
+def _let_threads_end(timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    others = [t for t in threading.enumerate() if t is not threading.main_thread()]
+    for thread in others:
+        try:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        except RuntimeError:
+            pass  # a thread started outside Python: not ours to join
+    alive = [t.name for t in others if t.is_alive()]
+    if alive:
+        logger.warning(
+            "uWSGI will fork worker processes while this process runs other threads (%s): "
+            "a worker may hang at start. Build the app in each worker (lazy-apps = true).",
+            ", ".join(alive),
+        )
 
 
 # -- signals and exit ------------------------------------------------------

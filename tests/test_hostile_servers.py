@@ -287,3 +287,133 @@ def test_d11_a_worker_replaced_while_the_file_is_locked_boots_and_the_server_kee
     log = server.log()
     assert "Worker failed to boot" not in log, log
     assert "damaged" not in log and "Point QUEUE_URL at another file" not in log, log
+
+
+# -- 1: the in-memory queue after a cancelled backlog --------------------------------
+
+
+def test_d1_the_memory_queue_runs_again_after_a_paused_backlog_was_cancelled(start_server):
+    server = start_server("gunicorn")
+    server.wait_ready()
+    assert server.request("POST", "/api/pause").body == {"paused": True}
+    backlog = submit(server, "pretend", count=100, seconds=0)
+    for task_id in backlog:
+        reply = server.request("POST", f"/api/tasks/{task_id}/cancel")
+        assert reply.status == 200 and reply.body["state"] == "cancelled", reply
+    [last] = submit(server, "pretend", seconds=0)
+    assert server.request("POST", "/api/resume").body == {"paused": False}
+    # A task that takes no time, one worker idle: a deadline only bounds the failure.
+    done = wait_task(server, last, timeout=30)
+    assert done["state"] == "done"
+    stats = server.stats()
+    assert (stats["cancelled"], stats["done"], stats["queued"]) == (100, 1, 0), stats
+
+
+# -- 2: SQLite, a task whose process is stopping --------------------------------------
+
+
+class CountFile:
+    """The counting app's record of starts and ends: ``(task id, pid, event)``."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def events(self) -> list[tuple[int, int, str]]:
+        try:
+            text = self.path.read_text()
+        except FileNotFoundError:
+            return []
+        return [(int(t), int(p), e) for t, p, e in
+                (line.split() for line in text.split("\n")[:-1])]
+
+    def pids(self, task_id: int, event: str) -> list[int]:
+        return [p for t, p, e in self.events() if t == task_id and e == event]
+
+
+def test_d2_a_task_is_not_started_elsewhere_while_its_stopping_process_runs_it(
+    start_server, tmp_path
+):
+    counts = CountFile(tmp_path / "count.log")
+    # Leases of 3 s, renewed every second; a stop gives running tasks 12 s.
+    shared = {"FLASK_QUEUE_URL": f"sqlite:///{tmp_path / 'queue.db'}",
+              "FLASK_LEASE_TIME": "3", "FLASK_SHUTDOWN_TIMEOUT": "12",
+              "COUNT_LOG": str(counts.path)}
+    a = start_server("gunicorn", *COUNTING, **shared)
+    in_a = a.wait_ready()["pid"]
+    # Only A runs: the task starts there, and takes 8 s (several leases).
+    [task_id] = submit(a, "count", seconds=8)
+    wait_for(lambda: counts.pids(task_id, "start"), 30, f"task {task_id} started")
+    assert counts.pids(task_id, "start") == [in_a]
+
+    b = start_server("gunicorn", *COUNTING, **shared)
+    in_b = b.wait_ready()["pid"]
+    b.wait_log("B's workers started", lambda log: STARTED_RE.search(log))
+    assert wait_task(b, task_id, "running")["attempts"] == 1
+
+    a.send(signal.SIGTERM)  # A stops, finishing its task first (8 s < 12 s)
+    assert a.wait_exit() == 0, a.log_tail()
+    a.wait_group_gone()
+
+    assert counts.pids(task_id, "start") == [in_a], (
+        f"task {task_id} started again in {in_b} while {in_a} still ran it: {counts.events()}"
+    )
+    assert counts.pids(task_id, "end") == [in_a], counts.events()
+    info = task(b, task_id)
+    assert (info["state"], info["attempts"]) == ("done", 1), info
+    assert "lease lost" not in a.log(), a.log_tail()
+    assert "queued again" not in b.log(), b.log_tail()
+
+
+# -- uWSGI: every process runs tasks, not only those that served a request ------------
+
+
+def started_pids(log: str) -> set[int]:
+    return {int(m[2]) for m in STARTED_RE.finditer(log)}
+
+
+@needs_uwsgi
+@pytest.mark.parametrize("lazy", [True, False], ids=["lazy-apps", "app-in-master"])
+def test_uwsgi_two_processes_on_one_file_both_run_tasks_from_the_start(
+    start_server, tmp_path, lazy
+):
+    extra = ["--set", "processes=2"]
+    if not lazy:
+        extra += ["--set", "lazy-apps=false"]
+    server = start_server("uwsgi", *extra, FLASK_QUEUE_URL=f"sqlite:///{tmp_path / 'queue.db'}")
+    # Before any request: each worker process started its workers.
+    pids = server.wait_log("worker threads started in two processes",
+                           lambda log: len(started_pids(log)) == 2 and started_pids(log),
+                           timeout=30)
+    assert server.pid not in pids, "never in the master"
+    assert all(parent_pid(pid) == server.pid for pid in pids)
+    # One request queues the work; both processes take their share.
+    ids = submit(server, "pretend", count=8, seconds=0.5)
+    server.wait_log("eight tasks done", lambda log: len(DONE_RE.findall(log)) == 8)
+    runs = server.runs()
+    assert sorted(run.task_id for run in runs) == sorted(ids), runs
+    assert {run.pid for run in runs} == pids, f"not every process ran tasks: {runs}"
+    starts = Counter(int(m[2]) for m in STARTED_RE.finditer(server.log()))
+    assert starts == Counter({pid: 1 for pid in pids}), f"started more than once: {starts}"
+
+
+# -- uWSGI: SIGHUP ----------------------------------------------------------------------
+
+
+@needs_uwsgi
+def test_uwsgi_sighup_reloads_the_workers_and_the_master_goes_on(start_server):
+    server = start_server("uwsgi", FLASK_SHUTDOWN_TIMEOUT="30")
+    first = server.wait_ready()["pid"]
+    [running] = submit(server, "pretend", seconds=3)
+    server.wait_stats("the task running", lambda s: s["running"] == 1)
+    server.send(signal.SIGHUP)
+    second = new_pid_answering(server, first)
+    assert parent_pid(second) == server.pid, "the same master forked the new worker"
+    log = server.log()
+    assert "binary reloading" not in log, log
+    # The old worker finished its running task before it went.
+    assert (running, first) in {(run.task_id, run.pid) for run in server.runs()}, log
+    # The new worker runs tasks (its workers started without waiting for a request).
+    [after] = submit(server, "pretend", seconds=0)
+    assert wait_task(server, after)["state"] == "done"
+    assert (after, second) in {(run.task_id, run.pid) for run in server.runs()}
+    assert not server.exited()
