@@ -641,8 +641,8 @@ class SqliteStore(Store):
         """
         wait = self.busy_timeout if wait is None else wait
         if not self._write_lock.acquire(timeout=wait):
-            raise StoreUnavailable("the queue database is busy: this process's writes waited "
-                                   f"{wait:g}s")
+            raise StoreUnavailable("the queue database is busy: this process's writes "
+                                   f"waited {wait:g}s for it")
         try:
             conn = self._writer_conn()
             short = wait != self.busy_timeout
@@ -658,8 +658,13 @@ class SqliteStore(Store):
                         conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
                     except sqlite3.Error:
                         pass
+            now = clock()
             try:
-                yield conn, clock()
+                # What this process owes the file goes first, in order: a later
+                # write (a worker added again, say) must not be undone by an
+                # earlier one that lands after it.
+                settled = self._write_owed(conn, now) if self._pending else None
+                yield conn, now
             except sqlite3.IntegrityError:
                 _rollback(conn)
                 raise
@@ -676,6 +681,8 @@ class SqliteStore(Store):
                 raise self._unavailable(exc) from None
         finally:
             self._write_lock.release()
+        if settled:
+            self._settle_owed(*settled)
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
@@ -935,20 +942,30 @@ class SqliteStore(Store):
                   "and written as soon as the queue database lets it", what, exc.reason)
         self._keeper_wake.set()
 
-    def _write_pending(self) -> None:
+    def _write_owed(self, conn: sqlite3.Connection, now: float) -> tuple[int, list]:
+        """Write what is owed, inside the caller's transaction (under the write lock)."""
         with self._state:
             owed = list(self._pending)
-        settled: list[Callable[[], None]] = []
-        with self._write() as (conn, now):
-            for _what, write, _tasks in owed:
-                after = write(conn, now)
-                if callable(after):
-                    settled.append(after)
+        afters = []
+        for _what, write, _tasks in owed:
+            after = write(conn, now)
+            if callable(after):
+                afters.append(after)
+        return len(owed), afters
+
+    def _settle_owed(self, count: int, afters: list) -> None:
+        """The owed writes of a committed transaction landed: forget them."""
         with self._state:
-            del self._pending[:len(owed)]
-        for after in settled:
+            landed = self._pending[:count]
+            del self._pending[:count]
+        for after in afters:
             after()
-        logger.info("the queue database took what it owed: %s", ", ".join(w for w, _, _ in owed))
+        logger.info("the queue database took what it owed: %s",
+                    ", ".join(what for what, _, _ in landed))
+
+    def _write_pending(self) -> None:
+        with self._write():
+            pass  # the owed writes go first in every transaction
 
     def _outcome_writer(self, outcome: _Outcome) -> Callable[[sqlite3.Connection, float], Any]:
         def write(conn: sqlite3.Connection, now: float) -> Callable[[], None] | None:
@@ -987,14 +1004,16 @@ class SqliteStore(Store):
 
     def add_one(self, kind: str, params: dict[str, Any]) -> int:
         # The path of every submit, kept short: one INSERT in one transaction.
+        if self._pending:
+            return self.add(kind, params)[0]  # what is owed goes first
         text = json.dumps(params) if params else "{}"
         wall = time.time()
         if self._closed:
             raise QueueClosed()
         lock = self._write_lock
         if not lock.acquire(timeout=self.busy_timeout):
-            raise StoreUnavailable("the queue database is busy: this process's writes waited "
-                                   f"{self.busy_timeout:g}s")
+            raise StoreUnavailable("the queue database is busy: this process's writes "
+                                   f"waited {self.busy_timeout:g}s for it")
         try:
             if self._closed:
                 raise QueueClosed()

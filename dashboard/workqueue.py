@@ -551,14 +551,18 @@ class WorkQueue:
         return f"worker-{number}"
 
     def _forget_worker(self, name: str) -> None:
-        """A worker whose thread is over, for good (under ``_start_lock``)."""
+        """A worker whose thread is over, for good (under ``_start_lock``).
+
+        The store forgets it first: its name stays taken until then, so a
+        worker added meanwhile gets another name and is never the one removed.
+        """
+        self.store.remove_worker(name)
         self._threads.pop(name, None)
         self._current.pop(name, None)
         self._retiring.discard(name)
         self._dead.discard(name)
         self._not_before.pop(name, None)
         self._deaths.pop(name, None)
-        self.store.remove_worker(name)
 
     # -- running ---------------------------------------------------------
 
