@@ -50,6 +50,10 @@ class TaskRecord:
         "retried_as",
         "attempts",
         "checked_at",
+        "queued_clock",
+        "started_clock",
+        "dirty",
+        "lost",
     )
 
     def __init__(self, task_id: int, kind: str, params: dict[str, Any], enqueued_at: float):
@@ -71,6 +75,12 @@ class TaskRecord:
         self.retried_as: int | None = None
         self.attempts = 0
         self.checked_at = 0.0  # when a shared store last looked for a cancel request
+        # When it was queued and started on a clock that never steps (the
+        # durations behind the rates); the *_at times above are for people.
+        self.queued_clock = 0.0
+        self.started_clock = 0.0
+        self.dirty = False  # progress not yet written (a shared store)
+        self.lost = False  # its run here no longer counts: another process took it back
 
     def info(self) -> TaskInfo:
         return TaskInfo(
@@ -177,6 +187,10 @@ class WorkerInfo(NamedTuple):
 class Snapshot(NamedTuple):
     """One consistent view of a queue, taken under one lock.
 
+    Times a person reads (``taken_at``, the series' seconds) are on the wall
+    clock; the durations (rates, waits) are measured on a clock that never
+    steps, so a wall-clock step changes no rate.
+
     ``tag`` changes whenever anything a dashboard shows changes; it includes a
     token of the process and store, so tags from another process or an earlier
     run never match. ``throughput`` (tasks finished per minute), ``mean_wait``
@@ -204,8 +218,12 @@ class Snapshot(NamedTuple):
     mean_wait: float | None
     mean_run: float | None
     throughput: float
-    series: tuple[tuple[int, int, int], ...]
+    series: tuple[tuple[float, int, int], ...]
     taken_at: float
+    #: Seconds the oldest queued task has waited, and since a worker last took a
+    #: task (None: never): together with idle workers, they tell a stall.
+    oldest_wait: float | None = None
+    idle_for: float | None = None
 
     @property
     def finished(self) -> int:

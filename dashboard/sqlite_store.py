@@ -4,17 +4,29 @@ Queued work survives a restart, and several server processes see one queue:
 a task is claimed atomically (one ``UPDATE ... RETURNING`` in an immediate
 transaction), so two workers in two processes never take the same one.
 
-Delivery is **at least once**. A running task holds a lease that its
-process renews; when a process dies (``kill -9``, a crash, a deploy that
-could not wait), its tasks are queued again once their lease expires, and
-after ``max_attempts`` starts a task is failed with a message saying so. A
-task may therefore run more than once: make tasks idempotent, or check in
-the task whether its work was already done.
+Delivery is **at least once**. A running task belongs to the process that
+claimed it for as long as that process runs: while it runs the task it
+renews a lease on the machine's shared clock (:mod:`dashboard.clock`, which
+no wall-clock step moves), and any other process can tell from ``/proc``
+whether it still runs. When it is gone (``kill -9``, a crash, a reboot) its
+tasks are queued again at once; when nobody can tell (a process in another
+container sharing the file), once its lease has run out. After
+``max_attempts`` starts a task is failed with a message saying so. A task
+may therefore run more than once when its process dies under it: make tasks
+idempotent, or check in the task whether its work was already done.
 
-Each process opens its own connection, lazily, in the process that uses it
-(so nothing crosses a fork), and serialises its threads' use of it with a
-lock. The file must be on a local disk: SQLite's locking is not reliable on
-network file systems.
+A file that is busy for longer than the busy timeout (another process, a
+backup, ``sqlite3`` in a shell holding the write lock) never costs a task
+its outcome: requests are refused with :class:`StoreUnavailable` (a 503),
+reads go on (WAL lets readers through, and reads never wait for this
+process's writer), and the end of a task, its progress and the bookkeeping
+of its worker are kept in memory and written by a keeper thread as soon as
+the file lets them.
+
+Each process opens its own connections, lazily, in the process that uses
+them (so nothing crosses a fork): one writer, guarded by a lock, and one
+reader per thread. The file must be on a local disk: SQLite's locking is not
+reliable on network file systems.
 
 This module imports nothing from Flask.
 """
@@ -30,8 +42,10 @@ import sqlite3
 import threading
 import time
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
+from urllib.parse import quote
 
+from .clock import ALIVE, BOOT_ID, DEAD, Identity, clock, identity, process_alive
 from .records import Snapshot, State, TaskInfo, TaskRecord, WorkerInfo
 from .store import (
     RATE_WINDOW,
@@ -39,34 +53,43 @@ from .store import (
     QueueClosed,
     QueueFull,
     Store,
+    StoreUnavailable,
     TaskNotFound,
     WrongState,
     rates,
+    worker_state,
 )
 from .tasks import TaskError
 
 logger = logging.getLogger("dashboard.sqlite")
 
 #: The schema this code reads and writes; kept in ``PRAGMA user_version``.
-SCHEMA_VERSION = 1
+#: 2: times that are compared (leases, heartbeats, the per-second record, the
+#: durations behind the rates) are on the machine's shared clock, with its boot.
+SCHEMA_VERSION = 2
 
 #: How long a running task's lease lasts, by default; renewed every third of it.
 LEASE_TIME = 30.0
 
+#: Seconds the keeper waits before writing progress, so that a task reporting
+#: often costs one write for several reports.
+PROGRESS_DELAY = 0.1
+
 _STATES = {s.value: s for s in State}
 
-#: The statement both task triggers begin with: when a new second has begun,
-#: the last one (still in meta's sec_* columns) goes to the seconds table.
+#: Both task triggers begin here: when a new second has begun (on the shared
+#: clock, in the row's ``clock``), the last one (still in meta's sec_* columns)
+#: goes to the seconds table.
 _FLUSH_LAST_SECOND = """\
 INSERT INTO seconds (second, depth, peak, finished, wait_sum, run_sum)
     SELECT sec, sec_depth, sec_peak, sec_finished, sec_wait, sec_run FROM meta
-    WHERE sec IS NOT NULL AND sec != unixepoch()
+    WHERE sec IS NOT NULL AND sec < CAST(NEW.clock AS INTEGER)
     ON CONFLICT (second) DO UPDATE SET
         depth = excluded.depth, peak = max(peak, excluded.peak),
         finished = finished + excluded.finished, wait_sum = wait_sum + excluded.wait_sum,
         run_sum = run_sum + excluded.run_sum;"""
 
-_SCHEMA = """
+_TABLES = """
 CREATE TABLE meta (
     id           INTEGER PRIMARY KEY CHECK (id = 1),
     instance     TEXT NOT NULL,             -- random: tags of another file never match
@@ -89,14 +112,16 @@ CREATE TABLE meta (
     sec_peak     INTEGER NOT NULL DEFAULT 0,
     sec_finished INTEGER NOT NULL DEFAULT 0,
     sec_wait     REAL NOT NULL DEFAULT 0,
-    sec_run      REAL NOT NULL DEFAULT 0
+    sec_run      REAL NOT NULL DEFAULT 0,
+    boot         TEXT,                      -- the boot every *clock value counts from
+    last_claim   REAL                       -- when a task was last taken (clock)
 );
 CREATE TABLE tasks (
     id               INTEGER PRIMARY KEY,
     kind             TEXT NOT NULL,
     params           TEXT NOT NULL,        -- JSON
     state            TEXT NOT NULL,
-    enqueued_at      REAL NOT NULL,
+    enqueued_at      REAL NOT NULL,        -- wall clock, to show
     started_at       REAL,
     finished_at      REAL,
     progress         REAL NOT NULL DEFAULT 0,
@@ -106,22 +131,41 @@ CREATE TABLE tasks (
     worker           TEXT,
     process          TEXT,                 -- the claiming process's token
     pid              INTEGER,
-    lease_until      REAL,
+    lease_until      REAL,                 -- clock
     attempts         INTEGER NOT NULL DEFAULT 0,
     cancel_requested INTEGER NOT NULL DEFAULT 0,
     retry_of         INTEGER,
-    retried_as       INTEGER
+    retried_as       INTEGER,
+    queued_clock     REAL,                 -- the shared clock when queued, started, finished:
+    started_clock    REAL,                 -- the rates' wait and run times
+    finished_clock   REAL,
+    clock            REAL                  -- the shared clock at the last change of state
 );
 -- The only index: the history, newest first, and pruning oldest first. Every
 -- index is one more page written per commit, so the queue order comes from
 -- the ids (from meta.head up) and the running tasks are few enough to scan.
 CREATE INDEX tasks_finished ON tasks (finished_at) WHERE finished_at IS NOT NULL;
+CREATE TABLE seconds (
+    second   INTEGER PRIMARY KEY,          -- clock
+    depth    INTEGER NOT NULL,
+    peak     INTEGER NOT NULL,
+    finished INTEGER NOT NULL DEFAULT 0,
+    wait_sum REAL NOT NULL DEFAULT 0,
+    run_sum  REAL NOT NULL DEFAULT 0
+);
+"""
+
+#: Who is using the file now: rows that are dropped and made anew on upgrade.
+_PROCESS_TABLES = """
 CREATE TABLE processes (
     token        TEXT PRIMARY KEY,
     pid          INTEGER NOT NULL,
     host         TEXT NOT NULL,
-    started_at   REAL NOT NULL,
-    heartbeat_at REAL NOT NULL
+    boot         TEXT,                     -- with pidns and start: is it still running?
+    pidns        TEXT,
+    start        INTEGER,
+    started_at   REAL NOT NULL,            -- wall clock
+    heartbeat_at REAL NOT NULL             -- clock
 );
 CREATE TABLE workers (
     process  TEXT NOT NULL,
@@ -132,18 +176,13 @@ CREATE TABLE workers (
     done     INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (process, name)
 );
-CREATE TABLE seconds (
-    second   INTEGER PRIMARY KEY,
-    depth    INTEGER NOT NULL,
-    peak     INTEGER NOT NULL,
-    finished INTEGER NOT NULL DEFAULT 0,
-    wait_sum REAL NOT NULL DEFAULT 0,
-    run_sum  REAL NOT NULL DEFAULT 0
-);
--- The counters, the version, the queue head and the per-second record follow
--- the tasks table in triggers: they change in the same statement as the task,
--- so they never disagree with it, and a submit is one INSERT that touches two
--- pages (the task's and meta's). The `seconds` table is written once a second.
+"""
+
+# The counters, the version, the queue head and the per-second record follow
+# the tasks table in triggers: they change in the same statement as the task,
+# so they never disagree with it, and a submit is one INSERT that touches two
+# pages (the task's and meta's). The `seconds` table is written once a second.
+_TRIGGERS = """
 CREATE TRIGGER tasks_refuse_when_full BEFORE INSERT ON tasks
 WHEN NEW.state = 'queued' AND (SELECT queued >= max_queued FROM meta)
 BEGIN
@@ -156,12 +195,13 @@ BEGIN
     UPDATE meta SET
         queued = queued + 1, submitted = submitted + 1, version = version + 1,
         next_id = max(next_id, NEW.id + 1),
-        sec_peak = CASE WHEN sec = unixepoch() THEN max(sec_peak, queued + 1) ELSE queued + 1 END,
-        sec_finished = CASE WHEN sec = unixepoch() THEN sec_finished ELSE 0 END,
-        sec_wait = CASE WHEN sec = unixepoch() THEN sec_wait ELSE 0 END,
-        sec_run = CASE WHEN sec = unixepoch() THEN sec_run ELSE 0 END,
+        sec_peak = CASE WHEN sec = s.now THEN max(sec_peak, queued + 1) ELSE queued + 1 END,
+        sec_finished = CASE WHEN sec = s.now THEN sec_finished ELSE 0 END,
+        sec_wait = CASE WHEN sec = s.now THEN sec_wait ELSE 0 END,
+        sec_run = CASE WHEN sec = s.now THEN sec_run ELSE 0 END,
         sec_depth = queued + 1,
-        sec = unixepoch();
+        sec = s.now
+    FROM (SELECT max(coalesce((SELECT sec FROM meta), 0), CAST(NEW.clock AS INTEGER)) AS now) AS s;
 END;
 CREATE TRIGGER tasks_moved AFTER UPDATE OF state ON tasks
 WHEN OLD.state != NEW.state
@@ -178,17 +218,19 @@ BEGIN
             WHEN OLD.state = 'queued' AND NEW.state = 'running' THEN max(head, NEW.id + 1)
             WHEN NEW.state = 'queued' THEN min(head, NEW.id)
             ELSE head END,
-        sec_peak = CASE WHEN sec = unixepoch() THEN max(sec_peak, queued + d.dq)
+        last_claim = CASE WHEN NEW.state = 'running' THEN NEW.clock ELSE last_claim END,
+        sec_peak = CASE WHEN sec = d.now THEN max(sec_peak, queued + d.dq)
                         ELSE queued + d.dq END,
-        sec_finished = CASE WHEN sec = unixepoch() THEN sec_finished ELSE 0 END + d.ran,
-        sec_wait = CASE WHEN sec = unixepoch() THEN sec_wait ELSE 0 END
-                   + CASE WHEN d.ran THEN NEW.started_at - NEW.enqueued_at ELSE 0 END,
-        sec_run = CASE WHEN sec = unixepoch() THEN sec_run ELSE 0 END
-                  + CASE WHEN d.ran THEN NEW.finished_at - NEW.started_at ELSE 0 END,
+        sec_finished = CASE WHEN sec = d.now THEN sec_finished ELSE 0 END + d.ran,
+        sec_wait = CASE WHEN sec = d.now THEN sec_wait ELSE 0 END
+                   + CASE WHEN d.ran THEN max(0, NEW.started_clock - NEW.queued_clock) ELSE 0 END,
+        sec_run = CASE WHEN sec = d.now THEN sec_run ELSE 0 END
+                  + CASE WHEN d.ran THEN max(0, NEW.finished_clock - NEW.started_clock) ELSE 0 END,
         sec_depth = queued + d.dq,
-        sec = unixepoch()
+        sec = d.now
     FROM (SELECT (NEW.state = 'queued') - (OLD.state = 'queued') AS dq,
-                 OLD.state = 'running' AND NEW.finished_at IS NOT NULL AS ran) AS d;
+                 OLD.state = 'running' AND NEW.finished_at IS NOT NULL AS ran,
+                 max(coalesce((SELECT sec FROM meta), 0), CAST(NEW.clock AS INTEGER)) AS now) AS d;
 END;
 CREATE TRIGGER tasks_touched AFTER UPDATE OF progress, message, cancel_requested, retried_as
 ON tasks
@@ -197,17 +239,38 @@ BEGIN
 END;
 """.format(flush_last_second=_FLUSH_LAST_SECOND)
 
+_SCHEMA = _TABLES + _PROCESS_TABLES + _TRIGGERS
+
+# Version 1 kept these times on the wall clock, and its triggers read it.
+_UPGRADE_FROM_1 = """
+ALTER TABLE meta ADD COLUMN boot TEXT;
+ALTER TABLE meta ADD COLUMN last_claim REAL;
+ALTER TABLE tasks ADD COLUMN queued_clock REAL;
+ALTER TABLE tasks ADD COLUMN started_clock REAL;
+ALTER TABLE tasks ADD COLUMN finished_clock REAL;
+ALTER TABLE tasks ADD COLUMN clock REAL;
+DROP TRIGGER tasks_refuse_when_full;
+DROP TRIGGER tasks_added;
+DROP TRIGGER tasks_moved;
+DROP TRIGGER tasks_touched;
+DROP TABLE processes;
+DROP TABLE workers;
+""" + _PROCESS_TABLES + _TRIGGERS
+
 # The id comes from meta.next_id (the insert trigger moves it on): ids are
 # never reused, without AUTOINCREMENT's extra page per insert.
 _INSERT = (
-    "INSERT INTO tasks (id, kind, params, state, enqueued_at, retry_of) "
-    "SELECT next_id, ?, ?, 'queued', ?, ? FROM meta"
+    "INSERT INTO tasks (id, kind, params, state, enqueued_at, queued_clock, clock, retry_of) "
+    "SELECT next_id, ?, ?, 'queued', ?, ?, ?, ? FROM meta"
 )
 
-_TASK_COLUMNS = (
-    "id, kind, params, state, enqueued_at, started_at, finished_at, progress, message, error, "
-    "traceback, worker, cancel_requested, retry_of, retried_as, attempts"
+_COLUMNS = (
+    "id", "kind", "params", "state", "enqueued_at", "started_at", "finished_at", "progress",
+    "message", "error", "traceback", "worker", "cancel_requested", "retry_of", "retried_as",
+    "attempts",
 )
+_TASK_COLUMNS = ", ".join(_COLUMNS)
+_T_COLUMNS = ", ".join(f"t.{c}" for c in _COLUMNS)
 
 
 class StoreError(TaskError):
@@ -238,12 +301,38 @@ def _record(row: tuple) -> TaskRecord:
     return record
 
 
+class _Outcome(NamedTuple):
+    """How a task ended, kept until it is written."""
+
+    record: TaskRecord
+    state: State
+    error: str | None
+    traceback: str | None
+    finished_at: float  # wall clock
+    finished_clock: float
+
+
+def _file_id(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
 class SqliteStore(Store):
     """Tasks, counters, workers and the per-second record in one SQLite file.
 
     ``path`` is created if missing (the directory must exist and be
     writable). ``history`` finished tasks are kept, and none older than
     ``retention`` seconds; older ones are pruned in small batches.
+
+    With ``check`` (the default) the file is opened, checked, created or
+    upgraded here, and a file that cannot be used raises :class:`StoreError`.
+    Without it nothing is read or written until the store is used, and the
+    file is never created: for a process started after the file was checked
+    (a server's worker forked from a master that checked it), which must
+    start even if the file is busy or gone for a moment.
     """
 
     durable = True
@@ -270,17 +359,18 @@ class SqliteStore(Store):
         self.poll_interval = poll_interval
         self.busy_timeout = busy_timeout
         self.maintain_every = max(0.2, lease_time / 3)
-        self._init_process()
         self._instance: str | None = None
+        # The file's identity when first opened, and why it can be used no
+        # more: facts about the file, so a forked child keeps them.
+        self._file: tuple[int, int] | None = None
+        self._file_checked = 0.0
+        self._lost: str | None = None
+        self._init_process()
         if not check:
-            # A process started after the file was checked (a server's worker
-            # forked from a master that checked it): no I/O here, so a file
-            # that is busy or gone for a moment cannot stop the process from
-            # starting; problems show at use, as StoreUnavailable.
             return
         # Check (or create) the file now, so a bad file fails at start, then
-        # close: each process opens its own connection when it first needs one.
-        conn = self._open(check_first=True)
+        # close: each process opens its own connections when it first needs them.
+        conn = self._open(create=True, check_first=True)
         try:
             self._instance = self._check_schema(conn)
         finally:
@@ -288,18 +378,31 @@ class SqliteStore(Store):
 
     def _init_process(self) -> None:
         self._pid = os.getpid()
+        self._me = identity()
         self._token = f"{socket.gethostname()}:{self._pid}:{secrets.token_hex(3)}"
-        self._lock = threading.RLock()
-        self._work = threading.Condition(self._lock)
-        self._conn: sqlite3.Connection | None = None
+        self._write_lock = threading.Lock()  # this process's one writer
+        self._state = threading.Lock()  # _mine, _pending, _keeper, _stopping
+        self._work = threading.Condition(threading.Lock())  # idle workers wait here
+        self._writer: sqlite3.Connection | None = None
+        self._readers = threading.local()
         self._closed = False
         self._stopping: set[str] = set()
-        self._registered = False
         self._waiting = 0
+        # Tasks claimed here whose end is not written yet, by id: their leases
+        # are renewed for as long as they are here, whatever else happens.
+        self._mine: dict[int, TaskRecord] = {}
+        # Writes that must land (a task's end, a worker's exit), oldest first,
+        # with the ids of the tasks whose end they write.
+        self._pending: list[tuple[str, Callable[[sqlite3.Connection, float], Any],
+                                  tuple[int, ...]]] = []
+        self._dirty = False  # progress waiting to be written
+        self._keeper: threading.Thread | None = None
+        self._keeper_wake = threading.Event()
+        self._said: dict[str, float] = {}
 
-    # -- the connection --------------------------------------------------
+    # -- connections -------------------------------------------------------
 
-    def _open(self, check_first: bool = False) -> sqlite3.Connection:
+    def _open(self, create: bool = False, check_first: bool = False) -> sqlite3.Connection:
         directory = os.path.dirname(self.path) or "."
         if os.path.isdir(self.path):
             raise StoreError(f"cannot use the queue database {self.path}: it is a directory; "
@@ -307,12 +410,16 @@ class SqliteStore(Store):
         if not os.path.isdir(directory):
             raise StoreError(f"cannot open the queue database {self.path}: "
                              f"the directory {directory} does not exist")
+        # Only the first check may create the file: a process that finds it
+        # gone later must say so, not start an empty queue beside the old one.
+        uri = f"file:{quote(self.path)}?mode={'rwc' if create else 'rw'}"
         try:
-            conn = sqlite3.connect(
-                self.path, timeout=self.busy_timeout, isolation_level=None,
-                check_same_thread=False,
-            )
+            conn = sqlite3.connect(uri, uri=True, timeout=self.busy_timeout,
+                                   isolation_level=None, check_same_thread=False)
         except sqlite3.Error as exc:
+            if not create and not os.path.exists(self.path):
+                raise StoreError(f"the queue database {self.path} is gone (deleted while "
+                                 "in use?)") from None
             raise StoreError(_explain(self.path, exc)) from None
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
@@ -332,6 +439,8 @@ class SqliteStore(Store):
         except BaseException:
             conn.close()
             raise
+        if self._file is None:
+            self._file = _file_id(self.path)
         return conn
 
     def _refuse_foreign(self, conn: sqlite3.Connection) -> None:
@@ -361,83 +470,264 @@ class SqliteStore(Store):
 
     def _check_schema(self, conn: sqlite3.Connection) -> str:
         try:
-            if conn.execute("PRAGMA user_version").fetchone()[0] == 0:
+            if conn.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
                 conn.execute("BEGIN IMMEDIATE")
                 try:
-                    # Another process may have created it while we waited for the lock.
-                    if not conn.execute("PRAGMA user_version").fetchone()[0]:
+                    # Another process may have done it while we waited for the lock.
+                    version = conn.execute("PRAGMA user_version").fetchone()[0]
+                    if version == 0:
                         for statement in _statements(_SCHEMA):
                             conn.execute(statement)
                         conn.execute("INSERT INTO meta (id, instance) VALUES (1, ?)",
                                      (secrets.token_hex(4),))
-                        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                         logger.info("created the queue database %s", self.path)
+                    elif version == 1:
+                        self._upgrade_from_1(conn)
+                    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                     conn.execute("COMMIT")
                 except BaseException:
                     conn.execute("ROLLBACK")
                     raise
-            conn.execute("UPDATE meta SET max_queued = ? WHERE max_queued != ?",
-                         (self.max_queued, self.max_queued))
+            if conn.execute("SELECT max_queued != ? OR boot IS NOT ? FROM meta",
+                            (self.max_queued, BOOT_ID)).fetchone()[0]:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    conn.execute("UPDATE meta SET max_queued = ?", (self.max_queued,))
+                    self._adopt_boot(conn)
+                    conn.execute("COMMIT")
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
             return conn.execute("SELECT instance FROM meta").fetchone()[0]
         except sqlite3.DatabaseError as exc:
             raise StoreError(_explain(self.path, exc)) from None
 
-    def _connection(self) -> sqlite3.Connection:
-        if self._conn is not None and self._pid == os.getpid():
-            return self._conn
+    def _upgrade_from_1(self, conn: sqlite3.Connection) -> None:
+        """Schema 1 → 2, in the caller's transaction: the times that are compared
+        move from the wall clock to the shared one; who uses the file starts afresh."""
+        live = conn.execute(
+            "SELECT pid FROM processes WHERE heartbeat_at > ?", (time.time() - 2 * LEASE_TIME,)
+        ).fetchall()
+        others = sorted({pid for (pid,) in live if pid != self._pid})
+        if others:
+            raise StoreError(
+                f"the queue database {self.path} is in use by an older release (pids "
+                f"{', '.join(map(str, others))}): stop every process using it, then start "
+                "this one, which upgrades the file. Nothing was changed."
+            )
+        for statement in _statements(_UPGRADE_FROM_1):
+            conn.execute(statement)
+        # Everything measured on the clock starts again with this boot.
+        conn.execute("UPDATE meta SET boot = NULL")
+        logger.info("upgraded the queue database %s to schema %d", self.path, SCHEMA_VERSION)
+
+    def _adopt_boot(self, conn: sqlite3.Connection) -> None:
+        """After a reboot (or an upgrade) the clock values in the file count from
+        another boot: restate them on ours, in the caller's transaction."""
+        (boot,) = conn.execute("SELECT boot FROM meta").fetchone()
+        if boot == BOOT_ID:
+            return
+        now, wall = clock(), time.time()
+        conn.execute("DELETE FROM seconds")
+        conn.execute(
+            "UPDATE meta SET boot = ?, last_claim = NULL, sec = NULL, sec_finished = 0, "
+            "sec_wait = 0, sec_run = 0, version = version + 1", (BOOT_ID,))
+        # Waiting times go on from the wall clock's reading; leases of the old
+        # boot's processes are over (those processes are gone).
+        conn.execute(
+            "UPDATE tasks SET queued_clock = ? - max(0, ? - enqueued_at), "
+            "started_clock = CASE WHEN started_at IS NULL THEN NULL "
+            "ELSE ? - max(0, ? - started_at) END, lease_until = 0 "
+            "WHERE state IN ('queued', 'running')", (now, wall, now, wall))
+        if boot is not None:
+            logger.info("the queue database %s was last used before a reboot: leases of "
+                        "that boot are over", self.path)
+
+    def _writer_conn(self) -> sqlite3.Connection:
+        """This process's writer (under the write lock)."""
         if self._pid != os.getpid():
-            # A forked child: the parent's connection must not be used (nor
-            # closed) here. Start this process's own state.
-            _abandoned.append(self._conn)
-            self._init_process()
-        if self._conn is None:
-            conn = self._open()
+            self._after_fork()
+        self._check_file()
+        if self._writer is None:
+            try:
+                conn = self._open()
+            except StoreError as exc:
+                raise StoreUnavailable(str(exc)) from None
+            try:
+                if self._instance is None:
+                    self._instance = conn.execute("SELECT instance FROM meta").fetchone()[0]
+                if conn.execute("SELECT boot IS NOT ? FROM meta", (BOOT_ID,)).fetchone()[0]:
+                    conn.execute("BEGIN IMMEDIATE")
+                    try:
+                        self._adopt_boot(conn)
+                        conn.execute("COMMIT")
+                    except BaseException:
+                        conn.execute("ROLLBACK")
+                        raise
+            except sqlite3.Error as exc:
+                conn.close()
+                raise self._unavailable(exc) from None
+            self._writer = conn
+        return self._writer
+
+    def _reader(self) -> sqlite3.Connection:
+        """This thread's reader: reads never wait for this process's writer."""
+        if self._pid != os.getpid():
+            self._after_fork()
+        self._check_file()
+        local = self._readers
+        conn = getattr(local, "conn", None)
+        if conn is None:
+            try:
+                conn = self._open()
+            except StoreError as exc:
+                raise StoreUnavailable(str(exc)) from None
+            local.conn = conn
             if self._instance is None:
                 try:
                     self._instance = conn.execute("SELECT instance FROM meta").fetchone()[0]
-                except sqlite3.Error:
-                    conn.close()
-                    raise
-            self._conn = conn
-        return self._conn
+                except sqlite3.Error as exc:
+                    raise self._reader_failed(exc) from None
+        return conn
+
+    def _reader_failed(self, exc: sqlite3.Error) -> StoreUnavailable:
+        # Open anew next time: the file may have been repaired or replaced.
+        conn = getattr(self._readers, "conn", None)
+        self._readers.conn = None
+        if conn is not None:
+            try:
+                conn.close()
+            except sqlite3.Error:
+                pass
+        return self._unavailable(exc)
+
+    def _after_fork(self) -> None:
+        # A forked child: the parent's connections must not be used (nor
+        # closed) here, nor its claims held. Start this process's own state.
+        _abandoned.append(self._writer)
+        _abandoned.append(getattr(self._readers, "conn", None))
+        self._init_process()
+
+    def _check_file(self) -> None:
+        """Refuse to go on with a file that was deleted or replaced while in use."""
+        if self._lost is not None:
+            raise StoreUnavailable(self._lost, retry_after=30)
+        if self._file is None:
+            return
+        now = time.monotonic()
+        if now - self._file_checked < 1.0:
+            return
+        self._file_checked = now
+        if _file_id(self.path) != self._file:
+            self._lost = (f"the queue database {self.path} was deleted or replaced while this "
+                          "process used it; it takes no more work: restart it")
+            logger.error("%s (pid %d)", self._lost, self._pid)
+            self._work_notify_all()
+            raise StoreUnavailable(self._lost, retry_after=30)
+
+    def _unavailable(self, exc: sqlite3.Error) -> StoreUnavailable:
+        text = str(exc)
+        if "locked" in text or "busy" in text:
+            return StoreUnavailable(f"the queue database is locked by another process ({text})")
+        return StoreUnavailable(f"the queue database {self.path} cannot be used now ({text})")
+
+    @contextmanager
+    def _write(self, wait: float | None = None) -> Iterator[tuple[sqlite3.Connection, float]]:
+        """One immediate transaction on this process's writer, and the shared
+        clock read inside it (so times are in commit order across processes).
+
+        Waits up to ``wait`` (the busy timeout) for the lock, then raises
+        :class:`StoreUnavailable`; nothing of the transaction stays.
+        """
+        wait = self.busy_timeout if wait is None else wait
+        if not self._write_lock.acquire(timeout=wait):
+            raise StoreUnavailable("the queue database is busy: this process's writes "
+                                   f"waited {wait:g}s for it")
+        try:
+            conn = self._writer_conn()
+            short = wait != self.busy_timeout
+            try:
+                if short:
+                    conn.execute(f"PRAGMA busy_timeout = {int(wait * 1000)}")
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise self._unavailable(exc) from None
+            finally:
+                if short:
+                    try:
+                        conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+                    except sqlite3.Error:
+                        pass
+            now = clock()
+            try:
+                # What this process owes the file goes first, in order: a later
+                # write (a worker added again, say) must not be undone by an
+                # earlier one that lands after it.
+                settled = self._write_owed(conn, now) if self._pending else None
+                yield conn, now
+            except sqlite3.IntegrityError:
+                _rollback(conn)
+                raise
+            except sqlite3.Error as exc:
+                _rollback(conn)
+                raise self._unavailable(exc) from None
+            except BaseException:
+                _rollback(conn)
+                raise
+            try:
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                _rollback(conn)
+                raise self._unavailable(exc) from None
+        finally:
+            self._write_lock.release()
+        if settled:
+            self._settle_owed(*settled)
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            conn = self._connection()
+        conn = self._reader()
+        try:
             conn.execute("BEGIN")  # one snapshot of the file for every read inside
             try:
                 yield conn
             finally:
                 conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise self._reader_failed(exc) from None
 
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            conn = self._connection()
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
+    def _read_one(self, sql: str, args: tuple = ()) -> tuple | None:
+        conn = self._reader()
+        try:
+            return conn.execute(sql, args).fetchone()
+        except sqlite3.Error as exc:
+            raise self._reader_failed(exc) from None
+
+    def _say(self, key: str, level: int, message: str, *args: Any) -> None:
+        """Log ``message`` at most once every 30 s per ``key``: a busy file must
+        not fill the log with the same line from every worker, every poll."""
+        now = time.monotonic()
+        if now - self._said.get(key, -1e9) >= 30.0:
+            self._said[key] = now
+            logger.log(level, message, *args)
 
     # -- helpers inside a write transaction ---------------------------------
 
-    def _add_locked(self, conn: sqlite3.Connection, kind: str, params: dict[str, Any],
-                    count: int, retry_of: int | None = None) -> list[int]:
+    def _add_locked(self, conn: sqlite3.Connection, now: float, kind: str,
+                    params: dict[str, Any], count: int,
+                    retry_of: int | None = None) -> list[int]:
         if self._closed:
             raise QueueClosed()
-        now = time.time()
+        wall = time.time()
         text = json.dumps(params)
         try:
             if count == 1:
-                return [conn.execute(_INSERT, (kind, text, now, retry_of)).lastrowid]
+                return [conn.execute(_INSERT, (kind, text, wall, now, now, retry_of)).lastrowid]
             queued, first = conn.execute("SELECT queued, next_id FROM meta").fetchone()
             if queued + count > self.max_queued:
                 raise QueueFull(queued, self.max_queued, count)
-            conn.executemany(_INSERT, ((kind, text, now, retry_of) for _ in range(count)))
+            conn.executemany(_INSERT, ((kind, text, wall, now, now, retry_of)
+                                       for _ in range(count)))
             return list(range(first, first + count))
         except sqlite3.IntegrityError as exc:
             if "queue full" not in str(exc):
@@ -446,111 +736,344 @@ class SqliteStore(Store):
             queued = conn.execute("SELECT queued FROM meta").fetchone()[0]
             raise QueueFull(queued, self.max_queued, count) from None
 
-    def _claim_locked(self, conn: sqlite3.Connection, worker: str | None) -> TaskRecord | None:
-        now = time.time()
+    def _claim_locked(self, conn: sqlite3.Connection, now: float,
+                      worker: str | None) -> TaskRecord | None:
         row = conn.execute(
-            f"UPDATE tasks SET state = 'running', started_at = ?, worker = ?, process = ?, "
-            f"pid = ?, lease_until = ?, attempts = attempts + 1 "
+            f"UPDATE tasks SET state = 'running', started_at = ?, started_clock = ?, clock = ?, "
+            f"worker = ?, process = ?, pid = ?, lease_until = ?, attempts = attempts + 1 "
             f"WHERE id = (SELECT id FROM tasks WHERE id >= (SELECT head FROM meta) "
             f"AND state = 'queued' ORDER BY id LIMIT 1) "
             f"AND (SELECT paused FROM meta) = 0 RETURNING {_TASK_COLUMNS}",
-            (now, worker, self._token, self._pid, now + self.lease_time),
+            (time.time(), now, now, worker, self._token, self._pid, now + self.lease_time),
         ).fetchone()
         if row is None:
             return None
         if worker is not None:
             conn.execute("UPDATE workers SET task_id = ? WHERE process = ? AND name = ?",
                          (row[0], self._token, worker))
-        return _record(row)
+        record = _record(row)
+        # Held from inside the transaction: upkeep in another thread must never
+        # see a task running under our token that we do not hold.
+        with self._state:
+            self._mine[record.id] = record
+            self._ensure_keeper()
+        return record
 
-    def _finish_locked(self, conn: sqlite3.Connection, record: TaskRecord, state: State,
-                       error: str | None, traceback: str | None) -> bool:
-        now = time.time()
+    def _finish_locked(self, conn: sqlite3.Connection, now: float, outcome: _Outcome) -> bool:
+        record = outcome.record
         changed = conn.execute(
-            "UPDATE tasks SET state = ?, finished_at = ?, error = ?, traceback = ?, "
-            "lease_until = NULL, progress = CASE WHEN ? THEN 1.0 ELSE progress END "
-            "WHERE id = ? AND state = 'running' AND process = ?",
-            (state.value, now, error, traceback, state is State.DONE, record.id, self._token),
+            "UPDATE tasks SET state = ?, finished_at = ?, finished_clock = ?, clock = ?, "
+            "error = ?, traceback = ?, lease_until = NULL, "
+            "progress = CASE WHEN ? THEN 1.0 ELSE ? END, message = ? "
+            "WHERE id = ? AND state = 'running' AND process = ? AND attempts = ?",
+            (outcome.state.value, outcome.finished_at, outcome.finished_clock, now,
+             outcome.error, outcome.traceback, outcome.state is State.DONE, record.progress,
+             record.message, record.id, self._token, record.attempts),
         ).rowcount
         if record.worker is not None:
             conn.execute(
                 "UPDATE workers SET task_id = NULL, done = done + ? "
-                "WHERE process = ? AND name = ?",
-                (changed, self._token, record.worker),
+                "WHERE process = ? AND name = ? AND task_id = ?",
+                (changed, self._token, record.worker, record.id),
             )
         if not changed:
-            # Our lease ran out and another process took the task back; its
-            # outcome is the one that counts.
+            # Our claim ended (the process was taken for dead, or the lease
+            # ran out) and another process took the task back; its outcome
+            # there is the one that counts.
             logger.warning("task %d: lease lost while it ran here; this result is not kept",
                            record.id)
             return False
-        record.state = state
-        record.finished_at = now
         return True
+
+    def _settle(self, record: TaskRecord, state: State, finished_at: float) -> None:
+        """The task's end is written: stop holding it."""
+        record.state = state
+        record.finished_at = finished_at
+        with self._state:
+            if self._mine.get(record.id) is record:
+                del self._mine[record.id]
+
+    def _give_back(self, conn: sqlite3.Connection, now: float, task_id: int, attempts: int,
+                   pid: int | None, cancel_requested: bool, why: str, note: str) -> None:
+        """A running task whose run here or elsewhere is over without an end:
+        cancelled if that was asked, queued again, or failed after its last attempt.
+
+        ``why`` is for the log ("process 12 stopped while running it"), ``note``
+        for the task's own message ("process 12 stopped").
+        """
+        conn.execute("UPDATE workers SET task_id = NULL WHERE task_id = ?", (task_id,))
+        if cancel_requested:
+            conn.execute(
+                "UPDATE tasks SET state = 'cancelled', finished_at = ?, finished_clock = ?, "
+                "clock = ?, lease_until = NULL, error = ? WHERE id = ?",
+                (time.time(), now, now, f"cancelled: {note} before it could stop", task_id),
+            )
+            logger.warning("task %d: %s; it was asked to stop, so it is cancelled, not queued "
+                           "again", task_id, why)
+        elif attempts < self.max_attempts:
+            conn.execute(
+                "UPDATE tasks SET state = 'queued', started_at = NULL, started_clock = NULL, "
+                "clock = ?, worker = NULL, process = NULL, lease_until = NULL, progress = 0, "
+                "message = ? WHERE id = ?",
+                (now, f"queued again: {note} during attempt {attempts}", task_id),
+            )
+            logger.warning("task %d: %s; queued again (attempt %d of %d)", task_id, why,
+                           attempts, self.max_attempts)
+        else:
+            conn.execute(
+                "UPDATE tasks SET state = 'failed', finished_at = ?, finished_clock = ?, "
+                "clock = ?, lease_until = NULL, error = ? WHERE id = ?",
+                (time.time(), now, now, f"gave up after {attempts} attempts: the process "
+                 f"running it stopped each time (last: pid {pid})", task_id),
+            )
+            logger.error("task %d: failed after %d attempts, each cut off by its process "
+                         "stopping", task_id, attempts)
+
+    # -- the keeper: leases, progress and writes that must land -----------
+
+    def _ensure_keeper(self) -> None:
+        """Start the keeper if it is not running (call with ``_state`` held)."""
+        if self._keeper is None or not self._keeper.is_alive():
+            self._keeper = threading.Thread(
+                target=self._keep, name=f"dashboard-sqlite-keeper-{self._pid}", daemon=True)
+            self._keeper.start()
+
+    def _keep(self) -> None:
+        """Runs while this process holds tasks or owes writes, whatever else it
+        does (stopping included): renews the leases of the tasks it runs, writes
+        their progress, and writes what could not be written, until it lands."""
+        renew_every = self.lease_time / 3
+        next_renewal = time.monotonic() + renew_every
+        retry = self.poll_interval
+        while True:
+            with self._state:
+                if not self._mine and not self._pending:
+                    self._keeper = None
+                    return
+                owing = bool(self._pending)
+                dirty = self._dirty
+            now = time.monotonic()
+            timeout = max(0.0, next_renewal - now)
+            if owing:
+                timeout = min(timeout, retry)
+            if dirty:
+                timeout = min(timeout, PROGRESS_DELAY)
+            if timeout:
+                self._keeper_wake.wait(timeout)
+                self._keeper_wake.clear()
+            try:
+                if self._pending:
+                    self._write_pending()
+                    retry = self.poll_interval
+                if self._dirty:
+                    self._write_progress()
+                if time.monotonic() >= next_renewal:
+                    self._renew()
+                    next_renewal = time.monotonic() + renew_every
+            except StoreUnavailable as exc:
+                retry = min(5.0, retry * 2)
+                self._say("keeper", logging.WARNING, "could not write to the queue database "
+                          "(%s); trying again", exc.reason)
+                if time.monotonic() >= next_renewal:
+                    next_renewal = time.monotonic() + retry
+            except Exception:  # noqa: BLE001 - the keeper must outlive any one failure
+                logger.exception("queue database upkeep failed; trying again")
+                retry = min(5.0, retry * 2)
+
+    def _renew(self) -> None:
+        """Renew the leases of the tasks held here; let go of the ones taken back."""
+        with self._state:
+            held = dict(self._mine)
+        if not held:
+            return
+        with self._write(wait=max(0.5, self.lease_time / 3)) as (conn, now):
+            ids = list(held)
+            owned = set()
+            for start in range(0, len(ids), 500):
+                chunk = ids[start:start + 500]
+                marks = ",".join("?" * len(chunk))
+                rows = conn.execute(
+                    f"SELECT id, attempts, state FROM tasks WHERE process = ? AND id IN ({marks})",
+                    (self._token, *chunk)).fetchall()
+                owned.update((i, a) for i, a, s in rows)
+                conn.execute(
+                    f"UPDATE tasks SET lease_until = ? WHERE process = ? AND state = 'running' "
+                    f"AND id IN ({marks})", (now + self.lease_time, self._token, *chunk))
+            conn.execute("UPDATE processes SET heartbeat_at = ? WHERE token = ?",
+                         (now, self._token))
+        for task_id, record in held.items():
+            if (task_id, record.attempts) not in owned:
+                record.lost = True
+                record.cancel_requested = True  # ctx.cancelled: stop, it runs elsewhere now
+                with self._state:
+                    if self._mine.get(task_id) is record:
+                        del self._mine[task_id]
+                logger.warning("task %d: another process took it back while it ran here "
+                               "(its claim ran out); ctx.cancelled is now true and its "
+                               "outcome here will not be kept", task_id)
+
+    def _write_progress(self) -> None:
+        with self._state:
+            self._dirty = False
+            dirty = [r for r in self._mine.values() if r.dirty]
+            for record in dirty:
+                record.dirty = False
+        if not dirty:
+            return
+        try:
+            with self._write() as (conn, _now):
+                conn.executemany(
+                    "UPDATE tasks SET progress = ?, message = ? WHERE id = ? "
+                    "AND state = 'running' AND process = ? AND attempts = ?",
+                    [(r.progress, r.message, r.id, self._token, r.attempts) for r in dirty])
+        except BaseException:
+            with self._state:
+                for record in dirty:
+                    record.dirty = True
+                self._dirty = True
+            raise
+
+    def _owe(self, what: str, write: Callable[[sqlite3.Connection, float], Any],
+             exc: StoreUnavailable, tasks: tuple[int, ...] = ()) -> None:
+        with self._state:
+            self._pending.append((what, write, tasks))
+            self._ensure_keeper()
+        self._say(f"owe-{what}", logging.WARNING, "%s could not be written (%s); it is kept "
+                  "and written as soon as the queue database lets it", what, exc.reason)
+        self._keeper_wake.set()
+
+    def _write_owed(self, conn: sqlite3.Connection, now: float) -> tuple[int, list]:
+        """Write what is owed, inside the caller's transaction (under the write lock)."""
+        with self._state:
+            owed = list(self._pending)
+        afters = []
+        for _what, write, _tasks in owed:
+            after = write(conn, now)
+            if callable(after):
+                afters.append(after)
+        return len(owed), afters
+
+    def _settle_owed(self, count: int, afters: list) -> None:
+        """The owed writes of a committed transaction landed: forget them."""
+        with self._state:
+            landed = self._pending[:count]
+            del self._pending[:count]
+        for after in afters:
+            after()
+        logger.info("the queue database took what it owed: %s",
+                    ", ".join(what for what, _, _ in landed))
+
+    def _write_pending(self) -> None:
+        with self._write():
+            pass  # the owed writes go first in every transaction
+
+    def _outcome_writer(self, outcome: _Outcome) -> Callable[[sqlite3.Connection, float], Any]:
+        def write(conn: sqlite3.Connection, now: float) -> Callable[[], None] | None:
+            if self._finish_locked(conn, now, outcome):
+                return lambda: self._settle(outcome.record, outcome.state, outcome.finished_at)
+            return lambda: self._let_go(outcome.record)
+        return write
+
+    def _let_go(self, record: TaskRecord) -> None:
+        with self._state:
+            if self._mine.get(record.id) is record:
+                del self._mine[record.id]
 
     # -- the store interface ---------------------------------------------
 
     @property
     def tag(self) -> str:
-        with self._lock:
-            version = self._connection().execute("SELECT version FROM meta").fetchone()[0]
-        return f"{self._instance}-{version}"
+        row = self._read_one("SELECT version FROM meta")
+        return f"{self._instance}-{row[0]}"
 
     @property
     def closed(self) -> bool:
         return self._closed
 
+    def problem(self) -> str | None:
+        return self._lost
+
     def add(self, kind: str, params: dict[str, Any], count: int = 1,
             retry_of: int | None = None) -> list[int]:
-        with self._write() as conn:
-            ids = self._add_locked(conn, kind, params, count, retry_of)
+        if self._closed:
+            raise QueueClosed()
+        with self._write() as (conn, now):
+            ids = self._add_locked(conn, now, kind, params, count, retry_of)
         self._wake_workers(count)
         return ids
 
     def add_one(self, kind: str, params: dict[str, Any]) -> int:
         # The path of every submit, kept short: one INSERT in one transaction.
+        if self._pending:
+            return self.add(kind, params)[0]  # what is owed goes first
         text = json.dumps(params) if params else "{}"
-        now = time.time()
-        with self._lock:
+        wall = time.time()
+        if self._closed:
+            raise QueueClosed()
+        lock = self._write_lock
+        if not lock.acquire(timeout=self.busy_timeout):
+            raise StoreUnavailable("the queue database is busy: this process's writes "
+                                   f"waited {self.busy_timeout:g}s for it")
+        try:
             if self._closed:
                 raise QueueClosed()
-            conn = self._connection()
-            conn.execute("BEGIN IMMEDIATE")
+            conn = self._writer_conn()
             try:
-                task_id = conn.execute(_INSERT, (kind, text, now, None)).lastrowid
+                conn.execute("BEGIN IMMEDIATE")
+                now = clock()
+                task_id = conn.execute(_INSERT, (kind, text, wall, now, now, None)).lastrowid
+                conn.execute("COMMIT")
             except sqlite3.IntegrityError as exc:
                 queued = conn.execute("SELECT queued FROM meta").fetchone()[0]
-                conn.execute("ROLLBACK")
+                _rollback(conn)
                 if "queue full" in str(exc):
                     raise QueueFull(queued, self.max_queued, 1) from None
                 raise
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-            if self._waiting:
-                self._work.notify()
+            except sqlite3.Error as exc:
+                _rollback(conn)
+                raise self._unavailable(exc) from None
+        finally:
+            lock.release()
+        if self._waiting:
+            self._wake_workers(1)
         return task_id
 
     def _wake_workers(self, count: int) -> None:
-        with self._lock:
+        with self._work:
             if self._waiting:
                 self._work.notify(count)
 
+    def _work_notify_all(self) -> None:
+        with self._work:
+            self._work.notify_all()
+
+    def _stopped(self, worker: str | None) -> bool:
+        return self._closed or (worker is not None and worker in self._stopping)
+
     def claim(self, worker: str | None, block: bool = True) -> TaskRecord | None:
         while True:
-            with self._lock:
-                if self._closed or (worker is not None and worker in self._stopping):
-                    return None
+            if self._stopped(worker):
+                return None
+            try:
                 if self._maybe_ready():
-                    with self._write() as conn:
-                        record = self._claim_locked(conn, worker)
+                    with self._write() as (conn, now):
+                        if self._stopped(worker):
+                            return None
+                        record = self._claim_locked(conn, now, worker)
                     if record is not None:
                         return record
+            except StoreUnavailable as exc:
                 if not block:
+                    raise
+                self._say("claim", logging.WARNING, "workers cannot take work: %s; trying "
+                          "again", exc.reason)
+            if not block:
+                return None
+            # Woken by a submit in this process, or look again soon for work
+            # another process queued.
+            with self._work:
+                if self._stopped(worker):
                     return None
-                # Woken by a submit in this process, or look again soon for
-                # work another process queued.
                 self._waiting += 1
                 try:
                     self._work.wait(self.poll_interval)
@@ -559,25 +1082,44 @@ class SqliteStore(Store):
 
     def _maybe_ready(self) -> bool:
         """A cheap read: is anything queued and the queue not paused? (No write lock.)"""
-        conn = self._connection()
-        row = conn.execute("SELECT paused = 0 AND queued > 0 FROM meta").fetchone()
+        row = self._read_one("SELECT paused = 0 AND queued > 0 FROM meta")
         return bool(row[0])
+
+    def _outcome(self, record: TaskRecord, state: State, error: str | None,
+                 traceback: str | None) -> _Outcome:
+        if state not in (State.DONE, State.FAILED, State.CANCELLED):
+            raise ValueError(f"{state} is not a finished state")
+        return _Outcome(record, state, error, traceback, time.time(), clock())
 
     def finish(self, record: TaskRecord, state: State, error: str | None = None,
                traceback: str | None = None) -> None:
-        with self._write() as conn:
-            self._finish_locked(conn, record, state, error, traceback)
+        outcome = self._outcome(record, state, error, traceback)
+        write = self._outcome_writer(outcome)
+        try:
+            with self._write() as (conn, now):
+                after = write(conn, now)
+        except StoreUnavailable as exc:
+            self._owe(f"the end of task {record.id}", write, exc, (record.id,))
+            return
+        after()
 
     def finish_and_claim(self, record: TaskRecord, state: State, error: str | None = None,
                          traceback: str | None = None) -> TaskRecord | None:
         worker = record.worker
-        with self._lock:
-            with self._write() as conn:
-                self._finish_locked(conn, record, state, error, traceback)
+        outcome = self._outcome(record, state, error, traceback)
+        write = self._outcome_writer(outcome)
+        following = None
+        try:
+            with self._write() as (conn, now):
+                after = write(conn, now)
                 # One transaction from the end of one task to the start of the next.
-                stopping = self._closed or worker in self._stopping
-                following = None if stopping else self._claim_locked(conn, worker)
-            if following is not None or stopping:
+                if not self._stopped(worker):
+                    following = self._claim_locked(conn, now, worker)
+        except StoreUnavailable as exc:
+            self._owe(f"the end of task {record.id}", write, exc, (record.id,))
+        else:
+            after()
+            if following is not None or self._stopped(worker):
                 return following
         return self.claim(worker)
 
@@ -585,13 +1127,22 @@ class SqliteStore(Store):
         visible = int(fraction * 100) != int(record.progress * 100) or message != record.message
         record.progress = fraction
         record.message = message
-        if not visible:
+        if not visible or record.lost:
             return  # not worth a write: nobody could see it
-        with self._write() as conn:
-            conn.execute(
-                "UPDATE tasks SET progress = ?, message = ? WHERE id = ? AND state = 'running'",
-                (fraction, message, record.id),
-            )
+        # Written at once if the file lets us within a moment; otherwise the
+        # keeper writes the latest value soon. A busy file never fails a task.
+        try:
+            with self._write(wait=0.05) as (conn, _now):
+                conn.execute(
+                    "UPDATE tasks SET progress = ?, message = ? WHERE id = ? "
+                    "AND state = 'running' AND process = ? AND attempts = ?",
+                    (fraction, message, record.id, self._token, record.attempts))
+        except StoreUnavailable:
+            with self._state:
+                record.dirty = True
+                self._dirty = True
+                self._ensure_keeper()
+            self._keeper_wake.set()
 
     def cancel_requested(self, record: TaskRecord) -> bool:
         if record.cancel_requested:
@@ -599,23 +1150,25 @@ class SqliteStore(Store):
         now = time.monotonic()
         if now - record.checked_at >= 0.25:  # another process may have asked: look, not too often
             record.checked_at = now
-            with self._lock:
-                row = self._connection().execute(
-                    "SELECT cancel_requested FROM tasks WHERE id = ?", (record.id,)
-                ).fetchone()
+            try:
+                row = self._read_one("SELECT cancel_requested FROM tasks WHERE id = ?",
+                                     (record.id,))
+            except StoreUnavailable:
+                return False  # asked again in a moment; the task must not fail for it
             record.cancel_requested = bool(row and row[0])
         return record.cancel_requested
 
     def cancel(self, task_id: int) -> State:
-        with self._write() as conn:
+        with self._write() as (conn, now):
             row = conn.execute("SELECT state FROM tasks WHERE id = ?", (task_id,)).fetchone()
             if row is None:
                 raise TaskNotFound(task_id)
             state = _STATES[row[0]]
             if state is State.QUEUED:
                 conn.execute(
-                    "UPDATE tasks SET state = 'cancelled', finished_at = ?, "
-                    "error = 'cancelled before it started' WHERE id = ?", (time.time(), task_id),
+                    "UPDATE tasks SET state = 'cancelled', finished_at = ?, finished_clock = ?, "
+                    "clock = ?, error = 'cancelled before it started' WHERE id = ?",
+                    (time.time(), now, now, task_id),
                 )
                 return State.CANCELLED
             if state is State.RUNNING:
@@ -627,7 +1180,7 @@ class SqliteStore(Store):
             raise WrongState(task_id, state, "only queued or running tasks can be cancelled")
 
     def retry(self, task_id: int) -> int:
-        with self._write() as conn:
+        with self._write() as (conn, now):
             row = conn.execute("SELECT state, kind, params, retried_as FROM tasks WHERE id = ?",
                                (task_id,)).fetchone()
             if row is None:
@@ -637,13 +1190,13 @@ class SqliteStore(Store):
                 raise WrongState(task_id, state, "only failed or cancelled tasks can be retried")
             if row[3] is not None:
                 return row[3]  # retried already: a double click queues one task
-            (new_id,) = self._add_locked(conn, row[1], json.loads(row[2]), 1, task_id)
+            (new_id,) = self._add_locked(conn, now, row[1], json.loads(row[2]), 1, task_id)
             conn.execute("UPDATE tasks SET retried_as = ? WHERE id = ?", (new_id, task_id))
         self._wake_workers(1)
         return new_id
 
     def clear_history(self) -> int:
-        with self._write() as conn:
+        with self._write() as (conn, _now):
             forgotten = conn.execute(
                 "DELETE FROM tasks WHERE finished_at IS NOT NULL"
             ).rowcount
@@ -651,7 +1204,7 @@ class SqliteStore(Store):
             return forgotten
 
     def reset(self) -> None:
-        with self._write() as conn:
+        with self._write() as (conn, _now):
             conn.execute("DELETE FROM tasks WHERE finished_at IS NOT NULL")
             conn.execute("DELETE FROM seconds")
             conn.execute(
@@ -664,86 +1217,114 @@ class SqliteStore(Store):
     # -- workers ----------------------------------------------------------
 
     def add_worker(self, name: str, replacement: bool = False) -> None:
-        with self._write() as conn:
-            self._register(conn)
-            self._stopping.discard(name)
+        with self._write() as (conn, now):
+            self._register(conn, now)
+            # A slot used before (a worker replaced, or one "−" then "+") starts
+            # idle: whatever task it showed has ended or been given back.
             conn.execute(
                 "INSERT INTO workers (process, name, pid) VALUES (?, ?, ?) "
-                "ON CONFLICT (process, name) DO UPDATE SET alive = 1",
+                "ON CONFLICT (process, name) DO UPDATE SET alive = 1, task_id = NULL",
                 (self._token, name, self._pid),
             )
             conn.execute(
                 "UPDATE meta SET version = version + 1, restarts = restarts + ?",
                 (int(replacement),),
             )
+        with self._state:
+            self._stopping.discard(name)
 
     def stop_worker(self, name: str) -> None:
-        with self._lock:
+        with self._state:
             self._stopping.add(name)
-            self._work.notify_all()
-        with self._write() as conn:
+        self._work_notify_all()
+
+        def write(conn: sqlite3.Connection, _now: float) -> None:
             conn.execute("UPDATE workers SET alive = 0 WHERE process = ? AND name = ?",
                          (self._token, name))
             conn.execute("UPDATE meta SET version = version + 1")
+
+        self._write_or_owe(f"worker {name} stopping", write)
+
+    def _write_or_owe(self, what: str, write: Callable[[sqlite3.Connection, float], Any]) -> None:
+        try:
+            with self._write() as (conn, now):
+                write(conn, now)
+        except StoreUnavailable as exc:
+            self._owe(what, write, exc)
 
     def worker_exited(self, name: str, error: str | None = None) -> None:
-        with self._write() as conn:
-            row = conn.execute(
-                "SELECT task_id FROM workers WHERE process = ? AND name = ?", (self._token, name)
-            ).fetchone()
-            conn.execute("UPDATE workers SET alive = 0 WHERE process = ? AND name = ?",
-                         (self._token, name))
-            if row and row[0] is not None:
-                task = conn.execute(
-                    f"SELECT {_TASK_COLUMNS} FROM tasks WHERE id = ?", (row[0],)
-                ).fetchone()
-                if task is not None and task[3] == "running":
-                    self._finish_locked(conn, _record(task), State.FAILED,
-                                        error or "worker thread exited", None)
+        # A worker that died holding a task fails it (unless its end is owed
+        # already: that end stands); one that stopped cleanly holds none.
+        outcomes = []
+        if error is not None:
+            with self._state:
+                owed = {task for *_, tasks in self._pending for task in tasks}
+                held = [r for r in self._mine.values() if r.worker == name and r.id not in owed]
+            outcomes = [self._outcome(r, State.FAILED, error, None) for r in held]
+        writes = [self._outcome_writer(o) for o in outcomes]
+
+        def write(conn: sqlite3.Connection, now: float) -> Callable[[], None]:
+            afters = [w(conn, now) for w in writes]
+            conn.execute("UPDATE workers SET alive = 0, task_id = NULL "
+                         "WHERE process = ? AND name = ?", (self._token, name))
             conn.execute("UPDATE meta SET version = version + 1")
+            return lambda: [after() for after in afters]
+
+        try:
+            with self._write() as (conn, now):
+                after = write(conn, now)
+        except StoreUnavailable as exc:
+            self._owe(f"the exit of worker {name}", write, exc,
+                      tuple(o.record.id for o in outcomes))
+            return
+        after()
 
     def remove_worker(self, name: str) -> None:
-        with self._write() as conn:
+        def write(conn: sqlite3.Connection, _now: float) -> None:
             conn.execute("DELETE FROM workers WHERE process = ? AND name = ?",
                          (self._token, name))
             conn.execute("UPDATE meta SET version = version + 1")
-        with self._lock:
+
+        self._write_or_owe(f"the removal of worker {name}", write)
+        with self._state:
             self._stopping.discard(name)
 
     def workers_target(self) -> int | None:
-        with self._lock:
-            return self._connection().execute("SELECT workers FROM meta").fetchone()[0]
+        return self._read_one("SELECT workers FROM meta")[0]
 
     def set_workers_target(self, count: int) -> None:
-        with self._write() as conn:
+        with self._write() as (conn, _now):
             conn.execute("UPDATE meta SET workers = ?, version = version + 1", (count,))
 
     # -- reading ----------------------------------------------------------
 
     def snapshot(self, recent: int = 20, upcoming: int = 0) -> Snapshot:
-        now = time.time()
-        alive_since = now - 3 * self.maintain_every
         with self._read() as conn:
+            now, wall = clock(), time.time()
             (version, paused, queued, running, done, failed, cancelled, submitted,
-             restarts) = conn.execute(
+             restarts, last_claim) = conn.execute(
                 "SELECT version, paused, queued, running, done, failed, cancelled, submitted, "
-                "restarts FROM meta"
+                "restarts, last_claim FROM meta"
             ).fetchone()
             workers = []
-            for name, pid, alive, done_count, task_row in self._worker_rows(conn, alive_since):
-                task = None if task_row is None else _info(task_row)
-                if task is not None and task.state is not State.RUNNING:
-                    task = None
+            for name, pid, alive, done_count, *task_row in conn.execute(
+                f"SELECT w.name, w.pid, w.alive, w.done, {_T_COLUMNS} FROM workers w "
+                "JOIN processes p ON p.token = w.process "
+                "LEFT JOIN tasks t ON t.id = w.task_id AND t.state = 'running' "
+                "ORDER BY w.pid, w.name"
+            ):
+                task = None if task_row[0] is None else _info(tuple(task_row))
                 workers.append(WorkerInfo(
-                    name, _state(task, bool(alive), bool(paused), self._closed), task,
-                    done_count, pid,
+                    name, worker_state(task is not None, bool(alive), bool(paused),
+                                       self._closed), task, done_count, pid,
                 ))
             last = tuple(_info(r) for r in conn.execute(
                 f"SELECT {_TASK_COLUMNS} FROM tasks WHERE finished_at IS NOT NULL "
                 "ORDER BY finished_at DESC, id DESC LIMIT ?", (recent,)))
-            next_up = tuple(_info(r) for r in conn.execute(
-                f"SELECT {_TASK_COLUMNS} FROM tasks WHERE id >= (SELECT head FROM meta) "
-                "AND state = 'queued' ORDER BY id LIMIT ?", (upcoming,))) if upcoming else ()
+            head = conn.execute(
+                f"SELECT queued_clock, {_TASK_COLUMNS} FROM tasks WHERE id >= "
+                "(SELECT head FROM meta) AND state = 'queued' ORDER BY id LIMIT ?",
+                (max(1, upcoming),)).fetchall()
             # The seconds written so far, and the current one, still in meta.
             buckets = conn.execute(
                 "SELECT second, depth, peak, finished, wait_sum, run_sum FROM seconds "
@@ -751,9 +1332,13 @@ class SqliteStore(Store):
                 "SELECT sec, sec_depth, sec_peak, sec_finished, sec_wait, sec_run FROM meta "
                 "WHERE sec > ? ORDER BY 1", (int(now) - SERIES_SECONDS,) * 2,
             ).fetchall()
-            series = tuple((b[0], b[1], b[2]) for b in buckets)
+        next_up = tuple(_info(r[1:]) for r in head[:upcoming])
+        oldest = head[0][0] if head and head[0][0] is not None else None
+        # The chart shows wall-clock seconds; the record counts on the shared clock.
+        shift = wall - now
+        series = tuple((b[0] + shift, b[1], b[2]) for b in buckets)
         since = int(now) - RATE_WINDOW
-        measured = rates(now, series[0][0] if series else None,
+        measured = rates(now, buckets[0][0] if buckets else None,
                          (b[3:] for b in buckets if b[0] > since))
         return Snapshot(
             tag=f"{self._instance}-{version}",
@@ -773,31 +1358,14 @@ class SqliteStore(Store):
             recent=last,
             upcoming=next_up,
             series=series,
-            taken_at=now,
+            taken_at=wall,
+            oldest_wait=None if oldest is None else max(0.0, now - oldest),
+            idle_for=None if last_claim is None else max(0.0, now - last_claim),
             **measured,
         )
 
-    def _worker_rows(self, conn: sqlite3.Connection, alive_since: float) -> Iterator[tuple]:
-        """Workers of live processes (this one, and others with a recent heartbeat)."""
-        rows = conn.execute(
-            "SELECT w.name, w.pid, w.alive, w.done, w.task_id FROM workers w "
-            "JOIN processes p ON p.token = w.process "
-            "WHERE p.heartbeat_at >= ? OR p.token = ? ORDER BY w.pid, w.name",
-            (alive_since, self._token),
-        ).fetchall()
-        for name, pid, alive, done, task_id in rows:
-            task_row = None
-            if task_id is not None:
-                task_row = conn.execute(
-                    f"SELECT {_TASK_COLUMNS} FROM tasks WHERE id = ?", (task_id,)
-                ).fetchone()
-            yield name, pid, alive, done, task_row
-
     def get(self, task_id: int) -> TaskInfo | None:
-        with self._lock:
-            row = self._connection().execute(
-                f"SELECT {_TASK_COLUMNS} FROM tasks WHERE id = ?", (task_id,)
-            ).fetchone()
+        row = self._read_one(f"SELECT {_TASK_COLUMNS} FROM tasks WHERE id = ?", (task_id,))
         return None if row is None else _info(row)
 
     # -- the whole queue --------------------------------------------------
@@ -805,27 +1373,26 @@ class SqliteStore(Store):
     def wait_idle(self, timeout: float | None) -> bool:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            with self._lock:
-                queued, running = self._connection().execute(
-                    "SELECT queued, running FROM meta"
-                ).fetchone()
+            queued, running = self._read_one("SELECT queued, running FROM meta")
             if not queued and not running:
                 return True
             if deadline is not None and time.monotonic() >= deadline:
                 return False
-            time.sleep(0.02 if deadline is None else min(0.02, max(0.0, deadline - time.monotonic())))
+            pause = 0.02 if deadline is None else min(0.02, max(0.0, deadline - time.monotonic()))
+            with self._work:
+                self._work.wait(pause)
 
     def set_paused(self, paused: bool) -> None:
-        with self._write() as conn:
-            if conn.execute("UPDATE meta SET paused = ?, version = version + 1 WHERE paused != ?",
-                            (int(paused), int(paused))).rowcount and not paused:
-                with self._lock:
-                    self._work.notify_all()
+        with self._write() as (conn, _now):
+            changed = conn.execute(
+                "UPDATE meta SET paused = ?, version = version + 1 WHERE paused != ?",
+                (int(paused), int(paused))).rowcount
+        if changed and not paused:
+            self._work_notify_all()
 
     def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            self._work.notify_all()
+        self._closed = True
+        self._work_notify_all()
 
     def close_nowait(self) -> None:
         self._closed = True
@@ -834,72 +1401,84 @@ class SqliteStore(Store):
         return 0  # durable: queued work stays for the next start
 
     def reset_after_fork(self) -> int:
-        # The connection is replaced lazily by _connection(); here, only the
-        # locks the parent's threads may have held at the fork.
-        _abandoned.append(self._conn)
-        self._init_process()
+        # The connections are replaced lazily; here, the locks the parent's
+        # threads may have held at the fork, and its claims, which are not ours.
+        self._after_fork()
         return 0
 
     # -- upkeep -----------------------------------------------------------
 
-    def _register(self, conn: sqlite3.Connection) -> None:
-        now = time.time()
+    def _register(self, conn: sqlite3.Connection, now: float) -> None:
+        me = self._me
         conn.execute(
-            "INSERT INTO processes (token, pid, host, started_at, heartbeat_at) "
-            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (token) DO UPDATE SET heartbeat_at = ?",
-            (self._token, self._pid, socket.gethostname(), now, now, now),
+            "INSERT INTO processes (token, pid, host, boot, pidns, start, started_at, "
+            "heartbeat_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (token) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
+            (self._token, self._pid, socket.gethostname(), me.boot, me.pidns, me.start,
+             time.time(), now),
         )
-        self._registered = True
 
     def maintain(self) -> None:
-        now = time.time()
-        with self._write() as conn:
-            self._register(conn)
-            conn.execute(
-                "UPDATE tasks SET lease_until = ? WHERE state = 'running' AND process = ?",
-                (now + self.lease_time, self._token),
-            )
-            self._requeue_expired(conn, now)
-            dead = now - 3 * self.maintain_every - self.lease_time
-            gone = conn.execute(
-                "DELETE FROM processes WHERE heartbeat_at < ? RETURNING token", (dead,)
-            ).fetchall()
-            if gone:
-                conn.executemany("DELETE FROM workers WHERE process = ?", gone)
-                conn.execute("UPDATE meta SET version = version + 1")
+        with self._write() as (conn, now):
+            self._register(conn, now)
+            self._take_back(conn, now)
+            self._forget_gone(conn, now)
             conn.execute("DELETE FROM seconds WHERE second < ?", (int(now) - SERIES_SECONDS,))
         self.prune()
 
-    def _requeue_expired(self, conn: sqlite3.Connection, now: float) -> None:
-        """Tasks whose process stopped renewing their lease: run again, or give up."""
-        expired = conn.execute(
-            "SELECT id, attempts, pid FROM tasks WHERE state = 'running' AND lease_until < ?",
-            (now,),
+    def _owner(self, boot: str | None, pidns: str | None, pid: int | None,
+               start: int | None) -> str:
+        if boot is None or pid is None:
+            return "unknown"
+        return process_alive(Identity(boot, pidns, pid, start), self._me)
+
+    def _take_back(self, conn: sqlite3.Connection, now: float) -> None:
+        """Running tasks whose run is over without an end: their process is gone
+        (or, when nobody can tell, stopped renewing its lease), or it is this
+        process and it no longer runs them."""
+        rows = conn.execute(
+            "SELECT t.id, t.attempts, t.pid, t.process, t.cancel_requested, t.lease_until, "
+            "p.boot, p.pidns, p.start FROM tasks t LEFT JOIN processes p ON p.token = t.process "
+            "WHERE t.state = 'running'"
         ).fetchall()
-        for task_id, attempts, pid in expired:
-            if attempts < self.max_attempts:
-                conn.execute(
-                    "UPDATE tasks SET state = 'queued', started_at = NULL, worker = NULL, "
-                    "process = NULL, lease_until = NULL, progress = 0, message = ? WHERE id = ?",
-                    (f"queued again: process {pid} stopped during attempt {attempts}", task_id),
-                )
-                logger.warning("task %d: process %s stopped while running it; queued again "
-                               "(attempt %d of %d)", task_id, pid, attempts, self.max_attempts)
+        if not rows:
+            return
+        with self._state:
+            held = set(self._mine)
+        for task_id, attempts, pid, process, cancel, lease, boot, pidns, start in rows:
+            if process == self._token:
+                if task_id in held:
+                    continue
+                why = note = f"process {pid} lost track of it"
             else:
-                conn.execute(
-                    "UPDATE tasks SET state = 'failed', finished_at = ?, lease_until = NULL, "
-                    "error = ? WHERE id = ?",
-                    (now, f"gave up after {attempts} attempts: the process running it stopped "
-                          f"each time (last: pid {pid})", task_id),
-                )
-                logger.error("task %d: failed after %d attempts, each cut off by its process "
-                             "stopping", task_id, attempts)
+                owner = self._owner(boot, pidns, pid, start)
+                if owner == ALIVE:
+                    continue  # whatever its lease says: it runs there now
+                if owner != DEAD and lease is not None and lease >= now:
+                    continue
+                why, note = f"process {pid} stopped while running it", f"process {pid} stopped"
+            self._give_back(conn, now, task_id, attempts, pid, bool(cancel), why, note)
+
+    def _forget_gone(self, conn: sqlite3.Connection, now: float) -> None:
+        """Processes that stopped: their rows and their workers go."""
+        silent = now - 3 * self.maintain_every - self.lease_time
+        gone = [
+            (token,) for token, pid, boot, pidns, start, heartbeat in conn.execute(
+                "SELECT token, pid, boot, pidns, start, heartbeat_at FROM processes "
+                "WHERE token != ?", (self._token,))
+            if (owner := self._owner(boot, pidns, pid, start)) == DEAD
+            or (owner != ALIVE and heartbeat < silent)
+        ]
+        if gone:
+            conn.executemany("DELETE FROM workers WHERE process = ?", gone)
+            conn.executemany("DELETE FROM processes WHERE token = ?", gone)
+            conn.execute("UPDATE meta SET version = version + 1")
 
     def _prune_batch(self, batch: int = 500) -> int:
         """Forget up to ``batch`` of the oldest finished tasks beyond ``history`` or
         older than ``retention``, in one short transaction; return how many."""
-        now = time.time()
-        with self._write() as conn:
+        wall = time.time()
+        with self._write() as (conn, _now):
             kept = conn.execute(
                 "SELECT count(*) FROM tasks WHERE finished_at IS NOT NULL"
             ).fetchone()[0]
@@ -913,7 +1492,7 @@ class SqliteStore(Store):
             if removed < batch:
                 removed += conn.execute(
                     "DELETE FROM tasks WHERE id IN (SELECT id FROM tasks WHERE finished_at < ? "
-                    "ORDER BY finished_at LIMIT ?)", (now - self.retention, batch - removed)
+                    "ORDER BY finished_at LIMIT ?)", (wall - self.retention, batch - removed)
                 ).rowcount
             if removed:
                 conn.execute("UPDATE meta SET version = version + 1")
@@ -933,24 +1512,39 @@ class SqliteStore(Store):
                 return total
 
     def release(self, records: list[TaskRecord]) -> int:
+        with self._state:
+            held = [r for r in records if self._mine.get(r.id) is r]
+        if not held:
+            return 0
         released = 0
-        with self._write() as conn:
-            for record in records:
-                if conn.execute(
-                    "UPDATE tasks SET state = 'queued', started_at = NULL, worker = NULL, "
-                    "process = NULL, lease_until = NULL, progress = 0, message = ? "
-                    "WHERE id = ? AND state = 'running' AND process = ?",
-                    ("queued again: its process stopped before it finished", record.id,
-                     self._token),
-                ).rowcount:
+        with self._write() as (conn, now):
+            for record in held:
+                row = conn.execute(
+                    "SELECT cancel_requested FROM tasks WHERE id = ? AND state = 'running' "
+                    "AND process = ? AND attempts = ?",
+                    (record.id, self._token, record.attempts)).fetchone()
+                if row is not None:
+                    self._give_back(conn, now, record.id, record.attempts, self._pid,
+                                    bool(row[0]), "its process stopped before it finished",
+                                    "its process stopped before it finished")
                     released += 1
+        for record in held:
+            record.lost = True
+            self._let_go(record)
         return released
 
     def detach(self) -> None:
-        with self._write() as conn:
+        with self._write() as (conn, _now):
             conn.execute("DELETE FROM workers WHERE process = ?", (self._token,))
             conn.execute("DELETE FROM processes WHERE token = ?", (self._token,))
             conn.execute("UPDATE meta SET version = version + 1")
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    try:
+        conn.execute("ROLLBACK")
+    except sqlite3.Error:
+        pass  # nothing was begun, or the failure already ended it
 
 
 def _statements(script: str) -> Iterator[str]:
@@ -966,14 +1560,6 @@ def _statements(script: str) -> Iterator[str]:
 
 # Connections inherited through a fork: never used or closed in the child.
 _abandoned: list[sqlite3.Connection | None] = []
-
-
-def _state(task: TaskInfo | None, alive: bool, paused: bool, closed: bool) -> str:
-    if task is not None:
-        return "stopping" if closed or not alive else "running"
-    if not alive:
-        return "stopped"
-    return "paused" if paused else "idle"
 
 
 def _explain(path: str, exc: sqlite3.Error) -> str:

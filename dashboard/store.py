@@ -38,6 +38,31 @@ SERIES_SECONDS = 300
 #: The window the rates (throughput, mean wait and run time) are measured over.
 RATE_WINDOW = 60
 
+#: Microseconds from the Unix epoch to 2026-01-01: in-memory ids count from there.
+_ID_EPOCH_US = 1_767_225_600_000_000
+
+
+def first_id() -> int:
+    """The first id of a new in-memory queue: one that no earlier run of it used.
+
+    An in-memory queue keeps nothing across a restart, yet an id a client
+    holds must never name another task after one. So a run's ids start at the
+    microseconds since 2026-01-01 when it started: a later run starts above
+    every id an earlier one gave out, unless that one averaged more than a
+    million tasks a second (the engine manages about a fifth of that) or the
+    wall clock was stepped back between the two runs.
+    """
+    return max(1, time.time_ns() // 1000 - _ID_EPOCH_US)
+
+
+def worker_state(has_task: bool, alive: bool, paused: bool, closed: bool) -> str:
+    """What the dashboard says a worker is doing: one rule for every store."""
+    if has_task:
+        return "stopping" if closed or not alive else "running"
+    if not alive:
+        return "stopped"
+    return "paused" if paused else "idle"
+
 
 def rates(now: float, first_second: int | None,
           recent: Iterable[tuple[float, float, float]]) -> dict[str, float | None]:
@@ -45,7 +70,9 @@ def rates(now: float, first_second: int | None,
     the ``(finished, wait_sum, run_sum)`` of each second in the last RATE_WINDOW.
 
     In the first minute of a run (``first_second``: the oldest second recorded),
-    the rate is over the time there is. Both stores use it.
+    the rate is over the time there is. Both stores use it; ``now`` and the
+    seconds are on a clock that never steps, so no clock change makes a rate
+    negative or inflates it.
     """
     finished = wait_sum = run_sum = 0.0
     for count, waited, ran in recent:
@@ -318,6 +345,10 @@ class Store:
     def detach(self) -> None:
         """This process stops using the store: forget its workers (shared stores)."""
 
+    def problem(self) -> str | None:
+        """Why the store cannot be used at the moment (its file was deleted, say), or None."""
+        return None
+
 
 class _Slot:
     __slots__ = ("name", "task", "done", "alive")
@@ -425,7 +456,8 @@ class MemoryStore(Store):
         self._slots: dict[str, _Slot] = {}
         self._waiting = 0  # workers blocked in claim(): submit notifies only if any
         self._joiners = 0
-        self._next_id = 1
+        self._next_id = first_id()
+        self._last_claim: float | None = None  # monotonic
         self._queued = 0
         self._running = 0
         self._paused = False
@@ -445,7 +477,7 @@ class MemoryStore(Store):
     # -- the per-second record -------------------------------------------
 
     def _second(self, now: float) -> _Second:
-        """The bucket of the current second, started if need be. Call under the lock."""
+        """The bucket of ``now`` (monotonic), started if need be. Call under the lock."""
         second = int(now)
         series = self._series
         if series:
@@ -473,14 +505,14 @@ class MemoryStore(Store):
         return self._closed
 
     def snapshot(self, recent: int = 20, upcoming: int = 0) -> Snapshot:
-        now = time.time()
         pid = os.getpid()
         with self._lock:
+            now, wall = time.monotonic(), time.time()
             paused = self._paused
             workers = tuple(
                 WorkerInfo(
                     s.name,
-                    _worker_state(s, paused, self._closed),
+                    worker_state(s.task is not None, s.alive, paused, self._closed),
                     None if s.task is None else s.task.info(),
                     s.done,
                     pid,
@@ -488,9 +520,12 @@ class MemoryStore(Store):
                 for s in self._slots.values()
             )
             last = tuple(r.info() for r in islice(reversed(self._history), recent))
-            waiting = (r for r in self._queue if r.state is QUEUED)
-            next_up = tuple(r.info() for r in islice(waiting, upcoming)) if upcoming else ()
-            series = tuple((b.second, b.depth, b.peak) for b in self._series)
+            waiting = [r for r in islice((r for r in self._queue if r.state is QUEUED),
+                                         max(1, upcoming))] if self._queued else []
+            next_up = tuple(r.info() for r in waiting[:upcoming])
+            # The chart shows wall-clock seconds; the record counts monotonic ones.
+            shift = wall - now
+            series = tuple((b.second + shift, b.depth, b.peak) for b in self._series)
             since = int(now) - RATE_WINDOW
             measured = rates(
                 now,
@@ -517,7 +552,9 @@ class MemoryStore(Store):
                 recent=last,
                 upcoming=next_up,
                 series=series,
-                taken_at=now,
+                taken_at=wall,
+                oldest_wait=now - waiting[0].queued_clock if waiting else None,
+                idle_for=None if self._last_claim is None else now - self._last_claim,
                 **measured,
             )
 
@@ -531,8 +568,9 @@ class MemoryStore(Store):
     def add_one(self, kind: str, params: dict[str, Any]) -> int:
         # The hot path of every submit: the record is built before taking the
         # lock (its id is set under it), and the per-second bucket is inlined.
-        now = time.time()
-        record = TaskRecord(0, kind, params, now)
+        now = time.monotonic()
+        record = TaskRecord(0, kind, params, time.time())
+        record.queued_clock = now
         lock = self._lock
         if lock.locked():
             _yield_to_holder(lock)
@@ -574,14 +612,15 @@ class MemoryStore(Store):
             raise QueueClosed()
         if self._queued + count > self.max_queued:
             raise QueueFull(self._queued, self.max_queued, count)
-        now = time.time()
+        now, wall = time.monotonic(), time.time()
         first = self._next_id
         self._next_id += count
         append = self._queue.append
         tasks = self._tasks
         for task_id in range(first, first + count):
             # Each task gets its own params dict: a task may not see another's changes.
-            record = TaskRecord(task_id, kind, dict(params) if count > 1 else params, now)
+            record = TaskRecord(task_id, kind, dict(params) if count > 1 else params, wall)
+            record.queued_clock = now
             record.retry_of = retry_of
             append(record)
             tasks[task_id] = record
@@ -630,9 +669,10 @@ class MemoryStore(Store):
                 record = queue.popleft()
                 if record.state is not QUEUED:
                     continue  # cancelled while queued: already counted
-                now = time.time()
+                now = time.monotonic()
                 record.state = RUNNING
-                record.started_at = now
+                record.started_at = time.time()
+                record.started_clock = self._last_claim = now
                 record.worker = worker
                 record.attempts += 1
                 self._queued = depth = self._queued - 1
@@ -680,9 +720,9 @@ class MemoryStore(Store):
     ) -> None:
         if record.state is not RUNNING:
             raise ValueError(f"task {record.id} is {record.state}, not running")
-        now = time.time()
+        now = time.monotonic()
         record.state = state
-        record.finished_at = now
+        record.finished_at = time.time()
         if state is DONE:
             record.progress = 1.0
             self._done += 1
@@ -696,14 +736,14 @@ class MemoryStore(Store):
         else:
             raise ValueError(f"{state} is not a finished state")
         self._running -= 1
-        started = record.started_at or now
+        started = record.started_clock or now
         series = self._series
         bucket = series[-1] if series else None
         if bucket is None or bucket.second != int(now):
             bucket = self._second(now)
         bucket.finished += 1
         bucket.run_sum += now - started
-        bucket.wait_sum += started - record.enqueued_at
+        bucket.wait_sum += started - record.queued_clock
         worker = record.worker
         if worker is not None:
             slot = self._slots.get(worker)
@@ -741,9 +781,9 @@ class MemoryStore(Store):
             if record is None:
                 raise TaskNotFound(task_id)
             if record.state is QUEUED:
-                now = time.time()
+                now = time.monotonic()
                 record.state = CANCELLED
-                record.finished_at = now
+                record.finished_at = time.time()
                 record.error = "cancelled before it started"
                 self._queued -= 1
                 self._cancelled += 1
@@ -764,9 +804,14 @@ class MemoryStore(Store):
     def _compact_queue(self) -> None:
         # Cancelled records stay in the deque until a worker skips them; when
         # they outnumber the live ones (a paused queue, mass cancels), drop them
-        # so the deque never holds much more than max_queued records.
-        if len(self._queue) > 2 * self._queued + 64:
-            self._queue = deque(r for r in self._queue if r.state is QUEUED)
+        # so the deque never holds much more than max_queued records. In place:
+        # a worker waiting in claim() holds this very deque, and must see what
+        # is queued after it is compacted.
+        queue = self._queue
+        if len(queue) > 2 * self._queued + 64:
+            live = [r for r in queue if r.state is QUEUED]
+            queue.clear()
+            queue.extend(live)
 
     def retry(self, task_id: int) -> int:
         with self._lock:
@@ -879,7 +924,7 @@ class MemoryStore(Store):
                     dropped += 1
             self._queue.clear()
             self._queued = 0
-            self._second(time.time()).depth = 0
+            self._second(time.monotonic()).depth = 0
             self._version += 1
             if self._joiners and not self._running:
                 self._idle.notify_all()
@@ -892,10 +937,3 @@ class MemoryStore(Store):
         self._init_state()
         return dropped
 
-
-def _worker_state(slot: _Slot, paused: bool, closed: bool) -> str:
-    if slot.task is not None:
-        return "stopping" if closed or not slot.alive else "running"
-    if not slot.alive:
-        return "stopped"
-    return "paused" if paused else "idle"

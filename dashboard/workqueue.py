@@ -17,7 +17,7 @@ import weakref
 from typing import Any, Callable, Mapping
 
 from .records import Snapshot, State, TaskInfo, TaskRecord
-from .store import MemoryStore, QueueClosed, QueueFull, Store
+from .store import MemoryStore, QueueClosed, QueueFull, Store, StoreUnavailable
 from .tasks import Registry, registry as default_registry
 
 __all__ = ["WorkQueue", "TaskContext", "QueueFull", "QueueClosed"]
@@ -121,6 +121,26 @@ def _after_fork_in_child() -> None:
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
+#: Seconds queued work may wait, while workers sit idle and none takes a task,
+#: before the queue is called stalled (the log, the page and /healthz say so).
+STALL_AFTER = 10.0
+
+
+def stall_reason(snap: Snapshot, after: float = STALL_AFTER) -> str | None:
+    """Why the queue looks stuck, or None: work is queued and not paused, a
+    worker is idle, yet for ``after`` seconds nothing queued was taken."""
+    if not snap.queued or snap.paused or snap.closed:
+        return None
+    if snap.oldest_wait is None or snap.oldest_wait < after:
+        return None
+    if snap.idle_for is not None and snap.idle_for < after:
+        return None
+    idle = sum(1 for w in snap.workers if w.state == "idle")
+    if not idle:
+        return None
+    return (f"stalled: {snap.queued} task(s) queued, the oldest for {snap.oldest_wait:.0f}s, "
+            f"and {idle} idle worker(s) took none")
+
 
 class WorkQueue:
     """A queue of named tasks run by worker threads in this process.
@@ -128,7 +148,8 @@ class WorkQueue:
     ``submit`` queues a task and returns its id at once; ``workers`` threads
     take tasks in FIFO order and run them. A task that raises is recorded as
     failed and the worker goes on; a worker thread that dies anyway is
-    replaced by a supervisor thread.
+    replaced by a supervisor thread, which also does the store's upkeep and
+    watches for a stall.
 
     Threads start with :meth:`start`, not in the constructor, so a queue can be
     built at import time in a process that will fork (a preloading server)
@@ -149,6 +170,7 @@ class WorkQueue:
         name: str = "dashboard",
         shutdown_timeout: float = 10.0,
         max_workers: int = 64,
+        stall_after: float = STALL_AFTER,
     ):
         if not 0 <= workers <= max_workers:
             raise ValueError(f"workers must be from 0 to {max_workers}")
@@ -158,6 +180,7 @@ class WorkQueue:
         self.store = store if store is not None else MemoryStore(max_queued, history)
         self.name = name
         self.shutdown_timeout = shutdown_timeout
+        self.stall_after = stall_after
         self._runner: Runner = runner or _run_plain
         self._init_threads()
         self._pid: int | None = None  # the process whose threads run, once started
@@ -167,7 +190,7 @@ class WorkQueue:
         _live_queues.add(self)
 
     def _init_threads(self) -> None:
-        self._start_lock = threading.Lock()
+        self._start_lock = threading.RLock()
         self._threads: dict[str, threading.Thread] = {}
         self._current: dict[str, TaskRecord | None] = {}  # what each worker runs now
         self._dead: set[str] = set()  # died: the supervisor replaces them
@@ -176,6 +199,19 @@ class WorkQueue:
         self._not_before: dict[str, float] = {}
         self._wake = threading.Event()  # wakes the supervisor
         self._supervisor: threading.Thread | None = None
+        self._supervisor_stop = False
+        self._start_error: str | None = None  # why the last start() failed
+        self._followed: int | None = None  # a shared worker count above our MAX_WORKERS
+        self._stalled: str | None = None
+        self._said: dict[str, float] = {}
+
+    def _say(self, key: str, level: int, message: str, *args: Any, exc_info: bool = False) -> None:
+        """Log at most once every 30 s per ``key``: a fault that lasts must not
+        write the same line every second."""
+        now = time.monotonic()
+        if now - self._said.get(key, -1e9) >= 30.0:
+            self._said[key] = now
+            logger.log(level, message, *args, exc_info=exc_info)
 
     # -- lifecycle -------------------------------------------------------
 
@@ -189,18 +225,19 @@ class WorkQueue:
 
         Calling it again in the same process does nothing; calling it in a
         forked child of a started process starts that child's own threads.
+        If the store cannot be reached, the workers that could not be
+        registered are started by the supervisor once it can; if even the
+        supervisor cannot start, nothing counts as started and the next call
+        (the next request) tries again.
         """
         pid = os.getpid()
         if self._pid == pid:
             return
         with self._start_lock:
-            if self._pid == pid:
-                return
-            if self._shut_down:
+            if self._pid == pid or self._shut_down:
                 # A request can still arrive while the server stops; it must
                 # not fail because the queue already shut down.
                 return
-            self._pid = pid
             if self._forked_dropped:
                 logger.warning(
                     "pid %d: dropped %d task(s) queued before this process was forked; "
@@ -210,21 +247,40 @@ class WorkQueue:
                 )
                 self._forked_dropped = 0
             try:
-                self.store.maintain()  # a shared store: register, requeue what the dead left
+                self.store.maintain()  # a shared store: register, take back what the dead left
                 target = self.store.workers_target()
-            except Exception:  # noqa: BLE001 - the supervisor retries
-                logger.exception("store upkeep failed at start")
+            except Exception as exc:  # noqa: BLE001 - the supervisor retries
+                self._say("upkeep", logging.WARNING, "store upkeep failed at start (%s); the "
+                          "supervisor tries again", exc)
                 target = None
-            if target is not None and 0 < target <= self.max_workers:
-                self.workers = target
+            if target is not None and 0 < target:
+                self.workers = min(target, self.max_workers)
             for i in range(1, self.workers + 1):
-                self._spawn(f"worker-{i}")
-            if self.workers:
-                self._supervisor = threading.Thread(
-                    target=self._supervise, name=f"{self.name}-supervisor", daemon=True
-                )
-                self._supervisor.start()
+                try:
+                    self._spawn(f"worker-{i}")
+                except Exception as exc:  # noqa: BLE001 - the supervisor starts it later
+                    self._say("spawn", logging.WARNING, "could not start worker-%d (%s); the "
+                              "supervisor tries again", i, exc)
+            if self.workers or self.store.durable:
+                try:
+                    self._start_supervisor()
+                except Exception as exc:  # noqa: BLE001 - start() is called again
+                    self._start_error = f"could not start: {type(exc).__name__}: {exc}"
+                    logger.error("%s; the next request tries again", self._start_error)
+                    return
+            self._start_error = None
+            self._pid = pid
             logger.info("started %d worker thread(s) in pid %d", self.workers, pid)
+
+    def _start_supervisor(self) -> None:
+        if self._supervisor is not None and self._supervisor.is_alive():
+            return
+        self._supervisor_stop = False
+        supervisor = threading.Thread(
+            target=self._supervise, name=f"{self.name}-supervisor", daemon=True
+        )
+        supervisor.start()
+        self._supervisor = supervisor
 
     def _spawn(self, name: str, replacement: bool = False) -> None:
         self.store.add_worker(name, replacement=replacement)
@@ -232,6 +288,7 @@ class WorkQueue:
             target=self._worker_main, args=(name,), name=f"{self.name}-{name}", daemon=True
         )
         self._threads[name] = thread
+        self._current[name] = None
         thread.start()
 
     def _after_fork(self) -> None:
@@ -269,9 +326,12 @@ class WorkQueue:
         Running tasks get ``timeout`` seconds (default: the queue's
         ``shutdown_timeout``; ``None`` waits for ever), counted from the first
         :meth:`close` (a signal handler may have closed the queue earlier).
-        Returns how many queued tasks were dropped; that number is logged.
-        Never hangs: after the timeout, tasks still running are abandoned
-        (the threads are daemon threads and end with the process).
+        Returns how many queued tasks were dropped; that number is logged,
+        and so are the running tasks that were cut off. Never hangs: after the
+        timeout, tasks still running are abandoned (the threads are daemon
+        threads and end with the process); a durable store queues them again.
+        The last line logged says whether anything was lost, and is written
+        only once that is known.
         """
         if isinstance(timeout, _Default):
             timeout = self.shutdown_timeout
@@ -281,19 +341,24 @@ class WorkQueue:
         if self._shut_down:
             return dropped
         self._shut_down = True
+        started = self.started
         if dropped:
             logger.warning("shutdown: dropped %d queued task(s)", dropped)
-        elif durable and self.started:
-            kept = self.store.snapshot(0).queued
+        elif durable and started:
+            try:
+                kept = self.store.snapshot(0).queued
+            except StoreUnavailable:
+                kept = 0
             if kept:
-                logger.info("shutdown: %d queued task(s) stay in the store for the next start", kept)
-        elif self.started:
-            logger.info("shutdown: no queued task dropped")
+                logger.info("shutdown: %d queued task(s) stay in the store for the next start",
+                            kept)
+        running = [r for r in self._current.values() if r is not None] if started else []
+        if running:
+            logger.info("shutdown: waiting up to %s for %d running task(s)",
+                        "ever" if timeout is None else f"{timeout:g}s", len(running))
         deadline = None if timeout is None else (self._closed_at or time.monotonic()) + timeout
         self._wake.set()
-        threads = list(self._threads.values()) if self.started else []
-        if self._supervisor is not None and self.started:
-            threads.append(self._supervisor)
+        threads = list(self._threads.values()) if started else []
         for thread in threads:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             if thread is not threading.current_thread():
@@ -306,25 +371,73 @@ class WorkQueue:
                 timeout,
                 ", ".join(still),
             )
-        if self.started:
-            # Tasks still running here will not finish: a durable store
-            # queues them again for the next process (at-least-once).
-            abandoned = [r for r in self._current.values() if r is not None]
-            released = self.store.release(abandoned) if abandoned else 0
-            if released:
-                logger.warning("shutdown: %d unfinished task(s) queued again", released)
+        if not started:
+            return dropped
+        # Tasks still running here will not finish: a durable store queues
+        # them again for the next process (at-least-once).
+        cut = [r for r in self._current.values() if r is not None and r.state is State.RUNNING]
+        released = 0
+        if cut:
+            try:
+                released = self.store.release(cut)
+            except Exception as exc:  # noqa: BLE001 - whatever happens, say what was lost
+                logger.error("shutdown: could not give back %d unfinished task(s) (%s): they "
+                             "run again once this process is seen gone", len(cut), exc)
+        if released:
+            logger.warning("shutdown: %d unfinished task(s) queued again", released)
+        elif cut and not durable:
+            logger.warning("shutdown: %d running task(s) cut off and lost: %s", len(cut),
+                           ", ".join(f"#{r.id} ({r.kind})" for r in cut))
+        if not dropped and not cut:
+            logger.info("shutdown: done; no task dropped, every running task finished")
+        self._supervisor_stop = True
+        self._wake.set()
+        supervisor = self._supervisor
+        if supervisor is not None and supervisor is not threading.current_thread():
+            supervisor.join(5.0)
+        try:
             self.store.detach()
+        except Exception as exc:  # noqa: BLE001 - others forget us once we are gone
+            logger.warning("shutdown: could not remove this process from the store (%s)", exc)
         return dropped
 
-    def is_healthy(self) -> bool:
-        """True when every worker thread of this process is alive and work is accepted."""
+    def health(self) -> str | None:
+        """Why this queue is not healthy, or None when it is.
+
+        Unhealthy: it is stopping, it could not start, its store cannot be used,
+        its supervisor or a worker thread is dead, or work is stalled (queued,
+        not paused, workers idle, nothing taken for ``stall_after`` seconds).
+        """
         if self.closed:
-            return False
-        if not self.workers:
-            return True
+            return "stopping"
+        problem = self.store.problem()
+        if problem is not None:
+            return problem
+        if self._start_error is not None and not self.started:
+            return self._start_error
         if not self.started:
-            return True  # nothing started yet in this process: nothing can have died
-        return all(t.is_alive() for t in self._threads.values()) and not self._dead
+            return None  # nothing started yet in this process: nothing can have died
+        with self._start_lock:
+            supervisor = self._supervisor
+            if (self.workers or self.store.durable) and (
+                    supervisor is None or not supervisor.is_alive()):
+                return "the supervisor thread is not running"
+            dead = sorted(n for n, t in self._threads.items()
+                          if n not in self._retiring and (n in self._dead or not t.is_alive()))
+            missing = self.workers - sum(1 for n in self._threads if n not in self._retiring)
+        if dead:
+            return f"worker thread(s) not running: {', '.join(dead)}"
+        if missing > 0:
+            return f"{missing} worker thread(s) not started yet"
+        try:
+            return stall_reason(self.store.snapshot(0), self.stall_after)
+        except StoreUnavailable as exc:
+            return str(exc)
+
+    def is_healthy(self) -> bool:
+        """True when every worker thread of this process is alive, work is accepted
+        and taken: :meth:`health` has nothing to say."""
+        return self.health() is None
 
     # -- submitting ------------------------------------------------------
 
@@ -381,7 +494,10 @@ class WorkQueue:
         return self.store.cancel(task_id)
 
     def retry(self, task_id: int) -> int:
-        """Queue a failed or cancelled task again, linked to it; return the new id."""
+        """Queue a failed or cancelled task again, linked to it; return the new id.
+
+        A task retried before is not queued again: the id of its retry is returned.
+        """
         return self.store.retry(task_id)
 
     def clear_history(self) -> int:
@@ -395,7 +511,8 @@ class WorkQueue:
     def set_workers(self, count: int, share: bool = True) -> int:
         """Run ``count`` worker threads from now on (0..``max_workers``); return it.
 
-        Extra workers finish the task they run, then exit; new ones start at
+        Extra workers finish the task they run, then exit (a worker that is
+        dead or waiting to be replaced goes first, at once); new ones start at
         once. Before :meth:`start`, only the number to start changes. With a
         shared store, every process sharing it follows (``share``).
         """
@@ -407,24 +524,45 @@ class WorkQueue:
             self.workers = count
             if not self.started or self._shut_down:
                 return count
-            active = sorted(
-                (n for n in self._threads if n not in self._retiring), key=_worker_number
-            )
+            active = [n for n in self._threads if n not in self._retiring]
+            # Keep the live workers with the lowest numbers; retire the rest.
+            active.sort(key=lambda n: (not self._running_thread(n), _worker_number(n)))
             for name in active[count:]:
-                self._retiring.add(name)
-                self.store.stop_worker(name)
-            number = 1
+                if self._running_thread(name):
+                    self._retiring.add(name)
+                    self.store.stop_worker(name)
+                else:
+                    self._forget_worker(name)
             for _ in range(count - len(active)):
-                while f"worker-{number}" in self._threads:
-                    number += 1
-                self._spawn(f"worker-{number}")
-            if count and (self._supervisor is None or not self._supervisor.is_alive()):
-                self._supervisor = threading.Thread(
-                    target=self._supervise, name=f"{self.name}-supervisor", daemon=True
-                )
-                self._supervisor.start()
+                self._spawn(self._free_name())
+            if count:
+                self._start_supervisor()
         logger.info("now %d worker thread(s) in pid %d", count, os.getpid())
         return count
+
+    def _running_thread(self, name: str) -> bool:
+        thread = self._threads.get(name)
+        return thread is not None and thread.is_alive() and name not in self._dead
+
+    def _free_name(self) -> str:
+        number = 1
+        while f"worker-{number}" in self._threads:
+            number += 1
+        return f"worker-{number}"
+
+    def _forget_worker(self, name: str) -> None:
+        """A worker whose thread is over, for good (under ``_start_lock``).
+
+        The store forgets it first: its name stays taken until then, so a
+        worker added meanwhile gets another name and is never the one removed.
+        """
+        self.store.remove_worker(name)
+        self._threads.pop(name, None)
+        self._current.pop(name, None)
+        self._retiring.discard(name)
+        self._dead.discard(name)
+        self._not_before.pop(name, None)
+        self._deaths.pop(name, None)
 
     # -- running ---------------------------------------------------------
 
@@ -456,15 +594,22 @@ class WorkQueue:
             error = f"worker thread died: {type(exc).__name__}: {exc}"
             logger.critical("%s %s; its task is failed and the thread replaced", name, error)
         finally:
-            self.store.worker_exited(name, error)
-            if error is not None and name not in self._retiring:
-                self._dead.add(name)
-                self._wake.set()
-            elif name in self._retiring:
-                with self._start_lock:
-                    self._retiring.discard(name)
-                    self._threads.pop(name, None)
-                self.store.remove_worker(name)
+            try:
+                self.store.worker_exited(name, error)
+            except Exception:  # noqa: BLE001 - never a traceback on stderr from a thread
+                logger.exception("%s: could not record its exit", name)
+            with self._start_lock:
+                # Only while the slot is still this thread's: a "+" may have
+                # reused the name once a retired thread let it go.
+                if self._threads.get(name) is threading.current_thread():
+                    if name in self._retiring:
+                        try:
+                            self._forget_worker(name)
+                        except Exception:  # noqa: BLE001
+                            logger.exception("%s: could not remove it", name)
+                    elif error is not None:
+                        self._dead.add(name)
+                        self._wake.set()
 
     def _execute(self, record: TaskRecord) -> tuple[State, str | None, str | None]:
         """Run one task; return how it ended as ``(state, error, traceback)`` for the store."""
@@ -498,36 +643,75 @@ class WorkQueue:
         return _DONE_RESULT
 
     def _supervise(self) -> None:
-        store = self.store
+        """Upkeep, the worker count, dead workers and stalls, once a second.
+
+        It goes on while the queue is closed and stopping (the store's upkeep
+        matters until the process is gone) and ends when :meth:`shutdown` is
+        done. No failure ends it: each step is tried again at the next tick.
+        """
         next_upkeep = 0.0
-        while not self._shut_down:
-            self._wake.wait(timeout=min(1.0, store.maintain_every))
+        while not self._supervisor_stop:
+            if time.monotonic() >= next_upkeep:
+                next_upkeep = time.monotonic() + self.store.maintain_every
+                self._step("upkeep", self.store.maintain)
+            if not self.closed:
+                self._step("the shared worker count", self._follow_target)
+                self._step("the workers", self._keep_workers)
+                self._step("the stall watch", self._watch_stall)
+            self._wake.wait(timeout=min(1.0, self.store.maintain_every))
             self._wake.clear()
-            if self._shut_down or self.closed:
-                return
-            try:
-                if time.monotonic() >= next_upkeep:
-                    next_upkeep = time.monotonic() + store.maintain_every
-                    store.maintain()
-                # Every tick: a + or - clicked in another process shows here within a second.
-                target = store.workers_target()
-                if target is not None and target != self.workers:
-                    logger.info("following the shared worker count: %d", target)
-                    self.set_workers(target, share=False)
-            except Exception:  # noqa: BLE001 - upkeep must never kill the supervisor
-                logger.exception("store upkeep failed; trying again shortly")
-            with self._start_lock:
-                now = time.monotonic()
-                for name, thread in list(self._threads.items()):
-                    if name in self._retiring:
-                        continue
-                    if name in self._dead or not thread.is_alive():
-                        if now < self._not_before.get(name, 0.0):
-                            continue  # backing off: it keeps dying
-                        thread.join(1.0)
-                        self._dead.discard(name)
-                        self._spawn(name, replacement=True)
-                        self._note_death(name, now)
+
+    def _step(self, what: str, step: Callable[[], Any]) -> None:
+        try:
+            step()
+        except StoreUnavailable as exc:
+            self._say(what, logging.WARNING, "supervisor: %s: %s; trying again", what, exc.reason)
+        except Exception:  # noqa: BLE001 - nothing may end the supervisor
+            self._say(what, logging.ERROR, "supervisor: %s failed; trying again", what,
+                      exc_info=True)
+
+    def _follow_target(self) -> None:
+        """Run the number of workers set in another process (a shared store)."""
+        target = self.store.workers_target()
+        if target is None:
+            return
+        wanted = min(target, self.max_workers)
+        if wanted != target and self._followed != target:
+            self._followed = target
+            logger.warning("the shared worker count is %d, more than this process's "
+                           "MAX_WORKERS (%d): running %d", target, self.max_workers, wanted)
+        if wanted != self.workers:
+            logger.info("following the shared worker count: %d", wanted)
+            self.set_workers(wanted, share=False)
+
+    def _keep_workers(self) -> None:
+        """Replace dead workers (backing off one that keeps dying), start missing
+        ones, and let go of retired ones whose thread is over."""
+        with self._start_lock:
+            now = time.monotonic()
+            for name, thread in list(self._threads.items()):
+                if name in self._retiring:
+                    if not thread.is_alive():
+                        self._forget_worker(name)
+                    continue
+                if name in self._dead or not thread.is_alive():
+                    if now < self._not_before.get(name, 0.0):
+                        continue  # backing off: it keeps dying
+                    thread.join(1.0)
+                    self._spawn(name, replacement=True)
+                    self._dead.discard(name)
+                    self._note_death(name, now)
+            active = sum(1 for n in self._threads if n not in self._retiring)
+            for _ in range(self.workers - active):
+                self._spawn(self._free_name())
+
+    def _watch_stall(self) -> None:
+        reason = stall_reason(self.store.snapshot(0), self.stall_after)
+        if reason is not None and self._stalled is None:
+            logger.error("the queue is %s; look at the workers and the store", reason)
+        elif reason is None and self._stalled is not None:
+            logger.info("the queue is moving again")
+        self._stalled = reason
 
     def _note_death(self, name: str, now: float) -> None:
         """Replace at once a worker that died; back off one that keeps dying.

@@ -281,7 +281,7 @@ def test_stats_version_changes_exactly_when_something_visible_changes(registry, 
     q = make_queue()
     tag0 = q.tag
     assert q.tag == tag0 == q.stats().tag  # reading changes nothing
-    q.submit("steps")
+    task_id = q.submit("steps")
     tag1 = q.tag
     assert tag1 != tag0
 
@@ -296,7 +296,7 @@ def test_stats_version_changes_exactly_when_something_visible_changes(registry, 
     q.store.progress = spy
     q.run_pending()
     assert seen == [(0.5, True), (0.501, False), (1.0, True)]
-    assert q.get(1).state is State.DONE
+    assert q.get(task_id).state is State.DONE
 
 
 def test_progress_is_visible_in_the_snapshot_while_running(registry, make_queue):
@@ -521,7 +521,8 @@ def test_close_nowait_refuses_work_and_stops_claims_without_a_lock(registry, mak
 
     q = make_queue()
     q.submit_many("noop", 2)
-    with q.store._lock:  # as if the signal arrived while the main thread held the lock
+    # As if the signal arrived while the main thread held the store's (writer's) lock.
+    with getattr(q.store, "_lock", None) or q.store._write_lock:
         q.close_nowait()
     with pytest.raises(QueueClosed):
         q.submit("noop")
@@ -630,13 +631,13 @@ def test_clear_history_keeps_counters_and_reset_clears_both(registry, make_queue
         pass
 
     q = make_queue()
-    q.submit_many("noop", 5)
+    first = q.submit_many("noop", 5)
     q.run_pending()
     q.submit_many("noop", 2)  # still queued: a reset keeps them
     assert q.clear_history() == 5
     snap = q.stats()
     assert (snap.recent, snap.done, snap.submitted) == ((), 5, 7)
-    assert q.get(1) is None
+    assert q.get(first[0]) is None
     q.reset()
     snap = q.stats()
     assert (snap.done, snap.failed, snap.submitted, snap.queued, snap.series) == (0, 0, 2, 2, ())

@@ -20,6 +20,7 @@ import pytest
 from dashboard import create_app, get_queue
 from dashboard.config import ConfigError
 from dashboard.records import State
+from dashboard.clock import clock
 from dashboard.sqlite_store import SCHEMA_VERSION, SqliteStore, StoreError
 from dashboard.tasks import Int
 from dashboard.workqueue import WorkQueue
@@ -126,12 +127,16 @@ def test_a_dead_process_tasks_are_queued_again_then_failed(db, registry, queues)
     task_id = queue.submit("noop")
     first = dying.claim(None, block=False)  # claimed, then its process "dies": no renewal
     assert first.id == task_id and first.attempts == 1
+    # Gone, as far as the file can tell: it holds and renews nothing, and its
+    # pid (ours) cannot say whether it runs, so only the lease can.
+    dying.reset_after_fork()
     wait_for(lambda: survivor.maintain() or survivor.get(task_id).state is State.QUEUED,
              timeout=10, what="the lease to expire and the task to be queued again")
     info = survivor.get(task_id)
     assert "stopped during attempt 1" in info.message
     second = dying.claim(None, block=False)  # the second attempt dies too
     assert second.attempts == 2
+    dying.reset_after_fork()
     wait_for(lambda: survivor.maintain() or survivor.get(task_id).state is State.FAILED,
              timeout=10, what="the task to be failed after its last attempt")
     info = survivor.get(task_id)
@@ -338,8 +343,10 @@ def test_the_page_lists_the_workers_of_every_process(tmp_path):
         client = app.test_client()
         client.get("/")  # starts this process's worker
         with sqlite3.connect(path) as conn:  # another live process, as the file sees it
-            conn.execute("INSERT INTO processes VALUES ('other', 4242, 'host', ?, ?)",
-                         (time.time(), time.time()))
+            # (no boot or pid namespace: nobody can tell whether it runs, so its
+            # heartbeat, on the shared clock, says it does)
+            conn.execute("INSERT INTO processes (token, pid, host, started_at, heartbeat_at) "
+                         "VALUES ('other', 4242, 'host', ?, ?)", (time.time(), clock()))
             conn.execute("INSERT INTO workers (process, name, pid) VALUES ('other', 'worker-1', 4242)")
         conn.close()
         html = client.get("/").data
