@@ -352,6 +352,7 @@ def is_loopback(host: str) -> bool:
 #: but bounded, so no stream of requests can grow it.
 _warned: dict[tuple[int, str], None] = {}
 _WARNED_MAX = 64
+_warned_lock = threading.Lock()  # request threads of one process check at once
 _WARNED_ENV = "DASHBOARD_EXPOSURE_WARNED"
 
 
@@ -361,14 +362,15 @@ def warn_if_exposed(host: str, secret: str) -> bool:
     if secret or is_loopback(host):
         return False
     key = (os.getpid(), host)
-    # Once per address: a gunicorn master that warned at start tells the
-    # workers it forks through the environment they inherit.
-    if key in _warned or os.environ.get(_WARNED_ENV) == host:
-        return False
-    if len(_warned) >= _WARNED_MAX:
-        del _warned[next(iter(_warned))]
-    _warned[key] = None
-    os.environ[_WARNED_ENV] = host
+    with _warned_lock:
+        # Once per address: a gunicorn master that warned at start tells the
+        # workers it forks through the environment they inherit.
+        if key in _warned or os.environ.get(_WARNED_ENV) == host:
+            return False
+        if len(_warned) >= _WARNED_MAX:
+            del _warned[next(iter(_warned))]  # the oldest
+        _warned[key] = None
+        os.environ[_WARNED_ENV] = host
     logger.warning(
         "\n"
         "  ************************************************************************\n"
