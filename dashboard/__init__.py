@@ -112,7 +112,8 @@ def _http_error(exc: HTTPException):
     A refused Host says which setting would allow it (Werkzeug's own words
     name neither the header's value nor the setting).
     """
-    if isinstance(exc, (SecurityError, BadHost)):
+    if isinstance(exc, BadHost) or (isinstance(exc, SecurityError)
+                                    and str(exc.description).startswith("Host ")):
         from .security import printable
 
         host = printable(request.environ.get("HTTP_HOST", ""), 100)
