@@ -12,7 +12,7 @@ import os
 from typing import Any, Mapping
 
 from flask import Flask, jsonify, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import BadHost, HTTPException, SecurityError
 
 from .config import ConfigError
 from .ext import QueueExtension, current_queue, get_queue
@@ -107,7 +107,22 @@ def _configure_logging() -> None:
 
 
 def _http_error(exc: HTTPException):
-    """JSON errors under /api/, Flask's short HTML page elsewhere; never a traceback."""
+    """JSON errors under /api/, Flask's short HTML page elsewhere; never a traceback.
+
+    A refused Host says which setting would allow it (Werkzeug's own words
+    name neither the header's value nor the setting).
+    """
+    if isinstance(exc, BadHost) or (isinstance(exc, SecurityError)
+                                    and str(exc.description).startswith("Host ")):
+        from .security import printable
+
+        host = printable(request.environ.get("HTTP_HOST", ""), 100)
+        if isinstance(exc, SecurityError):
+            exc.description = (f"Host {host!r} is not one this dashboard answers to: "
+                               "to allow it, add it to TRUSTED_HOSTS")
+        else:
+            exc.description = (f"Host {host!r} is not a valid host name: labels of 1 to 63 "
+                               "letters, digits and '-' joined by '.', then an optional :port")
     if request.path.startswith("/api/"):
         response = jsonify(error=f"{exc.code} {exc.name}: {exc.description}")
         response.status_code = exc.code or 500

@@ -8,6 +8,7 @@ app at start with a message that names the key.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, MutableMapping
 from urllib.parse import urlsplit
@@ -45,6 +46,35 @@ class Origins(Param):
                 raise InvalidParam(name, f"must be {self.describe()}, got {origin!r}")
             origins.append(origin)
         return tuple(origins)
+
+
+_HOST_NAME = re.compile(r"\.?[a-z0-9-]+(\.[a-z0-9-]+)*(:[0-9]{1,5})?", re.ASCII | re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Hosts(Param):
+    """Flask's ``TRUSTED_HOSTS``: a JSON list or a comma list of host names, or unset.
+
+    Flask hands the list to Werkzeug, which would take a comma list as one
+    name that no request ever matches, and compares names only up to the
+    first ``:``, so an IPv6 address can never match: both are refused here.
+    """
+
+    def describe(self) -> str:
+        return ("a list of host names like dash.example.com (a leading dot accepts every "
+                "subdomain; no IPv6 addresses), or unset")
+
+    def parse(self, name: str, value: object) -> list[str] | None:
+        if value is None or value == "":
+            return None
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise InvalidParam(name, f"must be {self.describe()}, got {value!r}")
+        for host in value:
+            if not isinstance(host, str) or not _HOST_NAME.fullmatch(host):
+                raise InvalidParam(name, f"must be {self.describe()}, got {host!r}")
+        return [host.lower() for host in value]
 
 
 @dataclass(frozen=True)
@@ -86,6 +116,10 @@ SETTINGS: tuple[Setting, ...] = (
             "password, or `Authorization: Bearer`); empty: no secret. At least 12 characters."),
     Setting("PUBLIC_READ", False, Bool(), "With `ACCESS_TOKEN`: leave the pages and polls "
             "open (a projector), and ask for the secret only for actions."),
+    Setting("TRUSTED_HOSTS", None, Hosts(), "Flask's own: the names the dashboard answers "
+            "to, like `dash.example.com, localhost` (a leading dot: every subdomain; `[]`: any "
+            "name). Unset: on loopback only loopback names (`localhost`, `127.0.0.1`, `[::1]`), "
+            "elsewhere any. See [Security](#security)."),
     Setting("TRUSTED_ORIGINS", (), Origins(), "Other origins whose pages may post here "
             "(everything else cross-site gets 403)."),
     Setting("SUBMIT_LIMIT", "600 per minute", Str(100), "Most tasks one client (IP address) "

@@ -1270,6 +1270,8 @@ class SqliteStore(Store):
             conn.execute("UPDATE meta SET version = version + 1")
             return lambda: [after() for after in afters]
 
+        with self._state:
+            self._stopping.add(name)  # its thread is over: the name takes nothing more
         try:
             with self._write() as (conn, now):
                 after = write(conn, now)

@@ -11,8 +11,11 @@ came from, so the page works without JavaScript.
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import sys
+import threading
 import time
 from datetime import datetime, timezone
 from typing import Any, Callable, Mapping
@@ -58,28 +61,46 @@ REGIONS = ("counts", "controls", "chart", "workers", "upcoming", "history")
 
 API_TASK_KEYS = frozenset({"kind", "count", "params"})
 
+#: How deeply a JSON body may nest lists and objects. Ours need two levels (the
+#: body and its ``params``); a deeper body is refused before anything reads it,
+#: since what reads it (and what quotes it in an error) recurses.
+MAX_JSON_DEPTH = 10
+
 
 @bp.before_request
 def _guard() -> Response | None:
-    """Cross-site requests get 403, requests without the secret (if one is set) 401."""
+    """A Host we are not served as gets 400, a cross-site request 403, and one
+    without the secret (if one is set) 401."""
     _check_exposure()
+    reason = security.host_refusal()
+    if reason is not None:
+        return _refuse(reason, 400)
     reason = security.cross_site_reason()
     if reason is not None:
-        current_app.logger.warning("%s %s: %s", request.method, request.path, reason)
-        if request.path.startswith(security.api_prefix()) or request.is_json:
-            return _json_error(reason, 403)
-        return Response(reason, 403, mimetype="text/plain")
+        return _refuse(reason, 403)
     return security.access_refusal()
+
+
+def _refuse(reason: str, status: int) -> Response:
+    """Log a refusal (what came from the request escaped) and answer it, as JSON to the API."""
+    current_app.logger.warning("%s %s: %s", request.method, security.printable(request.path),
+                               reason)
+    if request.path.startswith(security.api_prefix()) or request.is_json:
+        return _json_error(reason, status)
+    return Response(reason, status, mimetype="text/plain")
 
 
 def _check_exposure() -> None:
     """security.first_request_check once per app, address and secret, not per request:
     it parses the address each time, a few percent of answering a poll."""
-    key = (request.environ.get("SERVER_NAME", ""), current_app.config["ACCESS_TOKEN"])
+    address = security.served_address(request.environ)
+    key = (address, current_app.config["ACCESS_TOKEN"])
     checked = current_app.extensions.setdefault("dashboard.exposure_checked", set())
     if key not in checked:
-        security.first_request_check()
-        if len(checked) >= 64:  # SERVER_NAME may come from the Host header: stay bounded
+        security.first_request_check(address)
+        # A few addresses per process; SERVER_NAME, the fallback where the server
+        # names no socket, may come from the Host header: stay bounded.
+        if len(checked) >= 64:
             checked.clear()
         checked.add(key)
 
@@ -346,8 +367,9 @@ def _form_action(action: Callable[[], Any], back: Callable[[Any], str]) -> Respo
     except TaskError as exc:
         status, headers = _error_status(exc)
         message = str(exc)
-        current_app.logger.info("%s %s refused (%d): %s", request.method, request.path, status,
-                                message)
+        current_app.logger.info("%s %s refused (%d): %s", request.method,
+                                security.printable(request.path), status,
+                                security.printable(message, 300))
         if _is_htmx():
             return make_response(render_template("_error.html", error=message), status, headers)
         if status in (404, 409):
@@ -360,7 +382,7 @@ def _form_action(action: Callable[[], Any], back: Callable[[Any], str]) -> Respo
         if request.form.get("view") == "task" and request.view_args:
             # From a task's page: show that task again (now cancelled, or
             # linking to its retry), not the dashboard's regions.
-            return _render_task(_parse_task_id(request.view_args["task_id"]))
+            return _render_task(_parse_task_id(request.view_args["task_id"]), current_queue.tag)
         return _render_live("_live_after_post.html", _snapshot())
     return _see_other(back(result))
 
@@ -400,19 +422,35 @@ def _form_params(kind: TaskKind, form: Mapping[str, str]) -> dict[str, Any]:
 
 
 def _submit(kind_name: Any, count: Any, params: Any) -> list[int]:
-    """Check everything the request says, charge the client, then queue."""
+    """Check everything the request says, then queue, charging the client for what was queued."""
     count = _count_spec().parse("count", count)
     if not isinstance(params, dict):
         raise BadField("params", f"must be an object of parameters, got {type(params).__name__}")
-    current_queue.registry.get(kind_name).check_params(params)  # refuse before charging
-    security.charge_submit(count)
-    return current_queue.submit_many(kind_name, count, params)
+    current_queue.registry.get(kind_name).check_params(params)  # bad input: 400, not 429
+    return security.spend_submit(count, lambda: current_queue.submit_many(kind_name, count, params))
 
 
-def _retry(task_id: str) -> int:
+#: One retry at a time in this process: whether a retry queued a task or found one
+#: queued by an earlier click decides both the answer and what the client is charged.
+_RETRY_LOCK = threading.Lock()
+
+
+def _retry(task_id: str) -> tuple[int, bool]:
+    """Retry a task: ``(the id of its retry, whether this request queued it)``.
+
+    A task retried already is not queued again (a double click queues one
+    task): its retry's id comes back, and costs the client nothing.
+    """
     number = _parse_task_id(task_id)
-    security.charge_submit(1)
-    return current_queue.retry(number)
+    with _RETRY_LOCK:
+        info = current_queue.get(number)
+        if info is None:
+            raise TaskNotFound(number)  # before the limit: an unknown task is a 404, not a 429
+        if info.retried_as is not None:
+            return current_queue.retry(number), False
+        # Another process sharing the store may retry it in between; then its
+        # retry comes back, and this request is charged for it all the same.
+        return security.spend_submit(1, lambda: current_queue.retry(number)), True
 
 
 @bp.post("/tasks")
@@ -482,7 +520,10 @@ def _parse_task_id(raw: str) -> int:
 
 
 def _task_or_404(raw: str) -> TaskInfo:
-    """The task, or a 404 page: templates never receive ``None``."""
+    """The task, or a 404 page: templates never receive ``None``.
+
+    Read the queue's tag before calling this: see :func:`_render_task`.
+    """
     try:
         info = current_queue.get(_parse_task_id(raw))
     except TaskNotFound:
@@ -492,21 +533,27 @@ def _task_or_404(raw: str) -> TaskInfo:
     return info
 
 
-def _render_task(task_id: int, template: str = "_task.html") -> Response:
-    info = current_queue.get(task_id)
+def _render_task(task_id: int, tag: str, info: TaskInfo | None = None) -> Response:
+    """The task's region, with ``tag``: the queue's tag read *before* the task was.
+
+    Read after, a task finishing between the two reads would leave the page
+    holding the newer tag with the older content: every poll would then get
+    a 304, and the page would say "running" for ever.
+    """
+    if info is None:
+        info = current_queue.get(task_id)
     if info is None:
         return _message_page(f"no task {task_id}: unknown, or no longer in the history", 404)
-    snap_tag = current_queue.tag
-    response = make_response(render_template(template, **_task_data(info)))
-    response.headers["HX-PTag"] = snap_tag
+    response = make_response(render_template("_task.html", **_task_data(info, tag)))
+    response.headers["HX-PTag"] = tag
     return response
 
 
-def _task_data(info: TaskInfo) -> dict[str, Any]:
+def _task_data(info: TaskInfo, tag: str) -> dict[str, Any]:
     return {
         "task": info,
         "poll_interval": current_app.config["POLL_INTERVAL"],
-        "tag": current_queue.tag,
+        "tag": tag,
         "present": False,
         "can_act": security.may_act(),
     }
@@ -514,16 +561,19 @@ def _task_data(info: TaskInfo) -> dict[str, Any]:
 
 @bp.get("/tasks/<task_id>")
 def task_detail(task_id: str) -> Response:
+    tag = current_queue.tag  # before the task: see _render_task
     info = _task_or_404(task_id)
-    return _page("task.html", **_task_data(info))
+    return _page("task.html", **_task_data(info, tag))
 
 
 @bp.get("/tasks/<task_id>/live")
 def task_live(task_id: str) -> Response:
     """The task's detail region, polled while the task is not finished."""
-    if _not_modified(current_queue.tag):
-        return _not_modified_response()
-    return _render_task(_task_or_404(task_id).id)
+    tag = current_queue.tag  # before the task: see _render_task
+    if _not_modified(tag):
+        return _not_modified_response(tag)
+    info = _task_or_404(task_id)
+    return _render_task(info.id, tag, info)
 
 
 @bp.get("/tasks/lookup")
@@ -553,7 +603,8 @@ def cancel_task(task_id: str) -> Response:
 
 @bp.post("/tasks/<task_id>/retry")
 def retry_task(task_id: str) -> Response:
-    return _form_action(lambda: _retry(task_id), _back_to_task)
+    """Retry from a form; a second click answers like the first, and queues nothing."""
+    return _form_action(lambda: _retry(task_id), lambda retried: _back_to_task(retried[0]))
 
 
 # -- JSON API ------------------------------------------------------------------
@@ -568,9 +619,24 @@ def _json_error(message: str, status: int, headers: Mapping[str, str] | None = N
 
 
 def _json_body(allowed: frozenset[str]) -> dict[str, Any] | Response:
+    """The request's JSON object, or a 4xx answer saying what is wrong with the body."""
     if not request.is_json:
         return _json_error("send a JSON object with Content-Type: application/json", 415)
-    data = request.get_json(silent=True)
+    # Parsed here rather than by request.get_json(silent=True): that lets a
+    # RecursionError through (a 500), and answers every other fault with None.
+    try:
+        data = current_app.json.loads(request.get_data())
+    except RecursionError:
+        return _json_error(_TOO_DEEP, 400)
+    except json.JSONDecodeError as exc:
+        return _json_error(f"body must be a JSON object; it is not valid JSON: {exc}", 400)
+    except UnicodeDecodeError:
+        return _json_error("body must be a JSON object in UTF-8; it is not UTF-8", 400)
+    except ValueError:  # an integer of more digits than int() takes
+        return _json_error("body must be a JSON object; a number in it has more than "
+                           f"{sys.get_int_max_str_digits()} digits", 400)
+    if _nests_deeper(data, MAX_JSON_DEPTH):
+        return _json_error(_TOO_DEEP, 400)
     if not isinstance(data, dict):
         example = ", ".join(f'"{k}": ...' for k in sorted(allowed))
         return _json_error(f"body must be a JSON object like {{{example}}}", 400)
@@ -582,6 +648,24 @@ def _json_body(allowed: frozenset[str]) -> dict[str, Any] | Response:
             400,
         )
     return data
+
+
+_TOO_DEEP = f"body nests too deeply: at most {MAX_JSON_DEPTH} levels of lists and objects"
+
+
+def _nests_deeper(value: Any, limit: int) -> bool:
+    """Whether ``value`` nests lists and objects more than ``limit`` deep (no recursion)."""
+    if not isinstance(value, (dict, list)):
+        return False
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((child, depth + 1) for child in children
+                     if isinstance(child, (dict, list)))
+    return False
 
 
 def _json_action(action: Callable[[], Any], ok: Callable[[Any], Response]) -> Response:
@@ -649,9 +733,14 @@ def api_cancel(task_id: str) -> Response:
 
 @bp.post("/api/tasks/<task_id>/retry")
 def api_retry(task_id: str) -> Response:
-    def ok(new_id: int) -> Response:
-        response = jsonify(id=new_id, retry_of=int(task_id))
-        response.status_code = 202
+    """``202 {"id": new, "retry_of": old, "created": true}`` when this request queued the
+    retry; ``200`` with ``"created": false`` when the task had been retried already
+    (nothing queued: a second click, or a client sending again after a lost answer)."""
+
+    def ok(retried: tuple[int, bool]) -> Response:
+        new_id, created = retried
+        response = jsonify(id=new_id, retry_of=int(task_id), created=created)
+        response.status_code = 202 if created else 200
         return response
 
     return _json_action(lambda: _retry(task_id), ok)

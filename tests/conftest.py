@@ -3,8 +3,10 @@ factory with test config, a client, and a check that no test leaks threads."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
+
 import pytest
 
 from dashboard import create_app, get_queue
@@ -14,6 +16,27 @@ from dashboard.tasks import Registry
 # Playwright loop) is shared by every module instead of started once per module
 # that imports it: a second sync Playwright in the same thread fails.
 pytest_plugins = ["browser"]
+
+
+#: Environment variables that change what the app does: Flask's ``FLASK_*`` (every
+#: setting of ours can be given so) and the markers the app leaves for itself.
+_APP_ENV_PREFIXES = ("FLASK_", "DASHBOARD_")
+
+
+@pytest.fixture(autouse=True)
+def standard_environ(monkeypatch):
+    """No test sees settings exported in the shell that runs it (as Flask's own
+    ``_standard_os_environ`` does): ``FLASK_ACCESS_TOKEN`` there would make every
+    request 401. Each is removed for the test and restored afterwards, and what
+    the test (or the app) set is removed too: the exposure warning marks the
+    environment, which would silence that warning in the next test."""
+    for key in list(os.environ):
+        if key.startswith(_APP_ENV_PREFIXES):
+            monkeypatch.delenv(key)
+    yield
+    for key in list(os.environ):
+        if key.startswith(_APP_ENV_PREFIXES):
+            del os.environ[key]
 
 
 @pytest.fixture(autouse=True)
