@@ -41,7 +41,7 @@ from werkzeug.local import LocalProxy
 from . import security
 from .config import DEFAULTS, ConfigError, check_config
 from .sqlite_store import SqliteStore, StoreError
-from .store import MemoryStore, Store
+from .store import MemoryStore, Store, StoreUnavailable
 from .tasks import Registry
 from .workqueue import TaskContext, WorkQueue, live_queues
 
@@ -239,10 +239,13 @@ class _Starter:
     """Starts one queue's workers in this process: now, or once its store can be written.
 
     ``WorkQueue.start`` writes to a durable store (it registers the process
-    and each worker). If it cannot, it fails half way, and a server whose
-    worker fails while booting may stop altogether (gunicorn halts). So for a
-    durable store one write is tried first; when it fails, the process goes
-    on serving and a thread tries again every ``RETRY`` seconds.
+    and each worker), and each write waits for the store's busy timeout (10 s)
+    before it gives up: on a file another program keeps locked, a gunicorn
+    worker was held in its boot hook for that long once per worker thread,
+    serving nothing (and before the engine tolerated those failures, it
+    failed to boot, which halts gunicorn). So for a durable store one write
+    is tried first; when it fails, the process goes on serving and a thread
+    tries again every ``RETRY`` seconds.
     """
 
     RETRY = 2.0
@@ -278,6 +281,8 @@ class _Starter:
             return None
         try:
             self.queue.store.maintain()
+        except StoreUnavailable as exc:
+            return str(exc)
         except Exception as exc:  # noqa: BLE001 - any failure: try again later
             return f"{type(exc).__name__}: {exc}"
         return None
@@ -292,7 +297,8 @@ class _Starter:
                 if not self.cancelled and not self.queue.closed:
                     logger.info("pid %d: the queue file can be written again", self.pid)
                     self._start_queue()
-                self.cancelled = True  # done either way
+                # Started; or not, and then the next request tries again.
+                self.retrying = None
             return
 
     def _start_queue(self) -> None:
