@@ -107,7 +107,10 @@ SETTINGS: tuple[Setting, ...] = (
             "every process on the machine, kept across restarts; a relative path is under "
             "the app's instance folder)."),
     Setting("LEASE_TIME", 30.0, Float(1, 3600), "SQLite store: seconds a running task's claim "
-            "lasts without its process renewing it; then the task is queued again."),
+            "lasts without its process renewing it, where no process can tell whether that "
+            "one still runs (another container sharing the file); then the task is queued "
+            "again. Keep it above the longest time the file may stay locked. On one machine "
+            "a live process keeps its tasks and a dead one's are queued again at once."),
     Setting("MAX_ATTEMPTS", 3, Int(1, 100), "SQLite store: starts a task gets before it is "
             "failed for good when its process keeps dying under it."),
     Setting("RETENTION", 604800.0, Float(60, 3.2e8), "SQLite store: seconds a finished task "

@@ -1294,6 +1294,10 @@ class SqliteStore(Store):
     def workers_target(self) -> int | None:
         return self._read_one("SELECT workers FROM meta")[0]
 
+    def touch(self) -> None:
+        with self._write() as (conn, _now):
+            conn.execute("UPDATE meta SET version = version + 1")
+
     def set_workers_target(self, count: int) -> None:
         with self._write() as (conn, _now):
             conn.execute("UPDATE meta SET workers = ?, version = version + 1", (count,))

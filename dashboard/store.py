@@ -349,6 +349,10 @@ class Store:
         """Why the store cannot be used at the moment (its file was deleted, say), or None."""
         return None
 
+    def touch(self) -> None:
+        """Count a change no write made (a stall began or ended): pages poll anew."""
+        raise NotImplementedError
+
 
 class _Slot:
     __slots__ = ("name", "task", "done", "alive")
@@ -882,6 +886,10 @@ class MemoryStore(Store):
         with self._lock:
             if self._slots.pop(name, None) is not None:
                 self._version += 1
+
+    def touch(self) -> None:
+        with self._lock:
+            self._version += 1
 
     # -- the whole queue -------------------------------------------------
 

@@ -39,6 +39,7 @@ from .chart import depth_chart
 from .ext import current_queue
 from .records import Snapshot, State, TaskInfo
 from .store import QueueClosed, QueueFull, StoreUnavailable, TaskNotFound, WrongState
+from .workqueue import stall_reason
 from .tasks import Int, InvalidParam, TaskError, TaskKind
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -78,7 +79,12 @@ def _guard() -> Response | None:
     reason = security.cross_site_reason()
     if reason is not None:
         return _refuse(reason, 403)
-    return security.access_refusal()
+    refusal = security.access_refusal()
+    if refusal is None and request.method in security.UNSAFE_METHODS:
+        # Read the body now: one over MAX_CONTENT_LENGTH is refused (413) before
+        # any action runs, not after it (a view reads the form only at its end).
+        request.get_data(cache=True, parse_form_data=True)
+    return refusal
 
 
 def _refuse(reason: str, status: int) -> Response:
@@ -234,6 +240,7 @@ def _page_data(snap: Snapshot, **extra: Any) -> dict[str, Any]:
         "shared_store": queue.store.durable,
         "can_act": can_act,
         "pids": sorted({w.pid for w in snap.workers}),
+        "stall": stall_reason(snap, queue.stall_after),
         **extra,
     }
 
@@ -769,18 +776,42 @@ def api_workers() -> Response:
 
 @bp.get("/healthz")
 def healthz() -> Response:
+    """200 while this process's workers run and take work; 503 saying why when not."""
     queue = current_queue
-    snap = queue.stats(0)
-    healthy = queue.is_healthy()
-    body = {
-        "status": "ok" if healthy else ("stopping" if snap.closed else "unhealthy"),
-        "pid": snap.pid,
+    problem = queue.health()
+    body: dict[str, Any] = {
+        "status": "ok" if problem is None else ("stopping" if queue.closed else "unhealthy"),
+        "pid": os.getpid(),
         "workers": queue.workers,
-        "alive": sum(1 for w in snap.workers if w.state not in ("stopped",)),
         "started": queue.started,
     }
+    if problem is not None:
+        body["reason"] = problem
+    try:
+        snap = queue.stats(0)
+    except StoreUnavailable:
+        pass
+    else:
+        body["alive"] = sum(1 for w in snap.workers if w.state != "stopped")
     response = jsonify(body)
-    response.status_code = 200 if healthy else 503
+    response.status_code = 200 if problem is None else 503
+    return response
+
+
+@bp.errorhandler(StoreUnavailable)
+def _store_unavailable(exc: StoreUnavailable) -> Response:
+    """The store could not be read or written (a file locked for long, or gone):
+    a 503 that says so and when to try again; a poll keeps what it shows."""
+    message = str(exc)
+    current_app.logger.warning("%s %s: %s", request.method, security.printable(request.path),
+                               message)
+    headers = {"Retry-After": str(exc.retry_after)}
+    if request.path.startswith(security.api_prefix()) or request.is_json:
+        return _json_error(message, 503, headers)
+    if _is_htmx():
+        return make_response(render_template("_error.html", error=message), 503, headers)
+    response = _message_page(message, 503)
+    response.headers.update(headers)
     return response
 
 

@@ -707,10 +707,12 @@ class WorkQueue:
 
     def _watch_stall(self) -> None:
         reason = stall_reason(self.store.snapshot(0), self.stall_after)
-        if reason is not None and self._stalled is None:
-            logger.error("the queue is %s; look at the workers and the store", reason)
-        elif reason is None and self._stalled is not None:
-            logger.info("the queue is moving again")
+        if (reason is None) != (self._stalled is None):
+            if reason is not None:
+                logger.error("the queue is %s; look at the workers and the store", reason)
+            else:
+                logger.info("the queue is moving again")
+            self.store.touch()  # the pages show it: their next poll is not a 304
         self._stalled = reason
 
     def _note_death(self, name: str, now: float) -> None:

@@ -50,7 +50,8 @@ def test_the_embedding_example_works_in_another_app():
 
     try:
         client = app.test_client()
-        assert client.post("/reports/42").json == {"id": 1}
+        task_id = client.post("/reports/42").json["id"]
+        assert get_queue(app).get(task_id).params == {"user_id": 42, "fmt": "csv"}
         page = client.get("/queue/")
         assert page.status_code == 200
         assert b'id="queue-depth" class="big">1<' in page.data

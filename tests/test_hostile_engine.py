@@ -586,3 +586,62 @@ def test_a_stall_shows_in_health_the_log_and_the_snapshot(queues, kinds, caplog)
     stuck.set()
     assert q.join(timeout=30)
     wait_for(q.is_healthy, what="healthy again once work moves")
+
+
+def test_a_stall_shows_on_the_page_and_in_healthz(kinds):
+    app = create_app({"TESTING": True, "WORKERS": 1, "HANDLE_SIGNALS": False})
+    queue = get_queue(app)
+    queue.stall_after = 0.3
+    stuck = threading.Event()
+    real = queue.store.claim
+
+    def claim(worker, block=True):
+        if worker is not None and not stuck.is_set():
+            stuck.wait(60)
+        return real(worker, block)
+
+    queue.store.claim = claim
+    client = app.test_client()
+    try:
+        tag = client.get("/live", headers={"HX-Request": "true"}).headers["HX-PTag"]
+        queue.submit("pretend", seconds=0)
+        wait_for(lambda: client.get("/healthz").status_code == 503, what="/healthz to say 503")
+        health = client.get("/healthz").json
+        assert health["status"] == "unhealthy" and "stalled" in health["reason"]
+        assert b'id="stalled-flag"' in client.get("/").data
+        # The stall is a change: a page holding the last tag sees it at its next poll.
+        wait_for(lambda: client.get("/live", headers={"HX-Request": "true", "HX-PTag": tag})
+                 .status_code == 200, what="the poll to show the stall")
+        stuck.set()
+        assert queue.join(timeout=30)
+        wait_for(lambda: client.get("/healthz").status_code == 200, what="healthy again")
+        assert b'id="stalled-flag"' not in client.get("/").data
+    finally:
+        stuck.set()
+        queue.shutdown()
+
+
+def test_d15_a_deleted_queue_file_answers_503_everywhere(tmp_path):
+    path = tmp_path / "q.db"
+    app = create_app({"TESTING": True, "WORKERS": 0, "HANDLE_SIGNALS": False,
+                      "QUEUE_URL": f"sqlite:///{path}"})
+    queue = get_queue(app)
+    client = app.test_client()
+    try:
+        assert client.get("/api/stats").status_code == 200
+        for suffix in ("", "-wal", "-shm"):
+            if os.path.exists(f"{path}{suffix}"):
+                os.remove(f"{path}{suffix}")
+        wait_for(lambda: client.get("/api/stats").status_code == 503,
+                 what="reads to be refused")
+        stats = client.get("/api/stats")
+        assert "deleted or replaced" in stats.json["error"] and stats.headers["Retry-After"]
+        page = client.get("/")
+        assert page.status_code == 503 and b"deleted or replaced" in page.data
+        assert client.get("/live", headers={"HX-Request": "true"}).status_code == 503
+        assert client.post("/api/tasks", json={}).status_code == 503
+        health = client.get("/healthz")
+        assert health.status_code == 503 and "deleted or replaced" in health.json["reason"]
+        assert not path.exists()
+    finally:
+        queue.shutdown()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import sqlite3
 import threading
 import time
@@ -356,3 +357,46 @@ def test_the_page_lists_the_workers_of_every_process(tmp_path):
         assert b"queue in a SQLite file shared by every process" in html
     finally:
         queue.shutdown()
+
+
+# -- upgrading a file of the first release ----------------------------------------------
+
+V1_FILE = os.path.join(os.path.dirname(__file__), "data", "queue-v1.db")
+
+
+def test_a_schema_1_file_is_upgraded_in_place_keeping_every_task(tmp_path, registry, queues):
+    """queue-v1.db was written by the first release: two finished tasks, one left
+    running by a process that is gone, three queued."""
+    @registry.task("pretend", params={"seconds": Int(0, 10)})
+    def pretend(ctx, seconds=0):
+        pass
+
+    path = tmp_path / "queue.db"
+    shutil.copyfile(V1_FILE, path)
+    store = SqliteStore(str(path))
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    conn.close()
+    q = queues(store)
+    assert [q.get(i).state for i in (1, 2)] == [State.DONE, State.FAILED]
+    assert q.get(2).error == "RuntimeError: boom"
+    store.maintain()  # the running task's process is long gone: back in the queue
+    info = q.get(3)
+    assert info.state is State.QUEUED and "stopped" in info.message
+    assert q.run_pending() == 4
+    snap = q.stats()
+    assert (snap.done, snap.failed, snap.queued, snap.running) == (5, 1, 0, 0)
+    assert q.submit("pretend") == 7  # ids go on where they were
+    SqliteStore(str(path))  # opening again changes nothing
+
+
+def test_a_schema_1_file_in_use_by_the_old_release_is_not_upgraded(tmp_path):
+    path = tmp_path / "queue.db"
+    shutil.copyfile(V1_FILE, path)
+    with sqlite3.connect(path) as conn:  # a process of the old release, alive just now
+        conn.execute("UPDATE processes SET heartbeat_at = ?, pid = 4242", (time.time(),))
+    conn.close()
+    before = fingerprint(path)
+    with pytest.raises(StoreError, match=r"in use by an older release \(pids 4242\)"):
+        SqliteStore(str(path))
+    assert fingerprint(path) == before

@@ -35,11 +35,16 @@ def rendered(app):
     template_rendered.disconnect(record, app)
 
 
+def queued(queue):
+    """The queued tasks, oldest first (ids are whatever the store gave out)."""
+    return list(queue.stats(0, 100).upcoming)
+
+
 # -- the page ------------------------------------------------------------------
 
 
 def test_page_shows_depth_counts_workers_history_buttons_and_pid(client, queue):
-    queue.submit_many("pretend", 2, {"seconds": 0})
+    first, _ = queue.submit_many("pretend", 2, {"seconds": 0})
     queue.run_pending(1)
     html = client.get("/").data
     assert depth(html) == 1
@@ -51,18 +56,18 @@ def test_page_shows_depth_counts_workers_history_buttons_and_pid(client, queue):
     for kind in (b"pretend", b"flaky", b"primes"):
         assert b'<option value="' + kind + b'"' in html
     assert b'value="pretend" selected' in html
-    assert b'id="task-1"' in html  # the finished task is listed
+    assert f'id="task-{first}"'.encode() in html  # the finished task is listed
     # The page polls one endpoint for every live region, and holds the current tag.
     assert b'hx-get="/live"' in html and f'hx-ptag="{queue.tag}"'.encode() in html
 
 
 def test_history_lists_at_most_20_newest_first_with_errors(client, queue):
-    queue.submit_many("pretend", 25, {"seconds": 0})
-    queue.submit("flaky", seconds=0, fail_rate=1)
+    ids = queue.submit_many("pretend", 25, {"seconds": 0})
+    ids.append(queue.submit("flaky", seconds=0, fail_rate=1))
     queue.run_pending()
     html = client.get("/").data
     rows = re.findall(rb'<tr id="task-(\d+)"', html)
-    assert [int(r) for r in rows] == list(range(26, 6, -1))
+    assert [int(r) for r in rows] == ids[:-21:-1]
     assert b"RuntimeError: flaky task gave up (it fails 100% of the time)" in html
     assert b'id="count-failed">1<' in html
 
@@ -154,18 +159,20 @@ def test_plain_post_redirects_back_with_303(client, queue):
     response = client.post("/tasks", data={"kind": "pretend", "count": "1", "seconds": "2.5"})
     assert response.status_code == 303
     assert response.headers["Location"] == "/"
-    (task,) = [queue.get(1)]
+    (task,) = queued(queue)
     assert (task.kind, task.params) == ("pretend", {"seconds": 2.5})
 
 
 def test_post_defaults_to_one_task_of_the_default_kind(client, queue):
     assert client.post("/tasks", data={}).status_code == 303
-    assert queue.get(1).kind == "pretend" and queue.stats().queued == 1
+    (task,) = queued(queue)
+    assert task.kind == "pretend"
 
 
 def test_empty_fields_mean_defaults_and_other_kinds_fields_are_ignored(client, queue):
     client.post("/tasks", data={"kind": "primes", "count": "1", "seconds": "3", "limit": ""})
-    assert queue.get(1).params == {}
+    (task,) = queued(queue)
+    assert task.params == {}
 
 
 BAD_FORMS = [
@@ -272,17 +279,19 @@ def test_api_add_tasks_and_look_them_up(client, queue):
         "/api/tasks", json={"kind": "pretend", "count": 3, "params": {"seconds": 0}}
     )
     assert response.status_code == 202
-    assert response.json == {"ids": [1, 2, 3], "count": 3}
-    assert client.get("/api/tasks/2").json["state"] == "queued"
+    ids = response.json["ids"]
+    assert response.json == {"ids": ids, "count": 3} and ids == list(range(ids[0], ids[0] + 3))
+    assert client.get(f"/api/tasks/{ids[1]}").json["state"] == "queued"
     queue.run_pending()
-    task = client.get("/api/tasks/2").json
+    task = client.get(f"/api/tasks/{ids[1]}").json
     assert (task["state"], task["kind"], task["params"]) == ("done", "pretend", {"seconds": 0.0})
     assert task["progress"] == 1.0
 
 
 def test_api_defaults(client, queue):
-    assert client.post("/api/tasks", json={}).json == {"ids": [1], "count": 1}
-    assert queue.get(1).kind == "pretend"
+    answer = client.post("/api/tasks", json={}).json
+    assert answer["count"] == 1 and answer["ids"] == [t.id for t in queued(queue)]
+    assert queue.get(answer["ids"][0]).kind == "pretend"
 
 
 @pytest.mark.parametrize(
