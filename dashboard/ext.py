@@ -16,9 +16,9 @@ imports the app runs no task. A forked child starts its own threads;
 :class:`~dashboard.workqueue.WorkQueue` handles that.
 
 With a queue file, a process whose file cannot be written when it starts
-(locked by another process for longer than the busy timeout, read-only, its
-``-wal`` removed) still serves: its workers start from a thread that tries
-again every few seconds, and the log says so.
+(say another program holds its write lock for longer than the busy timeout)
+still serves: its workers start from a thread that tries again every few
+seconds, and the log says so.
 
 On SIGTERM or SIGINT the queue closes at once (new submissions get 503), and
 running tasks get ``SHUTDOWN_TIMEOUT`` seconds when the process exits.
