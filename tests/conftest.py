@@ -11,6 +11,7 @@ import pytest
 
 from dashboard import create_app, get_queue
 from dashboard.tasks import Registry
+from dashboard.workqueue import WorkQueue
 
 # The browser fixtures are a plugin, so the session-wide Chromium (and its one
 # Playwright loop) is shared by every module instead of started once per module
@@ -78,3 +79,44 @@ def queue(app):
 def registry():
     """A private registry, so engine tests never touch the demo kinds."""
     return Registry()
+
+
+@pytest.fixture
+def make_app(tmp_path):
+    """``make_app(**config)``: a test app with no worker threads, shut down at the end.
+    ``store="sqlite"`` puts its queue in a file of this test's own."""
+    made = []
+
+    def make(store="memory", **config):
+        if store == "sqlite":
+            config["QUEUE_URL"] = f"sqlite:///{tmp_path / f'queue-{len(made)}.db'}"
+        app = create_app({"TESTING": True, "WORKERS": 0, "HANDLE_SIGNALS": False,
+                          "WORK_TIME": 0, **config})
+        made.append(app)
+        return app
+
+    yield make
+    for app in made:
+        get_queue(app).shutdown()
+
+
+@pytest.fixture
+def db(tmp_path):
+    """The path of a SQLite queue file of this test's own."""
+    return str(tmp_path / "queue.db")
+
+
+@pytest.fixture
+def queues(registry):
+    """``queues(store, workers=0, **kwargs)``: WorkQueues on the private registry,
+    each shut down at the end of the test."""
+    made = []
+
+    def make(store=None, workers=0, **kwargs):
+        q = WorkQueue(workers, registry=registry, store=store, **kwargs)
+        made.append(q)
+        return q
+
+    yield make
+    for q in made:
+        q.shutdown(timeout=5)

@@ -36,7 +36,6 @@ from browser import (
     ROOT,
     Tab,
     browser_unavailable,
-    ARTIFACTS,
     Server,
     expect,
     find_chromium,

@@ -27,29 +27,11 @@ from dashboard import create_app, get_queue
 from dashboard.records import State
 from dashboard.sqlite_store import SqliteStore
 from dashboard.store import MemoryStore, StoreUnavailable
-from dashboard.workqueue import WorkQueue
 from support import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture
-def db(tmp_path):
-    return str(tmp_path / "queue.db")
-
-
-@pytest.fixture
-def queues(registry):
-    made = []
-
-    def make(store=None, workers=0, **kwargs):
-        q = WorkQueue(workers, registry=registry, store=store, **kwargs)
-        made.append(q)
-        return q
-
-    yield make
-    for q in made:
-        q.shutdown(timeout=5)
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ the names it is served as; and what a request says reaches the log escaped.
 
 from __future__ import annotations
 
-import http.client
 import json
 import logging
 import os
@@ -32,24 +31,6 @@ HTMX = {"HX-Request": "true"}
 SAME_ORIGIN = {"Sec-Fetch-Site": "same-origin"}
 EXPOSED = "beyond this machine, with no ACCESS_TOKEN"
 
-
-@pytest.fixture
-def make_app(tmp_path):
-    """``make_app(**config)``: a test app with no worker threads, shut down at the end.
-    ``store="sqlite"`` puts its queue in a file of this test's own."""
-    made = []
-
-    def make(store="memory", **config):
-        if store == "sqlite":
-            config["QUEUE_URL"] = f"sqlite:///{tmp_path / f'queue-{len(made)}.db'}"
-        app = create_app({"TESTING": True, "WORKERS": 0, "HANDLE_SIGNALS": False,
-                          "WORK_TIME": 0, **config})
-        made.append(app)
-        return app
-
-    yield make
-    for app in made:
-        get_queue(app).shutdown()
 
 
 def state(app):

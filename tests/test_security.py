@@ -14,20 +14,6 @@ from dashboard.security import CONTENT_SECURITY_POLICY, warn_if_exposed
 SECRET = "correct-horse-battery-staple"
 
 
-@pytest.fixture
-def make_app():
-    made = []
-
-    def make(**config):
-        app = create_app({"TESTING": True, "WORKERS": 0, "HANDLE_SIGNALS": False,
-                          "WORK_TIME": 0, **config})
-        made.append(app)
-        return app
-
-    yield make
-    for app in made:
-        get_queue(app).shutdown()
-
 
 def counts(app):
     snap = get_queue(app).stats()

@@ -24,27 +24,9 @@ from dashboard.records import State
 from dashboard.clock import clock
 from dashboard.sqlite_store import SCHEMA_VERSION, SqliteStore, StoreError
 from dashboard.tasks import Int
-from dashboard.workqueue import WorkQueue
 from support import wait_for
 
 
-@pytest.fixture
-def db(tmp_path):
-    return str(tmp_path / "queue.db")
-
-
-@pytest.fixture
-def queues(registry):
-    made = []
-
-    def make(store, workers=0):
-        q = WorkQueue(workers, registry=registry, store=store)
-        made.append(q)
-        return q
-
-    yield make
-    for q in made:
-        q.shutdown(timeout=5)
 
 
 def test_the_file_is_wal_with_a_schema_version(db):
