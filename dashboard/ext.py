@@ -17,8 +17,9 @@ imports the app runs no task. A forked child starts its own threads;
 
 With a queue file, a process whose file cannot be written when it starts
 (say another program holds its write lock for longer than the busy timeout)
-still serves: its workers start from a thread that tries again every few
-seconds, and the log says so.
+still serves: :meth:`~dashboard.workqueue.WorkQueue.start` waits a moment,
+then leaves the workers to its supervisor, which starts them once it can,
+and the log says so.
 
 On SIGTERM or SIGINT the queue closes at once (new submissions get 503), and
 running tasks get ``SHUTDOWN_TIMEOUT`` seconds when the process exits.
@@ -41,7 +42,7 @@ from werkzeug.local import LocalProxy
 from . import security
 from .config import DEFAULTS, ConfigError, check_config
 from .sqlite_store import SqliteStore, StoreError
-from .store import MemoryStore, Store, StoreUnavailable
+from .store import MemoryStore, Store
 from .tasks import Registry
 from .workqueue import TaskContext, WorkQueue, live_queues
 
@@ -95,7 +96,7 @@ class QueueExtension:
         app.extensions[EXTENSION_KEY] = self
         security.init_app(app)
         # The cheapest correct place to start: the first request this process serves.
-        app.before_request(lambda: _start(queue))
+        app.before_request(queue.start)
         if app.config["HANDLE_SIGNALS"]:
             install_signal_handlers()
         _register_atexit()
@@ -218,7 +219,7 @@ def start_serving(app: Any) -> bool:
     queue = ext.queue_for(app)
     if app.config.get("HANDLE_SIGNALS", True):
         install_signal_handlers(force=True)
-    _start(queue)
+    queue.start()
     return True
 
 
@@ -227,130 +228,8 @@ def stop_serving(app: Any) -> None:
     ext = getattr(app, "extensions", {}).get(EXTENSION_KEY)
     if isinstance(ext, QueueExtension):
         queue = ext.queue_for(app)
-        _cancel_start(queue)
         if queue.started:
             queue.shutdown()
-
-
-# -- starting, when the store lets us ----------------------------------------
-
-
-class _Starter:
-    """Starts one queue's workers in this process: now, or once its store can be written.
-
-    ``WorkQueue.start`` writes to a durable store (it registers the process
-    and each worker), and each write waits for the store's busy timeout (10 s)
-    before it gives up: on a file another program keeps locked, a gunicorn
-    worker was held in its boot hook for that long once per worker thread,
-    serving nothing (and before the engine tolerated those failures, it
-    failed to boot, which halts gunicorn). So for a durable store one write
-    is tried first; when it fails, the process goes on serving and a thread
-    tries again every ``RETRY`` seconds.
-    """
-
-    RETRY = 2.0
-
-    def __init__(self, queue: WorkQueue):
-        self.queue = queue
-        self.pid = os.getpid()
-        self.lock = threading.Lock()  # held while starting; cancel() waits for it
-        self.cancelled = False
-        self.retrying: threading.Thread | None = None
-        self.wake = threading.Event()
-
-    def start(self) -> None:
-        with self.lock:
-            if self.cancelled or self.queue.started or self.retrying is not None:
-                return
-            error = self._try_store()
-            if error is None:
-                self._start_queue()
-                return
-            logger.error(
-                "pid %d cannot start its worker threads: %s. It serves requests, and starts "
-                "them once the queue file can be written (trying every %gs).",
-                self.pid, error, self.RETRY,
-            )
-            self.retrying = threading.Thread(
-                target=self._retry, name=f"{self.queue.name}-starter", daemon=True
-            )
-            self.retrying.start()
-
-    def _try_store(self) -> str | None:
-        if not self.queue.store.durable:
-            return None
-        try:
-            self.queue.store.maintain()
-        except StoreUnavailable as exc:
-            return str(exc)
-        except Exception as exc:  # noqa: BLE001 - any failure: try again later
-            return f"{type(exc).__name__}: {exc}"
-        return None
-
-    def _retry(self) -> None:
-        while not self.wake.wait(self.RETRY):
-            if self.cancelled or self.queue.closed:
-                return
-            if self._try_store() is not None:
-                continue
-            with self.lock:
-                if not self.cancelled and not self.queue.closed:
-                    logger.info("pid %d: the queue file can be written again", self.pid)
-                    self._start_queue()
-                # Started; or not, and then the next request tries again.
-                self.retrying = None
-            return
-
-    def _start_queue(self) -> None:
-        if not self.queue.store.durable:
-            self.queue.start()
-            return
-        try:
-            self.queue.start()
-        except Exception:  # noqa: BLE001 - the file went away again between the two writes
-            # Serving must go on (a gunicorn worker that fails while booting
-            # halts the whole server); the log says what is missing.
-            logger.exception("pid %d: starting the worker threads failed part way; this "
-                             "process may run fewer workers until it is restarted", self.pid)
-
-    def cancel(self) -> None:
-        """Start nothing from now on; waits for a start in progress to finish."""
-        with self.lock:
-            self.cancelled = True
-            self.wake.set()
-
-
-_starters: weakref.WeakKeyDictionary[WorkQueue, _Starter] = weakref.WeakKeyDictionary()
-_starters_lock = threading.Lock()
-
-
-def _new_starters_lock() -> None:
-    global _starters_lock
-    _starters_lock = threading.Lock()  # a thread of the parent may have held it at the fork
-
-
-os.register_at_fork(after_in_child=_new_starters_lock)
-
-
-def _starter(queue: WorkQueue) -> _Starter:
-    with _starters_lock:
-        starter = _starters.get(queue)
-        if starter is None or starter.pid != os.getpid():  # none yet, or the parent's
-            starter = _starters[queue] = _Starter(queue)
-        return starter
-
-
-def _start(queue: WorkQueue) -> None:
-    """Start ``queue``'s workers in this process, once; never fails for a busy store."""
-    if queue.started:
-        return
-    _starter(queue).start()
-
-
-def _cancel_start(queue: WorkQueue) -> None:
-    starter = _starters.get(queue)
-    if starter is not None and starter.pid == os.getpid():
-        starter.cancel()
 
 
 def _start_under_uwsgi(app: Flask) -> None:
@@ -369,13 +248,14 @@ def _start_under_uwsgi(app: Flask) -> None:
     queue = get_queue(app)
     if uwsgi.worker_id() > 0:
         # The app is built in the worker (lazy-apps): this process serves.
-        _start(queue)
+        queue.start()
         return
     # The app is built in the master: uWSGI forks the workers from here,
     # without Python's at-fork handling, and a child forked while another
     # thread of this process runs blocks for ever taking the GIL
-    # (unbit/uwsgi#1149). The submit limiter's storage starts a 10 ms timer
-    # thread when the app is built: let such threads end first.
+    # (unbit/uwsgi#1149). Nothing of ours runs a thread here any more (the
+    # submit limiter makes its timer in the serving process), but an app's
+    # own code may: let such threads end first, and say so if they do not.
     _let_threads_end(timeout=2.0)
     previous = getattr(uwsgi, "post_fork_hook", None)
 
@@ -383,7 +263,7 @@ def _start_under_uwsgi(app: Flask) -> None:
         if callable(previous):
             previous()
         if uwsgi.worker_id() > 0 and not uwsgi.mule_id():
-            _start(queue)
+            queue.start()
 
     uwsgi.post_fork_hook = start_after_fork
 
@@ -469,6 +349,5 @@ def _register_atexit() -> None:
 
 def _shutdown_at_exit() -> None:
     for queue in live_queues():
-        _cancel_start(queue)
         if queue.started:
             queue.shutdown()

@@ -413,8 +413,23 @@ class SubmitLimiter:
     def __init__(self, spec: str):
         self.spec = spec
         self.item = limits.parse(spec) if spec else None
-        self.strategy = MovingWindowRateLimiter(MemoryStorage())
         self._locks = tuple(threading.Lock() for _ in range(self.STRIPES))
+        self._strategy: MovingWindowRateLimiter | None = None
+        self._pid = 0
+
+    @property
+    def strategy(self) -> MovingWindowRateLimiter:
+        """The counts, made in the process that serves, at its first submit.
+
+        ``limits``' memory storage starts a timer thread when it is made:
+        made while the app is built in a server's master, that thread could
+        be running when the master forks, and uWSGI's fork (which skips
+        Python's at-fork handling) then left the new worker hung for good.
+        """
+        if self._strategy is None or self._pid != os.getpid():
+            self._strategy = MovingWindowRateLimiter(MemoryStorage())
+            self._pid = os.getpid()
+        return self._strategy
 
     def spend(self, client: str, tasks: int, act: Callable[[], T]) -> T:
         """Run ``act``, which queues ``tasks``, if ``client`` may add that many more.

@@ -1424,8 +1424,8 @@ class SqliteStore(Store):
              time.time(), now),
         )
 
-    def maintain(self) -> None:
-        with self._write() as (conn, now):
+    def maintain(self, wait: float | None = None) -> None:
+        with self._write(wait) as (conn, now):
             self._register(conn, now)
             self._take_back(conn, now)
             self._forget_gone(conn, now)

@@ -319,8 +319,11 @@ class Store:
 
     # -- for shared stores --
 
-    def maintain(self) -> None:
+    def maintain(self, wait: float | None = None) -> None:
         """Periodic upkeep, called by each queue's supervisor every ``maintain_every``.
+
+        ``wait``: seconds to wait for a busy store before raising
+        :class:`StoreUnavailable` (default: the store's own busy timeout).
 
         A shared store renews the leases of this process's running tasks,
         requeues the tasks of processes that stopped, prunes old history and

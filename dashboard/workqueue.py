@@ -187,6 +187,7 @@ class WorkQueue:
         self._shut_down = False
         self._closed_at: float | None = None
         self._forked_dropped = 0
+        self._born = os.getpid()  # the process whose state this is
         _live_queues.add(self)
 
     def _init_threads(self) -> None:
@@ -203,6 +204,7 @@ class WorkQueue:
         self._start_error: str | None = None  # why the last start() failed
         self._followed: int | None = None  # a shared worker count above our MAX_WORKERS
         self._stalled: str | None = None
+        self._short = False  # start() left workers for the supervisor to start
         self._said: dict[str, float] = {}
 
     def _say(self, key: str, level: int, message: str, *args: Any, exc_info: bool = False) -> None:
@@ -220,15 +222,20 @@ class WorkQueue:
         """True when worker threads were started in this process."""
         return self._pid == os.getpid()
 
+    #: Seconds start() waits for a shared store it cannot write (a file another
+    #: program keeps locked) before it leaves the rest to the supervisor.
+    START_WAIT = 1.0
+
     def start(self) -> None:
         """Start the worker threads and the supervisor, once per process.
 
         Calling it again in the same process does nothing; calling it in a
         forked child of a started process starts that child's own threads.
-        If the store cannot be reached, the workers that could not be
-        registered are started by the supervisor once it can; if even the
-        supervisor cannot start, nothing counts as started and the next call
-        (the next request) tries again.
+        It never fails and never waits long for the store: when the store
+        cannot be written (a file locked by another program), the process
+        serves anyway and the supervisor starts the workers once it can; if
+        even the supervisor cannot start, nothing counts as started and the
+        next call (the next request) tries again.
         """
         pid = os.getpid()
         if self._pid == pid:
@@ -238,6 +245,10 @@ class WorkQueue:
                 # A request can still arrive while the server stops; it must
                 # not fail because the queue already shut down.
                 return
+            if self._born != pid:
+                # Forked without Python's at-fork handlers (uWSGI): what the
+                # parent held is not ours.
+                self._after_fork()
             if self._forked_dropped:
                 logger.warning(
                     "pid %d: dropped %d task(s) queued before this process was forked; "
@@ -246,21 +257,23 @@ class WorkQueue:
                     self._forked_dropped,
                 )
                 self._forked_dropped = 0
+            problem = None
             try:
-                self.store.maintain()  # a shared store: register, take back what the dead left
+                self.store.maintain(wait=self.START_WAIT)  # register, take back what the dead left
                 target = self.store.workers_target()
-            except Exception as exc:  # noqa: BLE001 - the supervisor retries
-                self._say("upkeep", logging.WARNING, "store upkeep failed at start (%s); the "
-                          "supervisor tries again", exc)
-                target = None
-            if target is not None and 0 < target:
-                self.workers = min(target, self.max_workers)
+                if target is not None and 0 < target:
+                    self.workers = min(target, self.max_workers)
+            except Exception as exc:  # noqa: BLE001 - the supervisor tries again
+                problem = str(exc)
+            started = 0
             for i in range(1, self.workers + 1):
+                if problem is not None:
+                    break
                 try:
                     self._spawn(f"worker-{i}")
+                    started += 1
                 except Exception as exc:  # noqa: BLE001 - the supervisor starts it later
-                    self._say("spawn", logging.WARNING, "could not start worker-%d (%s); the "
-                              "supervisor tries again", i, exc)
+                    problem = str(exc)
             if self.workers or self.store.durable:
                 try:
                     self._start_supervisor()
@@ -270,7 +283,13 @@ class WorkQueue:
                     return
             self._start_error = None
             self._pid = pid
-            logger.info("started %d worker thread(s) in pid %d", self.workers, pid)
+            self._short = problem is not None
+            if problem is None:
+                logger.info("started %d worker thread(s) in pid %d", started, pid)
+            else:
+                logger.error("pid %d started %d of %d worker thread(s): %s. It serves "
+                             "requests, and the supervisor starts the others once it can.",
+                             pid, started, self.workers, problem)
 
     def _start_supervisor(self) -> None:
         if self._supervisor is not None and self._supervisor.is_alive():
@@ -294,6 +313,7 @@ class WorkQueue:
     def _after_fork(self) -> None:
         dropped = self.store.reset_after_fork()
         self._init_threads()
+        self._born = os.getpid()
         # Logging from an at-fork hook is not safe; say it at the next start.
         self._forked_dropped = dropped
 
@@ -704,6 +724,10 @@ class WorkQueue:
             active = sum(1 for n in self._threads if n not in self._retiring)
             for _ in range(self.workers - active):
                 self._spawn(self._free_name())
+            if self._short:
+                self._short = False
+                logger.info("started %d worker thread(s) in pid %d (the store can be "
+                            "written again)", self.workers, os.getpid())
 
     def _watch_stall(self) -> None:
         reason = stall_reason(self.store.snapshot(0), self.stall_after)

@@ -36,7 +36,6 @@ from servers import (
     BIN,
     DONE_RE,
     DROPPED_RE,
-    HOST,
     ROOT,
     STARTED_RE,
     UWSGI,
