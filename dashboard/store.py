@@ -46,13 +46,20 @@ def first_id() -> int:
     """The first id of a new in-memory queue: one that no earlier run of it used.
 
     An in-memory queue keeps nothing across a restart, yet an id a client
-    holds must never name another task after one. So a run's ids start at the
-    microseconds since 2026-01-01 when it started: a later run starts above
-    every id an earlier one gave out, unless that one averaged more than a
-    million tasks a second (the engine manages about a fifth of that) or the
-    wall clock was stepped back between the two runs.
+    holds must never name another task after one. So an id is the
+    microseconds since 2026-01-01 when its task was queued, moved on by one
+    where that was given out already: a later run starts above every id an
+    earlier one gave out (unless that one averaged more than a million tasks
+    a second, five times what the engine manages, or the wall clock was set
+    back in between), and two processes side by side, each with a queue of
+    its own, give out the same id only to tasks queued in the same microsecond.
     """
     return max(1, time.time_ns() // 1000 - _ID_EPOCH_US)
+
+
+def _stamp(wall: float) -> int:
+    """:func:`first_id` for a task queued at ``wall`` (the time.time() already read)."""
+    return int(wall * 1_000_000) - _ID_EPOCH_US
 
 
 def worker_state(has_task: bool, alive: bool, paused: bool, closed: bool) -> str:
@@ -587,7 +594,11 @@ class MemoryStore(Store):
             depth = self._queued
             if depth >= self.max_queued:
                 raise QueueFull(depth, self.max_queued, 1)
-            record.id = task_id = self._next_id
+            task_id = self._next_id
+            stamp = _stamp(record.enqueued_at)
+            if stamp > task_id:
+                task_id = stamp
+            record.id = task_id
             self._next_id = task_id + 1
             self._queue.append(record)
             self._tasks[task_id] = record
@@ -620,8 +631,8 @@ class MemoryStore(Store):
         if self._queued + count > self.max_queued:
             raise QueueFull(self._queued, self.max_queued, count)
         now, wall = time.monotonic(), time.time()
-        first = self._next_id
-        self._next_id += count
+        first = max(self._next_id, _stamp(wall))
+        self._next_id = first + count
         append = self._queue.append
         tasks = self._tasks
         for task_id in range(first, first + count):
