@@ -188,11 +188,9 @@ def test_gunicorn_preload_two_processes_each_start_their_own(start_server):
     assert len(runs) == 10, runs
     assert {run.pid for run in runs} <= workers, "no task ever runs in the master"
     assert sorted(run.task_id for run in runs) == sorted(submitted)
-    # Each process numbers the tasks of its own queue: one after the other,
-    # from where the queue it built after the fork began (not the master's).
-    for pid in workers:
-        ids = sorted(run.task_id for run in runs if run.pid == pid)
-        assert not ids or ids == list(range(ids[0], ids[0] + len(ids))), f"pid {pid} ran {ids}"
+    # Each process has a queue of its own, yet no id names two tasks: in-memory
+    # ids are the microsecond a task was queued (see test_hostile_servers d14).
+    assert len(set(submitted)) == len(submitted) == 10
     assert_workers_started_once_in(server, *workers)
     assert server.log().count("worker processes each have their own in-memory queue") == 2
 
