@@ -78,12 +78,14 @@ PROGRESS_DELAY = 0.1
 _STATES = {s.value: s for s in State}
 
 #: Both task triggers begin here: when a new second has begun (on the shared
-#: clock, in the row's ``clock``), the last one (still in meta's sec_* columns)
-#: goes to the seconds table.
+#: clock: the row's ``queued_clock`` on insert, its ``clock`` on a change),
+#: the last one (still in meta's sec_* columns) goes to the seconds table.
+#: Every writer reads the clock inside its immediate transaction, so seconds
+#: only ever move forward.
 _FLUSH_LAST_SECOND = """\
 INSERT INTO seconds (second, depth, peak, finished, wait_sum, run_sum)
     SELECT sec, sec_depth, sec_peak, sec_finished, sec_wait, sec_run FROM meta
-    WHERE sec IS NOT NULL AND sec < CAST(NEW.clock AS INTEGER)
+    WHERE sec IS NOT NULL AND sec != CAST(NEW.{clock} AS INTEGER)
     ON CONFLICT (second) DO UPDATE SET
         depth = excluded.depth, peak = max(peak, excluded.peak),
         finished = finished + excluded.finished, wait_sum = wait_sum + excluded.wait_sum,
@@ -191,22 +193,23 @@ END;
 CREATE TRIGGER tasks_added AFTER INSERT ON tasks
 WHEN NEW.state = 'queued'
 BEGIN
-    {flush_last_second}
+    {flush_on_insert}
     UPDATE meta SET
         queued = queued + 1, submitted = submitted + 1, version = version + 1,
         next_id = max(next_id, NEW.id + 1),
-        sec_peak = CASE WHEN sec = s.now THEN max(sec_peak, queued + 1) ELSE queued + 1 END,
-        sec_finished = CASE WHEN sec = s.now THEN sec_finished ELSE 0 END,
-        sec_wait = CASE WHEN sec = s.now THEN sec_wait ELSE 0 END,
-        sec_run = CASE WHEN sec = s.now THEN sec_run ELSE 0 END,
+        sec_peak = CASE WHEN sec = CAST(NEW.queued_clock AS INTEGER)
+                        THEN max(sec_peak, queued + 1) ELSE queued + 1 END,
+        sec_finished = CASE WHEN sec = CAST(NEW.queued_clock AS INTEGER)
+                            THEN sec_finished ELSE 0 END,
+        sec_wait = CASE WHEN sec = CAST(NEW.queued_clock AS INTEGER) THEN sec_wait ELSE 0 END,
+        sec_run = CASE WHEN sec = CAST(NEW.queued_clock AS INTEGER) THEN sec_run ELSE 0 END,
         sec_depth = queued + 1,
-        sec = s.now
-    FROM (SELECT max(coalesce((SELECT sec FROM meta), 0), CAST(NEW.clock AS INTEGER)) AS now) AS s;
+        sec = CAST(NEW.queued_clock AS INTEGER);
 END;
 CREATE TRIGGER tasks_moved AFTER UPDATE OF state ON tasks
 WHEN OLD.state != NEW.state
 BEGIN
-    {flush_last_second}
+    {flush_on_change}
     UPDATE meta SET
         queued = queued + d.dq,
         running = running - (OLD.state = 'running') + (NEW.state = 'running'),
@@ -230,14 +233,15 @@ BEGIN
         sec = d.now
     FROM (SELECT (NEW.state = 'queued') - (OLD.state = 'queued') AS dq,
                  OLD.state = 'running' AND NEW.finished_at IS NOT NULL AS ran,
-                 max(coalesce((SELECT sec FROM meta), 0), CAST(NEW.clock AS INTEGER)) AS now) AS d;
+                 CAST(NEW.clock AS INTEGER) AS now) AS d;
 END;
 CREATE TRIGGER tasks_touched AFTER UPDATE OF progress, message, cancel_requested, retried_as
 ON tasks
 BEGIN
     UPDATE meta SET version = version + 1;
 END;
-""".format(flush_last_second=_FLUSH_LAST_SECOND)
+""".format(flush_on_insert=_FLUSH_LAST_SECOND.format(clock="queued_clock"),
+           flush_on_change=_FLUSH_LAST_SECOND.format(clock="clock"))
 
 _SCHEMA = _TABLES + _PROCESS_TABLES + _TRIGGERS
 
@@ -260,8 +264,8 @@ DROP TABLE workers;
 # The id comes from meta.next_id (the insert trigger moves it on): ids are
 # never reused, without AUTOINCREMENT's extra page per insert.
 _INSERT = (
-    "INSERT INTO tasks (id, kind, params, state, enqueued_at, queued_clock, clock, retry_of) "
-    "SELECT next_id, ?, ?, 'queued', ?, ?, ?, ? FROM meta"
+    "INSERT INTO tasks (id, kind, params, state, enqueued_at, queued_clock, retry_of) "
+    "SELECT next_id, ?, ?, 'queued', ?, ?, ? FROM meta"
 )
 
 _COLUMNS = (
@@ -608,6 +612,10 @@ class SqliteStore(Store):
         _abandoned.append(getattr(self._readers, "conn", None))
         self._init_process()
 
+    def _file_due(self) -> bool:
+        """Is the file's identity due to be checked (at most once a second)?"""
+        return self._lost is not None or time.monotonic() - self._file_checked >= 1.0
+
     def _check_file(self) -> None:
         """Refuse to go on with a file that was deleted or replaced while in use."""
         if self._lost is not None:
@@ -722,11 +730,11 @@ class SqliteStore(Store):
         text = json.dumps(params)
         try:
             if count == 1:
-                return [conn.execute(_INSERT, (kind, text, wall, now, now, retry_of)).lastrowid]
+                return [conn.execute(_INSERT, (kind, text, wall, now, retry_of)).lastrowid]
             queued, first = conn.execute("SELECT queued, next_id FROM meta").fetchone()
             if queued + count > self.max_queued:
                 raise QueueFull(queued, self.max_queued, count)
-            conn.executemany(_INSERT, ((kind, text, wall, now, now, retry_of)
+            conn.executemany(_INSERT, ((kind, text, wall, now, retry_of)
                                        for _ in range(count)))
             return list(range(first, first + count))
         except sqlite3.IntegrityError as exc:
@@ -1011,17 +1019,19 @@ class SqliteStore(Store):
         if self._closed:
             raise QueueClosed()
         lock = self._write_lock
-        if not lock.acquire(timeout=self.busy_timeout):
+        if not lock.acquire(False) and not lock.acquire(timeout=self.busy_timeout):
             raise StoreUnavailable("the queue database is busy: this process's writes "
                                    f"waited {self.busy_timeout:g}s for it")
         try:
             if self._closed:
                 raise QueueClosed()
-            conn = self._writer_conn()
+            conn = self._writer
+            if conn is None or self._pid != os.getpid() or self._file_due():
+                conn = self._writer_conn()
             try:
                 conn.execute("BEGIN IMMEDIATE")
                 now = clock()
-                task_id = conn.execute(_INSERT, (kind, text, wall, now, now, None)).lastrowid
+                task_id = conn.execute(_INSERT, (kind, text, wall, now, None)).lastrowid
                 conn.execute("COMMIT")
             except sqlite3.IntegrityError as exc:
                 queued = conn.execute("SELECT queued FROM meta").fetchone()[0]
