@@ -554,7 +554,12 @@ class WorkQueue:
                 else:
                     self._forget_worker(name)
             for _ in range(count - len(active)):
-                self._spawn(self._free_name())
+                try:
+                    self._spawn(self._free_name())
+                except Exception as exc:  # noqa: BLE001 - the count holds: the supervisor
+                    self._say("spawn", logging.WARNING, "could not start a worker now (%s); "
+                              "the supervisor starts it once it can", exc)
+                    break
             if count:
                 self._start_supervisor()
         logger.info("now %d worker thread(s) in pid %d", count, os.getpid())
