@@ -372,7 +372,9 @@ class WorkQueue:
             if kept:
                 logger.info("shutdown: %d queued task(s) stay in the store for the next start",
                             kept)
-        running = [r for r in self._current.values() if r is not None] if started else []
+        # What a worker last took: running, unless it ended and the worker waits for more.
+        running = [r for r in self._current.values()
+                   if r is not None and r.state is State.RUNNING] if started else []
         if running:
             logger.info("shutdown: waiting up to %s for %d running task(s)",
                         "ever" if timeout is None else f"{timeout:g}s", len(running))

@@ -627,3 +627,14 @@ def test_d15_a_deleted_queue_file_answers_503_everywhere(tmp_path):
         assert not path.exists()
     finally:
         queue.shutdown()
+
+
+def test_shutdown_says_it_waits_only_for_tasks_that_run(queues, kinds, caplog):
+    q = queues(MemoryStore(), workers=1)
+    q.start()
+    q.submit("noop")
+    assert q.join(timeout=30)
+    with caplog.at_level(logging.INFO):
+        q.shutdown(timeout=5)
+    assert "waiting up to" not in caplog.text  # the worker waits for work, it runs nothing
+    assert "no task dropped, every running task finished" in caplog.text
