@@ -278,7 +278,19 @@ _T_COLUMNS = ", ".join(f"t.{c}" for c in _COLUMNS)
 
 
 class StoreError(TaskError):
-    """The store cannot be used as configured. The message says what to do."""
+    """The store cannot be used as configured. The message says what to do.
+
+    ``busy``: it was only locked by another process (worth trying again).
+    """
+
+    busy = False
+
+
+def _refusal(path: str, exc: sqlite3.Error) -> StoreError:
+    error = StoreError(_explain(path, exc))
+    text = str(exc)
+    error.busy = "locked" in text or "busy" in text
+    return error
 
 
 def _info(row: tuple) -> TaskInfo:
@@ -374,11 +386,23 @@ class SqliteStore(Store):
             return
         # Check (or create) the file now, so a bad file fails at start, then
         # close: each process opens its own connections when it first needs them.
-        conn = self._open(create=True, check_first=True)
-        try:
-            self._instance = self._check_schema(conn)
-        finally:
-            conn.close()
+        # Processes that start together (uWSGI workers building the app each)
+        # may create a new file at the same moment, and SQLite then answers
+        # "locked" at once, without waiting, to one of them: try again, for
+        # as long as the busy timeout would have waited.
+        deadline = time.monotonic() + busy_timeout
+        while True:
+            try:
+                conn = self._open(create=True, check_first=True)
+                try:
+                    self._instance = self._check_schema(conn)
+                finally:
+                    conn.close()
+                return
+            except StoreError as exc:
+                if not exc.busy or time.monotonic() >= deadline:
+                    raise
+            time.sleep(0.05)
 
     def _init_process(self) -> None:
         self._pid = os.getpid()
@@ -424,7 +448,7 @@ class SqliteStore(Store):
             if not create and not os.path.exists(self.path):
                 raise StoreError(f"the queue database {self.path} is gone (deleted while "
                                  "in use?)") from None
-            raise StoreError(_explain(self.path, exc)) from None
+            raise _refusal(self.path, exc) from None
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
             if check_first:
@@ -439,7 +463,7 @@ class SqliteStore(Store):
             conn.execute("PRAGMA synchronous = NORMAL")
         except sqlite3.DatabaseError as exc:
             conn.close()
-            raise StoreError(_explain(self.path, exc)) from None
+            raise _refusal(self.path, exc) from None
         except BaseException:
             conn.close()
             raise
@@ -504,7 +528,7 @@ class SqliteStore(Store):
                     raise
             return conn.execute("SELECT instance FROM meta").fetchone()[0]
         except sqlite3.DatabaseError as exc:
-            raise StoreError(_explain(self.path, exc)) from None
+            raise _refusal(self.path, exc) from None
 
     def _upgrade_from_1(self, conn: sqlite3.Connection) -> None:
         """Schema 1 → 2, in the caller's transaction: the times that are compared

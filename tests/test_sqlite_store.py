@@ -12,9 +12,13 @@ import hashlib
 import os
 import shutil
 import sqlite3
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -382,3 +386,32 @@ def test_a_schema_1_file_in_use_by_the_old_release_is_not_upgraded(tmp_path):
     with pytest.raises(StoreError, match=r"in use by an older release \(pids 4242\)"):
         SqliteStore(str(path))
     assert fingerprint(path) == before
+
+
+def test_processes_creating_the_file_at_the_same_moment_all_start(tmp_path):
+    """uWSGI workers that each build the app create a new file together; SQLite may
+    answer "locked" at once, without waiting, to all but one (seen in CI: a worker
+    failed to load the app, and uWSGI's need-app stopped the server). The race is
+    narrow: without the retry, this failed in about one run of three here."""
+    path = tmp_path / "queue.db"
+    go = tmp_path / "go"
+    script = textwrap.dedent(f"""
+        import os, sys, time
+        sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
+        from dashboard.sqlite_store import SqliteStore
+        while not os.path.exists({str(go)!r}):
+            time.sleep(0.001)
+        SqliteStore({str(path)!r})
+    """)
+    for attempt in range(5):  # the race is narrow: several rounds of eight
+        for suffix in ("", "-wal", "-shm"):
+            if os.path.exists(f"{path}{suffix}"):
+                os.remove(f"{path}{suffix}")
+        if go.exists():
+            go.unlink()
+        children = [subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE,
+                                     text=True) for _ in range(8)]
+        go.touch()
+        for child in children:
+            _, err = child.communicate(timeout=60)
+            assert child.returncode == 0, err
