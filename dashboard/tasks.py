@@ -26,7 +26,7 @@ class UnknownKind(TaskError):
         self.kind = kind
         self.known = known
         super().__init__(
-            f"kind must be one of: {', '.join(known) or '(none registered)'}; got {kind!r}"
+            f"kind must be one of: {', '.join(known) or '(none registered)'}; got {_short(kind)}"
         )
 
 
@@ -64,16 +64,16 @@ class Int(Param):
 
     def parse(self, name: str, value: object) -> int:
         if isinstance(value, bool):
-            raise InvalidParam(name, f"must be {self.describe()}, got {value!r}")
+            raise InvalidParam(name, f"must be {self.describe()}, got {_short(value)}")
         if isinstance(value, str):
             try:
                 value = int(value.strip())
             except ValueError:
-                raise InvalidParam(name, f"must be {self.describe()}, got {value!r}") from None
+                raise InvalidParam(name, f"must be {self.describe()}, got {_short(value)}") from None
         elif isinstance(value, float) and value.is_integer():
             value = int(value)
         if not isinstance(value, int) or not self.min <= value <= self.max:
-            raise InvalidParam(name, f"must be {self.describe()}, got {value!r}")
+            raise InvalidParam(name, f"must be {self.describe()}, got {_short(value)}")
         return value
 
 
@@ -89,17 +89,17 @@ class Float(Param):
 
     def parse(self, name: str, value: object) -> float:
         if isinstance(value, bool):
-            raise InvalidParam(name, f"must be {self.describe()}, got {value!r}")
+            raise InvalidParam(name, f"must be {self.describe()}, got {_short(value)}")
         if isinstance(value, str):
             try:
                 value = float(value.strip())
             except ValueError:
-                raise InvalidParam(name, f"must be {self.describe()}, got {value!r}") from None
+                raise InvalidParam(name, f"must be {self.describe()}, got {_short(value)}") from None
         if not isinstance(value, (int, float)):
-            raise InvalidParam(name, f"must be {self.describe()}, got {value!r}")
+            raise InvalidParam(name, f"must be {self.describe()}, got {_short(value)}")
         value = float(value)
         if not math.isfinite(value) or not self.min <= value <= self.max:
-            raise InvalidParam(name, f"must be {self.describe()}, got {value!r}")
+            raise InvalidParam(name, f"must be {self.describe()}, got {_short(value)}")
         return value
 
 
@@ -142,7 +142,12 @@ class Bool(Param):
 
 
 def _short(value: object) -> str:
-    text = repr(value)
+    """``repr(value)``, cut to 40 characters: an error quotes what it was given,
+    and what it was given may be huge, or nested too deeply to repr at all."""
+    try:
+        text = repr(value)
+    except RecursionError:
+        return f"a {type(value).__name__} nested too deeply to show"
     return text if len(text) <= 40 else text[:37] + "..."
 
 

@@ -733,3 +733,26 @@ def test_a_worker_that_keeps_dying_is_replaced_more_and_more_slowly(registry, ma
     assert "died 4 times in the last minute; started a replacement, and the next one waits 1.0s" \
         in caplog.text
     assert q.stats().failed == 4
+
+
+def test_a_refusal_quotes_what_it_was_given_briefly_however_large_or_deep(registry, make_queue):
+    """Found in review: Int and Float quoted a value whole, and a value nested too
+    deeply to repr made the refusal itself raise (a 500 for an app that submits
+    what a request sent)."""
+
+    @registry.task("sized", params={"n": Int(0, 5), "x": Float(0, 1), "s": Str(10)})
+    def sized(ctx, n=0, x=0.0, s=""):
+        pass
+
+    q = make_queue()
+    deep: list = []
+    for _ in range(100_000):
+        deep = [deep]
+    for params in ({"n": deep}, {"x": deep}, {"s": deep}, {"n": "9" * 5000}, {"x": [1] * 10_000}):
+        with pytest.raises(InvalidParam) as refused:
+            q.submit("sized", **params)
+        assert len(str(refused.value)) < 200, str(refused.value)[:300]
+    with pytest.raises(UnknownKind) as unknown:
+        q.submit(deep)
+    assert "nested too deeply" in str(unknown.value)
+    assert q.stats().submitted == 0
