@@ -297,12 +297,13 @@ class Server:
         return http.client.HTTPConnection(HOST, self.port, timeout=timeout)
 
     def request(self, method: str, path: str, body: Any = None,
-                conn: http.client.HTTPConnection | None = None) -> Reply:
+                conn: http.client.HTTPConnection | None = None,
+                headers: Mapping[str, str] | None = None) -> Reply:
         """One request; on a fresh connection (closed after) unless ``conn`` is given."""
         own = conn is None
         conn = conn or self.connect()
         try:
-            headers = {}
+            headers = dict(headers or {})
             data = None
             if body is not None:
                 data = json.dumps(body).encode()
@@ -564,3 +565,17 @@ def assert_each_ran_once(runs: Sequence[Run], pid: int, ids: Sequence[int]) -> N
     twice = {task_id: n for task_id, n in in_pid.items() if n > 1}
     assert not twice, f"tasks ran more than once in pid {pid}: {twice}"
     assert sorted(in_pid) == sorted(ids), f"pid {pid} ran {sorted(in_pid)}, expected {sorted(ids)}"
+
+
+def run_to_exit(args: list[str], env: dict[str, str], timeout: float = 30.0):
+    """Run a server that should refuse to start; kill its group if it does not exit."""
+    with subprocess.Popen(args, cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            raise AssertionError(f"still running {timeout:.0f}s later; stderr:\n{err[-3000:]}")
+    return proc.returncode, out, err

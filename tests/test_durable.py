@@ -49,7 +49,8 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from servers import BIN, HOST, ROOT, Server, free_port, group_members, parent_pid, server_env
+from servers import (BIN, HOST, ROOT, Server, free_port, group_members, parent_pid, run_to_exit,
+                     server_env)
 from support import wait_for
 
 pytestmark = pytest.mark.server
@@ -551,18 +552,6 @@ def read_only_prefix(directory: Path) -> list[str]:
     return prefix
 
 
-def run_to_exit(args: list[str], env: dict[str, str], timeout: float = 30.0):
-    """Run a server that should refuse to start; kill its group if it does not exit."""
-    with subprocess.Popen(args, cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          start_new_session=True) as proc:
-        try:
-            out, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            out, err = proc.communicate()
-            raise AssertionError(f"still running {timeout:.0f}s later; stderr:\n{err[-3000:]}")
-    return proc.returncode, out, err
 
 
 @pytest.mark.parametrize("server", ["flask", "gunicorn"])

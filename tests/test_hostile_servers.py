@@ -16,7 +16,6 @@ import os
 import re
 import signal
 import sqlite3
-import subprocess
 import time
 from collections import Counter
 from contextlib import closing
@@ -36,6 +35,7 @@ from servers import (
     Servers,
     free_port,
     parent_pid,
+    run_to_exit,
     server_env,
 )
 from support import wait_for
@@ -124,18 +124,6 @@ def new_pid_answering(server: Server, old: int, timeout: float = 60.0) -> int:
         raise AssertionError(f"{exc}; log:\n{server.log_tail()}") from None
 
 
-def run_to_exit(args: list[str], env: dict[str, str], timeout: float = 30.0):
-    """Run a server that should refuse to start; kill its group if it does not exit."""
-    with subprocess.Popen(args, cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          start_new_session=True) as proc:
-        try:
-            out, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            out, err = proc.communicate()
-            raise AssertionError(f"still running {timeout:.0f}s later; stderr:\n{err[-3000:]}")
-    return proc.returncode, out, err
 
 
 # -- 13: gunicorn's timeout and a worker that recycles ---------------------------------

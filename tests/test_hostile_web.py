@@ -420,18 +420,8 @@ def _server(tmp_path, kind: str, bind: str, **settings: str) -> Server:
 
 
 def _ask(server: Server, method: str, path: str, host: str, body=None):
-    conn = server.connect()
-    try:
-        headers = {"Host": host, **SAME_ORIGIN}
-        data = None
-        if body is not None:
-            data = json.dumps(body).encode()
-            headers["Content-Type"] = "application/json"
-        conn.request(method, path, body=data, headers=headers)
-        response = conn.getresponse()
-        return response.status, response.read().decode(errors="replace")
-    finally:
-        conn.close()
+    reply = server.request(method, path, body, headers={"Host": host, **SAME_ORIGIN})
+    return reply.status, json.dumps(reply.body) if not isinstance(reply.body, str) else reply.body
 
 
 needs_uwsgi = pytest.mark.skipif(not (BIN / "uwsgi").exists(),
