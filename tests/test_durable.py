@@ -49,7 +49,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from servers import (BIN, HOST, ROOT, Server, free_port, group_members, parent_pid, run_to_exit,
+from servers import (BIN, HOST, ROOT, CountLog, Server, free_port, group_members, parent_pid, run_to_exit,
                      server_env)
 from support import wait_for
 
@@ -57,58 +57,6 @@ pytestmark = pytest.mark.server
 
 APPS = ROOT / "tests" / "apps"
 APP = "counting:create_app()"  # tests/ is no package: tests/apps goes on the path
-RUN_TIMEOUT = 120.0  # bounds a failure only
-
-
-# -- the count file -----------------------------------------------------------------
-
-
-class CountLog:
-    """The ``count`` task's record: ``(task id, pid, "start" | "end")`` per line."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def events(self) -> list[tuple[int, int, str]]:
-        try:
-            text = self.path.read_text()
-        except FileNotFoundError:
-            return []
-        # Everything after the last newline may be a line still being written.
-        events = []
-        for line in text.split("\n")[:-1]:
-            task_id, pid, event = line.split()
-            events.append((int(task_id), int(pid), event))
-        return events
-
-    def count(self, event: str) -> Counter[int]:
-        return Counter(t for t, _, e in self.events() if e == event)
-
-    def pids(self, event: str) -> dict[int, list[int]]:
-        """The pids that wrote ``event`` for each task, in file order."""
-        seen: dict[int, list[int]] = defaultdict(list)
-        for task_id, pid, e in self.events():
-            if e == event:
-                seen[task_id].append(pid)
-        return seen
-
-    def unfinished(self) -> set[int]:
-        """Tasks with more starts than ends: running, or cut off."""
-        starts, ends = self.count("start"), self.count("end")
-        return {t for t, n in starts.items() if n > ends[t]}
-
-    def wait_ended(self, ids: list[int], timeout: float = RUN_TIMEOUT) -> Counter[int]:
-        wanted = set(ids)
-
-        def ended() -> Counter[int] | None:
-            ends = self.count("end")
-            return ends if wanted <= set(ends) else None
-
-        try:
-            return wait_for(ended, timeout, f"all {len(ids)} tasks ended", 0.05)
-        except AssertionError as exc:
-            missing = sorted(wanted - set(self.count("end")))
-            raise AssertionError(f"{exc}; no end line for {missing[:20]}") from None
 
 
 # -- the servers --------------------------------------------------------------------

@@ -26,6 +26,7 @@ import pytest
 
 from servers import (
     BIN,
+    CountLog,
     DONE_RE,
     HOST,
     ROOT,
@@ -305,29 +306,11 @@ def test_d1_the_memory_queue_runs_again_after_a_paused_backlog_was_cancelled(sta
 # -- 2: SQLite, a task whose process is stopping --------------------------------------
 
 
-class CountFile:
-    """The counting app's record of starts and ends: ``(task id, pid, event)``."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def events(self) -> list[tuple[int, int, str]]:
-        try:
-            text = self.path.read_text()
-        except FileNotFoundError:
-            return []
-        return [(int(t), int(p), e) for t, p, e in
-                (line.split() for line in text.split("\n")[:-1])]
-
-    def pids(self, task_id: int, event: str) -> list[int]:
-        return [p for t, p, e in self.events() if t == task_id and e == event]
-
-
 @pytest.mark.server
 def test_d2_a_task_is_not_started_elsewhere_while_its_stopping_process_runs_it(
     start_server, tmp_path
 ):
-    counts = CountFile(tmp_path / "count.log")
+    counts = CountLog(tmp_path / "count.log")
     # Leases of 3 s, renewed every second; a stop gives running tasks 12 s.
     shared = {"FLASK_QUEUE_URL": f"sqlite:///{tmp_path / 'queue.db'}",
               "FLASK_LEASE_TIME": "3", "FLASK_SHUTDOWN_TIMEOUT": "12",
@@ -336,8 +319,8 @@ def test_d2_a_task_is_not_started_elsewhere_while_its_stopping_process_runs_it(
     in_a = a.wait_ready()["pid"]
     # Only A runs: the task starts there, and takes 8 s (several leases).
     [task_id] = submit(a, "count", seconds=8)
-    wait_for(lambda: counts.pids(task_id, "start"), 30, f"task {task_id} started")
-    assert counts.pids(task_id, "start") == [in_a]
+    wait_for(lambda: counts.pids("start")[task_id], 30, f"task {task_id} started")
+    assert counts.pids("start")[task_id] == [in_a]
 
     b = start_server("gunicorn", *COUNTING, **shared)
     in_b = b.wait_ready()["pid"]
@@ -348,10 +331,10 @@ def test_d2_a_task_is_not_started_elsewhere_while_its_stopping_process_runs_it(
     assert a.wait_exit() == 0, a.log_tail()
     a.wait_group_gone()
 
-    assert counts.pids(task_id, "start") == [in_a], (
+    assert counts.pids("start")[task_id] == [in_a], (
         f"task {task_id} started again in {in_b} while {in_a} still ran it: {counts.events()}"
     )
-    assert counts.pids(task_id, "end") == [in_a], counts.events()
+    assert counts.pids("end")[task_id] == [in_a], counts.events()
     info = task(b, task_id)
     assert (info["state"], info["attempts"]) == ("done", 1), info
     assert "lease lost" not in a.log(), a.log_tail()
