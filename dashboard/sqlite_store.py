@@ -1019,6 +1019,14 @@ class SqliteStore(Store):
         return f"{self._instance}-{row[0]}"
 
     @property
+    def identity(self) -> str:
+        # The file's own random name, written when it was made: the same for
+        # every process using it and across restarts.
+        if self._instance is None:
+            return self.tag.rsplit("-", 1)[0]
+        return self._instance
+
+    @property
     def closed(self) -> bool:
         return self._closed
 

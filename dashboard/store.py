@@ -169,6 +169,13 @@ class Store:
         """
         raise NotImplementedError
 
+    @property
+    def identity(self) -> str:
+        """Names this queue: another in-memory queue (a restarted process) or
+        another SQLite file has another. Task ids are unique within one queue,
+        so a page holding an id checks this before trusting it."""
+        raise NotImplementedError
+
     # -- submitting --
 
     def add(
@@ -513,6 +520,10 @@ class MemoryStore(Store):
     @property
     def tag(self) -> str:
         return f"{self._token}-{self._version}"
+
+    @property
+    def identity(self) -> str:
+        return self._token
 
     @property
     def closed(self) -> bool:

@@ -241,6 +241,7 @@ def _page_data(snap: Snapshot, **extra: Any) -> dict[str, Any]:
         "can_act": can_act,
         "pids": sorted({w.pid for w in snap.workers}),
         "stall": stall_reason(snap, queue.stall_after),
+        "queue_id": queue.identity,
         **extra,
     }
 
@@ -276,6 +277,13 @@ def _live_regions(template: str) -> Response:
     """A poll: 304 when the page holds the current tag, else the regions,
     rendered or reused from a poll of the same state less than a second ago."""
     queue = current_queue._get_current_object()  # type: ignore[attr-defined]
+    if _other_queue(queue.identity):
+        # The page was rendered for a queue this server no longer serves (it
+        # restarted with an empty in-memory queue, or onto another file): its
+        # header, title and links are about that one. htmx reloads the page.
+        response = current_app.response_class(status=200)
+        response.headers["HX-Refresh"] = "true"
+        return response
     tag = queue.tag
     if _not_modified(tag):
         return _not_modified_response(tag)
@@ -298,6 +306,12 @@ def _live_regions(template: str) -> Response:
     response.headers["HX-PTag"] = entry[0]
     response.set_etag(entry[0])
     return response
+
+
+def _other_queue(identity: str) -> bool:
+    """Whether a poll names (``?queue=``) a queue other than the one served now."""
+    wanted = request.args.get("queue") if request.query_string else None
+    return wanted is not None and wanted != identity
 
 
 def _page(template: str, code: int = 200, **data: Any) -> Response:
@@ -563,6 +577,7 @@ def _task_data(info: TaskInfo, tag: str) -> dict[str, Any]:
         "tag": tag,
         "present": False,
         "can_act": security.may_act(),
+        "queue_id": current_queue.identity,
     }
 
 
@@ -576,11 +591,31 @@ def task_detail(task_id: str) -> Response:
 @bp.get("/tasks/<task_id>/live")
 def task_live(task_id: str) -> Response:
     """The task's detail region, polled while the task is not finished."""
+    if _other_queue(current_queue.identity):
+        # Ids are unique only within one queue: this one may have a task of
+        # that number too, and it is not the task the page is about.
+        return _task_gone(task_id, 410, "the server now serves another queue (it restarted, "
+                          "and the old queue is gone with its tasks)")
     tag = current_queue.tag  # before the task: see _render_task
     if _not_modified(tag):
         return _not_modified_response(tag)
-    info = _task_or_404(task_id)
+    try:
+        info = current_queue.get(_parse_task_id(task_id))
+    except TaskNotFound:
+        info = None
+    if info is None:
+        return _task_gone(task_id, 404, "the server no longer knows it (dropped from the "
+                          "history, or the server restarted)")
     return _render_task(info.id, tag, info)
+
+
+def _task_gone(task_id: str, status: int, why: str) -> Response:
+    """A polled task that cannot be shown any more: a region that says so and
+    polls no more (it replaces the polling one). A person who opened the URL
+    gets a page that says the same."""
+    if not _is_htmx():
+        return _message_page(f"no task {task_id[:40]!r}: {why}", status)
+    return make_response(render_template("_task_gone.html", task_id=task_id[:40], why=why), status)
 
 
 @bp.get("/tasks/lookup")
@@ -816,6 +851,14 @@ def _store_unavailable(exc: StoreUnavailable) -> Response:
 
 
 # -- template filters ------------------------------------------------------------
+
+
+@bp.app_template_global()
+def poll_timeout_ms(interval: float) -> int:
+    """How long a poll may go unanswered before the page drops it and sends the
+    next: five intervals, at least 5 s. (The page says it lost the server well
+    before that: dashboard.js watches the answers.)"""
+    return int(max(5.0, 5 * interval) * 1000)
 
 
 @bp.app_template_filter("seconds")

@@ -489,6 +489,11 @@ class WorkQueue:
         """Changes whenever anything :meth:`stats` shows changes; cheap to read."""
         return self.store.tag
 
+    @property
+    def identity(self) -> str:
+        """Names the queue this process serves (see :attr:`Store.identity`)."""
+        return self.store.identity
+
     def stats(self, recent: int = 20, upcoming: int = 0) -> Snapshot:
         """One consistent snapshot: counts, workers, rates, the ``recent`` last
         finished tasks and the next ``upcoming`` queued ones."""

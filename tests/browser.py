@@ -204,12 +204,14 @@ def gunicorn_bin() -> Path:
 
 
 @contextlib.contextmanager
-def run_server(log: Path, env: Mapping[str, str], ready_timeout: float = 30.0) -> Iterator[Server]:
+def run_server(log: Path, env: Mapping[str, str], ready_timeout: float = 30.0,
+               port: int = 0) -> Iterator[Server]:
     """Start the app under gunicorn and gunicorn.conf.py, wait for /healthz, always stop it.
 
     We bind the listening socket ourselves (port 0) and hand its descriptor to
     gunicorn (``BIND=fd://N``), so no other process can take the port between
-    choosing it and using it.
+    choosing it and using it. ``port`` binds that one instead: a server
+    started again where a stopped one was (see :func:`restart`).
     """
     child_env = {
         k: v for k, v in os.environ.items() if not k.startswith("FLASK_") and k not in _SERVER_ENV_DROP
@@ -217,7 +219,8 @@ def run_server(log: Path, env: Mapping[str, str], ready_timeout: float = 30.0) -
     child_env.update(env)
     with contextlib.ExitStack() as stack:
         listener = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-        listener.bind(("127.0.0.1", 0))
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", port))
         listener.listen(64)
         host, port = listener.getsockname()
         child_env["BIND"] = f"fd://{listener.fileno()}"
@@ -238,6 +241,11 @@ def run_server(log: Path, env: Mapping[str, str], ready_timeout: float = 30.0) -
         server = Server(f"http://{host}:{port}", proc, log)
         _wait_ready(server, ready_timeout)
         yield server
+
+
+def stop(server: Server) -> None:
+    """Stop ``server`` now, as an operator would (SIGTERM: a graceful stop), and reap it."""
+    _stop(server.proc)
 
 
 def _wait_ready(server: Server, timeout: float) -> None:
@@ -285,6 +293,13 @@ def _stop(proc: subprocess.Popen, grace: float = 15.0) -> None:
 POLL_PATH = re.compile(r"/live(/[a-z]+)?|/tasks/\d+/live")
 
 
+#: How a request fails when the server is gone or the network is off (or when
+#: the page gives up on it or leaves it behind meanwhile).
+_LOST = frozenset({"net::ERR_CONNECTION_REFUSED", "net::ERR_INTERNET_DISCONNECTED",
+                   "net::ERR_CONNECTION_RESET", "net::ERR_EMPTY_RESPONSE",
+                   "net::ERR_ABORTED", "net::ERR_CONNECTION_CLOSED"})
+
+
 @dataclass
 class Tab:
     """A page plus what went wrong on it: console errors, page errors, failed
@@ -298,6 +313,7 @@ class Tab:
     http_errors: list[tuple[int, str]] = field(default_factory=list)
     expected: set[tuple[int, str]] = field(default_factory=set)
     aborted_polls_expected: bool = False
+    lost_server_expected: bool = False
     watching: bool = True
 
     def expect_http_error(self, status: int, path: str) -> None:
@@ -307,6 +323,12 @@ class Tab:
         """Declare that the test navigates away from a polling page: the browser
         aborts the poll then in flight (``net::ERR_ABORTED``), which is no fault."""
         self.aborted_polls_expected = True
+
+    def expect_lost_server(self) -> None:
+        """Declare that the test stops the server (or the network) under an open
+        page: polls and clicks then fail, and the browser and htmx say so in the
+        console, which is no fault of the page."""
+        self.lost_server_expected = True
 
     def new_page(self) -> Page:
         """Another page in the same context, watched like the first."""
@@ -326,6 +348,11 @@ class Tab:
             return
         # Chromium logs each HTTP error response; expected ones are not problems.
         url = (message.location or {}).get("url", "")
+        if self.lost_server_expected and (
+            message.text.startswith("Failed to load resource: net::ERR_")
+            or message.text.startswith("htmx: htmx:error")
+        ):
+            return
         if message.text.startswith("Failed to load resource: the server responded with a status of "):
             status = int(message.text.split("status of ")[1].split()[0])
             if (status, urlsplit(url).path) in self.expected:
@@ -339,6 +366,8 @@ class Tab:
             and request.failure == "net::ERR_ABORTED"
             and POLL_PATH.fullmatch(urlsplit(request.url).path)
         ):
+            return
+        if self.lost_server_expected and request.failure in _LOST:
             return
         if self.watching:
             self.failed_requests.append(f"{request.method} {request.url}: {request.failure}")

@@ -56,7 +56,7 @@ def test_the_embedding_example_works_in_another_app():
         assert page.status_code == 200
         assert b'id="queue-depth" class="big">1<' in page.data
         assert b'href="/queue/static/dashboard.css"' in page.data
-        assert b'hx-get="/queue/live"' in page.data
+        assert b'hx-get="/queue/live?queue=' in page.data
         with client.get("/queue/static/dashboard.css") as css:
             assert css.status_code == 200
         assert get_queue(app).run_pending() == 1

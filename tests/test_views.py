@@ -58,7 +58,7 @@ def test_page_shows_depth_counts_workers_history_buttons_and_pid(client, queue):
     assert b'value="pretend" selected' in html
     assert f'id="task-{first}"'.encode() in html  # the finished task is listed
     # The page polls one endpoint for every live region, and holds the current tag.
-    assert b'hx-get="/live"' in html and f'hx-ptag="{queue.tag}"'.encode() in html
+    assert f'hx-get="/live?queue={queue.identity}"'.encode() in html and f'hx-ptag="{queue.tag}"'.encode() in html
 
 
 def test_history_lists_at_most_20_newest_first_with_errors(client, queue):
@@ -595,7 +595,7 @@ def test_task_detail_page_shows_params_times_error_and_traceback(client, queue):
 def test_task_detail_polls_while_running_and_answers_304(client, queue):
     task_id = queue.submit("pretend", seconds=0)
     html = client.get(f"/tasks/{task_id}").data
-    assert f'hx-get="/tasks/{task_id}/live"'.encode() in html
+    assert f'hx-get="/tasks/{task_id}/live?queue={queue.identity}"'.encode() in html
     live = client.get(f"/tasks/{task_id}/live", headers=HTMX)
     assert live.status_code == 200 and live.data.lstrip().startswith(b'<section id="task-detail"')
     tag = live.headers["HX-PTag"]

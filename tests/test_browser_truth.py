@@ -1,0 +1,232 @@
+"""The page never lies, in real Chromium: it says when it lost the server and
+recovers by itself (showing the new process), a task page notices that the
+server it talks to now serves another queue, an error answering a click goes
+once the queue has moved on, a poll sent before a click never undoes it, and
+the keys do what the footer says, once per press, on the pages that list them.
+
+Each test stops or slows its own server (``start_server``, ``restart``), never
+the shared one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import socket
+import urllib.request
+from pathlib import Path
+from typing import Callable, Iterator
+from urllib.parse import urlsplit
+
+import pytest
+
+from browser import QUICK as QUICK_ENV
+from browser import Server, Tab, expect, open_tab, run_server, stop
+from support import wait_for
+
+QUICK = 10_000  # ms: far above what a busy machine needs for one step
+
+pytestmark = pytest.mark.browser
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def restartable(tmp_path: Path) -> Iterator[Callable[..., Server]]:
+    """``start(**env)``: a quick server on this test's own port; call again after
+    ``stop(server)`` for the next one on the same address, as after a restart."""
+    port = free_port()
+    with contextlib.ExitStack() as stack:
+        started = 0
+
+        def start(**env: str) -> Server:
+            nonlocal started
+            started += 1
+            log = tmp_path / f"gunicorn-{started}.log"
+            return stack.enter_context(run_server(log, {**QUICK_ENV, **env}, port=port))
+
+        yield start
+
+
+def banner(page):
+    return page.locator("#connection")
+
+
+def count_failed_polls(page) -> None:
+    """From now on, count the polls that fail (window.__failed), and note how
+    many had failed when the lost-server banner first showed (window.__atBanner)."""
+    page.evaluate(
+        """() => {
+          window.__failed = 0;
+          window.__atBanner = null;
+          document.addEventListener('htmx:error', e => {
+            if (e.target.hasAttribute?.('data-poll')) window.__failed += 1;
+          });
+          const banner = document.getElementById('connection');
+          new MutationObserver(() => {
+            if (!banner.hidden && window.__atBanner === null) window.__atBanner = window.__failed;
+          }).observe(banner, {attributes: true});
+        }"""
+    )
+
+
+def pid_of(server: Server) -> int:
+    return server.stats()["pid"]
+
+
+# -- the server goes away and comes back --------------------------------------------------------
+
+
+def test_a_stopped_server_is_said_within_two_polls_and_its_successor_is_shown(
+    chromium_browser, restartable
+):
+    first = restartable()
+    with open_tab(chromium_browser, first) as tab:
+        page = tab.page
+        tab.expect_lost_server()
+        page.goto("/")
+        old_pid = pid_of(first)
+        expect(page.locator("#pid")).to_have_text(str(old_pid))
+        expect(page.locator("#freshness")).to_have_text(re.compile(r"updates every"))
+        expect(banner(page)).to_be_hidden()
+        count_failed_polls(page)
+
+        stop(first)
+        expect(banner(page)).to_be_visible(timeout=QUICK)
+        expect(banner(page)).to_contain_text("Lost the server")
+        assert page.evaluate("window.__atBanner") <= 2, "more than two polls failed unsaid"
+        expect(page.locator("#freshness")).to_have_text("not updating")
+        # A click says it went nowhere, instead of nothing visible.
+        page.get_by_role("button", name="Add work", exact=True).click()
+        expect(page.locator("#form-errors")).to_contain_text("did not reach the server")
+        tab.screenshot("lost-server.png")
+
+        second = restartable()
+        assert pid_of(second) != old_pid
+        # It finds the new process by itself: header, title and regions.
+        expect(page.locator("#pid")).to_have_text(str(pid_of(second)), timeout=QUICK)
+        expect(page).to_have_title(re.compile(f"pid {pid_of(second)}"))
+        expect(banner(page)).to_be_hidden()
+        expect(page.locator("#freshness")).to_have_text(re.compile(r"updates every"))
+        expect(page.locator("#workers-title")).to_contain_text(str(pid_of(second)))
+        expect(page.locator("#form-errors")).to_be_empty()
+
+
+def test_after_a_graceful_stop_the_page_says_so_and_recovers_on_a_shared_queue(
+    chromium_browser, restartable, tmp_path
+):
+    """A SQLite queue is the same queue after a restart, with the same tags: the
+    page must not keep "Shutting down" (true once) nor the old process, and must
+    not name a process in its header at all (the file outlives them)."""
+    env = {"FLASK_QUEUE_URL": f"sqlite:///{tmp_path / 'queue.db'}", "FLASK_SHUTDOWN_TIMEOUT": "30"}
+    first = restartable(**env)
+    first.submit("pretend", seconds=2)
+    wait_for(lambda: first.stats()["running"] == 1, 10, "the task to start")
+    with open_tab(chromium_browser, first) as tab:
+        page = tab.page
+        tab.expect_lost_server()
+        page.goto("/")
+        mark = page.evaluate("window.__marker = 1")
+        del mark
+        expect(page.locator("#pid")).to_have_count(0)
+        expect(page).to_have_title("Work queue")
+        expect(page.locator("#workers-title")).to_contain_text(str(pid_of(first)))
+        count_failed_polls(page)
+
+        stop(first)  # waits for the running task: the page may see "Shutting down"
+        expect(banner(page)).to_be_visible(timeout=QUICK)
+        expect(page.locator(".flag.closed")).to_be_hidden()
+        assert page.evaluate("window.__atBanner") <= 2
+
+        second = restartable(**env)
+        expect(banner(page)).to_be_hidden(timeout=QUICK)
+        expect(page.locator("#workers-title")).to_contain_text(str(pid_of(second)))
+        expect(page.locator(".flag.closed")).to_have_count(0)
+        expect(page.locator("#count-done")).to_have_text("1")
+        assert page.evaluate("window.__marker === 1"), "the page reloaded: same queue, no need"
+
+
+def test_network_gone_is_said_and_the_page_recovers_when_it_is_back(chromium_browser, start_server):
+    server = start_server()
+    with open_tab(chromium_browser, server) as tab:
+        page = tab.page
+        tab.expect_lost_server()
+        page.goto("/")
+        page.evaluate("window.__marker = 1")
+        count_failed_polls(page)
+        page.context.set_offline(True)
+        expect(banner(page)).to_be_visible(timeout=QUICK)
+        assert page.evaluate("window.__atBanner") <= 2
+        expect(page.locator("body")).to_have_class(re.compile(r"\blost\b"))
+
+        server.submit("pretend", seconds=0)  # what the page should see once back
+        page.context.set_offline(False)
+        expect(banner(page)).to_be_hidden(timeout=QUICK)
+        expect(page.locator("#count-done")).to_have_text("1", timeout=QUICK)
+        expect(page.locator("#freshness")).to_have_text(re.compile(r"updates every"))
+        assert page.evaluate("window.__marker === 1"), "the same server: no reload needed"
+
+
+def test_a_task_page_notices_the_restarted_server_serves_another_queue(
+    chromium_browser, restartable
+):
+    """Old ids restarted at 1, so after a restart an open task page showed
+    another task under the same number. Now it says the task is gone, and stops."""
+    first = restartable()
+    (task_id,) = first.submit("pretend", seconds=20)
+    wait_for(lambda: first.stats()["running"] == 1, 10, "the task to start")
+    with open_tab(chromium_browser, first) as tab:
+        page = tab.page
+        tab.expect_lost_server()
+        tab.expect_http_error(410, f"/tasks/{task_id}/live")
+        page.goto(f"/tasks/{task_id}")
+        expect(page.locator("#task-state")).to_have_text("running")
+        polls = []
+        page.on("request", lambda r: urlsplit(r.url).path.endswith("/live") and polls.append(r))
+
+        stop(first)  # cancels the task after SHUTDOWN_TIMEOUT
+        expect(banner(page)).to_be_visible(timeout=QUICK)
+        second = restartable()
+        # The new queue may well have a task of that number: it is another one.
+        second.submit("flaky", seconds=20, fail_rate=0)
+        expect(page.locator("#task-gone")).to_be_visible(timeout=QUICK)
+        expect(page.locator("#task-gone")).to_contain_text("another queue")
+        expect(page.locator("#task-state")).to_have_text("gone")
+        expect(banner(page)).to_be_hidden()
+        # It polls no more: what replaced the region has no trigger.
+        expect(page.locator("#task-detail")).not_to_have_attribute("hx-trigger", re.compile(".*"))
+        expect(page.locator("[data-poll]")).to_have_count(0)
+        expect(page.get_by_text("flaky")).to_have_count(0)
+
+
+def test_a_task_page_whose_task_is_forgotten_says_so_instead_of_polling_404s(
+    chromium_browser, start_server
+):
+    server = start_server()
+    server.request("POST", "/api/pause")
+    (task_id,) = server.submit("pretend", seconds=0)
+    with open_tab(chromium_browser, server) as tab:
+        page = tab.page
+        tab.expect_lost_server()
+        tab.expect_http_error(404, f"/tasks/{task_id}/live")
+        page.goto(f"/tasks/{task_id}")
+        expect(page.locator("#task-state")).to_have_text("queued")
+        # While the page cannot see it, the task is cancelled and forgotten.
+        page.context.set_offline(True)
+        assert server.request("POST", f"/api/tasks/{task_id}/cancel")[0] == 200
+        with urllib.request.urlopen(urllib.request.Request(
+                server.url + "/history/clear", data=b"", method="POST"), timeout=10) as cleared:
+            assert cleared.status in (200, 303)
+        assert server.request("GET", f"/api/tasks/{task_id}")[0] == 404
+        page.context.set_offline(False)
+
+        expect(page.locator("#task-gone")).to_be_visible(timeout=QUICK)
+        expect(page.locator("#task-gone")).to_contain_text("no longer knows it")
+        expect(page.locator("[data-poll]")).to_have_count(0)
