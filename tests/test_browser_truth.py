@@ -70,6 +70,7 @@ def count_failed_polls(page) -> None:
             if (e.target.hasAttribute?.('data-poll')) window.__failed += 1;
           });
           const banner = document.getElementById('connection');
+          if (!banner) return;  // (a page without one says nothing)
           new MutationObserver(() => {
             if (!banner.hidden && window.__atBanner === null) window.__atBanner = window.__failed;
           }).observe(banner, {attributes: true});
@@ -94,7 +95,8 @@ def test_a_stopped_server_is_said_within_two_polls_and_its_successor_is_shown(
         page.goto("/")
         old_pid = pid_of(first)
         expect(page.locator("#pid")).to_have_text(str(old_pid))
-        expect(page.locator("#freshness")).to_have_text(re.compile(r"updates every"))
+        meta = page.locator("header .meta")
+        expect(meta).to_contain_text("updates every")
         expect(banner(page)).to_be_hidden()
         count_failed_polls(page)
 
@@ -102,7 +104,8 @@ def test_a_stopped_server_is_said_within_two_polls_and_its_successor_is_shown(
         expect(banner(page)).to_be_visible(timeout=QUICK)
         expect(banner(page)).to_contain_text("Lost the server")
         assert page.evaluate("window.__atBanner") <= 2, "more than two polls failed unsaid"
-        expect(page.locator("#freshness")).to_have_text("not updating")
+        expect(meta).not_to_contain_text("updates every")
+        expect(meta).to_contain_text("not updating")
         # A click says it went nowhere, instead of nothing visible.
         page.get_by_role("button", name="Add work", exact=True).click()
         expect(page.locator("#form-errors")).to_contain_text("did not reach the server")
@@ -114,7 +117,7 @@ def test_a_stopped_server_is_said_within_two_polls_and_its_successor_is_shown(
         expect(page.locator("#pid")).to_have_text(str(pid_of(second)), timeout=QUICK)
         expect(page).to_have_title(re.compile(f"pid {pid_of(second)}"))
         expect(banner(page)).to_be_hidden()
-        expect(page.locator("#freshness")).to_have_text(re.compile(r"updates every"))
+        expect(meta).to_contain_text("updates every")
         expect(page.locator("#workers-title")).to_contain_text(str(pid_of(second)))
         expect(page.locator("#form-errors")).to_be_empty()
 
@@ -230,3 +233,149 @@ def test_a_task_page_whose_task_is_forgotten_says_so_instead_of_polling_404s(
         expect(page.locator("#task-gone")).to_be_visible(timeout=QUICK)
         expect(page.locator("#task-gone")).to_contain_text("no longer knows it")
         expect(page.locator("[data-poll]")).to_have_count(0)
+
+
+# -- errors that clear, and clicks that a late poll cannot undo -------------------------------
+
+
+def test_an_error_goes_once_the_queue_has_moved_on(chromium_browser, start_server):
+    """"queue is full: 5 of 5 queued" stayed beside a big "0 queued" until the next
+    successful click. It answers a click; it goes once the queue has moved on."""
+    server = start_server(FLASK_MAX_QUEUED="5", FLASK_MAX_BATCH="5")
+    server.request("POST", "/api/pause")
+    server.submit("pretend", count=5, seconds=0)
+    with open_tab(chromium_browser, server) as tab:
+        page = tab.page
+        tab.expect_http_error(503, "/tasks")
+        page.goto("/")
+        expect(page.locator("#queue-depth")).to_have_text("5")
+        page.get_by_role("button", name="Add work", exact=True).click()
+        errors = page.locator("#form-errors")
+        expect(errors).to_contain_text("queue is full")
+
+        # While nothing moves, the error is still true, and stays.
+        server.request("POST", "/api/resume")
+        expect(page.locator("#queue-depth")).to_have_text("0", timeout=QUICK)
+        expect(errors).to_be_empty(timeout=QUICK)
+
+
+SLOW_POLLS = """
+// Polls (GET …/live) answered late, as on a slow network: the answer is held
+// window.__slow ms, and an abort still ends it.
+(() => {
+  const real = window.fetch.bind(window);
+  window.__slow = 0; window.__pollsSent = 0; window.__pollsDone = 0;
+  window.fetch = async (url, init = {}) => {
+    const poll = (init.method || 'GET') === 'GET' && new URL(url, location.href).pathname.endsWith('/live');
+    if (!poll || !window.__slow) return real(url, init);
+    window.__pollsSent += 1;
+    try {
+      // Read it all now (a body left unread is cut off by the browser), hand it over late.
+      const response = await real(url, init);
+      const read = await response.arrayBuffer();
+      const body = [204, 304].includes(response.status) ? null : read;
+      await new Promise((resolve, reject) => {
+        const timer = setTimeout(resolve, window.__slow);
+        init.signal?.addEventListener('abort', () => { clearTimeout(timer);
+          reject(new DOMException('aborted', 'AbortError')); });
+      });
+      return new Response(body, {status: response.status, statusText: response.statusText,
+                                 headers: response.headers});
+    } finally { window.__pollsDone += 1; }
+  };
+})();
+"""
+
+
+def test_a_poll_sent_before_a_click_does_not_undo_it(chromium_browser, start_server):
+    """With slow polls the depth went 12 → 22 → 12 → 22: the click's answer, then
+    the older answer of a poll sent before it, then the next poll."""
+    server = start_server()
+    server.request("POST", "/api/pause")  # only clicks change the depth
+    with open_tab(chromium_browser, server) as tab:
+        page = tab.page
+        page.add_init_script(SLOW_POLLS)
+        page.goto("/")
+        page.evaluate(
+            """() => {
+              window.__depths = [];
+              const note = () => {
+                const d = document.getElementById('queue-depth')?.textContent.trim();
+                if (d !== undefined && d !== window.__depths.at(-1)) window.__depths.push(d);
+              };
+              new MutationObserver(note).observe(document.getElementById('live'),
+                {subtree: true, childList: true, characterData: true});
+              note();
+              window.__slow = 1500;
+            }"""
+        )
+        button = page.get_by_role("button", name="Add work", exact=True)
+        for expected in ("1", "2", "3"):
+            # A poll is on its way when the click goes.
+            sent = page.evaluate("window.__pollsSent")
+            page.wait_for_function("n => window.__pollsSent > n", arg=sent)
+            done = page.evaluate("window.__pollsDone")
+            button.click()
+            expect(page.locator("#queue-depth")).to_have_text(expected)
+            # The late poll has come back (and gone nowhere).
+            page.wait_for_function("n => window.__pollsDone > n", arg=done, timeout=QUICK)
+        depths = page.evaluate("window.__depths")
+        assert depths == ["0", "1", "2", "3"], f"a late poll undid a click: {depths}"
+        assert server.stats()["queued"] == 3
+
+
+# -- keys -------------------------------------------------------------------------------------
+
+
+def test_holding_a_adds_one_task_not_one_per_repeat(chromium_browser, start_server):
+    server = start_server()
+    server.request("POST", "/api/pause")
+    with open_tab(chromium_browser, server) as tab:
+        page = tab.page
+        posts = []
+        page.on("request", lambda r: r.method == "POST" and posts.append(r.url))
+        page.goto("/")
+        page.evaluate("document.activeElement?.blur()")
+        page.evaluate("""() => { window.__repeats = 0;
+            document.addEventListener('keydown', e => { if (e.repeat) window.__repeats += 1; }); }""")
+        for _ in range(6):  # held: the first press, then the key repeats
+            page.keyboard.down("a")
+        page.keyboard.up("a")
+        assert page.evaluate("window.__repeats") == 5, "the browser did not repeat the key"
+        expect(page.locator("#queue-depth")).to_have_text("1")
+        server_queued = wait_for(lambda: server.stats()["queued"] or None, 5, "the task")
+        assert server_queued == 1 and len(posts) == 1, posts
+
+
+def test_the_keys_footer_shows_only_where_the_keys_work(chromium_browser, start_server):
+    server = start_server()
+    server.request("POST", "/api/pause")
+    (task_id,) = server.submit("pretend", seconds=0)
+    with open_tab(chromium_browser, server, java_script_enabled=False) as tab:
+        tab.page.goto("/")
+        expect(tab.page.locator("#queue-depth")).to_have_text("1")
+        expect(tab.page.locator("footer.keys")).to_be_hidden()
+    with open_tab(chromium_browser, server) as tab:
+        tab.page.goto("/")
+        expect(tab.page.locator("footer.keys")).to_be_visible()
+        tab.page.goto(f"/tasks/{task_id}")
+        expect(tab.page.locator("footer.keys")).to_be_visible()
+
+
+def test_keys_on_a_tasks_page_cancel_and_retry_it(chromium_browser, start_server):
+    """The README promised the keys on every page; a task's page had none."""
+    server = start_server()
+    server.request("POST", "/api/pause")
+    (task_id,) = server.submit("pretend", seconds=0)
+    with open_tab(chromium_browser, server) as tab:
+        page = tab.page
+        page.goto(f"/tasks/{task_id}")
+        expect(page.locator("#task-state")).to_have_text("queued")
+        page.evaluate("document.activeElement?.blur()")
+        page.keyboard.press("c")
+        expect(page.locator("#task-state")).to_have_text("cancelled")
+        page.keyboard.press("r")
+        retried = page.get_by_role("link", name=re.compile(r"^#\d+$")).last
+        expect(retried).to_be_visible()
+        new_id = int(retried.inner_text().lstrip("#"))
+        assert server.request("GET", f"/api/tasks/{new_id}")[1]["retry_of"] == task_id
