@@ -1,5 +1,5 @@
-"""The dashboard on a phone: Chromium, driven by Playwright, against the app
-under gunicorn (the fixtures of tests/browser.py).
+"""The dashboard on a phone, and controls that stay still: Chromium, driven by
+Playwright, against the app under gunicorn (the fixtures of tests/browser.py).
 
 * At 390 px, light, dark and presenter mode, with failed, cancelled-while-running
   and long-error tasks in the history, and on the message pages that quote a
@@ -7,6 +7,8 @@ under gunicorn (the fixtures of tests/browser.py).
   width of the screen, not a column a few letters wide. So too at 320 px, on a
   phone on its side (667 px) and on a small tablet (800 px). At 1280 px the
   history is still a table with its error column.
+* A poll does not dim the buttons (the live region it refreshes holds every
+  control); a form that is posting still dims its own.
 
 Screenshots land in test-artifacts/. No Chromium? The same policy as
 tests/test_browser.py: fail under CI=true, skip loudly elsewhere.
@@ -14,8 +16,11 @@ tests/test_browser.py: fail under CI=true, skip loudly elsewhere.
 
 from __future__ import annotations
 
+import time
+from urllib.parse import urlsplit
+
 import pytest
-from browser import Server, expect, open_tab
+from browser import Server, Tab, expect, open_tab
 from support import wait_for
 
 QUICK = 10_000  # ms: far above what a busy two-core machine needs
@@ -243,3 +248,103 @@ def test_a_wide_screen_keeps_the_history_a_table_with_an_error_column(
                 assert error["width"] >= 200, f"the error column is narrow: {error}"
                 assert full_lines(error), error
         tab.screenshot("wide-history.png")
+
+
+# -- controls that stay still ----------------------------------------------------------------
+
+# Every button of the live regions, with its computed opacity, and which forms are posting.
+BUTTONS = """() => ({
+  live: document.getElementById('live').classList.contains('htmx-request'),
+  posting: [...document.querySelectorAll('form.htmx-request')].map(f => f.getAttribute('action')),
+  buttons: [...document.querySelectorAll('#live button')].map(b => ({
+    label: b.getAttribute('aria-label') || b.textContent.trim(), disabled: b.disabled,
+    opacity: getComputedStyle(b).opacity, form: b.form?.getAttribute('action')})),
+})"""
+
+# From now on, each time a class changes anywhere (htmx marks a request in flight so),
+# note any enabled button of the live regions that is dimmed while no form posts.
+WATCH_BLINKS = """() => {
+  window.__blinks = [];
+  window.__classChanges = 0;
+  new MutationObserver(records => {
+    window.__classChanges += records.length;
+    if (document.querySelector('form.htmx-request')) return;
+    for (const b of document.querySelectorAll('#live button')) {
+      const opacity = getComputedStyle(b).opacity;
+      if (!b.disabled && opacity !== '1') __blinks.push(`${b.textContent.trim()}: ${opacity}`);
+    }
+  }).observe(document.body, {subtree: true, attributes: true, attributeFilter: ['class']});
+}"""
+
+
+def assert_no_button_dimmed_by_the_poll(seen: dict, when: str) -> None:
+    for button in seen["buttons"]:
+        if button["form"] in seen["posting"]:
+            continue
+        # Enabled: fully opaque. Disabled (the "−" of one worker): its own .45, no other.
+        wanted = "0.45" if button["disabled"] else "1"
+        assert button["opacity"] == wanted, f"{when}: {button} while posting {seen['posting']}"
+
+
+@pytest.mark.browser
+def test_a_poll_leaves_the_buttons_alone_and_only_a_posting_form_dims_its_own(fresh_tab: Tab):
+    page = fresh_tab.page
+    # Hold each poll, and the post below, until the test has looked: the request is
+    # in flight for exactly as long as it takes to check.
+    held: list = []
+    holding = True
+
+    def hold(route) -> None:
+        if holding:
+            held.append(route)
+        else:
+            route.continue_()
+
+    page.route(lambda url: urlsplit(url).path in ("/live", "/history/clear"), hold)
+
+    def next_held(path: str):
+        deadline = time.monotonic() + QUICK / 1000
+        while True:
+            for route in held:
+                if urlsplit(route.request.url).path == path:
+                    return route
+            assert time.monotonic() < deadline, f"no request to {path} within {QUICK} ms"
+            page.wait_for_timeout(20)  # lets Playwright deliver the route events
+
+    def release(route) -> None:
+        held.remove(route)
+        route.continue_()
+
+    try:
+        page.goto("/")
+        expect(page.locator("#workers-target")).to_have_text("1")  # so "−" is disabled
+        page.evaluate(WATCH_BLINKS)
+        polls = 4
+        for n in range(polls):
+            poll = next_held("/live")
+            seen = page.evaluate(BUTTONS)
+            assert seen["live"], "the poll is not in flight"  # else the check below proves nothing
+            assert seen["posting"] == []
+            assert len(seen["buttons"]) >= 5, seen
+            assert_no_button_dimmed_by_the_poll(seen, f"poll {n + 1} in flight")
+            if n < polls - 1:
+                release(poll)
+
+        # The last poll still in flight, a click posts a form of the live regions.
+        clear = page.locator("#live").get_by_role("button", name="Clear history", exact=True)
+        clear.click()
+        next_held("/history/clear")
+        seen = page.evaluate(BUTTONS)
+        assert seen["live"] and seen["posting"] == ["/history/clear"], seen
+        (mine,) = [b for b in seen["buttons"] if b["label"] == "Clear history"]
+        assert float(mine["opacity"]) < 1, f"the posting form's button is not dimmed: {mine}"
+        assert_no_button_dimmed_by_the_poll(seen, "a post and a poll in flight")
+        assert page.evaluate("window.__classChanges") >= 2 * polls, "the watch saw no requests"
+        assert page.evaluate("window.__blinks") == []
+    finally:
+        holding = False
+        while held:
+            release(held[0])
+    # The answer arrives: the button is whole again.
+    expect(clear).to_have_css("opacity", "1")
+    fresh_tab.screenshot("buttons-after-post.png")
