@@ -375,7 +375,7 @@ def test_keys_on_a_tasks_page_cancel_and_retry_it(chromium_browser, start_server
         page.keyboard.press("c")
         expect(page.locator("#task-state")).to_have_text("cancelled")
         page.keyboard.press("r")
-        retried = page.get_by_role("link", name=re.compile(r"^#\d+$")).last
+        retried = page.locator("#task-detail dt:text-is('retried as') + dd a")
         expect(retried).to_be_visible()
         new_id = int(retried.inner_text().lstrip("#"))
         assert server.request("GET", f"/api/tasks/{new_id}")[1]["retry_of"] == task_id
