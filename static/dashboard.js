@@ -180,12 +180,15 @@
       failed("network");
       return;
     }
-    // A click that never reached the server: say so where its answer would go.
+    // A click that never reached the server (or was given up: base.html's
+    // defaultTimeout): say so where its answer would go.
     const errors = document.getElementById("form-errors");
     if (errors) {
       const p = document.createElement("p");
       p.className = "error";
-      p.textContent = "That click did not reach the server (no connection); nothing changed.";
+      p.textContent =
+        "That click did not reach the server, or its answer did not come back; " +
+        "see the queue once the page is updating again.";
       errors.replaceChildren(p);
     }
   });
