@@ -56,6 +56,8 @@ bp = Blueprint(
 RECENT = 20
 #: Queued tasks the page lists, oldest first, each with a Cancel button.
 UPCOMING = 10
+#: Tasks the page's batch button adds, unless MAX_BATCH or SUBMIT_LIMIT allow fewer.
+BATCH = 10
 
 #: The live regions: each is a template ``_<name>.html`` of its own.
 REGIONS = ("counts", "controls", "chart", "workers", "upcoming", "history")
@@ -232,7 +234,7 @@ def _page_data(snap: Snapshot, **extra: Any) -> dict[str, Any]:
         "default_kind": config["DEFAULT_KIND"],
         "poll_interval": config["POLL_INTERVAL"],
         "work_time": config["WORK_TIME"],
-        "max_batch": config["MAX_BATCH"],
+        "batch_size": _batch_size(),
         "workers_target": queue.workers,
         "max_workers": config["MAX_WORKERS"],
         "recent_size": RECENT,
@@ -243,6 +245,13 @@ def _page_data(snap: Snapshot, **extra: Any) -> dict[str, Any]:
         "stall": stall_reason(snap, queue.stall_after),
         **extra,
     }
+
+
+def _batch_size() -> int:
+    """What the batch button adds: as many as one request and one client's limit allow."""
+    allowance = security.submit_allowance()
+    size = min(BATCH, current_app.config["MAX_BATCH"])
+    return size if allowance is None else min(size, allowance)
 
 
 def _not_modified(tag: str) -> bool:

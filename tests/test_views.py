@@ -61,6 +61,22 @@ def test_page_shows_depth_counts_workers_history_buttons_and_pid(client, queue):
     assert b'hx-get="/live"' in html and f'hx-ptag="{queue.tag}"'.encode() in html
 
 
+@pytest.mark.parametrize("config,size", [
+    ({}, 10),
+    ({"MAX_BATCH": 4}, 4),
+    ({"SUBMIT_LIMIT": "3 per minute"}, 3),
+    ({"SUBMIT_LIMIT": ""}, 10),
+    ({"MAX_BATCH": 1}, None),
+    ({"SUBMIT_LIMIT": "1/second"}, None),
+])
+def test_the_batch_button_adds_what_the_limits_allow(make_app, config, size):
+    html = make_app(**config).test_client().get("/").data
+    buttons = re.findall(
+        rb'<button type="submit" name="count" value="(\d+)"[^>]*>Add work([^<]*)<', html)
+    batch = [] if size is None else [(str(size).encode(), f" ×{size}".encode())]
+    assert buttons == [(b"1", b"")] + batch
+
+
 def test_history_lists_at_most_20_newest_first_with_errors(client, queue):
     ids = queue.submit_many("pretend", 25, {"seconds": 0})
     ids.append(queue.submit("flaky", seconds=0, fail_rate=1))
