@@ -40,7 +40,7 @@ from .ext import current_queue
 from .records import Snapshot, State, TaskInfo
 from .store import QueueClosed, QueueFull, StoreUnavailable, TaskNotFound, WrongState
 from .workqueue import stall_reason
-from .tasks import Int, InvalidParam, TaskError, TaskKind
+from .tasks import Int, TaskError, TaskKind
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -485,16 +485,33 @@ def add_tasks() -> Response:
 # -- controlling the queue ---------------------------------------------------------
 
 
-def _workers_count(data: Mapping[str, Any]) -> int:
-    """The worker count a request asks for: ``count`` outright, or ``delta`` from now."""
+#: One change of the worker count at a time in this process: a ``delta`` reads the
+#: count and sets it, and two clicks at once must not both start from the same count.
+_WORKERS_LOCK = threading.Lock()
+
+
+def _set_workers(data: Mapping[str, Any]) -> int:
+    """Set the worker count a request asks for: ``count`` outright (1..MAX_WORKERS, else
+    a 400), or ``delta`` from now, clamped to that range.
+
+    The page's − and + post ``delta``: a click more than the range allows (a
+    double click at 2 workers, twenty clicks on +) stops at the end and is
+    no error. A ``delta`` never moves the count against its sign (from 0
+    workers, − stays at 0).
+    """
     top = current_app.config["MAX_WORKERS"]
     if data.get("count") not in (None, ""):
-        return Int(1, top).parse("count", data["count"])
+        return current_queue.set_workers(Int(1, top).parse("count", data["count"]))
     delta = Int(-top, top).parse("delta", data.get("delta"))
-    wanted = current_queue.workers + delta
-    if not 1 <= wanted <= top:
-        raise InvalidParam("workers", f"must stay from 1 to {top}, got {wanted}")
-    return wanted
+    with _WORKERS_LOCK:
+        now = current_queue.workers
+        if delta > 0:
+            wanted = max(now, min(now + delta, top))
+        elif delta < 0:
+            wanted = min(now, max(now + delta, 1))
+        else:
+            wanted = now
+        return current_queue.set_workers(wanted)
 
 
 @bp.post("/pause")
@@ -509,10 +526,8 @@ def resume() -> Response:
 
 @bp.post("/workers")
 def workers() -> Response:
-    """Form field ``delta`` (+1 or -1 from the buttons) or ``count``."""
-    return _form_action(
-        lambda: current_queue.set_workers(_workers_count(request.form)), lambda _: _home()
-    )
+    """Form field ``delta`` (+1 or -1 from the buttons; clamped) or ``count``."""
+    return _form_action(lambda: _set_workers(request.form), lambda _: _home())
 
 
 @bp.post("/history/clear")
@@ -774,13 +789,12 @@ def api_resume() -> Response:
 
 @bp.post("/api/workers")
 def api_workers() -> Response:
-    """``{"count": n}`` or ``{"delta": ±n}`` → the number of worker threads now asked for."""
+    """``{"count": n}`` or ``{"delta": ±n}`` (clamped) → the number of worker threads now
+    asked for."""
     data = _json_body(frozenset({"count", "delta"}))
     if isinstance(data, Response):
         return data
-    return _json_action(
-        lambda: current_queue.set_workers(_workers_count(data)), lambda n: jsonify(workers=n)
-    )
+    return _json_action(lambda: _set_workers(data), lambda n: jsonify(workers=n))
 
 
 @bp.get("/healthz")

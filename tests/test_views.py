@@ -508,9 +508,16 @@ def test_workers_plus_minus_and_count():
         assert post(client, "/workers", {"count": "3"}).status_code == 200
         page = client.get("/").data
         assert b'aria-label="More workers" disabled' in page  # at the maximum
+        # A delta past the end (a double click on +) stops there, and is no error.
+        response = post(client, "/workers", {"delta": "1"})
+        assert response.status_code == 200 and b'id="workers-target">3<' in response.data
+        assert post(client, "/workers", {"delta": "-3"}).status_code == 200
+        assert queue.workers == 1
+        assert post(client, "/workers", {"count": "3"}).status_code == 200
         for data, message in [
-            ({"delta": "1"}, b"workers must stay from 1 to 3, got 4"),
             ({"count": "0"}, b"count must be an integer from 1 to 3, got 0"),
+            ({"count": "4"}, b"count must be an integer from 1 to 3, got 4"),
+            ({"delta": "4"}, b"delta must be an integer from -3 to 3, got 4"),
             ({"delta": "x"}, b"delta must be an integer from -3 to 3, got &#39;x&#39;"),
             ({}, b"delta must be an integer"),
         ]:
@@ -519,6 +526,8 @@ def test_workers_plus_minus_and_count():
         assert queue.workers == 3
         api = client.post("/api/workers", json={"count": 1})
         assert api.json == {"workers": 1}
+        assert client.post("/api/workers", json={"delta": -1}).json == {"workers": 1}
+        assert client.post("/api/workers", json={"delta": 3}).json == {"workers": 3}
         assert client.post("/api/workers", json={"count": 9}).status_code == 400
         assert client.post("/api/workers", json={"n": 1}).status_code == 400
     finally:
