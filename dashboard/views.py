@@ -237,7 +237,6 @@ def _page_data(snap: Snapshot, **extra: Any) -> dict[str, Any]:
         "batch_size": _batch_size(),
         "workers_target": queue.workers,
         "max_workers": config["MAX_WORKERS"],
-        "recent_size": RECENT,
         "present": present,
         "shared_store": queue.store.durable,
         "can_act": can_act,

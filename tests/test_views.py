@@ -57,6 +57,7 @@ def test_page_shows_depth_counts_workers_history_buttons_and_pid(client, queue):
         assert b'<option value="' + kind + b'"' in html
     assert b'value="pretend" selected' in html
     assert f'id="task-{first}"'.encode() in html  # the finished task is listed
+    assert b'<h2 id="history-title">Finished <span class="sub">1</span></h2>' in html
     # The page polls one endpoint for every live region, and holds the current tag.
     assert b'hx-get="/live"' in html and f'hx-ptag="{queue.tag}"'.encode() in html
 
@@ -84,6 +85,7 @@ def test_history_lists_at_most_20_newest_first_with_errors(client, queue):
     html = client.get("/").data
     rows = re.findall(rb'<tr id="task-(\d+)"', html)
     assert [int(r) for r in rows] == ids[:-21:-1]
+    assert b'<h2 id="history-title">Last 20 finished <span class="sub">of 26</span></h2>' in html
     assert b"RuntimeError: flaky task gave up (it fails 100% of the time)" in html
     assert b'id="count-failed">1<' in html
 
@@ -597,9 +599,12 @@ def test_clear_history_and_reset(client, queue):
     queue.submit_many("pretend", 3, {"seconds": 0})
     queue.run_pending()
     response = post(client, "/history/clear")
-    assert b"Nothing has finished yet" in response.data and b'id="count-done">3<' in response.data
+    assert b'id="count-done">3<' in response.data
+    assert b'<h2 id="history-title">Finished <span class="sub">3</span></h2>' in response.data
+    assert b"None of them is listed: the history was cleared" in response.data
     response = post(client, "/reset")
     assert b'id="count-done">0<' in response.data
+    assert b"Nothing has finished yet" in response.data
     assert b'hx-confirm="Reset clears the counters' in client.get("/").data
 
 
