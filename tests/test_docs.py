@@ -20,6 +20,13 @@ def test_readme_config_table_lists_every_setting_with_its_default():
         assert rows[setting.key] == str(setting.default), setting.key
 
 
+def test_readme_says_which_settings_may_not_exceed_others():
+    """check_config refuses MAX_BATCH > MAX_QUEUED and WORKERS > MAX_WORKERS: say so."""
+    rows = dict(re.findall(r"^\| `([A-Z_]+)` \| `[^`]*` \| (.*) \|$", README, re.M))
+    assert "not be larger than `MAX_QUEUED`" in rows["MAX_BATCH"]
+    assert "not more than `MAX_WORKERS`" in rows["WORKERS"]
+
+
 def test_readme_gives_the_two_commands_first():
     commands = README.index("## Two commands")
     assert commands < README.index("## How it works")
