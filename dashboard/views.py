@@ -6,7 +6,8 @@ a 304 before anything is rendered.
 
 Every state-changing form answers an htmx request with the live regions
 (the click shows at once) and a plain post with a 303 back to the page it
-came from, so the page works without JavaScript.
+came from, so the page works without JavaScript: a refused plain post too,
+the reason signed into that page's address (see :mod:`dashboard.notices`).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from flask import (
 )
 from markupsafe import Markup
 
-from . import security
+from . import notices, security
 from .chart import depth_chart
 from .ext import current_queue
 from .records import Snapshot, State, TaskInfo
@@ -322,7 +323,15 @@ def _message_page(message: str, status: int) -> Response:
 
 @bp.get("/")
 def index() -> Response:
-    return _page("index.html", **_page_data(_snapshot()))
+    """The dashboard; ``?refused=`` shows why a plain form post was refused."""
+    return _page("index.html", **_page_data(_snapshot(), error=_refusal()))
+
+
+def _refusal() -> str | None:
+    """The refusal this page was sent back with (:mod:`dashboard.notices`), if any."""
+    if not request.query_string:
+        return None
+    return notices.read(request.args.get(notices.PARAM))
 
 
 @bp.get("/live")
@@ -374,8 +383,10 @@ def _form_action(action: Callable[[], Any], back: Callable[[Any], str]) -> Respo
     """Run a form's ``action``; answer htmx with the live regions, a plain post with a 303.
 
     ``back(result)`` is where a plain post returns. A refused action answers
-    htmx with an error fragment for ``#form-errors`` and a plain post with
-    the page again (or a message page), the error shown, with a 4xx/503.
+    htmx with an error fragment for ``#form-errors`` and its 4xx/503; a plain
+    post with a 303 back to the page the form is on, which shows why (a
+    page answered to the post itself would leave the browser on the post's
+    address: a reload would post again, a link to "" would be a 405).
     """
     try:
         result = action()
@@ -387,12 +398,7 @@ def _form_action(action: Callable[[], Any], back: Callable[[Any], str]) -> Respo
                                 security.printable(message, 300))
         if _is_htmx():
             return make_response(render_template("_error.html", error=message), status, headers)
-        if status in (404, 409):
-            response = _message_page(message, status)
-        else:
-            response = _page("index.html", status, **_page_data(_snapshot(), error=message))
-        response.headers.update(headers)
-        return response
+        return _see_other(_refused_location(exc, message))
     if _is_htmx():
         if request.form.get("view") == "task" and request.view_args:
             # From a task's page: show that task again (now cancelled, or
@@ -411,6 +417,20 @@ def _see_other(location: str) -> Response:
 
 def _home() -> str:
     return url_for(".index", present=1) if _presenting() else url_for(".index")
+
+
+def _refused_location(exc: TaskError, message: str) -> str:
+    """The page a refused plain post came from, with the reason signed into its address:
+    the task's page for a form on it (``view=task``) unless the task is unknown, else
+    the dashboard (in presenter mode if the form was)."""
+    refused = {notices.PARAM: notices.sign(message)}
+    raw = (request.view_args or {}).get("task_id")
+    if (request.form.get("view") == "task" and isinstance(raw, str) and raw.isascii()
+            and raw.isdigit() and len(raw) <= 18 and not isinstance(exc, TaskNotFound)):
+        return url_for(".task_detail", task_id=int(raw), **refused)
+    if _presenting():
+        return url_for(".index", present=1, **refused)
+    return url_for(".index", **refused)
 
 
 # -- adding work ---------------------------------------------------------------
@@ -591,9 +611,10 @@ def _task_data(info: TaskInfo, tag: str) -> dict[str, Any]:
 
 @bp.get("/tasks/<task_id>")
 def task_detail(task_id: str) -> Response:
+    """A task's page; ``?refused=`` shows why a plain form post on it was refused."""
     tag = current_queue.tag  # before the task: see _render_task
     info = _task_or_404(task_id)
-    return _page("task.html", **_task_data(info, tag))
+    return _page("task.html", error=_refusal(), **_task_data(info, tag))
 
 
 @bp.get("/tasks/<task_id>/live")

@@ -69,7 +69,9 @@ def test_the_embedding_example_works_in_another_app():
         assert get_queue(app).run_pending() == 1
         assert done == [(42, "csv")]
         bad = client.post("/queue/tasks", data={"kind": "send_report", "fmt": "doc"})
-        assert bad.status_code == 400 and b"fmt must be one of: pdf, csv" in bad.data
+        assert bad.status_code == 303 and bad.headers["Location"].startswith("/queue/?refused=")
+        shown = client.get(bad.headers["Location"])
+        assert shown.status_code == 200 and b"fmt must be one of: pdf, csv" in shown.data
     finally:
         get_queue(app).shutdown()
 
