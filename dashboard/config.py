@@ -94,7 +94,8 @@ SETTINGS: tuple[Setting, ...] = (
             "takes when the request does not say."),
     Setting("MAX_QUEUED", 10_000, Int(1, 10_000_000), "Most tasks that may wait in the queue; "
             "beyond it submits are refused (503 with `Retry-After`)."),
-    Setting("MAX_BATCH", 100, Int(1, 100_000), "Most tasks one request may add (`count`)."),
+    Setting("MAX_BATCH", 100, Int(1, 100_000), "Most tasks one request may add (`count`). "
+            "Must not be larger than `MAX_QUEUED` (the app refuses to start)."),
     Setting("HISTORY", 1_000, Int(0, 1_000_000), "Finished tasks remembered for the "
             "dashboard and `GET /api/tasks/<id>`; counters keep the totals beyond it."),
     Setting("POLL_INTERVAL", 1.0, Float(0.2, 60), "Seconds between dashboard polls."),

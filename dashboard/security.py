@@ -387,14 +387,26 @@ def warn_if_exposed(host: str, secret: str) -> bool:
 
 
 class RateLimited(TaskError):
-    """This client added more tasks than ``SUBMIT_LIMIT`` allows; ``retry_after`` in seconds."""
+    """This client added more tasks than ``SUBMIT_LIMIT`` allows; ``retry_after`` in seconds.
+
+    ``limit`` is the limit in words, like "3 tasks per minute" (:func:`describe_limit`).
+    """
 
     def __init__(self, limit: str, retry_after: int):
         self.retry_after = retry_after
         super().__init__(
-            f"too much work from this client: the limit is {limit} tasks; "
+            f"too much work from this client: the limit is {limit}; "
             f"try again in {retry_after}s"
         )
+
+
+def describe_limit(item: limits.RateLimitItem) -> str:
+    """A limit in words: "1 task per minute", "600 tasks per minute", "5 tasks per 30 seconds"."""
+    tasks = f"{item.amount} task{'' if item.amount == 1 else 's'}"
+    unit = item.GRANULARITY.name
+    if item.multiples == 1:
+        return f"{tasks} per {unit}"
+    return f"{tasks} per {item.multiples} {unit}s"
 
 
 class SubmitLimiter:
@@ -413,9 +425,15 @@ class SubmitLimiter:
     def __init__(self, spec: str):
         self.spec = spec
         self.item = limits.parse(spec) if spec else None
+        self.described = describe_limit(self.item) if self.item is not None else ""
         self._locks = tuple(threading.Lock() for _ in range(self.STRIPES))
         self._strategy: MovingWindowRateLimiter | None = None
         self._pid = 0
+
+    @property
+    def amount(self) -> int | None:
+        """The most tasks one client may add within the window; None when there is no limit."""
+        return None if self.item is None else self.item.amount
 
     @property
     def strategy(self) -> MovingWindowRateLimiter:
@@ -443,11 +461,11 @@ class SubmitLimiter:
         if item is None:
             return act()
         if tasks > item.amount:
-            raise RateLimited(self.spec, 60)
+            raise RateLimited(self.described, 60)
         with self._locks[hash(client) % self.STRIPES]:
             if not self.strategy.test(item, client, cost=tasks):
                 stats = self.strategy.get_window_stats(item, client)
-                raise RateLimited(self.spec, max(1, math.ceil(stats.reset_time - time.time())))
+                raise RateLimited(self.described, max(1, math.ceil(stats.reset_time - time.time())))
             result = act()
             self.strategy.hit(item, client, cost=tasks)
         return result
@@ -457,6 +475,12 @@ def spend_submit(tasks: int, act: Callable[[], T]) -> T:
     """:meth:`SubmitLimiter.spend` for the current client."""
     limiter: SubmitLimiter = current_app.extensions["dashboard.limiter"]
     return limiter.spend(request.remote_addr or "unknown", tasks, act)
+
+
+def submit_allowance() -> int | None:
+    """The most tasks one client may add within ``SUBMIT_LIMIT``'s window; None: no limit."""
+    limiter: SubmitLimiter = current_app.extensions["dashboard.limiter"]
+    return limiter.amount
 
 
 def init_app(app: Flask) -> None:
@@ -489,6 +513,7 @@ __all__ = [
     "add_security_headers",
     "access_refusal",
     "cross_site_reason",
+    "describe_limit",
     "host_refusal",
     "init_app",
     "local_address",
@@ -496,5 +521,6 @@ __all__ = [
     "printable",
     "served_address",
     "spend_submit",
+    "submit_allowance",
     "warn_if_exposed",
 ]

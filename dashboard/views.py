@@ -6,7 +6,8 @@ a 304 before anything is rendered.
 
 Every state-changing form answers an htmx request with the live regions
 (the click shows at once) and a plain post with a 303 back to the page it
-came from, so the page works without JavaScript.
+came from, so the page works without JavaScript: a refused plain post too,
+the reason signed into that page's address (see :mod:`dashboard.notices`).
 """
 
 from __future__ import annotations
@@ -34,13 +35,13 @@ from flask import (
 )
 from markupsafe import Markup
 
-from . import security
+from . import notices, security
 from .chart import depth_chart
 from .ext import current_queue
 from .records import Snapshot, State, TaskInfo
 from .store import QueueClosed, QueueFull, StoreUnavailable, TaskNotFound, WrongState
 from .workqueue import stall_reason
-from .tasks import Int, InvalidParam, TaskError, TaskKind
+from .tasks import Int, TaskError, TaskKind
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -56,6 +57,8 @@ bp = Blueprint(
 RECENT = 20
 #: Queued tasks the page lists, oldest first, each with a Cancel button.
 UPCOMING = 10
+#: Tasks the page's batch button adds, unless MAX_BATCH or SUBMIT_LIMIT allow fewer.
+BATCH = 10
 
 #: The live regions: each is a template ``_<name>.html`` of its own.
 REGIONS = ("counts", "controls", "chart", "workers", "upcoming", "history")
@@ -232,10 +235,9 @@ def _page_data(snap: Snapshot, **extra: Any) -> dict[str, Any]:
         "default_kind": config["DEFAULT_KIND"],
         "poll_interval": config["POLL_INTERVAL"],
         "work_time": config["WORK_TIME"],
-        "max_batch": config["MAX_BATCH"],
+        "batch_size": _batch_size(),
         "workers_target": queue.workers,
         "max_workers": config["MAX_WORKERS"],
-        "recent_size": RECENT,
         "present": present,
         "shared_store": queue.store.durable,
         "can_act": can_act,
@@ -244,6 +246,13 @@ def _page_data(snap: Snapshot, **extra: Any) -> dict[str, Any]:
         "queue_id": queue.identity,
         **extra,
     }
+
+
+def _batch_size() -> int:
+    """What the batch button adds: as many as one request and one client's limit allow."""
+    allowance = security.submit_allowance()
+    size = min(BATCH, current_app.config["MAX_BATCH"])
+    return size if allowance is None else min(size, allowance)
 
 
 def _not_modified(tag: str) -> bool:
@@ -328,7 +337,15 @@ def _message_page(message: str, status: int) -> Response:
 
 @bp.get("/")
 def index() -> Response:
-    return _page("index.html", **_page_data(_snapshot()))
+    """The dashboard; ``?refused=`` shows why a plain form post was refused."""
+    return _page("index.html", **_page_data(_snapshot(), error=_refusal()))
+
+
+def _refusal() -> str | None:
+    """The refusal this page was sent back with (:mod:`dashboard.notices`), if any."""
+    if not request.query_string:
+        return None
+    return notices.read(request.args.get(notices.PARAM))
 
 
 @bp.get("/live")
@@ -380,8 +397,10 @@ def _form_action(action: Callable[[], Any], back: Callable[[Any], str]) -> Respo
     """Run a form's ``action``; answer htmx with the live regions, a plain post with a 303.
 
     ``back(result)`` is where a plain post returns. A refused action answers
-    htmx with an error fragment for ``#form-errors`` and a plain post with
-    the page again (or a message page), the error shown, with a 4xx/503.
+    htmx with an error fragment for ``#form-errors`` and its 4xx/503; a plain
+    post with a 303 back to the page the form is on, which shows why (a
+    page answered to the post itself would leave the browser on the post's
+    address: a reload would post again, a link to "" would be a 405).
     """
     try:
         result = action()
@@ -393,12 +412,7 @@ def _form_action(action: Callable[[], Any], back: Callable[[Any], str]) -> Respo
                                 security.printable(message, 300))
         if _is_htmx():
             return make_response(render_template("_error.html", error=message), status, headers)
-        if status in (404, 409):
-            response = _message_page(message, status)
-        else:
-            response = _page("index.html", status, **_page_data(_snapshot(), error=message))
-        response.headers.update(headers)
-        return response
+        return _see_other(_refused_location(exc, message))
     if _is_htmx():
         if request.form.get("view") == "task" and request.view_args:
             # From a task's page: show that task again (now cancelled, or
@@ -417,6 +431,20 @@ def _see_other(location: str) -> Response:
 
 def _home() -> str:
     return url_for(".index", present=1) if _presenting() else url_for(".index")
+
+
+def _refused_location(exc: TaskError, message: str) -> str:
+    """The page a refused plain post came from, with the reason signed into its address:
+    the task's page for a form on it (``view=task``) unless the task is unknown, else
+    the dashboard (in presenter mode if the form was)."""
+    refused = {notices.PARAM: notices.sign(message)}
+    raw = (request.view_args or {}).get("task_id")
+    if (request.form.get("view") == "task" and isinstance(raw, str) and raw.isascii()
+            and raw.isdigit() and len(raw) <= 18 and not isinstance(exc, TaskNotFound)):
+        return url_for(".task_detail", task_id=int(raw), **refused)
+    if _presenting():
+        return url_for(".index", present=1, **refused)
+    return url_for(".index", **refused)
 
 
 # -- adding work ---------------------------------------------------------------
@@ -490,16 +518,33 @@ def add_tasks() -> Response:
 # -- controlling the queue ---------------------------------------------------------
 
 
-def _workers_count(data: Mapping[str, Any]) -> int:
-    """The worker count a request asks for: ``count`` outright, or ``delta`` from now."""
+#: One change of the worker count at a time in this process: a ``delta`` reads the
+#: count and sets it, and two clicks at once must not both start from the same count.
+_WORKERS_LOCK = threading.Lock()
+
+
+def _set_workers(data: Mapping[str, Any]) -> int:
+    """Set the worker count a request asks for: ``count`` outright (1..MAX_WORKERS, else
+    a 400), or ``delta`` from now, clamped to that range.
+
+    The page's − and + post ``delta``: a click more than the range allows (a
+    double click at 2 workers, twenty clicks on +) stops at the end and is
+    no error. A ``delta`` never moves the count against its sign (from 0
+    workers, − stays at 0).
+    """
     top = current_app.config["MAX_WORKERS"]
     if data.get("count") not in (None, ""):
-        return Int(1, top).parse("count", data["count"])
+        return current_queue.set_workers(Int(1, top).parse("count", data["count"]))
     delta = Int(-top, top).parse("delta", data.get("delta"))
-    wanted = current_queue.workers + delta
-    if not 1 <= wanted <= top:
-        raise InvalidParam("workers", f"must stay from 1 to {top}, got {wanted}")
-    return wanted
+    with _WORKERS_LOCK:
+        now = current_queue.workers
+        if delta > 0:
+            wanted = max(now, min(now + delta, top))
+        elif delta < 0:
+            wanted = min(now, max(now + delta, 1))
+        else:
+            wanted = now
+        return current_queue.set_workers(wanted)
 
 
 @bp.post("/pause")
@@ -514,10 +559,8 @@ def resume() -> Response:
 
 @bp.post("/workers")
 def workers() -> Response:
-    """Form field ``delta`` (+1 or -1 from the buttons) or ``count``."""
-    return _form_action(
-        lambda: current_queue.set_workers(_workers_count(request.form)), lambda _: _home()
-    )
+    """Form field ``delta`` (+1 or -1 from the buttons; clamped) or ``count``."""
+    return _form_action(lambda: _set_workers(request.form), lambda _: _home())
 
 
 @bp.post("/history/clear")
@@ -583,9 +626,10 @@ def _task_data(info: TaskInfo, tag: str) -> dict[str, Any]:
 
 @bp.get("/tasks/<task_id>")
 def task_detail(task_id: str) -> Response:
+    """A task's page; ``?refused=`` shows why a plain form post on it was refused."""
     tag = current_queue.tag  # before the task: see _render_task
     info = _task_or_404(task_id)
-    return _page("task.html", **_task_data(info, tag))
+    return _page("task.html", error=_refusal(), **_task_data(info, tag))
 
 
 @bp.get("/tasks/<task_id>/live")
@@ -800,13 +844,12 @@ def api_resume() -> Response:
 
 @bp.post("/api/workers")
 def api_workers() -> Response:
-    """``{"count": n}`` or ``{"delta": ±n}`` → the number of worker threads now asked for."""
+    """``{"count": n}`` or ``{"delta": ±n}`` (clamped) → the number of worker threads now
+    asked for."""
     data = _json_body(frozenset({"count", "delta"}))
     if isinstance(data, Response):
         return data
-    return _json_action(
-        lambda: current_queue.set_workers(_workers_count(data)), lambda n: jsonify(workers=n)
-    )
+    return _json_action(lambda: _set_workers(data), lambda n: jsonify(workers=n))
 
 
 @bp.get("/healthz")

@@ -551,7 +551,8 @@ def test_over_the_submit_limit_the_form_says_so_and_nothing_is_queued(
             ten.click()
         assert second.value.status == 429
         assert 1 <= int(second.value.headers["retry-after"]) <= 60
-        expect(errors).to_contain_text("too much work from this client: the limit is 12/minute")
+        expect(errors).to_contain_text(
+            "too much work from this client: the limit is 12 tasks per minute")
 
         # Not grown, over a few polls: the second batch queued nothing.
         wait_for_polls(page, polls, 3)

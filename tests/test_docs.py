@@ -20,6 +20,13 @@ def test_readme_config_table_lists_every_setting_with_its_default():
         assert rows[setting.key] == str(setting.default), setting.key
 
 
+def test_readme_says_which_settings_may_not_exceed_others():
+    """check_config refuses MAX_BATCH > MAX_QUEUED and WORKERS > MAX_WORKERS: say so."""
+    rows = dict(re.findall(r"^\| `([A-Z_]+)` \| `[^`]*` \| (.*) \|$", README, re.M))
+    assert "not be larger than `MAX_QUEUED`" in rows["MAX_BATCH"]
+    assert "not more than `MAX_WORKERS`" in rows["WORKERS"]
+
+
 def test_readme_gives_the_two_commands_first():
     commands = README.index("## Two commands")
     assert commands < README.index("## How it works")
@@ -62,7 +69,9 @@ def test_the_embedding_example_works_in_another_app():
         assert get_queue(app).run_pending() == 1
         assert done == [(42, "csv")]
         bad = client.post("/queue/tasks", data={"kind": "send_report", "fmt": "doc"})
-        assert bad.status_code == 400 and b"fmt must be one of: pdf, csv" in bad.data
+        assert bad.status_code == 303 and bad.headers["Location"].startswith("/queue/?refused=")
+        shown = client.get(bad.headers["Location"])
+        assert shown.status_code == 200 and b"fmt must be one of: pdf, csv" in shown.data
     finally:
         get_queue(app).shutdown()
 

@@ -225,7 +225,7 @@ def test_the_submit_limit_counts_tasks_per_client(make_app):
     assert refused.status_code == 429
     assert 1 <= int(refused.headers["Retry-After"]) <= 60
     assert refused.json["error"].startswith("too much work from this client: the limit is "
-                                            "12/minute tasks")
+                                            "12 tasks per minute; try again in ")
     assert queue.stats().submitted == 10  # nothing of the refused batch
     htmx = client.post("/tasks", data={"count": "3"}, headers={"HX-Request": "true"})
     assert htmx.status_code == 429 and b"too much work from this client" in htmx.data
@@ -233,6 +233,21 @@ def test_the_submit_limit_counts_tasks_per_client(make_app):
                         environ_base={"REMOTE_ADDR": "192.0.2.7"})
     assert other.status_code == 202  # another client has its own allowance
     assert client.post("/api/tasks", json={"count": 2}).status_code == 202  # 12 for this one
+
+
+@pytest.mark.parametrize("spec,words", [
+    ("600 per minute", "600 tasks per minute"),
+    ("1/second", "1 task per second"),
+    ("10 per 2 minutes", "10 tasks per 2 minutes"),
+    ("5 per 30 second", "5 tasks per 30 seconds"),
+    ("100/hour", "100 tasks per hour"),
+])
+def test_the_limit_reads_as_words(spec, words):
+    from dashboard.security import SubmitLimiter
+
+    limiter = SubmitLimiter(spec)
+    assert limiter.described == words and limiter.amount == int(words.split()[0])
+    assert SubmitLimiter("").amount is None
 
 
 def test_bad_requests_cost_nothing(make_app):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import re
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 from flask import template_rendered
@@ -57,8 +58,25 @@ def test_page_shows_depth_counts_workers_history_buttons_and_pid(client, queue):
         assert b'<option value="' + kind + b'"' in html
     assert b'value="pretend" selected' in html
     assert f'id="task-{first}"'.encode() in html  # the finished task is listed
+    assert b'<h2 id="history-title">Finished <span class="sub">1</span></h2>' in html
     # The page polls one endpoint for every live region, and holds the current tag.
     assert f'hx-get="/live?queue={queue.identity}"'.encode() in html and f'hx-ptag="{queue.tag}"'.encode() in html
+
+
+@pytest.mark.parametrize("config,size", [
+    ({}, 10),
+    ({"MAX_BATCH": 4}, 4),
+    ({"SUBMIT_LIMIT": "3 per minute"}, 3),
+    ({"SUBMIT_LIMIT": ""}, 10),
+    ({"MAX_BATCH": 1}, None),
+    ({"SUBMIT_LIMIT": "1/second"}, None),
+])
+def test_the_batch_button_adds_what_the_limits_allow(make_app, config, size):
+    html = make_app(**config).test_client().get("/").data
+    buttons = re.findall(
+        rb'<button type="submit" name="count" value="(\d+)"[^>]*>Add work([^<]*)<', html)
+    batch = [] if size is None else [(str(size).encode(), f" ×{size}".encode())]
+    assert buttons == [(b"1", b"")] + batch
 
 
 def test_history_lists_at_most_20_newest_first_with_errors(client, queue):
@@ -68,6 +86,7 @@ def test_history_lists_at_most_20_newest_first_with_errors(client, queue):
     html = client.get("/").data
     rows = re.findall(rb'<tr id="task-(\d+)"', html)
     assert [int(r) for r in rows] == ids[:-21:-1]
+    assert b'<h2 id="history-title">Last 20 finished <span class="sub">of 26</span></h2>' in html
     assert b"RuntimeError: flaky task gave up (it fails 100% of the time)" in html
     assert b'id="count-failed">1<' in html
 
@@ -193,6 +212,23 @@ BAD_FORMS = [
 ]
 
 
+def form_errors(html: bytes) -> bytes:
+    """What a page shows in #form-errors."""
+    match = re.search(rb'<div id="form-errors" role="alert">(.*?)</div>', html, re.S)
+    assert match, "no #form-errors in the page"
+    return match.group(1)
+
+
+def follow_refusal(client, response, path: str = "/") -> bytes:
+    """A refused plain post's 303 back to ``path``: the page it leads to, and what it shows."""
+    assert response.status_code == 303, response.data[:300]
+    location = urlsplit(response.headers["Location"])
+    assert location.path == path and "refused=" in location.query, location
+    page = client.get(response.headers["Location"])
+    assert page.status_code == 200
+    return page.data
+
+
 @pytest.mark.parametrize("form,message", BAD_FORMS)
 @pytest.mark.parametrize("htmx", [True, False], ids=["htmx", "plain"])
 def test_bad_form_input_is_400_naming_the_field_and_queues_nothing(
@@ -200,12 +236,14 @@ def test_bad_form_input_is_400_naming_the_field_and_queues_nothing(
 ):
     before = queue.stats()
     response = client.post("/tasks", data=form, headers=HTMX if htmx else {})
-    assert response.status_code == 400
-    assert message.encode().replace(b"'", b"&#39;") in response.data
-    if htmx:  # a fragment for #form-errors, not a page
+    shown = message.encode().replace(b"'", b"&#39;")
+    if htmx:  # a 400 and a fragment for #form-errors, not a page
+        assert response.status_code == 400
+        assert shown in response.data
         assert response.data.startswith(b'<p class="error">')
-    else:  # the whole page again, with the error shown
-        assert b"<!doctype html>" in response.data and depth(response.data) == 0
+    else:  # a 303 back to the dashboard, which shows the error
+        page = follow_refusal(client, response)
+        assert shown in form_errors(page) and depth(page) == 0
     after = queue.stats()
     assert (after.submitted, after.queued, after.version) == (
         before.submitted, before.queued, before.version,
@@ -225,11 +263,14 @@ def test_a_full_queue_answers_503_with_retry_after_and_queues_nothing():
     try:
         client = app.test_client()
         assert client.post("/tasks", data={"count": "10"}).status_code == 303
-        for headers in (HTMX, {}):
-            response = client.post("/tasks", data={"count": "10"}, headers=headers)
-            assert response.status_code == 503
-            assert int(response.headers["Retry-After"]) >= 1
-            assert b"queue is full: 10 of 15 queued, 10 more requested" in response.data
+        full = b"queue is full: 10 of 15 queued, 10 more requested"
+        response = client.post("/tasks", data={"count": "10"}, headers=HTMX)
+        assert response.status_code == 503
+        assert int(response.headers["Retry-After"]) >= 1
+        assert full in response.data
+        # Without JavaScript: back to the dashboard, which says so.
+        plain = client.post("/tasks", data={"count": "10"})
+        assert full in form_errors(follow_refusal(client, plain))
         api = client.post("/api/tasks", json={"count": 6})
         assert api.status_code == 503 and "Retry-After" in api.headers
         assert api.json == {"error": "queue is full: 10 of 15 queued, 6 more requested"}
@@ -492,9 +533,16 @@ def test_workers_plus_minus_and_count():
         assert post(client, "/workers", {"count": "3"}).status_code == 200
         page = client.get("/").data
         assert b'aria-label="More workers" disabled' in page  # at the maximum
+        # A delta past the end (a double click on +) stops there, and is no error.
+        response = post(client, "/workers", {"delta": "1"})
+        assert response.status_code == 200 and b'id="workers-target">3<' in response.data
+        assert post(client, "/workers", {"delta": "-3"}).status_code == 200
+        assert queue.workers == 1
+        assert post(client, "/workers", {"count": "3"}).status_code == 200
         for data, message in [
-            ({"delta": "1"}, b"workers must stay from 1 to 3, got 4"),
             ({"count": "0"}, b"count must be an integer from 1 to 3, got 0"),
+            ({"count": "4"}, b"count must be an integer from 1 to 3, got 4"),
+            ({"delta": "4"}, b"delta must be an integer from -3 to 3, got 4"),
             ({"delta": "x"}, b"delta must be an integer from -3 to 3, got &#39;x&#39;"),
             ({}, b"delta must be an integer"),
         ]:
@@ -503,6 +551,8 @@ def test_workers_plus_minus_and_count():
         assert queue.workers == 3
         api = client.post("/api/workers", json={"count": 1})
         assert api.json == {"workers": 1}
+        assert client.post("/api/workers", json={"delta": -1}).json == {"workers": 1}
+        assert client.post("/api/workers", json={"delta": 3}).json == {"workers": 3}
         assert client.post("/api/workers", json={"count": 9}).status_code == 400
         assert client.post("/api/workers", json={"n": 1}).status_code == 400
     finally:
@@ -524,6 +574,66 @@ def test_cancel_a_queued_task_from_the_page(client, queue):
     assert again.status_code == 409 and b"only queued or running tasks can be cancelled" in again.data
     assert post(client, "/tasks/999/cancel").status_code == 404
     assert post(client, "/tasks/abc/cancel").status_code == 404
+
+
+# -- a refused plain post: 303 back, the reason signed into the page's address --------------
+
+
+def test_a_refused_plain_post_returns_to_its_page_and_says_why(client, queue):
+    done = queue.submit("pretend", seconds=0)
+    queue.run_pending()
+    why = f"task {done} is done; only queued or running tasks can be cancelled".encode()
+    # From the dashboard, in presenter mode: back there.
+    response = client.post(f"/tasks/{done}/cancel", data={"present": "1"})
+    assert response.headers["Location"].startswith("/?present=1&refused=")
+    page = follow_refusal(client, response)
+    assert why in form_errors(page)
+    # Its "reload" link (JavaScript off) is the page itself, without the refusal.
+    assert b'JavaScript is off: <a href="/?present=1">reload</a>' in page
+    # From the task's own page: back to it.
+    response = client.post(f"/tasks/{done}/cancel", data={"view": "task"})
+    assert why in form_errors(follow_refusal(client, response, f"/tasks/{done}"))
+    # A task that is gone has no page: the dashboard says so.
+    response = client.post("/tasks/999/retry", data={"view": "task"})
+    assert b"no task 999" in form_errors(follow_refusal(client, response))
+    # htmx and the JSON API keep their status codes.
+    assert post(client, f"/tasks/{done}/cancel").status_code == 409
+    assert client.post(f"/api/tasks/{done}/cancel").status_code == 409
+
+
+def test_a_page_shows_only_refusals_it_signed_for_this_client(make_app, monkeypatch):
+    from dashboard import notices
+
+    app = make_app(SUBMIT_LIMIT="1/minute")
+    client = app.test_client()
+    assert client.post("/tasks", data={"count": "1"}).status_code == 303
+    refused = client.post("/tasks", data={"count": "1"})
+    location = refused.headers["Location"]
+    token = urlsplit(location).query.partition("refused=")[2]
+    assert b"the limit is 1 task per minute" in form_errors(client.get(location).data)
+
+    # Text in the address is never shown: not plain, not tampered with, not another's.
+    forged = client.get("/?refused=Call+555-0100+now").data
+    assert b"555" not in forged and form_errors(forged) == b'<p class="error">' + (
+        notices.UNVERIFIED.encode() + b"</p>")
+    assert notices.UNVERIFIED.encode() in form_errors(client.get(location[:-3] + "AAA").data)
+    other = client.get(location, environ_base={"REMOTE_ADDR": "192.0.2.7"}).data
+    assert b"the limit is" not in other and notices.UNVERIFIED.encode() in other
+    other_app = make_app(SECRET_KEY="another key").test_client().get(location).data
+    assert b"the limit is" not in other_app and notices.UNVERIFIED.encode() in other_app
+    assert form_errors(client.get("/?refused=").data) == b""
+    # Too old: nothing at all (a bookmark, a tab left open).
+    monkeypatch.setattr(notices, "MAX_AGE", -1)
+    assert form_errors(client.get(location).data) == b""
+    monkeypatch.undo()
+
+    # Apps that share SECRET_KEY (processes of one deployment) read each other's.
+    first = make_app(SECRET_KEY="shared secret", SUBMIT_LIMIT="1/minute")
+    second = make_app(SECRET_KEY="shared secret")
+    first.test_client().post("/tasks", data={"count": "1"})
+    location = first.test_client().post("/tasks", data={"count": "1"}).headers["Location"]
+    assert token not in location
+    assert b"the limit is 1 task per minute" in second.test_client().get(location).data
 
 
 def test_retry_a_failed_task_from_the_page(client, queue):
@@ -572,9 +682,12 @@ def test_clear_history_and_reset(client, queue):
     queue.submit_many("pretend", 3, {"seconds": 0})
     queue.run_pending()
     response = post(client, "/history/clear")
-    assert b"Nothing has finished yet" in response.data and b'id="count-done">3<' in response.data
+    assert b'id="count-done">3<' in response.data
+    assert b'<h2 id="history-title">Finished <span class="sub">3</span></h2>' in response.data
+    assert b"None of them is listed: the history was cleared" in response.data
     response = post(client, "/reset")
     assert b'id="count-done">0<' in response.data
+    assert b"Nothing has finished yet" in response.data
     assert b'hx-confirm="Reset clears the counters' in client.get("/").data
 
 
