@@ -97,6 +97,10 @@ class Float(Param):
                 raise InvalidParam(name, f"must be {self.describe()}, got {_short(value)}") from None
         if not isinstance(value, (int, float)):
             raise InvalidParam(name, f"must be {self.describe()}, got {_short(value)}")
+        if isinstance(value, int) and not -1e308 < value < 1e308:
+            # A JSON integer too big for a float: float() would raise OverflowError.
+            raise InvalidParam(name, f"must be {self.describe()}, got an integer of "
+                               f"{value.bit_length()} bits")
         value = float(value)
         if not math.isfinite(value) or not self.min <= value <= self.max:
             raise InvalidParam(name, f"must be {self.describe()}, got {_short(value)}")

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from browser import QUICK as QUICK_ENV
-from browser import Server, Tab, expect, open_tab, run_server, stop
+from browser import Server, expect, open_tab, run_server, stop
 from support import wait_for
 
 QUICK = 10_000  # ms: far above what a busy machine needs for one step

@@ -84,6 +84,8 @@ def test_params_are_typed_and_bounded(registry, make_queue):
         ({"n": True}, r"n must be an integer"),
         ({"rate": float("nan")}, r"rate must be a number from 0 to 1"),
         ({"rate": "inf"}, r"rate must be a number from 0 to 1"),
+        # Too big for a float (as JSON can send it): was an OverflowError, a 500.
+        ({"rate": 10**400}, r"rate must be a number from 0 to 1, got an integer of 1329 bits"),
         ({"tag": "toolong"}, r"tag must be a string of at most 5 characters"),
         ({"other": 1}, r"other is not a parameter of 'sized' \(allowed: n, rate, tag\)"),
     ]:
