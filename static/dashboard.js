@@ -140,6 +140,7 @@
   const answered = () => {
     lastAnswer = Date.now();
     failures = 0;
+    problem = null;
     if (lost) {
       lost = false;
       show();

@@ -205,7 +205,7 @@ def test_a_refusal_signed_in_one_worker_process_is_shown_by_the_others(start_ser
     def seen_in_two_processes() -> bool:
         status, _, page = ask("GET", location)
         assert status == 200, page[:200]
-        pid = re.search(r'id="pid">(\d+)<', page).group(1)
+        pid = re.search(r'<main data-drawn-by="(\d+)">', page).group(1)
         shown_by[pid] = re.search(r'id="form-errors" role="alert">(.*?)</div>', page,
                                   re.S).group(1)
         return len(shown_by) >= 2

@@ -374,6 +374,9 @@ def test_keys_on_a_tasks_page_cancel_and_retry_it(chromium_browser, start_server
         page.evaluate("document.activeElement?.blur()")
         page.keyboard.press("c")
         expect(page.locator("#task-state")).to_have_text("cancelled")
+        # Once htmx has taken the new Retry form over (pressed before, the form
+        # posts natively, and the browser follows the 303 to the new task's page).
+        expect(page.locator("#task-detail form[data-htmx-powered]", has_text="Retry")).to_have_count(1)
         page.keyboard.press("r")
         retried = page.locator("#task-detail dt:text-is('retried as') + dd a")
         expect(retried).to_be_visible()
