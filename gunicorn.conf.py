@@ -24,15 +24,15 @@ threads = int(os.environ.get("GUNICORN_THREADS", "8"))
 # (two checkouts, parallel tests) would fight over it; the demo needs none.
 control_socket_disable = True
 
-# Running tasks get FLASK_SHUTDOWN_TIMEOUT seconds when a worker stops; give
+# Running tasks get FLASK_QUEUE_SHUTDOWN_TIMEOUT seconds when a worker stops; give
 # gunicorn a little longer before it kills the worker. A value given on the
 # command line must be longer too: on_starting refuses one that is not.
-graceful_timeout = math.ceil(float(os.environ.get("FLASK_SHUTDOWN_TIMEOUT", "10"))) + 5
+graceful_timeout = math.ceil(float(os.environ.get("FLASK_QUEUE_SHUTDOWN_TIMEOUT", "10"))) + 5
 
 log = logging.getLogger("dashboard.gunicorn")
 
 #: Seconds a stopping worker keeps telling the master it is alive beyond
-#: SHUTDOWN_TIMEOUT, while the queue lets go of its tasks and its file.
+#: QUEUE_SHUTDOWN_TIMEOUT, while the queue lets go of its tasks and its file.
 EXIT_MARGIN = 5.0
 
 
@@ -55,7 +55,7 @@ def on_starting(server):
     except ConfigError as exc:
         server.log.error("cannot start: %s", exc.message)
         raise SystemExit(1) from None
-    _access_token = getattr(app, "config", {}).get("ACCESS_TOKEN", "")
+    _access_token = getattr(app, "config", {}).get("QUEUE_ACCESS_TOKEN", "")
     queue = _queue_of(app)
     if queue is None:
         return
@@ -73,7 +73,7 @@ def on_starting(server):
             "  ************************************************************************\n"
             "  gunicorn restarts each worker after max_requests (%d) requests, and the\n"
             "  in-memory queue (QUEUE_URL=memory://) ends with its process: the tasks\n"
-            "  still queued at each restart are dropped (running ones get SHUTDOWN_TIMEOUT\n"
+            "  still queued at each restart are dropped (running ones get QUEUE_SHUTDOWN_TIMEOUT\n"
             "  to finish). A dashboard polls once a second, so this happens often.\n"
             "  Use the SQLite store (FLASK_QUEUE_URL=sqlite:///queue.db), or leave\n"
             "  max_requests at 0 (README: 'Servers and processes').\n"
@@ -99,12 +99,12 @@ def _settings_problem(cfg, queue):
     if cfg.graceful_timeout < shutdown_timeout + 1:
         # On a stop, the master kills each worker graceful_timeout after the
         # signal, whatever the worker is doing: the running tasks would be cut
-        # off before the SHUTDOWN_TIMEOUT they were promised.
+        # off before the QUEUE_SHUTDOWN_TIMEOUT they were promised.
         return (
             f"gunicorn's graceful_timeout ({cfg.graceful_timeout}s) must be longer than the "
-            f"queue's SHUTDOWN_TIMEOUT ({shutdown_timeout:g}s), by a second at least, or a "
+            f"queue's QUEUE_SHUTDOWN_TIMEOUT ({shutdown_timeout:g}s), by a second at least, or a "
             "stopping worker is killed while its tasks finish: raise --graceful-timeout "
-            "(gunicorn.conf.py sets SHUTDOWN_TIMEOUT + 5) or lower FLASK_SHUTDOWN_TIMEOUT"
+            "(gunicorn.conf.py sets QUEUE_SHUTDOWN_TIMEOUT + 5) or lower FLASK_QUEUE_SHUTDOWN_TIMEOUT"
         )
     return None
 
@@ -142,11 +142,11 @@ def post_worker_init(worker):
 
 
 def worker_exit(server, worker):
-    # Running tasks get SHUTDOWN_TIMEOUT here. A worker that leaves by itself
+    # Running tasks get QUEUE_SHUTDOWN_TIMEOUT here. A worker that leaves by itself
     # (after max_requests) or is stopped while the master goes on (a HUP
     # reload, fewer workers) is still watched by the master, which kills it
     # once it has not said "alive" for `timeout` seconds: it says so while it
-    # waits, for as long as SHUTDOWN_TIMEOUT allows and no longer.
+    # waits, for as long as QUEUE_SHUTDOWN_TIMEOUT allows and no longer.
     from dashboard.ext import stop_serving
 
     app = getattr(worker, "wsgi", None)

@@ -276,8 +276,8 @@ def poll_render_seconds(finished: tuple[int, ...] = (20, 10_000), polls: int = 2
     logging.getLogger("dashboard").setLevel(logging.CRITICAL)
     apps = {}
     for count in finished:
-        app = create_app({"WORKERS": 0, "HANDLE_SIGNALS": False,
-                          "MAX_QUEUED": max(count, 1000)})
+        app = create_app({"QUEUE_WORKERS": 0, "QUEUE_HANDLE_SIGNALS": False,
+                          "QUEUE_MAX_QUEUED": max(count, 1000)})
         queue = get_queue(app)
         for _ in range(0, count, 1000):
             queue.submit_many("pretend", min(1000, count), {"seconds": 0})

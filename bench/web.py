@@ -57,8 +57,8 @@ class BenchServer:
         self.port = self.listener.getsockname()[1]
         self.settings = {
             "BIND": f"fd://{self.listener.fileno()}",
-            "FLASK_SUBMIT_LIMIT": "",  # the per-client limit would refuse the load
-            "FLASK_SHUTDOWN_TIMEOUT": "1",
+            "FLASK_QUEUE_SUBMIT_LIMIT": "",  # the per-client limit would refuse the load
+            "FLASK_QUEUE_SHUTDOWN_TIMEOUT": "1",
             **settings,
         }
         self.log = tempfile.NamedTemporaryFile(prefix="bench-gunicorn-", suffix=".log",
@@ -202,7 +202,7 @@ def http_rows(load: LoadGenerator, rounds: int = 3, seconds: float = 3.0,
     the regions are rendered once for a state and reused; ``fresh`` is the
     same poll with that reuse turned off, so every request renders.
 
-    The queue is paused with a large MAX_QUEUED, so the posts are never
+    The queue is paused with a large QUEUE_MAX_QUEUED, so the posts are never
     refused (503) and no task runs beside the requests.
     """
     routes = {
@@ -212,7 +212,7 @@ def http_rows(load: LoadGenerator, rounds: int = 3, seconds: float = 3.0,
         "fresh": Route("fresh", "GET", "/live", dict(HX)),
         "unchanged": Route("unchanged", "GET", "/live", dict(HX)),
     }
-    with BenchServer(FLASK_MAX_QUEUED="10000000") as server:
+    with BenchServer(FLASK_QUEUE_MAX_QUEUED="10000000") as server:
         _prepare_page(server)
 
         expected = {"bare": 200, "post": 303, "changed": 200, "fresh": 200, "unchanged": 304}
@@ -328,7 +328,7 @@ def polling_cost(dashboards: int = 50, seconds: float = 15.0,
     """
     out = {}
     work = {"kind": "pretend", "count": 100, "params": {"seconds": 2}}
-    with BenchServer(FLASK_WORKERS="4", FLASK_MAX_QUEUED="10000") as server:
+    with BenchServer(FLASK_QUEUE_WORKERS="4", FLASK_QUEUE_MAX_QUEUED="10000") as server:
         _dashboards(server, dashboards, min(2.0, seconds))  # warm up
         out["idle"] = _cpu_window(server, "idle", dashboards, seconds)
         log(f"  polling: idle queue {out['idle'].cpu_per_minute:.2f} CPU s/min "

@@ -61,6 +61,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     app.jinja_env.trim_blocks = True
     app.jinja_env.lstrip_blocks = True
     app.config.from_mapping(DEFAULTS)
+    app.config["QUEUE_DEFAULT_KIND"] = "pretend"  # the demo's; an app's own has no default
     app.config["MAX_CONTENT_LENGTH"] = 64 * 1024
     app.config.from_prefixed_env()
     _keep_strings_raw(app.config)
@@ -83,7 +84,7 @@ def _keep_strings_raw(config: dict) -> None:
     """Text settings from the environment stay text.
 
     ``from_prefixed_env`` reads values as JSON first, so a token like
-    ``FLASK_ACCESS_TOKEN=0123456789012`` would arrive as a number and lose
+    ``FLASK_QUEUE_ACCESS_TOKEN=0123456789012`` would arrive as a number and lose
     its leading zero; for text settings the raw string is what was meant.
     """
     from .config import SETTINGS

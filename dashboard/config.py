@@ -1,7 +1,7 @@
 """The app's configuration keys: defaults, allowed values, and the check at start.
 
 Every key can be set in the environment with the ``FLASK_`` prefix
-(``FLASK_WORKERS=4``); values there are parsed as JSON first, so numbers
+(``FLASK_QUEUE_WORKERS=4``); values there are parsed as JSON first, so numbers
 and ``true``/``false`` arrive typed. A value that is not allowed stops the
 app at start with a message that names the key.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, MutableMapping
+from typing import Any, Mapping, MutableMapping
 from urllib.parse import urlsplit
 
 import click
@@ -86,53 +86,71 @@ class Setting:
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("WORKERS", 1, Int(0, 64), "Worker threads per process. 0 starts none: "
+    Setting("QUEUE_WORKERS", 1, Int(0, 64), "Worker threads per process. 0 starts none: "
             "tasks then run only when code calls `run_pending()` (tests)."),
-    Setting("MAX_WORKERS", 16, Int(1, 64), "Most worker threads the dashboard's + button "
+    Setting("QUEUE_MAX_WORKERS", 16, Int(1, 64), "Most worker threads the dashboard's + button "
             "(or `POST /workers`) can reach."),
-    Setting("WORK_TIME", 3.0, Float(0, 3600), "Seconds one demo `pretend` or `flaky` task "
+    Setting("QUEUE_WORK_TIME", 3.0, Float(0, 3600), "Seconds one demo `pretend` or `flaky` task "
             "takes when the request does not say."),
-    Setting("MAX_QUEUED", 10_000, Int(1, 10_000_000), "Most tasks that may wait in the queue; "
+    Setting("QUEUE_MAX_QUEUED", 10_000, Int(1, 10_000_000), "Most tasks that may wait in the queue; "
             "beyond it submits are refused (503 with `Retry-After`)."),
-    Setting("MAX_BATCH", 100, Int(1, 100_000), "Most tasks one request may add (`count`). "
-            "Must not be larger than `MAX_QUEUED` (the app refuses to start)."),
-    Setting("HISTORY", 1_000, Int(0, 1_000_000), "Finished tasks remembered for the "
+    Setting("QUEUE_MAX_BATCH", 100, Int(1, 100_000), "Most tasks one request may add (`count`). "
+            "Must not be larger than `QUEUE_MAX_QUEUED` (the app refuses to start)."),
+    Setting("QUEUE_HISTORY", 1_000, Int(0, 1_000_000), "Finished tasks remembered for the "
             "dashboard and `GET /api/tasks/<id>`; counters keep the totals beyond it."),
-    Setting("POLL_INTERVAL", 1.0, Float(0.2, 60), "Seconds between dashboard polls."),
-    Setting("SHUTDOWN_TIMEOUT", 10.0, Float(0, 3600), "Seconds running tasks get to finish "
+    Setting("QUEUE_POLL_INTERVAL", 1.0, Float(0.2, 60), "Seconds between dashboard polls."),
+    Setting("QUEUE_SHUTDOWN_TIMEOUT", 10.0, Float(0, 3600), "Seconds running tasks get to finish "
             "when the process is asked to stop."),
-    Setting("DEFAULT_KIND", "pretend", Str(100), "The task kind the \"Add work\" button "
-            "and requests without `kind` submit."),
+    Setting("QUEUE_DEFAULT_KIND", "", Str(100), "The task kind the \"Add work\" button "
+            "and requests without `kind` submit; empty: the first registered, by name. "
+            "The demo app sets `pretend`."),
     Setting("QUEUE_URL", "memory://", Str(1000), "Where tasks live: `memory://` (this "
             "process, lost on restart) or `sqlite:///path/to/queue.db` (one file shared by "
             "every process on the machine, kept across restarts; a relative path is under "
             "the app's instance folder)."),
-    Setting("LEASE_TIME", 30.0, Float(1, 3600), "SQLite store: seconds a running task's claim "
+    Setting("QUEUE_LEASE_TIME", 30.0, Float(1, 3600), "SQLite store: seconds a running task's claim "
             "lasts without its process renewing it, where no process can tell whether that "
             "one still runs (another container sharing the file); then the task is queued "
             "again. Keep it above the longest time the file may stay locked. On one machine "
             "a live process keeps its tasks and a dead one's are queued again at once."),
-    Setting("MAX_ATTEMPTS", 3, Int(1, 100), "SQLite store: starts a task gets before it is "
+    Setting("QUEUE_MAX_ATTEMPTS", 3, Int(1, 100), "SQLite store: starts a task gets before it is "
             "failed for good when its process keeps dying under it."),
-    Setting("RETENTION", 604800.0, Float(60, 3.2e8), "SQLite store: seconds a finished task "
-            "is kept at most (HISTORY caps how many)."),
-    Setting("ACCESS_TOKEN", "", Str(500), "A secret every request must carry (HTTP Basic "
+    Setting("QUEUE_RETENTION", 604800.0, Float(60, 3.2e8), "SQLite store: seconds a finished task "
+            "is kept at most (QUEUE_HISTORY caps how many)."),
+    Setting("QUEUE_ACCESS_TOKEN", "", Str(500), "A secret every request must carry (HTTP Basic "
             "password, or `Authorization: Bearer`); empty: no secret. At least 12 characters."),
-    Setting("PUBLIC_READ", False, Bool(), "With `ACCESS_TOKEN`: leave the pages and polls "
+    Setting("QUEUE_PUBLIC_READ", False, Bool(), "With `QUEUE_ACCESS_TOKEN`: leave the pages and polls "
             "open (a projector), and ask for the secret only for actions."),
     Setting("TRUSTED_HOSTS", None, Hosts(), "Flask's own: the names the dashboard answers "
             "to, like `dash.example.com, localhost` (a leading dot: every subdomain; `[]`: any "
             "name). Unset: on loopback only loopback names (`localhost`, `127.0.0.1`, `[::1]`), "
             "elsewhere any. See [Security](#security)."),
-    Setting("TRUSTED_ORIGINS", (), Origins(), "Other origins whose pages may post here "
+    Setting("QUEUE_TRUSTED_ORIGINS", (), Origins(), "Other origins whose pages may post here "
             "(everything else cross-site gets 403)."),
-    Setting("SUBMIT_LIMIT", "600 per minute", Str(100), "Most tasks one client (IP address) "
+    Setting("QUEUE_SUBMIT_LIMIT", "600 per minute", Str(100), "Most tasks one client (IP address) "
             "may add, like `600 per minute` or `20/second`; empty for no limit. Per process."),
-    Setting("HANDLE_SIGNALS", True, Bool(), "Close the queue on SIGTERM/SIGINT before the "
+    Setting("QUEUE_HANDLE_SIGNALS", True, Bool(), "Close the queue on SIGTERM/SIGINT before the "
             "server's own handler runs, so no new work is taken while stopping."),
 )
 
 DEFAULTS = {s.key: s.default for s in SETTINGS}
+
+
+#: What each setting was called before it took the ``QUEUE_`` prefix (Flask's
+#: convention for an extension's settings, so they cannot collide with an app's own).
+OLD_NAMES = {s.key: s.key.removeprefix("QUEUE_") for s in SETTINGS
+             if s.key.startswith("QUEUE_") and s.key != "QUEUE_URL"}
+
+
+def old_names_in(environ: Mapping[str, str]) -> list[str]:
+    """Lines for each ``FLASK_<old name>`` set in ``environ`` whose new name is not:
+    a deployment still configured by the old names would silently get defaults."""
+    return [
+        f"FLASK_{old} is set but is no longer read: the setting is now {key} "
+        f"(FLASK_{key} in the environment)"
+        for key, old in OLD_NAMES.items()
+        if f"FLASK_{old}" in environ and f"FLASK_{key}" not in environ
+    ]
 
 
 def check_config(config: MutableMapping[str, Any]) -> None:
@@ -145,15 +163,15 @@ def check_config(config: MutableMapping[str, Any]) -> None:
                 f"invalid configuration: {exc} (set it in the app config or as "
                 f"FLASK_{setting.key} in the environment)"
             ) from None
-    if config["WORKERS"] > config["MAX_WORKERS"]:
+    if config["QUEUE_WORKERS"] > config["QUEUE_MAX_WORKERS"]:
         raise ConfigError(
-            "invalid configuration: WORKERS must not be larger than MAX_WORKERS "
-            f"({config['WORKERS']} > {config['MAX_WORKERS']})"
+            "invalid configuration: QUEUE_WORKERS must not be larger than QUEUE_MAX_WORKERS "
+            f"({config['QUEUE_WORKERS']} > {config['QUEUE_MAX_WORKERS']})"
         )
-    token = config["ACCESS_TOKEN"]
+    token = config["QUEUE_ACCESS_TOKEN"]
     if token and len(token) < 12:
         raise ConfigError(
-            "invalid configuration: ACCESS_TOKEN must be at least 12 characters; make one with "
+            "invalid configuration: QUEUE_ACCESS_TOKEN must be at least 12 characters; make one with "
             "python -c 'import secrets; print(secrets.token_urlsafe())'"
         )
     url = config["QUEUE_URL"]
@@ -162,8 +180,8 @@ def check_config(config: MutableMapping[str, Any]) -> None:
             "invalid configuration: QUEUE_URL must be memory:// or sqlite:///path/to/queue.db,"
             f" got {url!r}"
         )
-    if config["MAX_BATCH"] > config["MAX_QUEUED"]:
+    if config["QUEUE_MAX_BATCH"] > config["QUEUE_MAX_QUEUED"]:
         raise ConfigError(
-            "invalid configuration: MAX_BATCH must not be larger than MAX_QUEUED "
-            f"({config['MAX_BATCH']} > {config['MAX_QUEUED']})"
+            "invalid configuration: QUEUE_MAX_BATCH must not be larger than QUEUE_MAX_QUEUED "
+            f"({config['QUEUE_MAX_BATCH']} > {config['QUEUE_MAX_QUEUED']})"
         )

@@ -22,7 +22,7 @@ STEP = 0.1  # seconds between progress reports: ten moves a second look smooth
 def _work_time(seconds: float | None) -> float:
     if seconds is not None:
         return seconds
-    return current_app.config["WORK_TIME"] if has_app_context() else 3.0
+    return current_app.config["QUEUE_WORK_TIME"] if has_app_context() else 3.0
 
 
 def _sleep_with_progress(ctx, seconds: float, label: str) -> bool:
@@ -40,7 +40,7 @@ def _sleep_with_progress(ctx, seconds: float, label: str) -> bool:
 
 @task("pretend", params={"seconds": Float(0, 600)})
 def pretend(ctx, seconds: float | None = None) -> None:
-    """Pretends to work for ``seconds`` (default WORK_TIME), reporting progress."""
+    """Pretends to work for ``seconds`` (default QUEUE_WORK_TIME), reporting progress."""
     _sleep_with_progress(ctx, _work_time(seconds), "working")
 
 

@@ -22,7 +22,7 @@ then leaves the workers to its supervisor, which starts them once it can,
 and the log says so.
 
 On SIGTERM or SIGINT the queue closes at once (new submissions get 503), and
-running tasks get ``SHUTDOWN_TIMEOUT`` seconds when the process exits.
+running tasks get ``QUEUE_SHUTDOWN_TIMEOUT`` seconds when the process exits.
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ from typing import Any, Callable, Mapping
 from flask import Flask, current_app
 from werkzeug.local import LocalProxy
 
-from . import security
-from .config import DEFAULTS, ConfigError, check_config
+
+from .config import DEFAULTS, ConfigError, check_config, old_names_in
 from .sqlite_store import SqliteStore, StoreError
 from .store import MemoryStore, Store
 from .tasks import Registry
@@ -78,29 +78,36 @@ class QueueExtension:
             app.config.setdefault(key, value)
         check_config(app.config)
         queue = WorkQueue(
-            workers=app.config["WORKERS"],
+            workers=app.config["QUEUE_WORKERS"],
             store=make_store(app),
             registry=self.registry,
             runner=_app_context_runner(app),
-            shutdown_timeout=app.config["SHUTDOWN_TIMEOUT"],
-            max_workers=app.config["MAX_WORKERS"],
+            shutdown_timeout=app.config["QUEUE_SHUTDOWN_TIMEOUT"],
+            max_workers=app.config["QUEUE_MAX_WORKERS"],
             name=f"{app.name}-queue",
         )
-        if app.config["DEFAULT_KIND"] not in queue.registry:
+        for line in old_names_in(os.environ):
+            logger.warning("%s", line)
+        if app.config["QUEUE_DEFAULT_KIND"] and app.config["QUEUE_DEFAULT_KIND"] not in queue.registry:
             raise ConfigError(
-                "invalid configuration: DEFAULT_KIND must be one of: "
+                "invalid configuration: QUEUE_DEFAULT_KIND must be one of: "
                 f"{', '.join(queue.registry.names()) or '(none registered)'}; "
-                f"got {app.config['DEFAULT_KIND']!r}"
+                f"got {app.config['QUEUE_DEFAULT_KIND']!r}"
             )
         self._queues[app] = queue
         app.extensions[EXTENSION_KEY] = self
-        security.init_app(app)
         # The cheapest correct place to start: the first request this process serves.
         app.before_request(queue.start)
-        if app.config["HANDLE_SIGNALS"]:
+        if app.config["QUEUE_HANDLE_SIGNALS"]:
             install_signal_handlers()
         _register_atexit()
         _start_under_uwsgi(app)
+
+    def default_kind(self, app: Flask) -> str | None:
+        """The kind "Add work" and a submit without one use: ``QUEUE_DEFAULT_KIND``,
+        else the first kind registered, by name; None when there is none."""
+        names = self._queues[app].registry.names()
+        return app.config["QUEUE_DEFAULT_KIND"] or (names[0] if names else None)
 
     def queue_for(self, app: Flask) -> WorkQueue:
         return self._queues[app]
@@ -128,7 +135,7 @@ def make_store(app: Flask) -> Store:
     config = app.config
     url = config["QUEUE_URL"]
     if url == "memory://":
-        return MemoryStore(config["MAX_QUEUED"], config["HISTORY"])
+        return MemoryStore(config["QUEUE_MAX_QUEUED"], config["QUEUE_HISTORY"])
     path = url[len("sqlite:///"):]
     if not os.path.isabs(path):
         os.makedirs(app.instance_path, exist_ok=True)
@@ -137,11 +144,11 @@ def make_store(app: Flask) -> Store:
     try:
         return SqliteStore(
             path,
-            config["MAX_QUEUED"],
-            config["HISTORY"],
-            retention=config["RETENTION"],
-            lease_time=config["LEASE_TIME"],
-            max_attempts=config["MAX_ATTEMPTS"],
+            config["QUEUE_MAX_QUEUED"],
+            config["QUEUE_HISTORY"],
+            retention=config["QUEUE_RETENTION"],
+            lease_time=config["QUEUE_LEASE_TIME"],
+            max_attempts=config["QUEUE_MAX_ATTEMPTS"],
             check=path not in _checked_paths(),
         )
     except StoreError as exc:
@@ -217,7 +224,7 @@ def start_serving(app: Any) -> bool:
     if not isinstance(ext, QueueExtension):
         return False
     queue = ext.queue_for(app)
-    if app.config.get("HANDLE_SIGNALS", True):
+    if app.config.get("QUEUE_HANDLE_SIGNALS", True):
         install_signal_handlers(force=True)
     queue.start()
     return True

@@ -12,9 +12,9 @@
   forms and works the same for htmx, plain forms and the JSON API. Clients
   that are not browsers (curl, scripts) send neither header and pass: they
   carry no cookies or saved passwords for another site to ride on.
-* **An optional secret.** With ``ACCESS_TOKEN`` set, every request needs it,
+* **An optional secret.** With ``QUEUE_ACCESS_TOKEN`` set, every request needs it,
   as HTTP Basic auth (any user name, the secret as password: browsers ask
-  once) or as ``Authorization: Bearer <secret>``. ``PUBLIC_READ`` leaves the
+  once) or as ``Authorization: Bearer <secret>``. ``QUEUE_PUBLIC_READ`` leaves the
   pages and polls open for a projector, and only the actions need the secret.
 * **Browser hardening.** A Content-Security-Policy that allows our own
   scripts and styles only (no inline code, no eval), no framing, no sniffing,
@@ -217,7 +217,7 @@ def cross_site_reason() -> str | None:
         return None
     site = request.headers.get("Sec-Fetch-Site")
     origin = request.headers.get("Origin")
-    if origin is not None and origin in current_app.config["TRUSTED_ORIGINS"]:
+    if origin is not None and origin in current_app.config["QUEUE_TRUSTED_ORIGINS"]:
         return None
     if site is not None:
         # "none": the user did it (typed a URL, a bookmark); "same-origin": our page.
@@ -278,7 +278,7 @@ def presented_secret() -> str | None:
 
 
 def is_authorised() -> bool:
-    secret = current_app.config["ACCESS_TOKEN"]
+    secret = current_app.config["QUEUE_ACCESS_TOKEN"]
     if not secret:
         return True
     given = presented_secret()
@@ -293,9 +293,9 @@ def may_act() -> bool:
 def access_refusal() -> Response | None:
     """A 401 when a secret is set and the request does not carry it, else None."""
     config = current_app.config
-    if not config["ACCESS_TOKEN"] or request.endpoint == "dashboard.healthz":
+    if not config["QUEUE_ACCESS_TOKEN"] or request.endpoint == "dashboard.healthz":
         return None
-    if config["PUBLIC_READ"] and request.method in ("GET", "HEAD", "OPTIONS"):
+    if config["QUEUE_PUBLIC_READ"] and request.method in ("GET", "HEAD", "OPTIONS"):
         return None
     if is_authorised():
         return None
@@ -374,9 +374,9 @@ def warn_if_exposed(host: str, secret: str) -> bool:
     logger.warning(
         "\n"
         "  ************************************************************************\n"
-        "  The dashboard is served on %s, beyond this machine, with no ACCESS_TOKEN:\n"
+        "  The dashboard is served on %s, beyond this machine, with no QUEUE_ACCESS_TOKEN:\n"
         "  anyone who can reach it can add, cancel and retry work.\n"
-        "  Set FLASK_ACCESS_TOKEN to a long random secret (README: 'Security').\n"
+        "  Set FLASK_QUEUE_ACCESS_TOKEN to a long random secret (README: 'Security').\n"
         "  ************************************************************************",
         printable(host, 100),
     )
@@ -387,7 +387,7 @@ def warn_if_exposed(host: str, secret: str) -> bool:
 
 
 class RateLimited(TaskError):
-    """This client added more tasks than ``SUBMIT_LIMIT`` allows; ``retry_after`` in seconds.
+    """This client added more tasks than ``QUEUE_SUBMIT_LIMIT`` allows; ``retry_after`` in seconds.
 
     ``limit`` is the limit in words, like "3 tasks per minute" (:func:`describe_limit`).
     """
@@ -478,7 +478,7 @@ def spend_submit(tasks: int, act: Callable[[], T]) -> T:
 
 
 def submit_allowance() -> int | None:
-    """The most tasks one client may add within ``SUBMIT_LIMIT``'s window; None: no limit."""
+    """The most tasks one client may add within ``QUEUE_SUBMIT_LIMIT``'s window; None: no limit."""
     limiter: SubmitLimiter = current_app.extensions["dashboard.limiter"]
     return limiter.amount
 
@@ -486,13 +486,13 @@ def submit_allowance() -> int | None:
 def init_app(app: Flask) -> None:
     """Set up the limiter for ``app`` (the checks themselves run in the blueprint)."""
     try:
-        app.extensions["dashboard.limiter"] = SubmitLimiter(app.config["SUBMIT_LIMIT"])
+        app.extensions["dashboard.limiter"] = SubmitLimiter(app.config["QUEUE_SUBMIT_LIMIT"])
     except ValueError:
         from .config import ConfigError
 
         raise ConfigError(
-            "invalid configuration: SUBMIT_LIMIT must be empty (no limit) or like "
-            f"'600 per minute' or '50/second', got {app.config['SUBMIT_LIMIT']!r}"
+            "invalid configuration: QUEUE_SUBMIT_LIMIT must be empty (no limit) or like "
+            f"'600 per minute' or '50/second', got {app.config['QUEUE_SUBMIT_LIMIT']!r}"
         ) from None
 
 
@@ -503,7 +503,7 @@ def first_request_check(address: str | None = None) -> None:
     """
     if address is None:
         address = served_address(request.environ)
-    warn_if_exposed(address, current_app.config["ACCESS_TOKEN"])
+    warn_if_exposed(address, current_app.config["QUEUE_ACCESS_TOKEN"])
 
 
 __all__ = [

@@ -57,7 +57,7 @@ bp = Blueprint(
 RECENT = 20
 #: Queued tasks the page lists, oldest first, each with a Cancel button.
 UPCOMING = 10
-#: Tasks the page's batch button adds, unless MAX_BATCH or SUBMIT_LIMIT allow fewer.
+#: Tasks the page's batch button adds, unless QUEUE_MAX_BATCH or QUEUE_SUBMIT_LIMIT allow fewer.
 BATCH = 10
 
 #: The live regions: each is a template ``_<name>.html`` of its own.
@@ -69,6 +69,13 @@ API_TASK_KEYS = frozenset({"kind", "count", "params"})
 #: body and its ``params``); a deeper body is refused before anything reads it,
 #: since what reads it (and what quotes it in an error) recurses.
 MAX_JSON_DEPTH = 10
+
+
+@bp.record_once
+def _set_up(state: Any) -> None:
+    """The dashboard's own submit limiter, made when the blueprint is mounted: an
+    app that uses the queue without the dashboard gets none of it."""
+    security.init_app(state.app)
 
 
 @bp.before_request
@@ -103,7 +110,7 @@ def _check_exposure() -> None:
     """security.first_request_check once per app, address and secret, not per request:
     it parses the address each time, a few percent of answering a poll."""
     address = security.served_address(request.environ)
-    key = (address, current_app.config["ACCESS_TOKEN"])
+    key = (address, current_app.config["QUEUE_ACCESS_TOKEN"])
     checked = current_app.extensions.setdefault("dashboard.exposure_checked", set())
     if key not in checked:
         security.first_request_check(address)
@@ -232,12 +239,12 @@ def _page_data(snap: Snapshot, **extra: Any) -> dict[str, Any]:
         "snap": snap,
         "chart": depth_chart(snap),
         "kinds": queue.registry.kinds(),
-        "default_kind": config["DEFAULT_KIND"],
-        "poll_interval": config["POLL_INTERVAL"],
-        "work_time": config["WORK_TIME"],
+        "default_kind": _default_kind(),
+        "poll_interval": config["QUEUE_POLL_INTERVAL"],
+        "work_time": config["QUEUE_WORK_TIME"],
         "batch_size": _batch_size(),
         "workers_target": queue.workers,
-        "max_workers": config["MAX_WORKERS"],
+        "max_workers": config["QUEUE_MAX_WORKERS"],
         "present": present,
         "shared_store": queue.store.durable,
         "can_act": can_act,
@@ -251,7 +258,7 @@ def _page_data(snap: Snapshot, **extra: Any) -> dict[str, Any]:
 def _batch_size() -> int:
     """What the batch button adds: as many as one request and one client's limit allow."""
     allowance = security.submit_allowance()
-    size = min(BATCH, current_app.config["MAX_BATCH"])
+    size = min(BATCH, current_app.config["QUEUE_MAX_BATCH"])
     return size if allowance is None else min(size, allowance)
 
 
@@ -323,6 +330,12 @@ def _other_queue(identity: str) -> bool:
     return wanted is not None and wanted != identity
 
 
+def _default_kind() -> str | None:
+    """``QUEUE_DEFAULT_KIND``, else the first kind registered, by name."""
+    names = current_queue.registry.names()
+    return current_app.config["QUEUE_DEFAULT_KIND"] or (names[0] if names else None)
+
+
 def _page(template: str, code: int = 200, **data: Any) -> Response:
     return make_response(render_template(template, **data), code)
 
@@ -388,7 +401,7 @@ def _error_status(exc: Exception) -> tuple[int, dict[str, str]]:
 def _retry_after(requested: int) -> str:
     """Seconds until ``requested`` places are likely free, from the recent run time."""
     snap = current_queue.stats(0)
-    run = snap.mean_run or current_app.config["WORK_TIME"] or 1.0
+    run = snap.mean_run or current_app.config["QUEUE_WORK_TIME"] or 1.0
     per_worker = max(1, current_queue.workers)
     return str(max(1, min(60, math.ceil(requested * run / per_worker))))
 
@@ -457,7 +470,7 @@ class BadField(TaskError):
 
 
 def _count_spec() -> Int:
-    return Int(1, current_app.config["MAX_BATCH"])
+    return Int(1, current_app.config["QUEUE_MAX_BATCH"])
 
 
 def _form_params(kind: TaskKind, form: Mapping[str, str]) -> dict[str, Any]:
@@ -509,7 +522,7 @@ def add_tasks() -> Response:
 
     def add() -> list[int]:
         kind = current_queue.registry.get(form.get("kind", "").strip()
-                                          or current_app.config["DEFAULT_KIND"])
+                                          or _default_kind())
         return _submit(kind.name, form.get("count", "1"), _form_params(kind, form))
 
     return _form_action(add, lambda ids: _home())
@@ -524,7 +537,7 @@ _WORKERS_LOCK = threading.Lock()
 
 
 def _set_workers(data: Mapping[str, Any]) -> int:
-    """Set the worker count a request asks for: ``count`` outright (1..MAX_WORKERS, else
+    """Set the worker count a request asks for: ``count`` outright (1..QUEUE_MAX_WORKERS, else
     a 400), or ``delta`` from now, clamped to that range.
 
     The page's − and + post ``delta``: a click more than the range allows (a
@@ -532,7 +545,7 @@ def _set_workers(data: Mapping[str, Any]) -> int:
     no error. A ``delta`` never moves the count against its sign (from 0
     workers, − stays at 0).
     """
-    top = current_app.config["MAX_WORKERS"]
+    top = current_app.config["QUEUE_MAX_WORKERS"]
     if data.get("count") not in (None, ""):
         return current_queue.set_workers(Int(1, top).parse("count", data["count"]))
     delta = Int(-top, top).parse("delta", data.get("delta"))
@@ -616,7 +629,7 @@ def _render_task(task_id: int, tag: str, info: TaskInfo | None = None) -> Respon
 def _task_data(info: TaskInfo, tag: str) -> dict[str, Any]:
     return {
         "task": info,
-        "poll_interval": current_app.config["POLL_INTERVAL"],
+        "poll_interval": current_app.config["QUEUE_POLL_INTERVAL"],
         "tag": tag,
         "present": False,
         "can_act": security.may_act(),
@@ -789,7 +802,7 @@ def api_add_tasks() -> Response:
 
     return _json_action(
         lambda: _submit(
-            data.get("kind", current_app.config["DEFAULT_KIND"]),
+            data.get("kind", _default_kind()),
             data.get("count", 1),
             data.get("params", {}),
         ),

@@ -202,7 +202,7 @@ class WorkQueue:
         self._supervisor: threading.Thread | None = None
         self._supervisor_stop = False
         self._start_error: str | None = None  # why the last start() failed
-        self._followed: int | None = None  # a shared worker count above our MAX_WORKERS
+        self._followed: int | None = None  # a shared worker count above our QUEUE_MAX_WORKERS
         self._stalled: str | None = None
         self._short = False  # start() left workers for the supervisor to start
         self._said: dict[str, float] = {}
@@ -711,7 +711,7 @@ class WorkQueue:
         if wanted != target and self._followed != target:
             self._followed = target
             logger.warning("the shared worker count is %d, more than this process's "
-                           "MAX_WORKERS (%d): running %d", target, self.max_workers, wanted)
+                           "QUEUE_MAX_WORKERS (%d): running %d", target, self.max_workers, wanted)
         if wanted != self.workers:
             logger.info("following the shared worker count: %d", wanted)
             self.set_workers(wanted, share=False)

@@ -83,10 +83,10 @@ _SERVER_ENV_DROP = ("BIND", "PORT", "WEB_CONCURRENCY", "GUNICORN_THREADS")
 
 #: The quick server most tests share.
 QUICK = {
-    "FLASK_WORK_TIME": "0.5",
-    "FLASK_POLL_INTERVAL": "0.3",
-    "FLASK_WORKERS": "1",
-    "FLASK_SHUTDOWN_TIMEOUT": "2",
+    "FLASK_QUEUE_WORK_TIME": "0.5",
+    "FLASK_QUEUE_POLL_INTERVAL": "0.3",
+    "FLASK_QUEUE_WORKERS": "1",
+    "FLASK_QUEUE_SHUTDOWN_TIMEOUT": "2",
 }
 
 
@@ -465,7 +465,7 @@ def tab(chromium_browser: Browser, dashboard_server: Server) -> Iterator[Tab]:
 @pytest.fixture
 def start_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
     """``start_server(**env)``: a quick server of this test's own, ``QUICK`` plus ``env``
-    (``FLASK_WORKERS="3"``); every one started is stopped when the test ends."""
+    (``FLASK_QUEUE_WORKERS="3"``); every one started is stopped when the test ends."""
     with contextlib.ExitStack() as stack:
         started = 0
 

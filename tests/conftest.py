@@ -27,7 +27,7 @@ _APP_ENV_PREFIXES = ("FLASK_", "DASHBOARD_")
 @pytest.fixture(autouse=True)
 def standard_environ(monkeypatch):
     """No test sees settings exported in the shell that runs it (as Flask's own
-    ``_standard_os_environ`` does): ``FLASK_ACCESS_TOKEN`` there would make every
+    ``_standard_os_environ`` does): ``FLASK_QUEUE_ACCESS_TOKEN`` there would make every
     request 401. Each is removed for the test and restored afterwards, and what
     the test (or the app) set is removed too: the exposure warning marks the
     environment, which would silence that warning in the next test."""
@@ -60,7 +60,7 @@ def no_leaked_threads():
 @pytest.fixture
 def app():
     """The demo app with no worker threads: tests run tasks with run_pending()."""
-    app = create_app({"TESTING": True, "WORKERS": 0, "HANDLE_SIGNALS": False, "WORK_TIME": 0})
+    app = create_app({"TESTING": True, "QUEUE_WORKERS": 0, "QUEUE_HANDLE_SIGNALS": False, "QUEUE_WORK_TIME": 0})
     yield app
     get_queue(app).shutdown(timeout=5)
 
@@ -90,8 +90,8 @@ def make_app(tmp_path):
     def make(store="memory", **config):
         if store == "sqlite":
             config["QUEUE_URL"] = f"sqlite:///{tmp_path / f'queue-{len(made)}.db'}"
-        app = create_app({"TESTING": True, "WORKERS": 0, "HANDLE_SIGNALS": False,
-                          "WORK_TIME": 0, **config})
+        app = create_app({"TESTING": True, "QUEUE_WORKERS": 0, "QUEUE_HANDLE_SIGNALS": False,
+                          "QUEUE_WORK_TIME": 0, **config})
         made.append(app)
         return app
 

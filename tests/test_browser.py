@@ -212,10 +212,10 @@ def test_a_burst_of_clicks_adds_every_task(tab: Tab):
 @pytest.mark.browser
 def test_a_click_shows_its_effect_at_once_not_at_the_next_poll(chromium_browser, tmp_path):
     slow = {
-        "FLASK_POLL_INTERVAL": "30",  # the next poll is 30 s away
-        "FLASK_WORK_TIME": "60",  # nothing finishes meanwhile
-        "FLASK_WORKERS": "1",
-        "FLASK_SHUTDOWN_TIMEOUT": "1",
+        "FLASK_QUEUE_POLL_INTERVAL": "30",  # the next poll is 30 s away
+        "FLASK_QUEUE_WORK_TIME": "60",  # nothing finishes meanwhile
+        "FLASK_QUEUE_WORKERS": "1",
+        "FLASK_QUEUE_SHUTDOWN_TIMEOUT": "1",
     }
     with run_server(tmp_path / "slow.log", slow) as server, open_tab(chromium_browser, server) as tab:
         page = tab.page
@@ -1036,7 +1036,7 @@ UPDATE_SCREENSHOT_ENV = "UPDATE_SCREENSHOT"
 def test_screenshots_of_the_normal_and_presenter_views_while_tasks_run(
     chromium_browser, start_server
 ):
-    server = start_server(FLASK_WORKERS="3")
+    server = start_server(FLASK_QUEUE_WORKERS="3")
     # What a demo looks like a little way in: some done, one failed, three running, more waiting.
     server.submit("pretend", 5, seconds=0.2)
     server.submit("flaky", seconds=0.3, fail_rate=1)

@@ -5,7 +5,7 @@ the app under gunicorn): what a person sees when the server says no.
   says why; the address bar then holds a page, so a reload posts nothing.
 * The − and + buttons stop at the ends: a double click at 2 workers, twenty
   clicks on +, give no error.
-* The batch button adds what MAX_BATCH and SUBMIT_LIMIT allow, so it can succeed.
+* The batch button adds what QUEUE_MAX_BATCH and QUEUE_SUBMIT_LIMIT allow, so it can succeed.
 * The history's heading tells how many finished and how many it lists.
 
 Each test has a server of its own (``start_server``): they pause, scale and
@@ -152,7 +152,7 @@ def test_without_javascript_a_refused_cancel_returns_to_the_task_page_which_says
 def test_without_javascript_a_refused_submit_returns_to_the_dashboard_in_presenter_mode(
     chromium_browser, start_server
 ):
-    server = start_server(FLASK_SUBMIT_LIMIT="1 per minute")
+    server = start_server(FLASK_QUEUE_SUBMIT_LIMIT="1 per minute")
     with open_tab(chromium_browser, server, java_script_enabled=False) as tab:
         page = tab.page
         posts = posts_sent(page)
@@ -222,7 +222,7 @@ def test_a_refusal_signed_in_one_worker_process_is_shown_by_the_others(start_ser
 def test_a_triple_click_on_minus_at_two_workers_stops_at_one_without_an_error(
     chromium_browser, start_server
 ):
-    server = start_server(FLASK_WORKERS="2")
+    server = start_server(FLASK_QUEUE_WORKERS="2")
     with open_tab(chromium_browser, server) as tab:
         page = tab.page
         page.goto("/")
@@ -248,7 +248,7 @@ def test_a_triple_click_on_minus_at_two_workers_stops_at_one_without_an_error(
 def test_twenty_fast_clicks_on_plus_stop_at_max_workers_without_an_error(
     chromium_browser, start_server
 ):
-    server = start_server(FLASK_MAX_WORKERS="6")
+    server = start_server(FLASK_QUEUE_MAX_WORKERS="6")
     with open_tab(chromium_browser, server) as tab:
         page = tab.page
         page.goto("/")
@@ -275,8 +275,8 @@ def test_twenty_fast_clicks_on_plus_stop_at_max_workers_without_an_error(
 
 @pytest.mark.browser
 @pytest.mark.parametrize("env,size", [
-    ({"FLASK_MAX_BATCH": "4"}, 4),
-    ({"FLASK_SUBMIT_LIMIT": "3 per minute"}, 3),
+    ({"FLASK_QUEUE_MAX_BATCH": "4"}, 4),
+    ({"FLASK_QUEUE_SUBMIT_LIMIT": "3 per minute"}, 3),
 ], ids=["max-batch-4", "submit-limit-3"])
 def test_the_batch_button_adds_what_the_limits_allow_and_succeeds(
     chromium_browser, start_server, env, size
@@ -300,7 +300,7 @@ def test_the_batch_button_adds_what_the_limits_allow_and_succeeds(
 
 
 @pytest.mark.browser
-@pytest.mark.parametrize("env", [{"FLASK_MAX_BATCH": "1"}, {"FLASK_SUBMIT_LIMIT": "1/minute"}],
+@pytest.mark.parametrize("env", [{"FLASK_QUEUE_MAX_BATCH": "1"}, {"FLASK_QUEUE_SUBMIT_LIMIT": "1/minute"}],
                          ids=["max-batch-1", "submit-limit-1"])
 def test_no_batch_button_when_one_task_is_all_a_request_may_add(
     chromium_browser, start_server, env
@@ -318,7 +318,7 @@ def test_no_batch_button_when_one_task_is_all_a_request_may_add(
 
 @pytest.mark.browser
 def test_the_history_heading_tells_what_it_lists_of_how_many(chromium_browser, start_server):
-    server = start_server(FLASK_WORKERS="4")
+    server = start_server(FLASK_QUEUE_WORKERS="4")
     with open_tab(chromium_browser, server) as tab:
         page = tab.page
         page.goto("/")

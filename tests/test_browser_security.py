@@ -7,7 +7,7 @@ app under gunicorn (the fixtures of tests/browser.py).
   text/plain form to the dashboard gets 403 and changes nothing; the dashboard
   itself still adds work.
 * With an access token: no credentials, 401; the browser's saved password,
-  the whole dashboard; ``PUBLIC_READ``, a read-only page that still updates.
+  the whole dashboard; ``QUEUE_PUBLIC_READ``, a read-only page that still updates.
 * The submit limit: a second batch over it shows its message in the form and
   queues nothing.
 
@@ -446,7 +446,7 @@ def refused_by_challenge(tab: Tab, server: Server):
 def test_with_a_token_a_browser_needs_it_and_with_it_the_dashboard_works(
     chromium_browser, start_server
 ):
-    server = start_server(FLASK_ACCESS_TOKEN=TOKEN)
+    server = start_server(FLASK_QUEUE_ACCESS_TOKEN=TOKEN)
 
     # No credentials: 401 with a Basic challenge, and no dashboard. (Headless Chromium
     # has no dialog to ask for a password: it gives the navigation up at the challenge.)
@@ -492,7 +492,7 @@ def test_with_a_token_a_browser_needs_it_and_with_it_the_dashboard_works(
 def test_public_read_shows_a_read_only_dashboard_that_keeps_updating(
     chromium_browser, start_server
 ):
-    server = start_server(FLASK_ACCESS_TOKEN=TOKEN, FLASK_PUBLIC_READ="true")
+    server = start_server(FLASK_QUEUE_ACCESS_TOKEN=TOKEN, FLASK_QUEUE_PUBLIC_READ="true")
     with open_tab(chromium_browser, server) as tab:
         page = tab.page
         polls = live_responses(page)
@@ -529,7 +529,7 @@ def test_public_read_shows_a_read_only_dashboard_that_keeps_updating(
 def test_over_the_submit_limit_the_form_says_so_and_nothing_is_queued(
     chromium_browser, start_server
 ):
-    server = start_server(FLASK_SUBMIT_LIMIT="12/minute")
+    server = start_server(FLASK_QUEUE_SUBMIT_LIMIT="12/minute")
     with open_tab(chromium_browser, server) as tab:
         page = tab.page
         tab.expect_http_error(429, "/tasks")

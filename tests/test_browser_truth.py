@@ -128,7 +128,7 @@ def test_after_a_graceful_stop_the_page_says_so_and_recovers_on_a_shared_queue(
     """A SQLite queue is the same queue after a restart, with the same tags: the
     page must not keep "Shutting down" (true once) nor the old process, and must
     not name a process in its header at all (the file outlives them)."""
-    env = {"FLASK_QUEUE_URL": f"sqlite:///{tmp_path / 'queue.db'}", "FLASK_SHUTDOWN_TIMEOUT": "30"}
+    env = {"FLASK_QUEUE_URL": f"sqlite:///{tmp_path / 'queue.db'}", "FLASK_QUEUE_SHUTDOWN_TIMEOUT": "30"}
     first = restartable(**env)
     first.submit("pretend", seconds=2)
     wait_for(lambda: first.stats()["running"] == 1, 10, "the task to start")
@@ -194,7 +194,7 @@ def test_a_task_page_notices_the_restarted_server_serves_another_queue(
         polls = []
         page.on("request", lambda r: urlsplit(r.url).path.endswith("/live") and polls.append(r))
 
-        stop(first)  # cancels the task after SHUTDOWN_TIMEOUT
+        stop(first)  # cancels the task after QUEUE_SHUTDOWN_TIMEOUT
         expect(banner(page)).to_be_visible(timeout=QUICK)
         second = restartable()
         # The new queue may well have a task of that number: it is another one.
@@ -241,7 +241,7 @@ def test_a_task_page_whose_task_is_forgotten_says_so_instead_of_polling_404s(
 def test_an_error_goes_once_the_queue_has_moved_on(chromium_browser, start_server):
     """"queue is full: 5 of 5 queued" stayed beside a big "0 queued" until the next
     successful click. It answers a click; it goes once the queue has moved on."""
-    server = start_server(FLASK_MAX_QUEUED="5", FLASK_MAX_BATCH="5")
+    server = start_server(FLASK_QUEUE_MAX_QUEUED="5", FLASK_QUEUE_MAX_BATCH="5")
     server.request("POST", "/api/pause")
     server.submit("pretend", count=5, seconds=0)
     with open_tab(chromium_browser, server) as tab:

@@ -21,10 +21,10 @@ def test_readme_config_table_lists_every_setting_with_its_default():
 
 
 def test_readme_says_which_settings_may_not_exceed_others():
-    """check_config refuses MAX_BATCH > MAX_QUEUED and WORKERS > MAX_WORKERS: say so."""
+    """check_config refuses QUEUE_MAX_BATCH > QUEUE_MAX_QUEUED and QUEUE_WORKERS > QUEUE_MAX_WORKERS: say so."""
     rows = dict(re.findall(r"^\| `([A-Z_]+)` \| `[^`]*` \| (.*) \|$", README, re.M))
-    assert "not be larger than `MAX_QUEUED`" in rows["MAX_BATCH"]
-    assert "not more than `MAX_WORKERS`" in rows["WORKERS"]
+    assert "not be larger than `QUEUE_MAX_QUEUED`" in rows["QUEUE_MAX_BATCH"]
+    assert "not more than `QUEUE_MAX_WORKERS`" in rows["QUEUE_WORKERS"]
 
 
 def test_readme_gives_the_two_commands_first():
@@ -47,7 +47,7 @@ def test_the_embedding_example_works_in_another_app():
     from dashboard.views import bp
 
     app = Flask("someone_elses_app")
-    app.config.update(WORKERS=0, HANDLE_SIGNALS=False, DEFAULT_KIND="send_report")
+    app.config.update(QUEUE_WORKERS=0, QUEUE_HANDLE_SIGNALS=False, QUEUE_DEFAULT_KIND="send_report")
     QueueExtension(registry=registry).init_app(app)
     app.register_blueprint(bp, url_prefix="/queue")
 

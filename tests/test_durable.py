@@ -77,8 +77,8 @@ class Cluster:
             "BIND": f"{HOST}:{port}",
             "WEB_CONCURRENCY": str(processes),
             "FLASK_QUEUE_URL": f"sqlite:///{self.db}",
-            "FLASK_WORKERS": "1",
-            "FLASK_SHUTDOWN_TIMEOUT": "10",
+            "FLASK_QUEUE_WORKERS": "1",
+            "FLASK_QUEUE_SHUTDOWN_TIMEOUT": "10",
             "COUNT_LOG": str(self.counts.path),
             **settings,
         })
@@ -200,7 +200,7 @@ def assert_clean_log(server: Server) -> None:
 
 
 def test_a_thousand_tasks_over_three_processes_each_run_exactly_once(cluster):
-    server = cluster.start(processes=3, FLASK_WORKERS="2")
+    server = cluster.start(processes=3, FLASK_QUEUE_WORKERS="2")
     pids = wait_processes(server, 3, ["worker-1", "worker-2"])
     assert server.pid not in pids, "no task runs in the master"
 
@@ -239,7 +239,7 @@ def test_a_thousand_tasks_over_three_processes_each_run_exactly_once(cluster):
 
 
 def test_kill_9_of_every_process_loses_nothing_and_the_cut_off_tasks_run_again(cluster):
-    settings = {"FLASK_WORKERS": "2", "FLASK_LEASE_TIME": "3"}
+    settings = {"FLASK_QUEUE_WORKERS": "2", "FLASK_QUEUE_LEASE_TIME": "3"}
     first = cluster.start(processes=3, **settings)
     first_pids = wait_processes(first, 3, ["worker-1", "worker-2"])
     ids = submit(first, 18, 1.5)
@@ -304,7 +304,7 @@ def test_kill_9_of_every_process_loses_nothing_and_the_cut_off_tasks_run_again(c
 
 
 def test_sigterm_keeps_the_queued_tasks_for_the_next_start_and_each_runs_once(cluster):
-    first = cluster.start(processes=2, FLASK_WORKERS="1")
+    first = cluster.start(processes=2, FLASK_QUEUE_WORKERS="1")
     first_pids = wait_processes(first, 2, ["worker-1"])
     ids = submit(first, 8, 1.0)
     first.wait_stats(
@@ -317,7 +317,7 @@ def test_sigterm_keeps_the_queued_tasks_for_the_next_start_and_each_runs_once(cl
     first.wait_group_gone()
 
     log = first.log()
-    # The running tasks finished within SHUTDOWN_TIMEOUT, in the first run.
+    # The running tasks finished within QUEUE_SHUTDOWN_TIMEOUT, in the first run.
     ran_first = set(cluster.counts.count("end"))
     assert len(ran_first) >= 2 and not cluster.counts.unfinished(), cluster.counts.events()
     assert all(pid in first_pids for _, pid, _ in cluster.counts.events())
@@ -329,7 +329,7 @@ def test_sigterm_keeps_the_queued_tasks_for_the_next_start_and_each_runs_once(cl
     assert "queued again" not in log and "still running a task" not in log, log
     assert_clean_log(first)
 
-    second = cluster.start(processes=2, FLASK_WORKERS="1")
+    second = cluster.start(processes=2, FLASK_QUEUE_WORKERS="1")
     second_pids = wait_processes(second, 2, ["worker-1"])
     ends = cluster.counts.wait_ended(ids)
     starts = cluster.counts.count("start")
@@ -346,7 +346,7 @@ def test_sigterm_keeps_the_queued_tasks_for_the_next_start_and_each_runs_once(cl
 
 
 def test_every_process_shows_one_view_and_follows_one_control(cluster):
-    server = cluster.start(processes=3, FLASK_WORKERS="1", FLASK_LEASE_TIME="3")
+    server = cluster.start(processes=3, FLASK_QUEUE_WORKERS="1", FLASK_QUEUE_LEASE_TIME="3")
     master = server.pid
     pids = wait_processes(server, 3, ["worker-1"])
 

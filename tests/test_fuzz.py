@@ -151,10 +151,10 @@ def app(request):
     worker threads, which this test's shutdown stops before the leak check
     looks (a module's app outlived the test, and failed it). And it is built
     after the environment is cleared (conftest), never from the shell's."""
-    config = {"TESTING": False, "WORKERS": 0, "HANDLE_SIGNALS": False, "WORK_TIME": 0,
-              "SUBMIT_LIMIT": "", "MAX_QUEUED": 100_000, "MAX_BATCH": 50}
+    config = {"TESTING": False, "QUEUE_WORKERS": 0, "QUEUE_HANDLE_SIGNALS": False, "QUEUE_WORK_TIME": 0,
+              "QUEUE_SUBMIT_LIMIT": "", "QUEUE_MAX_QUEUED": 100_000, "QUEUE_MAX_BATCH": 50}
     if request.param == "secret":
-        config.update(ACCESS_TOKEN=SECRET, PUBLIC_READ=True)
+        config.update(QUEUE_ACCESS_TOKEN=SECRET, QUEUE_PUBLIC_READ=True)
     app = create_app(config)
     queue = get_queue(app)
     queue.submit("flaky", seconds=0, fail_rate=1)  # a failed task 1 and a done task 2 to

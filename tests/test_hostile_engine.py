@@ -132,7 +132,7 @@ def test_d02_sqlite_lease_is_kept_while_a_stopping_process_runs_its_task(db, que
     owner.start()
     task_id = owner.submit("hold")
     assert kinds.started.acquire(timeout=30)
-    owner.close_nowait()  # SIGTERM: no new work, the running task gets SHUTDOWN_TIMEOUT
+    owner.close_nowait()  # SIGTERM: no new work, the running task gets QUEUE_SHUTDOWN_TIMEOUT
     deadline = time.monotonic() + 2.0  # over three lease times: the negative is shown here
     while time.monotonic() < deadline:
         other.maintain()
@@ -302,7 +302,7 @@ def test_d10_a_held_write_lock_costs_no_outcome_and_no_progress(db, queues, kind
 
 
 def test_d10_a_submit_against_a_locked_file_is_a_503_with_retry_after(tmp_path):
-    app = create_app({"TESTING": True, "WORKERS": 0, "HANDLE_SIGNALS": False,
+    app = create_app({"TESTING": True, "QUEUE_WORKERS": 0, "QUEUE_HANDLE_SIGNALS": False,
                       "QUEUE_URL": f"sqlite:///{tmp_path / 'q.db'}"})
     queue = get_queue(app)
     queue.store.busy_timeout = 0.2
@@ -434,7 +434,7 @@ def test_d16a_a_shared_worker_count_above_max_workers_is_clamped_with_one_warnin
         wait_for(lambda: small.workers == 2, what="the small process to follow, up to its max")
         seen = len(reads)
         wait_for(lambda: len(reads) >= seen + 3, what="three more supervisor ticks")
-    warnings = [r for r in caplog.records if "more than this process's MAX_WORKERS" in
+    warnings = [r for r in caplog.records if "more than this process's QUEUE_MAX_WORKERS" in
                 r.getMessage()]
     assert len(warnings) == 1
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
@@ -571,7 +571,7 @@ def test_a_stall_shows_in_health_the_log_and_the_snapshot(queues, kinds, caplog)
 
 
 def test_a_stall_shows_on_the_page_and_in_healthz(kinds):
-    app = create_app({"TESTING": True, "WORKERS": 1, "HANDLE_SIGNALS": False})
+    app = create_app({"TESTING": True, "QUEUE_WORKERS": 1, "QUEUE_HANDLE_SIGNALS": False})
     queue = get_queue(app)
     queue.stall_after = 0.3
     stuck = threading.Event()
@@ -605,7 +605,7 @@ def test_a_stall_shows_on_the_page_and_in_healthz(kinds):
 
 def test_d15_a_deleted_queue_file_answers_503_everywhere(tmp_path):
     path = tmp_path / "q.db"
-    app = create_app({"TESTING": True, "WORKERS": 0, "HANDLE_SIGNALS": False,
+    app = create_app({"TESTING": True, "QUEUE_WORKERS": 0, "QUEUE_HANDLE_SIGNALS": False,
                       "QUEUE_URL": f"sqlite:///{path}"})
     queue = get_queue(app)
     client = app.test_client()

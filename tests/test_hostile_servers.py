@@ -45,7 +45,7 @@ needs_uwsgi = pytest.mark.skipif(
     not UWSGI.exists(), reason=f"uWSGI is not installed in {BIN} (pip install pyuwsgi)"
 )
 
-QUICK = {"FLASK_WORKERS": "1", "FLASK_WORK_TIME": "0.05", "FLASK_SHUTDOWN_TIMEOUT": "10"}
+QUICK = {"FLASK_QUEUE_WORKERS": "1", "FLASK_QUEUE_WORK_TIME": "0.05", "FLASK_QUEUE_SHUTDOWN_TIMEOUT": "10"}
 
 #: The counting app of test_durable.py: a ``count`` task that writes
 #: "<id> <pid> start" and "<id> <pid> end" to the file named by COUNT_LOG.
@@ -133,9 +133,9 @@ def new_pid_answering(server: Server, old: int, timeout: float = 60.0) -> int:
 @pytest.mark.server
 def test_d13_max_requests_recycle_lets_a_long_task_finish(start_server):
     # The worker recycles after 10 requests; the master kills a worker silent
-    # for 3 s; the running task takes 8 s and SHUTDOWN_TIMEOUT promises 30.
+    # for 3 s; the running task takes 8 s and QUEUE_SHUTDOWN_TIMEOUT promises 30.
     server = start_server("gunicorn", "--max-requests", "10", "--timeout", "3",
-                          FLASK_SHUTDOWN_TIMEOUT="30")
+                          FLASK_QUEUE_SHUTDOWN_TIMEOUT="30")
     first = server.wait_ready()["pid"]
     [long_task] = submit(server, "pretend", seconds=8)
     server.wait_stats("the long task running", lambda s: s["running"] == 1)
@@ -158,14 +158,14 @@ def test_d13_max_requests_recycle_lets_a_long_task_finish(start_server):
 @pytest.mark.server
 def test_d13_graceful_timeout_shorter_than_the_shutdown_timeout_is_refused(tmp_path):
     port = free_port()
-    env = server_env({"BIND": f"{HOST}:{port}", "FLASK_SHUTDOWN_TIMEOUT": "10"})
+    env = server_env({"BIND": f"{HOST}:{port}", "FLASK_QUEUE_SHUTDOWN_TIMEOUT": "10"})
     args = [str(BIN / "gunicorn"), "-c", str(ROOT / "gunicorn.conf.py"),
             "--graceful-timeout", "5"]
     code, out, err = run_to_exit(args, env)
     assert code == 1, err
     assert "Traceback" not in out + err, err
     [line] = [line for line in err.splitlines() if "cannot start" in line]
-    assert "graceful_timeout (5s)" in line and "SHUTDOWN_TIMEOUT (10s)" in line, line
+    assert "graceful_timeout (5s)" in line and "QUEUE_SHUTDOWN_TIMEOUT (10s)" in line, line
 
 
 # -- 14: max_requests and the in-memory queue ----------------------------------------
@@ -313,7 +313,7 @@ def test_d2_a_task_is_not_started_elsewhere_while_its_stopping_process_runs_it(
     counts = CountLog(tmp_path / "count.log")
     # Leases of 3 s, renewed every second; a stop gives running tasks 12 s.
     shared = {"FLASK_QUEUE_URL": f"sqlite:///{tmp_path / 'queue.db'}",
-              "FLASK_LEASE_TIME": "3", "FLASK_SHUTDOWN_TIMEOUT": "12",
+              "FLASK_QUEUE_LEASE_TIME": "3", "FLASK_QUEUE_SHUTDOWN_TIMEOUT": "12",
               "COUNT_LOG": str(counts.path)}
     a = start_server("gunicorn", *COUNTING, **shared)
     in_a = a.wait_ready()["pid"]
@@ -380,7 +380,7 @@ def test_uwsgi_two_processes_on_one_file_both_run_tasks_from_the_start(
 @pytest.mark.server
 @needs_uwsgi
 def test_uwsgi_sighup_reloads_the_workers_and_the_master_goes_on(start_server):
-    server = start_server("uwsgi", FLASK_SHUTDOWN_TIMEOUT="30")
+    server = start_server("uwsgi", FLASK_QUEUE_SHUTDOWN_TIMEOUT="30")
     first = server.wait_ready()["pid"]
     [running] = submit(server, "pretend", seconds=3)
     server.wait_stats("the task running", lambda s: s["running"] == 1)
@@ -405,7 +405,7 @@ def test_d11_a_process_started_after_the_check_builds_its_store_without_opening_
     from dashboard.ext import CHECKED_ENV, vouch_for_store
 
     checked, other = tmp_path / "checked.db", tmp_path / "other.db"
-    settings = {"TESTING": True, "WORKERS": 0, "HANDLE_SIGNALS": False}
+    settings = {"TESTING": True, "QUEUE_WORKERS": 0, "QUEUE_HANDLE_SIGNALS": False}
     # The master builds the app: the file is checked (created here), then vouched for.
     master_app = create_app({**settings, "QUEUE_URL": f"sqlite:///{checked}"})
     monkeypatch.delenv(CHECKED_ENV, raising=False)

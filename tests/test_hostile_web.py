@@ -29,7 +29,7 @@ from servers import BIN, HOST, ROOT, Server, free_port, server_env
 
 HTMX = {"HX-Request": "true"}
 SAME_ORIGIN = {"Sec-Fetch-Site": "same-origin"}
-EXPOSED = "beyond this machine, with no ACCESS_TOKEN"
+EXPOSED = "beyond this machine, with no QUEUE_ACCESS_TOKEN"
 
 
 
@@ -147,7 +147,7 @@ def test_d05_hosts_no_name_has_are_a_4xx(make_app, host):
 
 
 def test_d06_refused_submits_cost_nothing(make_app):
-    app = make_app(SUBMIT_LIMIT="3/minute", MAX_QUEUED=3, MAX_BATCH=3)
+    app = make_app(QUEUE_SUBMIT_LIMIT="3/minute", QUEUE_MAX_QUEUED=3, QUEUE_MAX_BATCH=3)
     queue = get_queue(app)
     client = app.test_client()
     queue.submit_many("pretend", 3, {"seconds": 0})  # the queue is full
@@ -166,7 +166,7 @@ def test_d06_refused_submits_cost_nothing(make_app):
 def test_d06_a_store_that_cannot_answer_costs_nothing(make_app, monkeypatch):
     from dashboard.store import StoreUnavailable
 
-    app = make_app(SUBMIT_LIMIT="2/minute")
+    app = make_app(QUEUE_SUBMIT_LIMIT="2/minute")
     queue = get_queue(app)
     client = app.test_client()
 
@@ -182,7 +182,7 @@ def test_d06_a_store_that_cannot_answer_costs_nothing(make_app, monkeypatch):
 
 
 def test_d06_a_closed_queue_costs_nothing(make_app):
-    app = make_app(SUBMIT_LIMIT="2/minute")
+    app = make_app(QUEUE_SUBMIT_LIMIT="2/minute")
     client = app.test_client()
     get_queue(app).close()
     for _ in range(5):
@@ -193,7 +193,7 @@ def test_d06_a_closed_queue_costs_nothing(make_app):
 
 
 def test_d06_refused_retries_cost_nothing(make_app):
-    app = make_app(SUBMIT_LIMIT="2/minute")
+    app = make_app(QUEUE_SUBMIT_LIMIT="2/minute")
     queue = get_queue(app)
     client = app.test_client()
     waiting = queue.submit("pretend", seconds=0)
@@ -206,7 +206,7 @@ def test_d06_refused_retries_cost_nothing(make_app):
 
 
 def test_d06_a_retry_that_queues_nothing_costs_nothing(make_app):
-    app = make_app(SUBMIT_LIMIT="2/minute")
+    app = make_app(QUEUE_SUBMIT_LIMIT="2/minute")
     client = app.test_client()
     failed = failed_task(app)
     assert client.post(f"/api/tasks/{failed}/retry").status_code == 202  # charged: 1
@@ -218,7 +218,7 @@ def test_d06_a_retry_that_queues_nothing_costs_nothing(make_app):
 
 
 def test_d06_a_client_at_its_limit_can_still_open_an_existing_retry(make_app):
-    app = make_app(SUBMIT_LIMIT="1/minute")
+    app = make_app(QUEUE_SUBMIT_LIMIT="1/minute")
     client = app.test_client()
     failed = failed_task(app)
     first = client.post(f"/api/tasks/{failed}/retry")
@@ -230,7 +230,7 @@ def test_d06_a_client_at_its_limit_can_still_open_an_existing_retry(make_app):
 def test_d06_concurrent_submits_stop_exactly_at_the_limit(make_app):
     """Test, queue and count are one step per client: eight threads of one client
     sending at once queue exactly the limit, never more."""
-    app = make_app(SUBMIT_LIMIT="20/minute", MAX_QUEUED=1_000)
+    app = make_app(QUEUE_SUBMIT_LIMIT="20/minute", QUEUE_MAX_QUEUED=1_000)
     statuses: list[int] = []
     start = threading.Barrier(8)
 
@@ -374,7 +374,7 @@ def test_d08_trusted_hosts_lists_the_names_a_proxy_serves(make_app):
 
 def test_d08_trusted_hosts_from_the_environment(monkeypatch):
     monkeypatch.setenv("FLASK_TRUSTED_HOSTS", "dash.example.com,localhost")
-    app = create_app({"WORKERS": 0, "HANDLE_SIGNALS": False})
+    app = create_app({"QUEUE_WORKERS": 0, "QUEUE_HANDLE_SIGNALS": False})
     try:
         assert app.config["TRUSTED_HOSTS"] == ["dash.example.com", "localhost"]
         assert app.test_client().get("/api/stats").status_code == 200
@@ -385,7 +385,7 @@ def test_d08_trusted_hosts_from_the_environment(monkeypatch):
 @pytest.mark.parametrize("hosts", ["[::1]", "dash.example.com/admin", ["a b"], 5])
 def test_d08_trusted_hosts_no_request_could_match_fail_at_start(hosts):
     with pytest.raises(ConfigError, match=re.escape("TRUSTED_HOSTS must be a list of host names")):
-        create_app({"HANDLE_SIGNALS": False, "TRUSTED_HOSTS": hosts})
+        create_app({"QUEUE_HANDLE_SIGNALS": False, "TRUSTED_HOSTS": hosts})
 
 
 @pytest.mark.parametrize("origin,allowed", [
@@ -414,7 +414,7 @@ def _server(tmp_path, kind: str, bind: str, **settings: str) -> Server:
         args = [str(BIN / "gunicorn"), "-c", str(ROOT / "gunicorn.conf.py")]
     else:
         args = [str(BIN / "uwsgi"), "--ini", str(ROOT / "uwsgi.ini")]
-    env = server_env({"FLASK_WORKERS": "1", "FLASK_WORK_TIME": "0", **settings,
+    env = server_env({"FLASK_QUEUE_WORKERS": "1", "FLASK_QUEUE_WORK_TIME": "0", **settings,
                       "BIND": bind.replace("PORT", str(port))})
     return Server(kind, args, tmp_path / f"{kind}.log", env, port)
 
@@ -540,8 +540,8 @@ def test_sx_the_exposure_bookkeeping_stays_bounded(make_app, caplog):
 
 
 def test_settings_exported_in_the_shell_change_no_test(tmp_path):
-    """With FLASK_ACCESS_TOKEN exported, 84 view tests failed (401); with FLASK_QUEUE_URL, 46."""
-    env = {**os.environ, "FLASK_ACCESS_TOKEN": "abcdefghijklmnop", "FLASK_WORKERS": "3",
+    """With FLASK_QUEUE_ACCESS_TOKEN exported, 84 view tests failed (401); with FLASK_QUEUE_URL, 46."""
+    env = {**os.environ, "FLASK_QUEUE_ACCESS_TOKEN": "abcdefghijklmnop", "FLASK_QUEUE_WORKERS": "3",
            "FLASK_QUEUE_URL": f"sqlite:///{tmp_path / 'shell.db'}",
            "DASHBOARD_EXPOSURE_WARNED": "192.0.2.10"}
     tests = ["tests/test_views.py::test_page_shows_depth_counts_workers_history_buttons_and_pid",

@@ -75,8 +75,8 @@ def test_same_origin_requests_and_non_browser_clients_pass(make_app):
 
 
 def test_trusted_origins_may_post(make_app):
-    app = make_app(TRUSTED_ORIGINS="https://admin.example.com, https://ops.example.com")
-    assert app.config["TRUSTED_ORIGINS"] == ("https://admin.example.com",
+    app = make_app(QUEUE_TRUSTED_ORIGINS="https://admin.example.com, https://ops.example.com")
+    assert app.config["QUEUE_TRUSTED_ORIGINS"] == ("https://admin.example.com",
                                              "https://ops.example.com")
     client = app.test_client()
     ok = client.post("/api/tasks", json={},
@@ -103,7 +103,7 @@ def basic(secret, user="anyone"):
 
 
 def test_with_a_secret_requests_without_it_are_refused(make_app):
-    app = make_app(ACCESS_TOKEN=SECRET)
+    app = make_app(QUEUE_ACCESS_TOKEN=SECRET)
     client = app.test_client()
     before = counts(app)
     for method, path in [("GET", "/"), ("GET", "/live"), ("GET", "/api/stats"),
@@ -119,7 +119,7 @@ def test_with_a_secret_requests_without_it_are_refused(make_app):
 
 
 def test_with_the_secret_everything_works(make_app):
-    app = make_app(ACCESS_TOKEN=SECRET)
+    app = make_app(QUEUE_ACCESS_TOKEN=SECRET)
     client = app.test_client()
     assert client.get("/", headers=basic(SECRET)).status_code == 200
     assert client.post("/tasks", data={"count": "2"}, headers=basic(SECRET, "")).status_code == 303
@@ -130,7 +130,7 @@ def test_with_the_secret_everything_works(make_app):
 
 
 def test_public_read_leaves_the_pages_open_but_not_the_actions(make_app):
-    app = make_app(ACCESS_TOKEN=SECRET, PUBLIC_READ=True)
+    app = make_app(QUEUE_ACCESS_TOKEN=SECRET, QUEUE_PUBLIC_READ=True)
     client = app.test_client()
     page = client.get("/")
     assert page.status_code == 200
@@ -145,7 +145,7 @@ def test_public_read_leaves_the_pages_open_but_not_the_actions(make_app):
 
 def test_rows_rendered_for_an_operator_never_reach_a_reader(make_app):
     """Rows are reused between polls (views._Rows): never across who may act."""
-    app = make_app(ACCESS_TOKEN=SECRET, PUBLIC_READ=True)
+    app = make_app(QUEUE_ACCESS_TOKEN=SECRET, QUEUE_PUBLIC_READ=True)
     queue = get_queue(app)
     failed = queue.submit("flaky", seconds=0, fail_rate=1)
     queue.run_pending()
@@ -164,16 +164,16 @@ def test_rows_rendered_for_an_operator_never_reach_a_reader(make_app):
 @pytest.mark.parametrize(
     "config,message",
     [
-        ({"ACCESS_TOKEN": "short"}, "ACCESS_TOKEN must be at least 12 characters"),
-        ({"TRUSTED_ORIGINS": "evil.example"}, "TRUSTED_ORIGINS must be a list of origins"),
-        ({"TRUSTED_ORIGINS": ["https://a.example/path"]}, "TRUSTED_ORIGINS must be a list"),
-        ({"SUBMIT_LIMIT": "lots"}, "SUBMIT_LIMIT must be empty (no limit) or like"),
-        ({"PUBLIC_READ": "perhaps"}, "PUBLIC_READ must be true or false"),
+        ({"QUEUE_ACCESS_TOKEN": "short"}, "QUEUE_ACCESS_TOKEN must be at least 12 characters"),
+        ({"QUEUE_TRUSTED_ORIGINS": "evil.example"}, "QUEUE_TRUSTED_ORIGINS must be a list of origins"),
+        ({"QUEUE_TRUSTED_ORIGINS": ["https://a.example/path"]}, "QUEUE_TRUSTED_ORIGINS must be a list"),
+        ({"QUEUE_SUBMIT_LIMIT": "lots"}, "QUEUE_SUBMIT_LIMIT must be empty (no limit) or like"),
+        ({"QUEUE_PUBLIC_READ": "perhaps"}, "QUEUE_PUBLIC_READ must be true or false"),
     ],
 )
 def test_bad_security_settings_fail_at_start(config, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
-        create_app({"HANDLE_SIGNALS": False, **config})
+        create_app({"QUEUE_HANDLE_SIGNALS": False, **config})
 
 
 # -- headers --------------------------------------------------------------------------
@@ -217,7 +217,7 @@ def test_templates_need_no_inline_code_or_style():
 
 
 def test_the_submit_limit_counts_tasks_per_client(make_app):
-    app = make_app(SUBMIT_LIMIT="12/minute")
+    app = make_app(QUEUE_SUBMIT_LIMIT="12/minute")
     client = app.test_client()
     queue = get_queue(app)
     assert client.post("/tasks", data={"count": "10"}).status_code == 303
@@ -251,7 +251,7 @@ def test_the_limit_reads_as_words(spec, words):
 
 
 def test_bad_requests_cost_nothing(make_app):
-    app = make_app(SUBMIT_LIMIT="5/minute")
+    app = make_app(QUEUE_SUBMIT_LIMIT="5/minute")
     client = app.test_client()
     for _ in range(20):
         assert client.post("/api/tasks", json={"count": 500}).status_code == 400
@@ -260,7 +260,7 @@ def test_bad_requests_cost_nothing(make_app):
 
 
 def test_no_limit_when_empty(make_app):
-    app = make_app(SUBMIT_LIMIT="", MAX_BATCH=100, MAX_QUEUED=10_000)
+    app = make_app(QUEUE_SUBMIT_LIMIT="", QUEUE_MAX_BATCH=100, QUEUE_MAX_QUEUED=10_000)
     client = app.test_client()
     for _ in range(20):
         assert client.post("/api/tasks", json={"count": 100}).status_code == 202
@@ -278,7 +278,7 @@ def test_serving_beyond_loopback_without_a_secret_warns(make_app, caplog, monkey
         assert warn_if_exposed("::1", "") is False
         assert warn_if_exposed("localhost", "") is False
         assert warn_if_exposed("10.1.2.3", SECRET) is False
-    assert caplog.text.count("beyond this machine, with no ACCESS_TOKEN") == 1
+    assert caplog.text.count("beyond this machine, with no QUEUE_ACCESS_TOKEN") == 1
 
     app = make_app()
     caplog.clear()
@@ -288,7 +288,7 @@ def test_serving_beyond_loopback_without_a_secret_warns(make_app, caplog, monkey
 
 
 def test_the_read_only_view_does_not_show_tracebacks(make_app):
-    app = make_app(ACCESS_TOKEN=SECRET, PUBLIC_READ=True)
+    app = make_app(QUEUE_ACCESS_TOKEN=SECRET, QUEUE_PUBLIC_READ=True)
     queue = get_queue(app)
     task_id = queue.submit("flaky", seconds=0, fail_rate=1)
     queue.run_pending()
@@ -301,12 +301,12 @@ def test_the_read_only_view_does_not_show_tracebacks(make_app):
 
 
 def test_a_numeric_token_from_the_environment_stays_text(monkeypatch):
-    monkeypatch.setenv("FLASK_ACCESS_TOKEN", "0123456789012345")
-    monkeypatch.setenv("FLASK_SUBMIT_LIMIT", "")
-    app = create_app({"WORKERS": 0, "HANDLE_SIGNALS": False})
+    monkeypatch.setenv("FLASK_QUEUE_ACCESS_TOKEN", "0123456789012345")
+    monkeypatch.setenv("FLASK_QUEUE_SUBMIT_LIMIT", "")
+    app = create_app({"QUEUE_WORKERS": 0, "QUEUE_HANDLE_SIGNALS": False})
     try:
-        assert app.config["ACCESS_TOKEN"] == "0123456789012345"
-        assert app.config["SUBMIT_LIMIT"] == ""
+        assert app.config["QUEUE_ACCESS_TOKEN"] == "0123456789012345"
+        assert app.config["QUEUE_SUBMIT_LIMIT"] == ""
         client = app.test_client()
         assert client.get("/api/stats", headers={
             "Authorization": "Bearer 0123456789012345"}).status_code == 200

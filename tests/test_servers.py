@@ -3,7 +3,7 @@
 Workers start exactly once per serving process, and only there; a task runs
 once, and never in a reloader's watching parent or in a gunicorn/uWSGI
 master. On SIGTERM or SIGINT the queue closes (a submission that still
-reaches the app gets 503), the running task gets SHUTDOWN_TIMEOUT to finish,
+reaches the app gets 503), the running task gets QUEUE_SHUTDOWN_TIMEOUT to finish,
 the queued tasks dropped are counted in the log, and the process exits by
 itself, also when a task would run far longer than that.
 
@@ -59,7 +59,7 @@ needs_uwsgi = pytest.mark.skipif(
 )
 
 #: Short tasks by default; each test sets what it needs on top.
-QUICK = {"FLASK_WORKERS": "2", "FLASK_WORK_TIME": "0.05", "FLASK_SHUTDOWN_TIMEOUT": "10"}
+QUICK = {"FLASK_QUEUE_WORKERS": "2", "FLASK_QUEUE_WORK_TIME": "0.05", "FLASK_QUEUE_SHUTDOWN_TIMEOUT": "10"}
 
 StartServer = Callable[..., Server]
 
@@ -119,7 +119,7 @@ def test_flask_debug_reload_gives_the_new_child_its_own_workers(start_server, tm
     watched = tmp_path / "watched.txt"
     watched.write_text("before\n")
     server = start_server("flask-debug", "--extra-files", str(watched),
-                          FLASK_WORKERS="1", FLASK_SHUTDOWN_TIMEOUT="1")
+                          FLASK_QUEUE_WORKERS="1", FLASK_QUEUE_SHUTDOWN_TIMEOUT="1")
     parent = server.pid
     child_a = server.wait_ready()["pid"]
     assert child_a != parent and parent_pid(child_a) == parent
@@ -158,7 +158,7 @@ def test_flask_debug_reload_gives_the_new_child_its_own_workers(start_server, tm
 
 @pytest.mark.parametrize("extra", [(), ("--preload",)], ids=["config", "preload"])
 def test_gunicorn_runs_tasks_in_its_worker_only(start_server, extra):
-    server = start_server("gunicorn", *extra, FLASK_WORKERS="3")
+    server = start_server("gunicorn", *extra, FLASK_QUEUE_WORKERS="3")
     master = server.pid
     worker = server.wait_ready()["pid"]
     assert worker != master and parent_pid(worker) == master
@@ -199,7 +199,7 @@ def test_gunicorn_preload_two_processes_each_start_their_own(start_server):
 @pytest.mark.parametrize("lazy", [True, False], ids=["lazy-apps", "app-in-master"])
 def test_uwsgi_runs_tasks_in_its_worker_only(start_server, lazy):
     extra = () if lazy else ("--set", "lazy-apps=false")
-    server = start_server("uwsgi", *extra, FLASK_WORKERS="3")
+    server = start_server("uwsgi", *extra, FLASK_QUEUE_WORKERS="3")
     master = server.pid
     worker = server.wait_ready()["pid"]
     assert worker != master and parent_pid(worker) == master
@@ -263,7 +263,7 @@ STOPS = [
 def test_stop_signal_refuses_work_and_lets_the_running_task_finish(
     start_server, kind, signum, hold, after
 ):
-    server = start_server(kind, FLASK_WORKERS="1", FLASK_SHUTDOWN_TIMEOUT="30")
+    server = start_server(kind, FLASK_QUEUE_WORKERS="1", FLASK_QUEUE_SHUTDOWN_TIMEOUT="30")
     serving = server.wait_ready()["pid"]
     [running] = server.submit(seconds=4)
     queued = server.submit(count=3)
@@ -314,7 +314,7 @@ def test_stop_signal_refuses_work_and_lets_the_running_task_finish(
     "flask", "gunicorn", pytest.param("uwsgi", marks=needs_uwsgi),
 ])
 def test_a_task_longer_than_the_shutdown_timeout_does_not_hold_the_process(start_server, kind):
-    server = start_server(kind, FLASK_WORKERS="1", FLASK_SHUTDOWN_TIMEOUT="1")
+    server = start_server(kind, FLASK_QUEUE_WORKERS="1", FLASK_QUEUE_SHUTDOWN_TIMEOUT="1")
     serving = server.wait_ready()["pid"]
     [endless] = server.submit(seconds=600)
     server.wait_stats("the task running", lambda s: s["running"] == 1)
@@ -342,7 +342,7 @@ def test_a_signal_the_server_was_started_to_ignore_stays_ignored(start_server):
 
 # -- serving beyond this machine ------------------------------------------------------
 
-EXPOSED = "beyond this machine, with no ACCESS_TOKEN"
+EXPOSED = "beyond this machine, with no QUEUE_ACCESS_TOKEN"
 
 
 @pytest.mark.parametrize("token", ["", "a-long-random-secret"], ids=["no-token", "token"])
@@ -350,7 +350,7 @@ def test_gunicorn_on_every_interface_warns_at_start_unless_a_token_is_set(tmp_pa
     port = free_port()
     settings = {**QUICK, "BIND": f"0.0.0.0:{port}"}
     if token:
-        settings["FLASK_ACCESS_TOKEN"] = token
+        settings["FLASK_QUEUE_ACCESS_TOKEN"] = token
     args = [str(BIN / "gunicorn"), "-c", str(ROOT / "gunicorn.conf.py")]
     server = Server("gunicorn", args, tmp_path / "gunicorn.log", server_env(settings), port)
     try:

@@ -287,13 +287,13 @@ def test_the_app_reports_a_bad_queue_url_as_a_config_error(tmp_path):
     bad = tmp_path / "bad.db"
     bad.write_bytes(b"x" * 100)
     with pytest.raises(ConfigError, match="QUEUE_URL: .*bad.db is not a usable SQLite database"):
-        create_app({"QUEUE_URL": f"sqlite:///{bad}", "HANDLE_SIGNALS": False})
+        create_app({"QUEUE_URL": f"sqlite:///{bad}", "QUEUE_HANDLE_SIGNALS": False})
     with pytest.raises(ConfigError, match="QUEUE_URL must be memory:// or sqlite:///path"):
-        create_app({"QUEUE_URL": "redis://localhost", "HANDLE_SIGNALS": False})
+        create_app({"QUEUE_URL": "redis://localhost", "QUEUE_HANDLE_SIGNALS": False})
 
 
 def test_a_relative_path_lives_in_the_instance_folder(tmp_path):
-    app = create_app({"QUEUE_URL": "sqlite:///q.db", "HANDLE_SIGNALS": False, "WORKERS": 0})
+    app = create_app({"QUEUE_URL": "sqlite:///q.db", "QUEUE_HANDLE_SIGNALS": False, "QUEUE_WORKERS": 0})
     try:
         assert get_queue(app).store.path == os.path.join(app.instance_path, "q.db")
         assert os.path.exists(os.path.join(app.instance_path, "q.db"))
@@ -306,8 +306,8 @@ def test_a_relative_path_lives_in_the_instance_folder(tmp_path):
 
 
 def test_the_dashboard_runs_on_the_sqlite_store(tmp_path):
-    app = create_app({"QUEUE_URL": f"sqlite:///{tmp_path}/q.db", "WORKERS": 0,
-                      "HANDLE_SIGNALS": False, "WORK_TIME": 0})
+    app = create_app({"QUEUE_URL": f"sqlite:///{tmp_path}/q.db", "QUEUE_WORKERS": 0,
+                      "QUEUE_HANDLE_SIGNALS": False, "QUEUE_WORK_TIME": 0})
     queue = get_queue(app)
     try:
         client = app.test_client()
@@ -324,7 +324,7 @@ def test_the_dashboard_runs_on_the_sqlite_store(tmp_path):
 
 def test_the_page_lists_the_workers_of_every_process(tmp_path):
     path = tmp_path / "q.db"
-    app = create_app({"QUEUE_URL": f"sqlite:///{path}", "WORKERS": 1, "HANDLE_SIGNALS": False})
+    app = create_app({"QUEUE_URL": f"sqlite:///{path}", "QUEUE_WORKERS": 1, "QUEUE_HANDLE_SIGNALS": False})
     queue = get_queue(app)
     try:
         client = app.test_client()

@@ -65,11 +65,11 @@ def test_page_shows_depth_counts_workers_history_buttons_and_pid(client, queue):
 
 @pytest.mark.parametrize("config,size", [
     ({}, 10),
-    ({"MAX_BATCH": 4}, 4),
-    ({"SUBMIT_LIMIT": "3 per minute"}, 3),
-    ({"SUBMIT_LIMIT": ""}, 10),
-    ({"MAX_BATCH": 1}, None),
-    ({"SUBMIT_LIMIT": "1/second"}, None),
+    ({"QUEUE_MAX_BATCH": 4}, 4),
+    ({"QUEUE_SUBMIT_LIMIT": "3 per minute"}, 3),
+    ({"QUEUE_SUBMIT_LIMIT": ""}, 10),
+    ({"QUEUE_MAX_BATCH": 1}, None),
+    ({"QUEUE_SUBMIT_LIMIT": "1/second"}, None),
 ])
 def test_the_batch_button_adds_what_the_limits_allow(make_app, config, size):
     html = make_app(**config).test_client().get("/").data
@@ -146,7 +146,7 @@ def test_a_change_makes_the_next_poll_render(client, queue):
 
 
 def test_a_tag_from_another_queue_never_matches(client, queue):
-    other = create_app({"WORKERS": 0, "HANDLE_SIGNALS": False})
+    other = create_app({"QUEUE_WORKERS": 0, "QUEUE_HANDLE_SIGNALS": False})
     try:
         other_tag = get_queue(other).tag
         assert other_tag.split("-")[-1] == queue.tag.split("-")[-1]  # same version number...
@@ -258,7 +258,7 @@ def test_input_is_escaped_in_error_messages(client):
 
 
 def test_a_full_queue_answers_503_with_retry_after_and_queues_nothing():
-    app = create_app({"WORKERS": 0, "HANDLE_SIGNALS": False, "MAX_QUEUED": 15, "MAX_BATCH": 10})
+    app = create_app({"QUEUE_WORKERS": 0, "QUEUE_HANDLE_SIGNALS": False, "QUEUE_MAX_QUEUED": 15, "QUEUE_MAX_BATCH": 10})
     queue = get_queue(app)
     try:
         client = app.test_client()
@@ -301,7 +301,7 @@ def test_api_stats_has_the_documented_fields(client, queue):
 
 
 def test_api_stats_workers_show_name_state_and_task():
-    app = create_app({"WORKERS": 1, "HANDLE_SIGNALS": False})
+    app = create_app({"QUEUE_WORKERS": 1, "QUEUE_HANDLE_SIGNALS": False})
     queue = get_queue(app)
     try:
         queue.pause()
@@ -434,40 +434,40 @@ def test_every_task_runs_in_an_app_context_torn_down_after_it(app, queue):
 @pytest.mark.parametrize(
     "config,message",
     [
-        ({"WORKERS": "many"}, "WORKERS must be an integer from 0 to 64, got 'many'"),
-        ({"WORKERS": -1}, "WORKERS must be an integer from 0 to 64, got -1"),
-        ({"WORK_TIME": -1}, "WORK_TIME must be a number from 0 to 3600"),
-        ({"POLL_INTERVAL": 0}, "POLL_INTERVAL must be a number from 0.2 to 60"),
-        ({"MAX_QUEUED": 0}, "MAX_QUEUED must be an integer from 1 to 10000000"),
-        ({"MAX_BATCH": 50, "MAX_QUEUED": 10}, "MAX_BATCH must not be larger than MAX_QUEUED"),
-        ({"HISTORY": None}, "HISTORY must be an integer"),
-        ({"DEFAULT_KIND": "nope"}, "DEFAULT_KIND must be one of: flaky, pretend, primes"),
-        ({"HANDLE_SIGNALS": "maybe"}, "HANDLE_SIGNALS must be true or false"),
+        ({"QUEUE_WORKERS": "many"}, "QUEUE_WORKERS must be an integer from 0 to 64, got 'many'"),
+        ({"QUEUE_WORKERS": -1}, "QUEUE_WORKERS must be an integer from 0 to 64, got -1"),
+        ({"QUEUE_WORK_TIME": -1}, "QUEUE_WORK_TIME must be a number from 0 to 3600"),
+        ({"QUEUE_POLL_INTERVAL": 0}, "QUEUE_POLL_INTERVAL must be a number from 0.2 to 60"),
+        ({"QUEUE_MAX_QUEUED": 0}, "QUEUE_MAX_QUEUED must be an integer from 1 to 10000000"),
+        ({"QUEUE_MAX_BATCH": 50, "QUEUE_MAX_QUEUED": 10}, "QUEUE_MAX_BATCH must not be larger than QUEUE_MAX_QUEUED"),
+        ({"QUEUE_HISTORY": None}, "QUEUE_HISTORY must be an integer"),
+        ({"QUEUE_DEFAULT_KIND": "nope"}, "QUEUE_DEFAULT_KIND must be one of: flaky, pretend, primes"),
+        ({"QUEUE_HANDLE_SIGNALS": "maybe"}, "QUEUE_HANDLE_SIGNALS must be true or false"),
     ],
 )
 def test_invalid_config_fails_at_start_naming_the_key(config, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
-        create_app({"HANDLE_SIGNALS": False, **config})
+        create_app({"QUEUE_HANDLE_SIGNALS": False, **config})
 
 
 def test_config_comes_from_flask_prefixed_environment(monkeypatch):
-    monkeypatch.setenv("FLASK_WORKERS", "3")
-    monkeypatch.setenv("FLASK_WORK_TIME", "0.5")
-    monkeypatch.setenv("FLASK_HANDLE_SIGNALS", "false")
+    monkeypatch.setenv("FLASK_QUEUE_WORKERS", "3")
+    monkeypatch.setenv("FLASK_QUEUE_WORK_TIME", "0.5")
+    monkeypatch.setenv("FLASK_QUEUE_HANDLE_SIGNALS", "false")
     app = create_app({"TESTING": True})
     try:
-        assert (app.config["WORKERS"], app.config["WORK_TIME"]) == (3, 0.5)
+        assert (app.config["QUEUE_WORKERS"], app.config["QUEUE_WORK_TIME"]) == (3, 0.5)
         assert get_queue(app).workers == 3
     finally:
         get_queue(app).shutdown()
-    monkeypatch.setenv("FLASK_WORKERS", "lots")
-    with pytest.raises(ConfigError, match="WORKERS must be an integer .* FLASK_WORKERS"):
+    monkeypatch.setenv("FLASK_QUEUE_WORKERS", "lots")
+    with pytest.raises(ConfigError, match="QUEUE_WORKERS must be an integer .* FLASK_QUEUE_WORKERS"):
         create_app()
 
 
 def test_test_config_wins_over_environment(monkeypatch):
-    monkeypatch.setenv("FLASK_WORKERS", "3")
-    app = create_app({"WORKERS": 0, "HANDLE_SIGNALS": False})
+    monkeypatch.setenv("FLASK_QUEUE_WORKERS", "3")
+    app = create_app({"QUEUE_WORKERS": 0, "QUEUE_HANDLE_SIGNALS": False})
     assert get_queue(app).workers == 0
     get_queue(app).shutdown()
 
@@ -523,7 +523,7 @@ def test_presenter_forms_come_back_to_presenter_mode(client):
 
 
 def test_workers_plus_minus_and_count():
-    app = create_app({"WORKERS": 1, "MAX_WORKERS": 3, "HANDLE_SIGNALS": False})
+    app = create_app({"QUEUE_WORKERS": 1, "QUEUE_MAX_WORKERS": 3, "QUEUE_HANDLE_SIGNALS": False})
     queue = get_queue(app)
     try:
         client = app.test_client()
@@ -604,7 +604,7 @@ def test_a_refused_plain_post_returns_to_its_page_and_says_why(client, queue):
 def test_a_page_shows_only_refusals_it_signed_for_this_client(make_app, monkeypatch):
     from dashboard import notices
 
-    app = make_app(SUBMIT_LIMIT="1/minute")
+    app = make_app(QUEUE_SUBMIT_LIMIT="1/minute")
     client = app.test_client()
     assert client.post("/tasks", data={"count": "1"}).status_code == 303
     refused = client.post("/tasks", data={"count": "1"})
@@ -628,7 +628,7 @@ def test_a_page_shows_only_refusals_it_signed_for_this_client(make_app, monkeypa
     monkeypatch.undo()
 
     # Apps that share SECRET_KEY (processes of one deployment) read each other's.
-    first = make_app(SECRET_KEY="shared secret", SUBMIT_LIMIT="1/minute")
+    first = make_app(SECRET_KEY="shared secret", QUEUE_SUBMIT_LIMIT="1/minute")
     second = make_app(SECRET_KEY="shared secret")
     first.test_client().post("/tasks", data={"count": "1"})
     location = first.test_client().post("/tasks", data={"count": "1"}).headers["Location"]

@@ -1,0 +1,107 @@
+"""The queue as a Flask extension in someone else's app: Flask's conventions.
+
+Settings are prefixed ``QUEUE_`` so none collides with the app's own; an app
+with its own kinds starts without naming a default; setting up the queue
+installs none of the dashboard's parts, which come with mounting its blueprint
+and apply to its routes only.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from flask import Flask
+
+from dashboard import QueueExtension, Registry, get_queue
+
+
+@pytest.fixture
+def own_app():
+    registry = Registry()
+
+    @registry.task("resize")
+    def resize(ctx):
+        pass
+
+    @registry.task("email")
+    def email(ctx):
+        pass
+
+    app = Flask("someone_elses_app")
+    # The app's own settings of these names are its business, not the queue's.
+    app.config.update(WORKERS=99, HISTORY="the app's own", QUEUE_WORKERS=0,
+                      QUEUE_HANDLE_SIGNALS=False)
+    extension = QueueExtension(registry=registry)
+    extension.init_app(app)
+
+    @app.get("/hello")
+    def hello():
+        return "hello"
+
+    yield app, extension
+    get_queue(app).shutdown()
+
+
+def test_an_app_with_its_own_kinds_starts_without_naming_a_default(own_app):
+    """Before: DEFAULT_KIND must be one of: email, resize; got 'pretend'."""
+    app, extension = own_app
+    assert extension.default_kind(app) == "email"  # the first by name
+    app.config["QUEUE_DEFAULT_KIND"] = "resize"
+    assert extension.default_kind(app) == "resize"
+
+
+def test_the_apps_own_settings_of_the_old_names_are_left_alone(own_app):
+    app, _ = own_app
+    assert get_queue(app).workers == 0  # QUEUE_WORKERS, not the app's WORKERS=99
+    assert app.config["WORKERS"] == 99 and app.config["HISTORY"] == "the app's own"
+
+
+def test_setting_up_the_queue_installs_nothing_of_the_dashboard(own_app):
+    app, _ = own_app
+    assert "dashboard.limiter" not in app.extensions
+    response = app.test_client().get("/hello")
+    assert response.status_code == 200
+    assert "Content-Security-Policy" not in response.headers
+
+
+def test_mounting_the_dashboard_brings_its_parts_for_its_routes_only(own_app):
+    from dashboard.views import bp
+
+    app, _ = own_app
+    app.register_blueprint(bp, url_prefix="/queue")
+    assert "dashboard.limiter" in app.extensions
+    client = app.test_client()
+    page = client.get("/queue/")
+    assert page.status_code == 200 and "Content-Security-Policy" in page.headers
+    assert b'<option value="email" selected' in page.data
+    hello = client.get("/hello")
+    assert hello.status_code == 200 and "Content-Security-Policy" not in hello.headers
+
+
+def test_an_old_setting_name_in_the_environment_is_named_in_a_warning(monkeypatch, caplog):
+    monkeypatch.setenv("FLASK_WORKERS", "4")
+    app = Flask("upgraded_app")
+    app.config.update(QUEUE_WORKERS=0, QUEUE_HANDLE_SIGNALS=False)
+    with caplog.at_level(logging.WARNING, logger="dashboard"):
+        QueueExtension(registry=Registry()).init_app(app)
+    try:
+        assert ("FLASK_WORKERS is set but is no longer read: the setting is now QUEUE_WORKERS "
+                "(FLASK_QUEUE_WORKERS in the environment)") in caplog.text
+    finally:
+        get_queue(app).shutdown()
+
+
+def test_a_default_kind_that_is_not_registered_is_refused_by_name():
+    from dashboard import ConfigError
+
+    app = Flask("misnamed")
+    app.config.update(QUEUE_WORKERS=0, QUEUE_HANDLE_SIGNALS=False, QUEUE_DEFAULT_KIND="pretend")
+    registry = Registry()
+
+    @registry.task("email")
+    def email(ctx):
+        pass
+
+    with pytest.raises(ConfigError, match="QUEUE_DEFAULT_KIND must be one of: email; got 'pretend'"):
+        QueueExtension(registry=registry).init_app(app)
