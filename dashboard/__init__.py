@@ -17,8 +17,8 @@ from werkzeug.exceptions import BadHost, HTTPException, SecurityError
 from .config import ConfigError
 from .ext import QueueExtension, current_queue, get_queue
 from .records import State
-from .store import QueueClosed, QueueFull
-from .tasks import Bool, Float, Int, InvalidParam, Registry, Str, UnknownKind, registry, task
+from .errors import InvalidParam, QueueClosed, QueueError, QueueFull, UnknownKind
+from .tasks import Bool, Float, Int, Registry, Str, registry, task
 from .workqueue import TaskContext, WorkQueue
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "Str",
     "Bool",
     "ConfigError",
+    "QueueError",
     "QueueFull",
     "QueueClosed",
     "InvalidParam",

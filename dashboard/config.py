@@ -15,7 +15,8 @@ from urllib.parse import urlsplit
 
 import click
 
-from .tasks import Bool, Float, Int, InvalidParam, Param, Str
+from .errors import InvalidParam
+from .tasks import Bool, Float, Int, Param, Str
 
 
 class ConfigError(click.ClickException, ValueError):

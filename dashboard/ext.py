@@ -41,7 +41,8 @@ from werkzeug.local import LocalProxy
 
 
 from .config import DEFAULTS, ConfigError, check_config, old_names_in
-from .sqlite_store import SqliteStore, StoreError
+from .errors import StoreError
+from .sqlite_store import SqliteStore
 from .store import MemoryStore, Store
 from .tasks import Registry
 from .workqueue import TaskContext, WorkQueue, live_queues

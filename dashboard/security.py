@@ -44,7 +44,7 @@ from flask import Flask, Response, current_app, jsonify, make_response, request
 from limits.storage import MemoryStorage
 from limits.strategies import MovingWindowRateLimiter
 
-from .tasks import TaskError
+from .errors import RateLimited
 
 logger = logging.getLogger("dashboard.security")
 
@@ -384,20 +384,6 @@ def warn_if_exposed(host: str, secret: str) -> bool:
 
 
 # -- the submit limit -------------------------------------------------------------------
-
-
-class RateLimited(TaskError):
-    """This client added more tasks than ``QUEUE_SUBMIT_LIMIT`` allows; ``retry_after`` in seconds.
-
-    ``limit`` is the limit in words, like "3 tasks per minute" (:func:`describe_limit`).
-    """
-
-    def __init__(self, limit: str, retry_after: int):
-        self.retry_after = retry_after
-        super().__init__(
-            f"too much work from this client: the limit is {limit}; "
-            f"try again in {retry_after}s"
-        )
 
 
 def describe_limit(item: limits.RateLimitItem) -> str:

@@ -47,19 +47,8 @@ from urllib.parse import quote
 
 from .clock import ALIVE, BOOT_ID, DEAD, Identity, clock, identity, process_alive
 from .records import Snapshot, State, TaskInfo, TaskRecord, WorkerInfo
-from .store import (
-    RATE_WINDOW,
-    SERIES_SECONDS,
-    QueueClosed,
-    QueueFull,
-    Store,
-    StoreUnavailable,
-    TaskNotFound,
-    WrongState,
-    rates,
-    worker_state,
-)
-from .tasks import TaskError
+from .errors import QueueClosed, QueueFull, StoreError, StoreUnavailable, TaskNotFound, WrongState
+from .store import RATE_WINDOW, SERIES_SECONDS, Store, rates, worker_state
 
 logger = logging.getLogger("dashboard.sqlite")
 
@@ -275,15 +264,6 @@ _COLUMNS = (
 )
 _TASK_COLUMNS = ", ".join(_COLUMNS)
 _T_COLUMNS = ", ".join(f"t.{c}" for c in _COLUMNS)
-
-
-class StoreError(TaskError):
-    """The store cannot be used as configured. The message says what to do.
-
-    ``busy``: it was only locked by another process (worth trying again).
-    """
-
-    busy = False
 
 
 def _refusal(path: str, exc: sqlite3.Error) -> StoreError:

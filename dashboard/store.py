@@ -25,7 +25,8 @@ from itertools import islice, takewhile
 from typing import Any, Iterable
 
 from .records import Snapshot, State, TaskInfo, TaskRecord, WorkerInfo
-from .tasks import TaskError
+from .errors import (QueueClosed, QueueFull, TaskNotFound,
+                     WrongState)
 
 # Enum member lookups cost a class attribute access each time; the hot paths
 # (submit, claim, finish) use these module constants instead.
@@ -94,54 +95,6 @@ def rates(now: float, first_second: int | None,
         "mean_run": run_sum / finished if finished else None,
         "throughput": finished * 60.0 / span,
     }
-
-
-class QueueFull(TaskError):
-    """The queue holds ``max_queued`` tasks; nothing of the request was queued."""
-
-    def __init__(self, queued: int, max_queued: int, requested: int):
-        self.queued = queued
-        self.max_queued = max_queued
-        self.requested = requested
-        super().__init__(
-            f"queue is full: {queued} of {max_queued} queued, {requested} more requested"
-        )
-
-
-class QueueClosed(TaskError):
-    """The queue is shutting down and takes no new work."""
-
-    def __init__(self) -> None:
-        super().__init__("queue is shutting down and takes no new work")
-
-
-class StoreUnavailable(TaskError):
-    """The store cannot answer right now (its file is locked, deleted or unreadable).
-
-    Nothing was changed; the request may be sent again after ``retry_after`` seconds.
-    """
-
-    def __init__(self, reason: str, retry_after: int = 5):
-        self.reason = reason
-        self.retry_after = retry_after
-        super().__init__(f"the queue is unavailable right now: {reason}; try again shortly")
-
-
-class TaskNotFound(TaskError):
-    """No task has this id (or the history forgot it)."""
-
-    def __init__(self, task_id: int):
-        self.task_id = task_id
-        super().__init__(f"no task {task_id}: unknown, or no longer in the history")
-
-
-class WrongState(TaskError):
-    """The task is not in a state that allows what was asked."""
-
-    def __init__(self, task_id: int, state: State, wanted: str):
-        self.task_id = task_id
-        self.state = state
-        super().__init__(f"task {task_id} is {state}; {wanted}")
 
 
 class Store:

@@ -14,28 +14,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-
-class TaskError(Exception):
-    """Base class for errors raised when work is refused."""
-
-
-class UnknownKind(TaskError):
-    """The named task kind is not registered."""
-
-    def __init__(self, kind: object, known: list[str]):
-        self.kind = kind
-        self.known = known
-        super().__init__(
-            f"kind must be one of: {', '.join(known) or '(none registered)'}; got {_short(kind)}"
-        )
-
-
-class InvalidParam(TaskError):
-    """A task parameter is missing its spec, has the wrong type or is out of range."""
-
-    def __init__(self, field: str, message: str):
-        self.field = field
-        super().__init__(f"{field} {message}")
+from .errors import InvalidParam, UnknownKind
+from .errors import short as _short
 
 
 class Param:
@@ -143,16 +123,6 @@ class Bool(Param):
         if isinstance(value, str) and value.strip().lower() in self.TRUE | self.FALSE:
             return value.strip().lower() in self.TRUE
         raise InvalidParam(name, f"must be {self.describe()}, got {_short(value)}")
-
-
-def _short(value: object) -> str:
-    """``repr(value)``, cut to 40 characters: an error quotes what it was given,
-    and what it was given may be huge, or nested too deeply to repr at all."""
-    try:
-        text = repr(value)
-    except RecursionError:
-        return f"a {type(value).__name__} nested too deeply to show"
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 @dataclass(frozen=True)

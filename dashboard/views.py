@@ -39,9 +39,9 @@ from . import notices, security
 from .chart import depth_chart
 from .ext import current_queue
 from .records import Snapshot, State, TaskInfo
-from .store import QueueClosed, QueueFull, StoreUnavailable, TaskNotFound, WrongState
 from .workqueue import stall_reason
-from .tasks import Int, TaskError, TaskKind
+from .errors import InvalidParam, QueueError, QueueFull, StoreUnavailable, TaskNotFound
+from .tasks import Int, TaskKind
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -382,20 +382,12 @@ def live_region(region: str) -> Response:
 # -- answering a state-changing form -----------------------------------------------
 
 
-def _error_status(exc: Exception) -> tuple[int, dict[str, str]]:
-    if isinstance(exc, security.RateLimited):
-        return 429, {"Retry-After": str(exc.retry_after)}
-    if isinstance(exc, QueueFull):
-        return 503, {"Retry-After": _retry_after(exc.requested)}
-    if isinstance(exc, QueueClosed):
-        return 503, {"Retry-After": "5"}
-    if isinstance(exc, StoreUnavailable):
-        return 503, {"Retry-After": str(exc.retry_after)}
-    if isinstance(exc, TaskNotFound):
-        return 404, {}
-    if isinstance(exc, WrongState):
-        return 409, {}
-    return 400, {}
+def _error_status(exc: QueueError) -> tuple[int, dict[str, str]]:
+    """The status and headers that answer a refusal: the refusal's own. A full
+    queue cannot know when places free up; the recent run time says."""
+    if isinstance(exc, QueueFull) and exc.retry_after is None:
+        exc.retry_after = int(_retry_after(exc.requested))
+    return exc.status, exc.headers()
 
 
 def _retry_after(requested: int) -> str:
@@ -417,7 +409,7 @@ def _form_action(action: Callable[[], Any], back: Callable[[Any], str]) -> Respo
     """
     try:
         result = action()
-    except TaskError as exc:
+    except QueueError as exc:
         status, headers = _error_status(exc)
         message = str(exc)
         current_app.logger.info("%s %s refused (%d): %s", request.method,
@@ -446,7 +438,7 @@ def _home() -> str:
     return url_for(".index", present=1) if _presenting() else url_for(".index")
 
 
-def _refused_location(exc: TaskError, message: str) -> str:
+def _refused_location(exc: QueueError, message: str) -> str:
     """The page a refused plain post came from, with the reason signed into its address:
     the task's page for a form on it (``view=task``) unless the task is unknown, else
     the dashboard (in presenter mode if the form was)."""
@@ -461,12 +453,6 @@ def _refused_location(exc: TaskError, message: str) -> str:
 
 
 # -- adding work ---------------------------------------------------------------
-
-
-class BadField(TaskError):
-    def __init__(self, field: str, message: str):
-        self.field = field
-        super().__init__(f"{field} {message}")
 
 
 def _count_spec() -> Int:
@@ -487,7 +473,7 @@ def _submit(kind_name: Any, count: Any, params: Any) -> list[int]:
     """Check everything the request says, then queue, charging the client for what was queued."""
     count = _count_spec().parse("count", count)
     if not isinstance(params, dict):
-        raise BadField("params", f"must be an object of parameters, got {type(params).__name__}")
+        raise InvalidParam("params", f"must be an object of parameters, got {type(params).__name__}")
     current_queue.registry.get(kind_name).check_params(params)  # bad input: 400, not 429
     return security.spend_submit(count, lambda: current_queue.submit_many(kind_name, count, params))
 
@@ -770,7 +756,7 @@ def _nests_deeper(value: Any, limit: int) -> bool:
 def _json_action(action: Callable[[], Any], ok: Callable[[Any], Response]) -> Response:
     try:
         result = action()
-    except TaskError as exc:
+    except QueueError as exc:
         status, headers = _error_status(exc)
         return _json_error(str(exc), status, headers)
     return ok(result)
@@ -889,19 +875,20 @@ def healthz() -> Response:
     return response
 
 
-@bp.errorhandler(StoreUnavailable)
-def _store_unavailable(exc: StoreUnavailable) -> Response:
-    """The store could not be read or written (a file locked for long, or gone):
-    a 503 that says so and when to try again; a poll keeps what it shows."""
+@bp.errorhandler(QueueError)
+def _refused(exc: QueueError) -> Response:
+    """A refusal no view answered itself; most often the store could not be read
+    or written (a file locked for long, or gone, or failing): a 503 that says so
+    and when to try again. A poll keeps what it shows."""
     message = str(exc)
     current_app.logger.warning("%s %s: %s", request.method, security.printable(request.path),
                                message)
-    headers = {"Retry-After": str(exc.retry_after)}
+    status, headers = _error_status(exc)
     if request.path.startswith(security.api_prefix()) or request.is_json:
-        return _json_error(message, 503, headers)
+        return _json_error(message, status, headers)
     if _is_htmx():
-        return make_response(render_template("_error.html", error=message), 503, headers)
-    response = _message_page(message, 503)
+        return make_response(render_template("_error.html", error=message), status, headers)
+    response = _message_page(message, status)
     response.headers.update(headers)
     return response
 

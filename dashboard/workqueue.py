@@ -17,7 +17,8 @@ import weakref
 from typing import Any, Callable, Mapping
 
 from .records import Snapshot, State, TaskInfo, TaskRecord
-from .store import MemoryStore, QueueClosed, QueueFull, Store, StoreUnavailable
+from .errors import QueueClosed, QueueFull, StoreUnavailable
+from .store import MemoryStore, Store
 from .tasks import Registry, registry as default_registry
 
 __all__ = ["WorkQueue", "TaskContext", "QueueFull", "QueueClosed"]

@@ -11,8 +11,9 @@ import pytest
 
 from dashboard.records import State
 from dashboard.sqlite_store import SqliteStore
-from dashboard.store import MemoryStore, QueueClosed, QueueFull, TaskNotFound, WrongState
-from dashboard.tasks import Float, Int, InvalidParam, Str, UnknownKind
+from dashboard.errors import InvalidParam, QueueClosed, QueueFull, TaskNotFound, UnknownKind, WrongState
+from dashboard.store import MemoryStore
+from dashboard.tasks import Float, Int, Str
 from dashboard.workqueue import WorkQueue
 from support import wait_for
 

@@ -26,7 +26,8 @@ import pytest
 from dashboard import create_app, get_queue
 from dashboard.records import State
 from dashboard.sqlite_store import SqliteStore
-from dashboard.store import MemoryStore, StoreUnavailable
+from dashboard.errors import StoreUnavailable
+from dashboard.store import MemoryStore
 from support import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent

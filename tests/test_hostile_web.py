@@ -164,7 +164,7 @@ def test_d06_refused_submits_cost_nothing(make_app):
 
 
 def test_d06_a_store_that_cannot_answer_costs_nothing(make_app, monkeypatch):
-    from dashboard.store import StoreUnavailable
+    from dashboard.errors import StoreUnavailable
 
     app = make_app(QUEUE_SUBMIT_LIMIT="2/minute")
     queue = get_queue(app)

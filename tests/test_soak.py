@@ -28,7 +28,8 @@ import pytest
 
 from dashboard.records import State
 from dashboard.sqlite_store import SqliteStore
-from dashboard.store import MemoryStore, QueueClosed, QueueFull, TaskNotFound, WrongState
+from dashboard.errors import QueueClosed, QueueFull, TaskNotFound, WrongState
+from dashboard.store import MemoryStore
 from dashboard.tasks import Bool, Int
 from dashboard.workqueue import WorkQueue
 

@@ -26,7 +26,8 @@ from dashboard import create_app, get_queue
 from dashboard.config import ConfigError
 from dashboard.records import State
 from dashboard.clock import clock
-from dashboard.sqlite_store import SCHEMA_VERSION, SqliteStore, StoreError
+from dashboard.errors import StoreError
+from dashboard.sqlite_store import SCHEMA_VERSION, SqliteStore
 from dashboard.tasks import Int
 from support import wait_for
 
