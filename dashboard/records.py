@@ -27,6 +27,45 @@ class State(str, Enum):
 
 FINISHED_STATES = frozenset({State.DONE, State.FAILED, State.CANCELLED})
 
+# -- the rules about a task: each written once, here ---------------------------------
+
+#: States from which a task can be cancelled (a queued one never runs; a running
+#: one is asked to stop).
+CANCELLABLE_STATES = frozenset({State.QUEUED, State.RUNNING})
+#: States from which a task can be retried (as a new task of the same kind and params).
+RETRYABLE_STATES = frozenset({State.FAILED, State.CANCELLED})
+CANNOT_CANCEL = "only queued or running tasks can be cancelled"
+CANNOT_RETRY = "only failed or cancelled tasks can be retried"
+
+
+def progress_changed(old: float, new: float, old_message: str | None,
+                     new_message: str | None) -> bool:
+    """Whether progress moved in a way a person can see (a whole percent, or a new
+    message): only then is it a new version of the queue, worth a poll's render."""
+    return int(new * 100) != int(old * 100) or new_message != old_message
+
+
+class WorkerState(str, Enum):
+    """What a worker is doing, as the dashboard and the API say it."""
+
+    IDLE = "idle"
+    RUNNING = "running"
+    PAUSED = "paused"
+    STOPPING = "stopping"  # finishing its task while the queue shuts down, or dead holding one
+    STOPPED = "stopped"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @classmethod
+    def of(cls, has_task: bool, alive: bool, paused: bool, closed: bool) -> WorkerState:
+        """One rule for every store."""
+        if has_task:
+            return cls.STOPPING if closed or not alive else cls.RUNNING
+        if not alive:
+            return cls.STOPPED
+        return cls.PAUSED if paused else cls.IDLE
+
 
 class TaskRecord:
     """The live state of one task inside a store. Change it only under the store's lock."""
@@ -124,6 +163,21 @@ class TaskInfo(NamedTuple):
     attempts: int = 0
 
     @property
+    def can_cancel(self) -> bool:
+        """Whether Cancel applies: queued or running, and not asked to stop already."""
+        return self.state in CANCELLABLE_STATES and not self.cancel_requested
+
+    @property
+    def can_retry(self) -> bool:
+        """Whether Retry applies: failed or cancelled, and not retried already."""
+        return self.state in RETRYABLE_STATES and self.retried_as is None
+
+    @property
+    def shows_progress(self) -> bool:
+        """Whether a progress bar means anything: only while it runs."""
+        return self.state is State.RUNNING
+
+    @property
     def finished(self) -> bool:
         return self.state in FINISHED_STATES
 
@@ -169,7 +223,7 @@ class WorkerInfo(NamedTuple):
     """One worker thread: its name, state (idle, running, paused, stopped), task and process."""
 
     name: str
-    state: str
+    state: WorkerState
     task: TaskInfo | None
     done: int
     pid: int = 0
@@ -177,7 +231,7 @@ class WorkerInfo(NamedTuple):
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
-            "state": self.state,
+            "state": str(self.state),
             "task": None if self.task is None else self.task.to_dict(),
             "done": self.done,
             "pid": self.pid,

@@ -46,7 +46,8 @@ from typing import Any, Callable, Iterator, NamedTuple
 from urllib.parse import quote
 
 from .clock import ALIVE, BOOT_ID, DEAD, Identity, clock, identity, process_alive
-from .records import Snapshot, State, TaskInfo, TaskRecord, WorkerInfo
+from .records import (CANNOT_CANCEL, CANNOT_RETRY, RETRYABLE_STATES, Snapshot, State, TaskInfo,
+                      TaskRecord, WorkerInfo, progress_changed)
 from .errors import QueueClosed, QueueFull, StoreError, StoreUnavailable, TaskNotFound, WrongState
 from .store import RATE_WINDOW, SERIES_SECONDS, Store, rates, worker_state
 
@@ -1146,7 +1147,7 @@ class SqliteStore(Store):
         return self.claim(worker)
 
     def progress(self, record: TaskRecord, fraction: float, message: str | None) -> None:
-        visible = int(fraction * 100) != int(record.progress * 100) or message != record.message
+        visible = progress_changed(record.progress, fraction, record.message, message)
         record.progress = fraction
         record.message = message
         if not visible or record.lost:
@@ -1199,7 +1200,7 @@ class SqliteStore(Store):
                     (task_id,),
                 )
                 return State.RUNNING
-            raise WrongState(task_id, state, "only queued or running tasks can be cancelled")
+            raise WrongState(task_id, state, CANNOT_CANCEL)
 
     def retry(self, task_id: int) -> int:
         with self._write() as (conn, now):
@@ -1208,8 +1209,8 @@ class SqliteStore(Store):
             if row is None:
                 raise TaskNotFound(task_id)
             state = _STATES[row[0]]
-            if state not in (State.FAILED, State.CANCELLED):
-                raise WrongState(task_id, state, "only failed or cancelled tasks can be retried")
+            if state not in RETRYABLE_STATES:
+                raise WrongState(task_id, state, CANNOT_RETRY)
             if row[3] is not None:
                 return row[3]  # retried already: a double click queues one task
             (new_id,) = self._add_locked(conn, now, row[1], json.loads(row[2]), 1, task_id)

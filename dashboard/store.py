@@ -24,7 +24,8 @@ from collections import deque
 from itertools import islice, takewhile
 from typing import Any, Iterable
 
-from .records import Snapshot, State, TaskInfo, TaskRecord, WorkerInfo
+from .records import (CANNOT_CANCEL, CANNOT_RETRY, RETRYABLE_STATES, Snapshot, State, TaskInfo,
+                      TaskRecord, WorkerInfo, WorkerState, progress_changed)
 from .errors import (QueueClosed, QueueFull, TaskNotFound,
                      WrongState)
 
@@ -63,13 +64,9 @@ def _stamp(wall: float) -> int:
     return int(wall * 1_000_000) - _ID_EPOCH_US
 
 
-def worker_state(has_task: bool, alive: bool, paused: bool, closed: bool) -> str:
-    """What the dashboard says a worker is doing: one rule for every store."""
-    if has_task:
-        return "stopping" if closed or not alive else "running"
-    if not alive:
-        return "stopped"
-    return "paused" if paused else "idle"
+def worker_state(has_task: bool, alive: bool, paused: bool, closed: bool) -> WorkerState:
+    """What the dashboard says a worker is doing (:meth:`WorkerState.of`)."""
+    return WorkerState.of(has_task, alive, paused, closed)
 
 
 def rates(now: float, first_second: int | None,
@@ -681,7 +678,7 @@ class MemoryStore(Store):
             if record.state is not RUNNING:
                 return
             # Only a change a person can see is a new version: whole percents or a new message.
-            visible = int(fraction * 100) != int(record.progress * 100) or message != record.message
+            visible = progress_changed(record.progress, fraction, record.message, message)
             record.progress = fraction
             record.message = message
             if visible:
@@ -781,7 +778,7 @@ class MemoryStore(Store):
                     record.cancel_requested = True
                     self._version += 1
                 return RUNNING
-            raise WrongState(task_id, record.state, "only queued or running tasks can be cancelled")
+            raise WrongState(task_id, record.state, CANNOT_CANCEL)
 
     def _compact_queue(self) -> None:
         # Cancelled records stay in the deque until a worker skips them; when
@@ -800,10 +797,8 @@ class MemoryStore(Store):
             record = self._tasks.get(task_id)
             if record is None:
                 raise TaskNotFound(task_id)
-            if record.state is not FAILED and record.state is not CANCELLED:
-                raise WrongState(
-                    task_id, record.state, "only failed or cancelled tasks can be retried"
-                )
+            if record.state not in RETRYABLE_STATES:
+                raise WrongState(task_id, record.state, CANNOT_RETRY)
             if record.retried_as is not None:
                 return record.retried_as
             (new_id,) = self._add_locked(record.kind, dict(record.params), 1, record.id)

@@ -443,10 +443,9 @@ def _refused_location(exc: QueueError, message: str) -> str:
     the task's page for a form on it (``view=task``) unless the task is unknown, else
     the dashboard (in presenter mode if the form was)."""
     refused = {notices.PARAM: notices.sign(message)}
-    raw = (request.view_args or {}).get("task_id")
-    if (request.form.get("view") == "task" and isinstance(raw, str) and raw.isascii()
-            and raw.isdigit() and len(raw) <= 18 and not isinstance(exc, TaskNotFound)):
-        return url_for(".task_detail", task_id=int(raw), **refused)
+    number = _task_id((request.view_args or {}).get("task_id"))
+    if request.form.get("view") == "task" and number is not None and exc.status != 404:
+        return url_for(".task_detail", task_id=number, **refused)
     if _presenting():
         return url_for(".index", present=1, **refused)
     return url_for(".index", **refused)
@@ -576,10 +575,25 @@ def reset() -> Response:
 # -- one task --------------------------------------------------------------------------
 
 
+def _task_id(raw: object) -> int | None:
+    """The one reading of a task id from a request: the id, or None when ``raw``
+    cannot be one (the stores give out positive integers of at most 18 digits)."""
+    if isinstance(raw, str) and 0 < len(raw) <= 18 and raw.isascii() and raw.isdigit():
+        return int(raw)
+    return None
+
+
 def _parse_task_id(raw: str) -> int:
-    if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:
-        raise TaskNotFound(raw[:40])  # type: ignore[arg-type]
-    return int(raw)
+    """:func:`_task_id`, or :class:`TaskNotFound` (a 404) when it cannot be one."""
+    number = _task_id(raw)
+    if number is None:
+        raise TaskNotFound(printable_id(raw))
+    return number
+
+
+def printable_id(raw: object) -> str:
+    """What an error quotes of an id it was given: at most 40 characters, repr'd."""
+    return repr(str(raw)[:40])
 
 
 def _task_or_404(raw: str) -> TaskInfo:
@@ -665,9 +679,10 @@ def _task_gone(task_id: str, status: int, why: str) -> Response:
 def task_lookup() -> Response:
     """The page's "find a task" form: ``?id=N`` → the task's page."""
     raw = request.args.get("id", "").strip().lstrip("#")
-    if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:
-        return _message_page(f"id must be a task number like 42, got {raw[:40]!r}", 400)
-    return redirect(url_for(".task_detail", task_id=int(raw)), 303)
+    number = _task_id(raw)
+    if number is None:
+        return _message_page(f"id must be a task number like 42, got {printable_id(raw)}", 400)
+    return redirect(url_for(".task_detail", task_id=number), 303)
 
 
 def _back_to_task(task_id: int) -> str:
@@ -798,9 +813,10 @@ def api_add_tasks() -> Response:
 
 @bp.get("/api/tasks/<task_id>")
 def api_task(task_id: str) -> Response:
-    if not (task_id.isascii() and task_id.isdigit()) or len(task_id) > 18:
-        return _json_error(f"no task {task_id[:40]!r}: task ids are positive integers", 404)
-    info = current_queue.get(int(task_id))
+    number = _task_id(task_id)
+    if number is None:
+        return _json_error(f"no task {printable_id(task_id)}: task ids are positive integers", 404)
+    info = current_queue.get(number)
     if info is None:
         return _json_error(f"no task {task_id}: unknown, or no longer in the history", 404)
     return jsonify(info.to_dict())
