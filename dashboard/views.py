@@ -43,13 +43,20 @@ from .workqueue import stall_reason
 from .errors import InvalidParam, QueueError, QueueFull, StoreUnavailable, TaskNotFound
 from .tasks import Int, TaskKind
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _folder(name: str) -> str:
+    """``name`` inside the package (an installed wheel), else beside it (a checkout)."""
+    inside = os.path.join(_HERE, name)
+    return inside if os.path.isdir(inside) else os.path.join(os.path.dirname(_HERE), name)
+
 
 bp = Blueprint(
     "dashboard",
     __name__,
-    template_folder=os.path.join(_ROOT, "templates"),
-    static_folder=os.path.join(_ROOT, "static"),
+    template_folder=_folder("templates"),
+    static_folder=_folder("static"),
     static_url_path="/static",
 )
 

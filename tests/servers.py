@@ -187,8 +187,9 @@ class Server:
     """
 
     def __init__(self, name: str, args: Sequence[str], log_path: Path, env: Mapping[str, str],
-                 port: int, ignore: Sequence[str] = ()):
+                 port: int, ignore: Sequence[str] = (), cwd: Path = ROOT):
         self.name = name
+        self.cwd = cwd
         self.args = [
             sys.executable, "-c", _LAUNCHER, "SIGINT,SIGTERM", ",".join(ignore), *args
         ]
@@ -206,7 +207,7 @@ class Server:
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 self.args,
-                cwd=ROOT,
+                cwd=self.cwd,
                 env=self.env,
                 stdin=subprocess.DEVNULL,
                 stdout=log,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import tomllib
 from pathlib import Path
 
 from flask import Flask
@@ -10,7 +11,8 @@ from flask import Flask
 from dashboard import Int, QueueExtension, Registry, Str, current_queue, get_queue
 from dashboard.config import SETTINGS
 
-README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
 
 
 def test_readme_config_table_lists_every_setting_with_its_default():
@@ -33,8 +35,20 @@ def test_readme_gives_the_two_commands_first():
     assert "make demo" in README[commands:] and "make test" in README[commands:]
 
 
+def test_the_readme_shows_the_example_app_as_it_is():
+    """The README's "Use it in your own app" shows examples/reports/app.py whole, and
+    installs the package by its name: neither can drift from what is tested."""
+    section = README[README.index("## Use it in your own app"):]
+    section = section[:section.index("\n## ")]
+    blocks = re.findall(r"^```python\n(.*?)^```$", section, re.M | re.S)
+    assert len(blocks) == 1, "one Python block: the example's file"
+    assert blocks[0] == (ROOT / "examples" / "reports" / "app.py").read_text()
+    name = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["name"]
+    assert f'pip install "{name}[server]"' in section
+
+
 def test_the_embedding_example_works_in_another_app():
-    """The README's "Use it in your own app", on a registry of its own."""
+    """What the README's "Use it in your own app" uses, on a registry of its own."""
     registry = Registry()
     done = []
 
