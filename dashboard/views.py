@@ -349,7 +349,7 @@ def _page(template: str, code: int = 200, **data: Any) -> Response:
 
 def _message_page(message: str, status: int) -> Response:
     """A small full page for an error a person reached by a link or a plain form."""
-    return _page("message.html", status, message=message, status=status)
+    return _page("dashboard/message.html", status, message=message, status=status)
 
 
 # -- the page and its live regions -------------------------------------------
@@ -358,7 +358,7 @@ def _message_page(message: str, status: int) -> Response:
 @bp.get("/")
 def index() -> Response:
     """The dashboard; ``?refused=`` shows why a plain form post was refused."""
-    return _page("index.html", **_page_data(_snapshot(), error=_refusal()))
+    return _page("dashboard/index.html", **_page_data(_snapshot(), error=_refusal()))
 
 
 def _refusal() -> str | None:
@@ -371,7 +371,7 @@ def _refusal() -> str | None:
 @bp.get("/live")
 def live() -> Response:
     """Every live region in one response: the page polls this once per tick."""
-    return _live_regions("_live.html")
+    return _live_regions("dashboard/_live.html")
 
 
 @bp.get("/live/<region>")
@@ -383,7 +383,7 @@ def live_region(region: str) -> Response:
             404,
             mimetype="text/plain",
         )
-    return _live_regions(f"_{region}.html")
+    return _live_regions(f"dashboard/_{region}.html")
 
 
 # -- answering a state-changing form -----------------------------------------------
@@ -423,14 +423,14 @@ def _form_action(action: Callable[[], Any], back: Callable[[Any], str]) -> Respo
                                 security.printable(request.path), status,
                                 security.printable(message, 300))
         if _is_htmx():
-            return make_response(render_template("_error.html", error=message), status, headers)
+            return make_response(render_template("dashboard/_error.html", error=message), status, headers)
         return _see_other(_refused_location(exc, message))
     if _is_htmx():
         if request.form.get("view") == "task" and request.view_args:
             # From a task's page: show that task again (now cancelled, or
             # linking to its retry), not the dashboard's regions.
             return _render_task(_parse_task_id(request.view_args["task_id"]), current_queue.tag)
-        return _render_live("_live_after_post.html", _snapshot())
+        return _render_live("dashboard/_live_after_post.html", _snapshot())
     return _see_other(back(result))
 
 
@@ -628,7 +628,7 @@ def _render_task(task_id: int, tag: str, info: TaskInfo | None = None) -> Respon
         info = current_queue.get(task_id)
     if info is None:
         return _message_page(f"no task {task_id}: unknown, or no longer in the history", 404)
-    response = make_response(render_template("_task.html", **_task_data(info, tag)))
+    response = make_response(render_template("dashboard/_task.html", **_task_data(info, tag)))
     response.headers["HX-PTag"] = tag
     return response
 
@@ -649,7 +649,7 @@ def task_detail(task_id: str) -> Response:
     """A task's page; ``?refused=`` shows why a plain form post on it was refused."""
     tag = current_queue.tag  # before the task: see _render_task
     info = _task_or_404(task_id)
-    return _page("task.html", error=_refusal(), **_task_data(info, tag))
+    return _page("dashboard/task.html", error=_refusal(), **_task_data(info, tag))
 
 
 @bp.get("/tasks/<task_id>/live")
@@ -679,7 +679,7 @@ def _task_gone(task_id: str, status: int, why: str) -> Response:
     gets a page that says the same."""
     if not _is_htmx():
         return _message_page(f"no task {task_id[:40]!r}: {why}", status)
-    return make_response(render_template("_task_gone.html", task_id=task_id[:40], why=why), status)
+    return make_response(render_template("dashboard/_task_gone.html", task_id=task_id[:40], why=why), status)
 
 
 @bp.get("/tasks/lookup")
@@ -910,7 +910,7 @@ def _refused(exc: QueueError) -> Response:
     if request.path.startswith(security.api_prefix()) or request.is_json:
         return _json_error(message, status, headers)
     if _is_htmx():
-        return make_response(render_template("_error.html", error=message), status, headers)
+        return make_response(render_template("dashboard/_error.html", error=message), status, headers)
     response = _message_page(message, status)
     response.headers.update(headers)
     return response

@@ -105,3 +105,28 @@ def test_a_default_kind_that_is_not_registered_is_refused_by_name():
 
     with pytest.raises(ConfigError, match="QUEUE_DEFAULT_KIND must be one of: email; got 'pretend'"):
         QueueExtension(registry=registry).init_app(app)
+
+
+def test_an_apps_own_index_and_base_templates_do_not_replace_the_dashboards(tmp_path):
+    """Flask looks in the app's templates first: the dashboard's plain names
+    (index.html, base.html) were replaced by any app that had its own."""
+    from dashboard.views import bp
+
+    (tmp_path / "index.html").write_text("THE APP'S OWN INDEX")
+    (tmp_path / "base.html").write_text("THE APP'S OWN BASE {% block main %}{% endblock %}")
+    app = Flask("templated_app", template_folder=str(tmp_path))
+    app.config.update(QUEUE_WORKERS=0, QUEUE_HANDLE_SIGNALS=False)
+    registry = Registry()
+
+    @registry.task("email")
+    def email(ctx):
+        pass
+
+    QueueExtension(registry=registry).init_app(app)
+    app.register_blueprint(bp, url_prefix="/queue")
+    try:
+        page = app.test_client().get("/queue/")
+        assert page.status_code == 200
+        assert b"THE APP'S OWN" not in page.data and b'id="queue-depth"' in page.data
+    finally:
+        get_queue(app).shutdown()

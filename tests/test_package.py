@@ -50,8 +50,8 @@ WAIT = 30.0
 MUST_SHIP = [
     "dashboard/__init__.py",
     "dashboard/views.py",
-    "dashboard/templates/base.html",
-    "dashboard/templates/index.html",
+    "dashboard/templates/dashboard/base.html",
+    "dashboard/templates/dashboard/index.html",
     "dashboard/static/dashboard.css",
     "dashboard/static/dashboard.js",
     "dashboard/static/favicon.svg",
@@ -180,7 +180,7 @@ def test_the_example_app_runs_from_the_wheel_in_a_fresh_virtualenv(built, tmp_pa
     site, module, templates, static = (Path(line) for line in where[-4:])
     assert site.is_relative_to(venv), site
     assert module == site / "dashboard" / "__init__.py", "the package came from elsewhere"
-    assert templates == site / "dashboard" / "templates" and (templates / "index.html").is_file()
+    assert templates == site / "dashboard" / "templates" and (templates / "dashboard" / "index.html").is_file()
     assert static == site / "dashboard" / "static"
 
     app_dir = tmp_path / "reports"

@@ -96,7 +96,7 @@ def test_each_live_region_renders_alone(client, queue, region, rendered):
     response = client.get(f"/live/{region}", headers=HTMX)
     assert response.status_code == 200
     assert response.data.lstrip().startswith(f'<section id="{region}"'.encode())
-    assert rendered == [f"_{region}.html"]
+    assert rendered == [f"dashboard/_{region}.html"]
     assert response.headers["HX-PTag"] == queue.tag
 
 
@@ -113,9 +113,9 @@ def test_the_poll_renders_every_region_from_their_own_templates(client, rendered
     assert response.status_code == 200
     for region in REGIONS:
         assert f'<section id="{region}"'.encode() in response.data
-    assert rendered[0] == "_live.html"  # the regions are included, not rendered apart
-    live = (ROOT / "templates/_live.html").read_text()
-    assert all(f'include "_{r}.html"' in live for r in REGIONS)
+    assert rendered[0] == "dashboard/_live.html"  # the regions are included, not rendered apart
+    live = (ROOT / "templates/dashboard/_live.html").read_text()
+    assert all(f'include "dashboard/_{r}.html"' in live for r in REGIONS)
 
 
 # -- 304: an unchanged poll costs no rendering --------------------------------

@@ -13,8 +13,7 @@ import time
 
 from flask import Flask, current_app, redirect, render_template, request, url_for
 
-from dashboard import Int, InvalidParam, QueueExtension, Registry, Str, current_queue
-from dashboard.tasks import TaskError
+from dashboard import Int, QueueError, QueueExtension, Registry, Str, current_queue
 from dashboard.views import bp as dashboard_bp
 
 registry = Registry()  # this app's task kinds; only these can run
@@ -55,10 +54,8 @@ def create_app(test_config=None):
             task_id = current_queue.submit(
                 "send_report", user_id=user_id, fmt=request.form.get("fmt", "pdf")
             )
-        except InvalidParam as exc:  # names the field and what it takes
-            return str(exc), 400
-        except TaskError as exc:  # the queue is full or shutting down: try again later
-            return str(exc), 503
+        except QueueError as exc:  # says what is wrong; .status is the HTTP status for it
+            return str(exc), exc.status
         return redirect(url_for("dashboard.task_detail", task_id=task_id), 303)
 
     return app
