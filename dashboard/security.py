@@ -301,7 +301,7 @@ def access_refusal() -> Response | None:
         return None
     message = ("this dashboard needs its access token: send it as the password of HTTP Basic "
                "auth, or as 'Authorization: Bearer <token>'")
-    if request.path.startswith(api_prefix()):
+    if is_api_request():
         response = jsonify(error=message)
         response.status_code = 401
     else:
@@ -311,10 +311,12 @@ def access_refusal() -> Response | None:
     return response
 
 
-def api_prefix() -> str:
-    from .views import bp
-
-    return (bp.url_prefix or "") + "/api/"
+def is_api_request() -> bool:
+    """Whether this request is for the dashboard's JSON API, wherever the app
+    mounted it: its views are the blueprint's ``api_*`` endpoints. (The
+    blueprint's own ``url_prefix`` is not where an app mounted it.)"""
+    endpoint = request.endpoint or ""
+    return endpoint.startswith(f"{request.blueprint}.api_") or request.is_json
 
 
 # -- headers ----------------------------------------------------------------------------

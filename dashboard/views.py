@@ -108,7 +108,7 @@ def _refuse(reason: str, status: int) -> Response:
     """Log a refusal (what came from the request escaped) and answer it, as JSON to the API."""
     current_app.logger.warning("%s %s: %s", request.method, security.printable(request.path),
                                reason)
-    if request.path.startswith(security.api_prefix()) or request.is_json:
+    if security.is_api_request():
         return _json_error(reason, status)
     return Response(reason, status, mimetype="text/plain")
 
@@ -907,7 +907,7 @@ def _refused(exc: QueueError) -> Response:
     current_app.logger.warning("%s %s: %s", request.method, security.printable(request.path),
                                message)
     status, headers = _error_status(exc)
-    if request.path.startswith(security.api_prefix()) or request.is_json:
+    if security.is_api_request():
         return _json_error(message, status, headers)
     if _is_htmx():
         return make_response(render_template("dashboard/_error.html", error=message), status, headers)

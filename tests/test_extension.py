@@ -130,3 +130,24 @@ def test_an_apps_own_index_and_base_templates_do_not_replace_the_dashboards(tmp_
         assert b"THE APP'S OWN" not in page.data and b'id="queue-depth"' in page.data
     finally:
         get_queue(app).shutdown()
+
+
+def test_the_api_mounted_under_a_prefix_answers_refusals_as_json():
+    """The API's refusals were JSON only under /api/: mounted at /queue, a missing
+    token on /queue/api/stats got a text/plain 401 (the check read the
+    blueprint's own url_prefix, not where the app mounted it)."""
+    from dashboard.views import bp
+
+    app = Flask("mounted_app")
+    app.config.update(QUEUE_WORKERS=0, QUEUE_HANDLE_SIGNALS=False,
+                      QUEUE_ACCESS_TOKEN="a-long-enough-secret")
+    QueueExtension(registry=Registry()).init_app(app)
+    app.register_blueprint(bp, url_prefix="/queue")
+    try:
+        client = app.test_client()
+        refused = client.get("/queue/api/stats")
+        assert refused.status_code == 401 and refused.is_json, refused.data
+        page = client.get("/queue/")
+        assert page.status_code == 401 and not page.is_json
+    finally:
+        get_queue(app).shutdown()
