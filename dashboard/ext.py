@@ -194,6 +194,8 @@ def get_queue(app: Flask | None = None) -> WorkQueue:
 
 
 #: The current app's :class:`~dashboard.workqueue.WorkQueue`.
+#: The current app's queue, as the :class:`~dashboard.backend.Backend` seam (the
+#: in-process backend is a :class:`WorkQueue`, which adds run_pending, join and shutdown).
 current_queue: WorkQueue = LocalProxy(get_queue)  # type: ignore[assignment]
 
 

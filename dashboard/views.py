@@ -39,7 +39,6 @@ from . import notices, security
 from .chart import depth_chart
 from .ext import current_queue
 from .records import Snapshot, State, TaskInfo
-from .workqueue import stall_reason
 from .errors import InvalidParam, QueueError, QueueFull, StoreUnavailable, TaskNotFound
 from .tasks import Int, TaskKind
 
@@ -253,10 +252,12 @@ def _page_data(snap: Snapshot, **extra: Any) -> dict[str, Any]:
         "workers_target": queue.workers,
         "max_workers": config["QUEUE_MAX_WORKERS"],
         "present": present,
-        "shared_store": queue.store.durable,
+        "shared_store": queue.capabilities.shared,
+        "queue_description": queue.description,
+        "can_scale": queue.capabilities.scale_workers,
         "can_act": can_act,
         "pids": sorted({w.pid for w in snap.workers}),
-        "stall": stall_reason(snap, queue.stall_after),
+        "stall": queue.stall(snap),
         "queue_id": queue.identity,
         **extra,
     }

@@ -16,6 +16,7 @@ import traceback
 import weakref
 from typing import Any, Callable, Mapping
 
+from .backend import Backend, Capabilities
 from .records import Snapshot, State, TaskInfo, TaskRecord
 from .errors import QueueClosed, QueueFull, StoreUnavailable
 from .store import MemoryStore, Store
@@ -143,7 +144,7 @@ def stall_reason(snap: Snapshot, after: float = STALL_AFTER) -> str | None:
             f"and {idle} idle worker(s) took none")
 
 
-class WorkQueue:
+class WorkQueue(Backend):
     """A queue of named tasks run by worker threads in this process.
 
     ``submit`` queues a task and returns its id at once; ``workers`` threads
@@ -215,6 +216,22 @@ class WorkQueue:
         if now - self._said.get(key, -1e9) >= 30.0:
             self._said[key] = now
             logger.log(level, message, *args, exc_info=exc_info)
+
+    # -- what it is (the Backend seam) -------------------------------------------
+
+    @property
+    def capabilities(self) -> Capabilities:
+        durable = self.store.durable
+        return Capabilities(scale_workers=True, shared=durable, durable=durable)
+
+    @property
+    def description(self) -> str:
+        if self.store.durable:
+            return "in a SQLite file shared by every process"
+        return "in this process's memory"
+
+    def stall(self, snapshot: Snapshot) -> str | None:
+        return stall_reason(snapshot, self.stall_after)
 
     # -- lifecycle -------------------------------------------------------
 

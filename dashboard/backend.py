@@ -1,0 +1,132 @@
+"""The seam every backend plugs into: what the web layer (and a CLI) may ask of a queue.
+
+The dashboard's views and its JSON API use this and nothing else: submit,
+read a task, a snapshot and its tag, cancel, retry, pause and resume, the
+worker count, clear and reset, health, and what this backend can do
+(:class:`Capabilities`), so the page can leave out a control that would not
+work here instead of pretending.
+
+How work is claimed, renewed and finished is the backend's own business: the
+in-process backend (:class:`~dashboard.workqueue.WorkQueue`, over the memory
+or SQLite store) keeps worker threads; a backend whose workers run in other
+processes or machines implements the same methods and none of that.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+from .records import Snapshot, State, TaskInfo
+from .tasks import Registry
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can do; the page and the API offer only these."""
+
+    #: The worker count can be changed from the page (the − and + buttons).
+    scale_workers: bool = True
+    #: Every server process sees the same queue (the page then names no one process).
+    shared: bool = False
+    #: Queued work outlives a restart.
+    durable: bool = False
+
+
+class Backend(ABC):
+    """A queue as the web layer sees it. Refusals are :mod:`dashboard.errors`."""
+
+    #: The task kinds this queue runs; nothing else can be submitted.
+    registry: Registry
+    #: The number of workers asked for.
+    workers: int
+
+    # -- what it is ------------------------------------------------------------
+
+    @property
+    @abstractmethod
+    def capabilities(self) -> Capabilities: ...
+
+    @property
+    @abstractmethod
+    def description(self) -> str:
+        """Where the queue lives, for the page's header: "in this process's memory"."""
+
+    @property
+    @abstractmethod
+    def identity(self) -> str:
+        """Names this queue; another queue (a restart of an in-memory one) has another."""
+
+    # -- reading ---------------------------------------------------------------
+
+    @property
+    @abstractmethod
+    def tag(self) -> str:
+        """Changes whenever anything a snapshot shows changes; cheap to read."""
+
+    @abstractmethod
+    def stats(self, recent: int = 20, upcoming: int = 0) -> Snapshot:
+        """One consistent snapshot, with the ``recent`` last finished and the next
+        ``upcoming`` queued tasks."""
+
+    @abstractmethod
+    def get(self, task_id: int) -> TaskInfo | None: ...
+
+    @abstractmethod
+    def health(self) -> str | None:
+        """Why the queue is not doing its work (a sentence), or None when it is."""
+
+    @abstractmethod
+    def stall(self, snapshot: Snapshot) -> str | None:
+        """Why work waits although workers are idle, or None: the page's stall banner."""
+
+    @property
+    @abstractmethod
+    def closed(self) -> bool:
+        """Shutting down: no new work is taken."""
+
+    @property
+    @abstractmethod
+    def started(self) -> bool: ...
+
+    # -- acting -------------------------------------------------------------------
+
+    def submit(self, kind: str, /, **params: Any) -> int:
+        """Queue one task of ``kind`` with ``params``; its id."""
+        return self.submit_many(kind, 1, params)[0]
+
+    @abstractmethod
+    def submit_many(self, kind: str, count: int, params: dict[str, Any]) -> list[int]:
+        """Queue ``count`` tasks of ``kind``; all or none."""
+
+    @abstractmethod
+    def cancel(self, task_id: int) -> State: ...
+
+    @abstractmethod
+    def retry(self, task_id: int) -> int:
+        """Queue a failed or cancelled task again; a task retried already gives
+        back its retry's id and queues nothing."""
+
+    @abstractmethod
+    def pause(self) -> None: ...
+
+    @abstractmethod
+    def resume(self) -> None: ...
+
+    @abstractmethod
+    def set_workers(self, count: int) -> int: ...
+
+    @abstractmethod
+    def clear_history(self) -> int: ...
+
+    @abstractmethod
+    def reset(self) -> None: ...
+
+
+#: The names the web layer may use: tests hold the views to these.
+SEAM = frozenset(
+    name for name in dir(Backend) if not name.startswith("_")
+) | {"registry", "workers"}
+
+__all__ = ["SEAM", "Backend", "Capabilities"]

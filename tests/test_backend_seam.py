@@ -1,0 +1,88 @@
+"""The web layer talks to the Backend seam (dashboard/backend.py) and to nothing
+else of a queue: every page, poll, control and API call of the dashboard runs
+here against a queue that answers only the seam's names, on both stores. A
+view that reached past the seam (``queue.store``, ``queue.stall_after``) fails
+this with the name it used; a backend that implements the seam serves the page.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from dashboard.backend import SEAM, Backend, Capabilities
+from dashboard.ext import QueueExtension
+from dashboard.workqueue import WorkQueue
+
+
+class SeamOnly:
+    """A queue that answers only what the seam declares."""
+
+    def __init__(self, backend: Backend):
+        object.__setattr__(self, "_backend", backend)
+
+    def __getattr__(self, name: str):
+        if name not in SEAM:
+            raise AssertionError(f"the web layer used {name!r}, which the Backend seam lacks")
+        return getattr(self._backend, name)
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def seam_client(request, make_app, monkeypatch):
+    app = make_app(store=request.param)
+    real = QueueExtension.queue_for
+    queue = real(app.extensions["dashboard"], app)
+    with monkeypatch.context() as patch:  # undone before make_app shuts the queue down
+        patch.setattr(QueueExtension, "queue_for", lambda self, a: SeamOnly(real(self, a)))
+        yield app.test_client(), queue
+
+
+HTMX = {"HX-Request": "true"}
+
+
+def test_every_view_uses_only_the_seam(seam_client):
+    client, queue = seam_client
+    ok = lambda response: response.status_code < 500  # noqa: E731
+    failed = queue.submit("flaky", seconds=0, fail_rate=1)
+    queue.run_pending()
+    waiting = queue.submit("pretend", seconds=0)
+    for path in ("/", "/?present=1", "/live", "/live/counts", "/live/workers", "/healthz",
+                 f"/tasks/{failed}", f"/tasks/{waiting}/live", "/tasks/lookup?id=1",
+                 "/api/stats", f"/api/tasks/{failed}"):
+        assert ok(client.get(path, headers=HTMX)), path
+        assert ok(client.get(path)), path
+    posts = [
+        ("/api/tasks", {"json": {"kind": "pretend", "count": 2, "params": {"seconds": 0}}}),
+        ("/tasks", {"data": {"kind": "pretend", "count": "1"}, "headers": HTMX}),
+        (f"/api/tasks/{waiting}/cancel", {}),
+        (f"/tasks/{failed}/retry", {"data": {}, "headers": HTMX}),
+        (f"/api/tasks/{failed}/retry", {}),
+        ("/pause", {"data": {}}), ("/resume", {"data": {}, "headers": HTMX}),
+        ("/api/pause", {}), ("/api/resume", {}),
+        ("/workers", {"data": {"delta": "1"}, "headers": HTMX}),
+        ("/api/workers", {"json": {"count": 1}}),
+        ("/history/clear", {"data": {}}), ("/reset", {"data": {}, "headers": HTMX}),
+    ]
+    for path, kwargs in posts:
+        response = client.post(path, **kwargs)
+        assert ok(response), (path, response.status_code, response.data[:200])
+    queue.set_workers(0)
+
+
+def test_the_in_process_backend_is_one_and_says_what_it_can_do(make_app):
+    from dashboard import get_queue
+
+    memory, sqlite = get_queue(make_app()), get_queue(make_app(store="sqlite"))
+    assert isinstance(memory, Backend) and isinstance(memory, WorkQueue)
+    assert memory.capabilities == Capabilities(scale_workers=True, shared=False, durable=False)
+    assert sqlite.capabilities == Capabilities(scale_workers=True, shared=True, durable=True)
+    assert memory.description == "in this process's memory"
+    assert sqlite.description == "in a SQLite file shared by every process"
+
+
+def test_a_backend_that_cannot_scale_gets_no_minus_and_plus(make_app, monkeypatch):
+    app = make_app()
+    monkeypatch.setattr(WorkQueue, "capabilities", property(
+        lambda self: Capabilities(scale_workers=False)))
+    page = app.test_client().get("/").data
+    assert b'aria-label="More workers"' not in page and b'id="workers-target"' in page
+    assert b"set where the workers run, not here" in page
