@@ -1,0 +1,139 @@
+"""The contract every backend keeps, through the Backend seam only.
+
+Written against public behaviour (no private attributes, no store): what a
+client of the seam submits, reads and changes. Each backend is one parameter
+of the ``backend`` fixture, with a ``drain`` that runs what is queued the way
+that backend runs work (the in-process backend: ``run_pending()`` in this
+thread). A new backend joins by adding its parameter.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import pytest
+
+from dashboard.backend import Backend
+from dashboard.errors import QueueError, QueueFull, TaskNotFound, UnknownKind, WrongState
+from dashboard.records import State
+from dashboard.store import MemoryStore
+from dashboard.sqlite_store import SqliteStore
+from dashboard.tasks import Int, Registry
+from dashboard.workqueue import WorkQueue
+
+MAX_QUEUED = 20
+
+
+def contract_registry() -> Registry:
+    registry = Registry()
+
+    @registry.task("add", params={"a": Int(0, 100), "b": Int(0, 100)})
+    def add(ctx, a=0, b=0):
+        ctx.progress(1.0, f"{a}+{b}")
+        return a + b
+
+    @registry.task("boom")
+    def boom(ctx):
+        raise ValueError("boom, as asked")
+
+    return registry
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def backend(request, tmp_path) -> Iterator[tuple[Backend, Callable[[], int]]]:
+    """``(backend, drain)``: drain runs everything runnable and says how many ran."""
+    if request.param == "memory":
+        store = MemoryStore(MAX_QUEUED, 100)
+    else:
+        store = SqliteStore(str(tmp_path / "contract.db"), MAX_QUEUED, 100)
+    queue = WorkQueue(workers=0, store=store, registry=contract_registry())
+    yield queue, queue.run_pending
+    queue.shutdown()
+
+
+def test_a_submitted_task_is_queued_then_done(backend):
+    queue, drain = backend
+    tag = queue.tag
+    task_id = queue.submit("add", a=2, b=3)
+    assert queue.tag != tag
+    info = queue.get(task_id)
+    assert (info.state, info.kind, info.params) == (State.QUEUED, "add", {"a": 2, "b": 3})
+    assert queue.stats().queued == 1
+    assert drain() == 1
+    done = queue.get(task_id)
+    assert done.state is State.DONE and done.finished and done.error is None
+    snap = queue.stats(recent=5)
+    assert (snap.queued, snap.done, snap.failed) == (0, 1, 0)
+    assert [t.id for t in snap.recent] == [task_id]
+
+
+def test_a_failing_task_is_failed_with_its_error_and_can_be_retried_once(backend):
+    queue, drain = backend
+    task_id = queue.submit("boom")
+    drain()
+    failed = queue.get(task_id)
+    assert failed.state is State.FAILED and "boom, as asked" in failed.error
+    assert failed.can_retry and not failed.can_cancel
+    again = queue.retry(task_id)
+    assert again != task_id and queue.get(again).retry_of == task_id
+    assert queue.get(task_id).retried_as == again
+    assert queue.retry(task_id) == again  # a second click queues nothing
+    assert queue.stats().queued == 1
+
+
+def test_a_cancelled_queued_task_never_runs(backend):
+    queue, drain = backend
+    task_id = queue.submit("add", a=1, b=1)
+    assert queue.get(task_id).can_cancel
+    queue.cancel(task_id)
+    assert drain() == 0
+    assert queue.get(task_id).state is State.CANCELLED
+    with pytest.raises(WrongState) as refused:
+        queue.cancel(task_id)
+    assert refused.value.status == 409
+
+
+def test_paused_nothing_runs_until_resumed(backend):
+    queue, drain = backend
+    queue.pause()
+    assert queue.stats().paused
+    queue.submit("add")
+    assert drain() == 0 and queue.stats().queued == 1
+    queue.resume()
+    assert drain() == 1 and queue.stats().done == 1
+
+
+def test_refusals_change_nothing_and_carry_their_status(backend):
+    queue, _ = backend
+    before = queue.stats()
+    for call, error, status in [
+        (lambda: queue.submit("nope"), UnknownKind, 400),
+        (lambda: queue.submit("add", a=101), QueueError, 400),
+        (lambda: queue.submit_many("add", MAX_QUEUED + 1, {}), QueueFull, 503),
+        (lambda: queue.retry(10**15), TaskNotFound, 404),
+        (lambda: queue.cancel(10**15), TaskNotFound, 404),
+    ]:
+        with pytest.raises(error) as refused:
+            call()
+        assert refused.value.status == status
+    after = queue.stats()
+    assert (after.submitted, after.queued) == (before.submitted, before.queued)
+    assert queue.get(10**15) is None
+
+
+def test_history_can_be_cleared_and_counters_reset(backend):
+    queue, drain = backend
+    queue.submit_many("add", 3, {})
+    drain()
+    assert queue.clear_history() == 3
+    assert not queue.stats(recent=10).recent
+    assert queue.stats().done == 3  # the counters keep their totals
+    queue.reset()
+    assert queue.stats().done == 0
+
+
+def test_identity_names_the_queue_and_stays(backend):
+    queue, _ = backend
+    identity = queue.identity
+    queue.submit("add")
+    assert queue.identity == identity and identity
