@@ -11,6 +11,8 @@ import contextlib
 import logging
 import math
 import os
+import signal
+import sys
 import threading
 import time
 
@@ -123,6 +125,28 @@ def when_ready(server):
 _heartbeat_fd = None
 
 
+def quit_safely(worker, quit):
+    """gunicorn's gthread worker handles SIGQUIT/SIGINT with ``quit``, which first
+    calls its thread pool's ``shutdown()``; that takes the pool's lock, which the
+    main thread holds while it hands a connection to the pool (``submit``). A
+    signal landing just then waited on that lock for ever: the worker never
+    left, its queue never closed, and the master killed it after graceful_timeout
+    (seen under load as a stop that dropped nothing and cut the running task).
+    Interrupted there, leave at once instead: the shutdown runs in worker_exit."""
+
+    def handle(signum, frame):
+        lock = getattr(getattr(worker, "tpool", None), "_shutdown_lock", None)
+        if lock is not None and not lock.acquire(blocking=False):
+            worker.alive = False
+            worker.cfg.worker_int(worker)
+            sys.exit(0)
+        if lock is not None:
+            lock.release()
+        quit(signum, frame)
+
+    return handle
+
+
 def post_worker_init(worker):
     # The app was loaded (or, with --preload, forked into this process):
     # start its queue's threads here, after gunicorn set its signal handlers.
@@ -130,6 +154,10 @@ def post_worker_init(worker):
 
     global _heartbeat_fd
     _heartbeat_fd = os.dup(worker.tmp.fileno())
+    for signum in (signal.SIGQUIT, signal.SIGINT):
+        current = signal.getsignal(signum)
+        if callable(current):
+            signal.signal(signum, quit_safely(worker, current))
     if start_serving(worker.wsgi) and worker.cfg.workers > 1:
         if not get_queue(worker.wsgi).store.durable:
             log.warning(
