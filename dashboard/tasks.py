@@ -133,11 +133,15 @@ class TaskKind:
     fn: Callable[..., Any]
     params: Mapping[str, Param] = field(default_factory=dict)
     description: str = ""
+    #: Parameters the function has no default for: a submit without one is refused.
+    required: tuple[str, ...] = ()
 
     def check_params(self, given: Mapping[str, object]) -> dict[str, Any]:
-        """Return ``given`` parsed against the specs; unknown names are refused."""
+        """Return ``given`` parsed against the specs; unknown names, and a missing
+        required one, are refused (at submit, not when the task runs)."""
         specs = self.params
         if not given:
+            self._check_required({})
             return {}
         checked = {}
         for name, value in given.items():
@@ -148,7 +152,14 @@ class TaskKind:
                     name, f"is not a parameter of {self.name!r} (allowed: {allowed})"
                 )
             checked[name] = spec.parse(name, value)
+        self._check_required(checked)
         return checked
+
+    def _check_required(self, given: Mapping[str, object]) -> None:
+        for name in self.required:
+            if name not in given:
+                raise InvalidParam(name, f"is required by {self.name!r}: it must be "
+                                   f"{self.params[name].describe()}")
 
 
 class Registry:
@@ -179,12 +190,12 @@ class Registry:
         def decorator(fn: Callable[..., Any]) -> Callable[..., Any]:
             kind_name = name or fn.__name__
             specs = dict(params or {})
-            _check_signature(kind_name, fn, specs)
+            required = _check_signature(kind_name, fn, specs)
             if kind_name in self._kinds and self._kinds[kind_name].fn is not fn:
                 raise ValueError(f"task kind {kind_name!r} is already registered")
             doc = description if description is not None else inspect.getdoc(fn) or ""
             self._kinds[kind_name] = TaskKind(
-                kind_name, fn, specs, doc.split("\n\n")[0].replace("\n", " ")
+                kind_name, fn, specs, doc.split("\n\n")[0].replace("\n", " "), required
             )
             return fn
 
@@ -207,8 +218,10 @@ class Registry:
         return name in self._kinds
 
 
-def _check_signature(name: str, fn: Callable[..., Any], specs: Mapping[str, Param]) -> None:
-    """Fail at registration, not at run time, when specs and function disagree."""
+def _check_signature(name: str, fn: Callable[..., Any],
+                     specs: Mapping[str, Param]) -> tuple[str, ...]:
+    """Fail at registration, not at run time, when specs and function disagree;
+    the declared parameters the function has no default for."""
     sig = inspect.signature(fn)
     positional = [
         p
@@ -223,6 +236,16 @@ def _check_signature(name: str, fn: Callable[..., Any], specs: Mapping[str, Para
             raise TypeError(f"task {name!r}: spec for {param_name!r} must be a Param")
         if param_name not in sig.parameters and not accepts_kwargs:
             raise TypeError(f"task {name!r}: the function has no parameter {param_name!r}")
+    required = []
+    for param in list(sig.parameters.values())[1:]:  # after the task context
+        if param.default is not param.empty or param.kind in (param.VAR_POSITIONAL,
+                                                                param.VAR_KEYWORD):
+            continue
+        if param.name not in specs:
+            raise TypeError(f"task {name!r}: the function's parameter {param.name!r} has no "
+                            "default and no spec, so no submit could give it")
+        required.append(param.name)
+    return tuple(required)
 
 
 registry = Registry()

@@ -759,3 +759,26 @@ def test_a_refusal_quotes_what_it_was_given_briefly_however_large_or_deep(regist
         q.submit(deep)
     assert "nested too deeply" in str(unknown.value)
     assert q.stats().submitted == 0
+
+
+def test_a_required_param_is_refused_at_submit_not_failed_at_run(registry, make_queue):
+    """A kind whose function has no default for a parameter was queued without it
+    (from "Add work" or the API), then failed when it ran, with a TypeError."""
+    @registry.task("report", params={"user_id": Int(1, 100), "fmt": Str(choices=("pdf",))})
+    def report(ctx, user_id, fmt="pdf"):
+        pass
+
+    q = make_queue()
+    for given in ({}, {"fmt": "pdf"}):
+        with pytest.raises(InvalidParam, match=r"user_id is required by 'report': it must be "
+                                               r"an integer from 1 to 100"):
+            q.submit("report", **given)
+    assert q.stats().submitted == 0
+    assert q.get(q.submit("report", user_id=7)).params == {"user_id": 7}
+
+
+def test_a_parameter_no_submit_could_give_is_refused_at_registration(registry):
+    with pytest.raises(TypeError, match="parameter 'secret' has no default and no spec"):
+        @registry.task("unreachable")
+        def unreachable(ctx, secret):
+            pass
