@@ -465,15 +465,16 @@ def tab(chromium_browser: Browser, dashboard_server: Server) -> Iterator[Tab]:
 @pytest.fixture
 def start_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
     """``start_server(**env)``: a quick server of this test's own, ``QUICK`` plus ``env``
-    (``FLASK_QUEUE_WORKERS="3"``); every one started is stopped when the test ends."""
+    (``FLASK_QUEUE_WORKERS="3"``); every one started is stopped when the test ends.
+    ``port=`` binds that port (a server started again where a stopped one was)."""
     with contextlib.ExitStack() as stack:
         started = 0
 
-        def start(**env: str) -> Server:
+        def start(port: int = 0, **env: str) -> Server:
             nonlocal started
             started += 1
             log = tmp_path / f"gunicorn-{started}.log"
-            return stack.enter_context(run_server(log, {**QUICK, **env}))
+            return stack.enter_context(run_server(log, {**QUICK, **env}, port=port))
 
         yield start
 

@@ -10,18 +10,15 @@ the shared one.
 
 from __future__ import annotations
 
-import contextlib
 import re
 import socket
 import urllib.request
-from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 from urllib.parse import urlsplit
 
 import pytest
 
-from browser import QUICK as QUICK_ENV
-from browser import Server, expect, open_tab, run_server, stop
+from browser import Server, expect, open_tab, stop
 from support import wait_for
 
 QUICK = 10_000  # ms: far above what a busy machine needs for one step
@@ -39,20 +36,11 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def restartable(tmp_path: Path) -> Iterator[Callable[..., Server]]:
+def restartable(start_server) -> Callable[..., Server]:
     """``start(**env)``: a quick server on this test's own port; call again after
     ``stop(server)`` for the next one on the same address, as after a restart."""
     port = free_port()
-    with contextlib.ExitStack() as stack:
-        started = 0
-
-        def start(**env: str) -> Server:
-            nonlocal started
-            started += 1
-            log = tmp_path / f"gunicorn-{started}.log"
-            return stack.enter_context(run_server(log, {**QUICK_ENV, **env}, port=port))
-
-        yield start
+    return lambda **env: start_server(port=port, **env)
 
 
 def banner(page):
