@@ -47,9 +47,9 @@ from urllib.parse import quote
 
 from .clock import ALIVE, BOOT_ID, DEAD, Identity, clock, identity, process_alive
 from .records import (CANNOT_CANCEL, CANNOT_RETRY, RETRYABLE_STATES, Snapshot, State, TaskInfo,
-                      TaskRecord, WorkerInfo, progress_changed)
+                      TaskRecord, WorkerInfo, WorkerState, progress_changed)
 from .errors import QueueClosed, QueueFull, StoreError, StoreUnavailable, TaskNotFound, WrongState
-from .store import RATE_WINDOW, SERIES_SECONDS, Store, rates, worker_state
+from .store import RATE_WINDOW, SERIES_SECONDS, Store, rates
 
 logger = logging.getLogger("dashboard.sqlite")
 
@@ -1344,7 +1344,7 @@ class SqliteStore(Store):
             ):
                 task = None if task_row[0] is None else _info(tuple(task_row))
                 workers.append(WorkerInfo(
-                    name, worker_state(task is not None, bool(alive), bool(paused),
+                    name, WorkerState.of(task is not None, bool(alive), bool(paused),
                                        self._closed), task, done_count, pid,
                 ))
             last = tuple(_info(r) for r in conn.execute(

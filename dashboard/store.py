@@ -64,11 +64,6 @@ def _stamp(wall: float) -> int:
     return int(wall * 1_000_000) - _ID_EPOCH_US
 
 
-def worker_state(has_task: bool, alive: bool, paused: bool, closed: bool) -> WorkerState:
-    """What the dashboard says a worker is doing (:meth:`WorkerState.of`)."""
-    return WorkerState.of(has_task, alive, paused, closed)
-
-
 def rates(now: float, first_second: int | None,
           recent: Iterable[tuple[float, float, float]]) -> dict[str, float | None]:
     """A snapshot's ``mean_wait``, ``mean_run`` and ``throughput`` (per minute), from
@@ -487,7 +482,7 @@ class MemoryStore(Store):
             workers = tuple(
                 WorkerInfo(
                     s.name,
-                    worker_state(s.task is not None, s.alive, paused, self._closed),
+                    WorkerState.of(s.task is not None, s.alive, paused, self._closed),
                     None if s.task is None else s.task.info(),
                     s.done,
                     pid,

@@ -37,7 +37,7 @@ from markupsafe import Markup
 
 from . import notices, security
 from .chart import depth_chart
-from .ext import current_queue
+from .ext import EXTENSION_KEY, current_queue
 from .records import Snapshot, State, TaskInfo
 from .errors import InvalidParam, QueueError, QueueFull, StoreUnavailable, TaskNotFound
 from .tasks import Int, TaskKind
@@ -339,9 +339,9 @@ def _other_queue(identity: str) -> bool:
 
 
 def _default_kind() -> str | None:
-    """``QUEUE_DEFAULT_KIND``, else the first kind registered, by name."""
-    names = current_queue.registry.names()
-    return current_app.config["QUEUE_DEFAULT_KIND"] or (names[0] if names else None)
+    """``QUEUE_DEFAULT_KIND``, else the first kind registered (the extension's rule)."""
+    app = current_app._get_current_object()  # type: ignore[attr-defined]
+    return app.extensions[EXTENSION_KEY].default_kind(app)
 
 
 def _page(template: str, code: int = 200, **data: Any) -> Response:

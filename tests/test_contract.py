@@ -37,16 +37,10 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 
-from dashboard.records import State
+from dashboard.errors import QueueClosed, QueueFull, TaskNotFound, WrongState
+from dashboard.records import State, WorkerState
 from dashboard.sqlite_store import SqliteStore
-from dashboard.store import (
-    MemoryStore,
-    QueueClosed,
-    QueueFull,
-    TaskNotFound,
-    WrongState,
-    worker_state,
-)
+from dashboard.store import MemoryStore
 
 MAX_QUEUED = 12
 HISTORY = 10_000  # larger than any run: the ring never forgets on its own here
@@ -341,7 +335,7 @@ class StoreMachine(RuleBasedStateMachine):
         assert states == self.state
         assert all(reader.get(task_id) is None for task_id in self.forgotten)
         expected = sorted(
-            (name, slot["task"], worker_state(slot["task"] is not None, slot["alive"],
+            (name, slot["task"], WorkerState.of(slot["task"] is not None, slot["alive"],
                                               self.paused, self.closed[0]), slot["done"])
             for (_, name), slot in self.workers.items())
         shown = sorted((w.name, w.task and w.task.id, w.state, w.done) for w in snap.workers)
