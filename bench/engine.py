@@ -17,7 +17,7 @@ import time
 import tracemalloc
 
 from dashboard.tasks import Registry
-from dashboard.workqueue import WorkQueue
+from dashboard.local.queue import WorkQueue
 
 registry = Registry()
 

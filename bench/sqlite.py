@@ -7,8 +7,8 @@ import sqlite3
 import tempfile
 import time
 
-from dashboard.sqlite_store import SqliteStore
-from dashboard.workqueue import WorkQueue
+from dashboard.local.sqlite import SqliteStore
+from dashboard.local.queue import WorkQueue
 
 from .engine import drain_rate, registry
 

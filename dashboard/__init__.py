@@ -19,7 +19,7 @@ from .ext import QueueExtension, current_queue, get_queue
 from .records import State
 from .errors import InvalidParam, QueueClosed, QueueError, QueueFull, UnknownKind
 from .tasks import Bool, Float, Int, Registry, Str, registry, task
-from .workqueue import TaskContext, WorkQueue
+from .local import TaskContext, WorkQueue
 
 __all__ = [
     "create_app",

@@ -7,7 +7,7 @@ worker count, clear and reset, health, and what this backend can do
 work here instead of pretending.
 
 How work is claimed, renewed and finished is the backend's own business: the
-in-process backend (:class:`~dashboard.workqueue.WorkQueue`, over the memory
+in-process backend (:class:`~dashboard.local.WorkQueue`, over the memory
 or SQLite store) keeps worker threads; a backend whose workers run in other
 processes or machines implements the same methods and none of that.
 """

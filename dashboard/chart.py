@@ -10,7 +10,7 @@ import math
 from typing import Any
 
 from .records import Snapshot
-from .store import SERIES_SECONDS
+from .records import SERIES_SECONDS
 
 WIDTH = 600
 HEIGHT = 140

@@ -13,11 +13,11 @@ Workers start in the process that serves requests, and only there:
 Creating the app never starts threads (except in a uWSGI worker, which
 serves), so a reloader's watching parent or a preloading master that only
 imports the app runs no task. A forked child starts its own threads;
-:class:`~dashboard.workqueue.WorkQueue` handles that.
+:class:`~dashboard.local.WorkQueue` handles that.
 
 With a queue file, a process whose file cannot be written when it starts
 (say another program holds its write lock for longer than the busy timeout)
-still serves: :meth:`~dashboard.workqueue.WorkQueue.start` waits a moment,
+still serves: :meth:`~dashboard.local.WorkQueue.start` waits a moment,
 then leaves the workers to its supervisor, which starts them once it can,
 and the log says so.
 
@@ -42,10 +42,9 @@ from werkzeug.local import LocalProxy
 
 from .config import DEFAULTS, ConfigError, check_config, old_names_in
 from .errors import StoreError
-from .sqlite_store import SqliteStore
-from .store import MemoryStore, Store
+from .local import MemoryStore, SqliteStore, Store
 from .tasks import Registry
-from .workqueue import TaskContext, WorkQueue, live_queues
+from .local.queue import TaskContext, WorkQueue, live_queues
 
 logger = logging.getLogger("dashboard.ext")
 
@@ -193,7 +192,7 @@ def get_queue(app: Flask | None = None) -> WorkQueue:
     return ext.queue_for(app)
 
 
-#: The current app's :class:`~dashboard.workqueue.WorkQueue`.
+#: The current app's :class:`~dashboard.local.WorkQueue`.
 #: The current app's queue, as the :class:`~dashboard.backend.Backend` seam (the
 #: in-process backend is a :class:`WorkQueue`, which adds run_pending, join and shutdown).
 current_queue: WorkQueue = LocalProxy(get_queue)  # type: ignore[assignment]

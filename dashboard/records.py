@@ -238,6 +238,10 @@ class WorkerInfo(NamedTuple):
         }
 
 
+#: Seconds of per-second history a snapshot's ``series`` covers (the depth chart, the rates).
+SERIES_SECONDS = 300
+
+
 class Snapshot(NamedTuple):
     """One consistent view of a queue, taken under one lock.
 

@@ -11,7 +11,7 @@ import pytest
 
 from dashboard import create_app, get_queue
 from dashboard.tasks import Registry
-from dashboard.workqueue import WorkQueue
+from dashboard.local.queue import WorkQueue
 
 # The browser fixtures are a plugin, so the session-wide Chromium (and its one
 # Playwright loop) is shared by every module instead of started once per module

@@ -16,10 +16,10 @@ import pytest
 from dashboard.backend import Backend
 from dashboard.errors import QueueError, QueueFull, TaskNotFound, UnknownKind, WrongState
 from dashboard.records import State
-from dashboard.store import MemoryStore
-from dashboard.sqlite_store import SqliteStore
+from dashboard.local.memory import MemoryStore
+from dashboard.local.sqlite import SqliteStore
 from dashboard.tasks import Int, Registry
-from dashboard.workqueue import WorkQueue
+from dashboard.local.queue import WorkQueue
 
 MAX_QUEUED = 20
 

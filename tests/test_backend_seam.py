@@ -11,7 +11,7 @@ import pytest
 
 from dashboard.backend import SEAM, Backend, Capabilities
 from dashboard.ext import QueueExtension
-from dashboard.workqueue import WorkQueue
+from dashboard.local.queue import WorkQueue
 
 
 class SeamOnly:

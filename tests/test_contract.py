@@ -39,8 +39,8 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from dashboard.errors import QueueClosed, QueueFull, TaskNotFound, WrongState
 from dashboard.records import State, WorkerState
-from dashboard.sqlite_store import SqliteStore
-from dashboard.store import MemoryStore
+from dashboard.local.sqlite import SqliteStore
+from dashboard.local.memory import MemoryStore
 
 MAX_QUEUED = 12
 HISTORY = 10_000  # larger than any run: the ring never forgets on its own here

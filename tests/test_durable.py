@@ -421,7 +421,7 @@ def fingerprint(path: Path) -> tuple[Any, ...]:
 
 def queue_file(path: Path, tasks: int = 200) -> Path:
     """A queue file as the app leaves it: the schema, and tasks waiting."""
-    from dashboard.sqlite_store import SqliteStore
+    from dashboard.local.sqlite import SqliteStore
 
     SqliteStore(str(path))  # creates the schema, then closes its connection
     with closing(sqlite3.connect(path)) as conn:
@@ -452,7 +452,7 @@ def damaged(directory: Path) -> Path:
 
 
 def future(directory: Path) -> Path:
-    from dashboard.sqlite_store import SCHEMA_VERSION
+    from dashboard.local.sqlite import SCHEMA_VERSION
 
     path = queue_file(directory / "queue.db")
     with closing(sqlite3.connect(path)) as conn:

@@ -10,11 +10,11 @@ from collections import Counter
 import pytest
 
 from dashboard.records import State
-from dashboard.sqlite_store import SqliteStore
+from dashboard.local.sqlite import SqliteStore
 from dashboard.errors import InvalidParam, QueueClosed, QueueFull, TaskNotFound, UnknownKind, WrongState
-from dashboard.store import MemoryStore
+from dashboard.local.memory import MemoryStore
 from dashboard.tasks import Float, Int, Str
-from dashboard.workqueue import WorkQueue
+from dashboard.local.queue import WorkQueue
 from support import wait_for
 
 
@@ -698,7 +698,7 @@ def test_rates_series_and_eta(registry, make_queue):
 
 
 def test_rates_are_over_the_window_or_the_time_there_was():
-    from dashboard.store import rates
+    from dashboard.local.store import rates
 
     assert rates(100.5, None, []) == {"mean_wait": None, "mean_run": None, "throughput": 0.0}
     seconds = [(2, 1.0, 4.0), (2, 1.0, 0.0)]  # 4 finished, 2 s waited, 4 s ran

@@ -25,9 +25,9 @@ import pytest
 
 from dashboard import create_app, get_queue
 from dashboard.records import State
-from dashboard.sqlite_store import SqliteStore
+from dashboard.local.sqlite import SqliteStore
 from dashboard.errors import StoreUnavailable
-from dashboard.store import MemoryStore
+from dashboard.local.memory import MemoryStore
 from support import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -330,7 +330,7 @@ def test_d10_a_stall_longer_than_the_lease_takes_no_task_from_a_live_process(db,
     script = textwrap.dedent(f"""
         import sys, time
         sys.path.insert(0, {str(ROOT)!r})
-        from dashboard.sqlite_store import SqliteStore
+        from dashboard.local.sqlite import SqliteStore
         store = SqliteStore({db!r}, lease_time=1.0)
         store.maintain()
         record = store.claim(None, block=False)

@@ -27,11 +27,11 @@ from collections import Counter
 import pytest
 
 from dashboard.records import State
-from dashboard.sqlite_store import SqliteStore
+from dashboard.local.sqlite import SqliteStore
 from dashboard.errors import QueueClosed, QueueFull, TaskNotFound, WrongState
-from dashboard.store import MemoryStore
+from dashboard.local.memory import MemoryStore
 from dashboard.tasks import Bool, Int
-from dashboard.workqueue import WorkQueue
+from dashboard.local.queue import WorkQueue
 
 SECONDS = float(os.environ.get("SOAK_SECONDS", "3"))
 CLIENTS = 4

@@ -25,9 +25,9 @@ import pytest
 from dashboard import create_app, get_queue
 from dashboard.config import ConfigError
 from dashboard.records import State
-from dashboard.clock import clock
+from dashboard.local.clock import clock
 from dashboard.errors import StoreError
-from dashboard.sqlite_store import SCHEMA_VERSION, SqliteStore
+from dashboard.local.sqlite import SCHEMA_VERSION, SqliteStore
 from dashboard.tasks import Int
 from support import wait_for
 
@@ -399,7 +399,7 @@ def test_processes_creating_the_file_at_the_same_moment_all_start(tmp_path):
     script = textwrap.dedent(f"""
         import os, sys, time
         sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
-        from dashboard.sqlite_store import SqliteStore
+        from dashboard.local.sqlite import SqliteStore
         while not os.path.exists({str(go)!r}):
             time.sleep(0.001)
         SqliteStore({str(path)!r})

@@ -6,7 +6,7 @@ transaction), so two workers in two processes never take the same one.
 
 Delivery is **at least once**. A running task belongs to the process that
 claimed it for as long as that process runs: while it runs the task it
-renews a lease on the machine's shared clock (:mod:`dashboard.clock`, which
+renews a lease on the machine's shared clock (:mod:`dashboard.local.clock`, which
 no wall-clock step moves), and any other process can tell from ``/proc``
 whether it still runs. When it is gone (``kill -9``, a crash, a reboot) its
 tasks are queued again at once; when nobody can tell (a process in another
@@ -46,10 +46,11 @@ from typing import Any, Callable, Iterator, NamedTuple
 from urllib.parse import quote
 
 from .clock import ALIVE, BOOT_ID, DEAD, Identity, clock, identity, process_alive
-from .records import (CANNOT_CANCEL, CANNOT_RETRY, RETRYABLE_STATES, Snapshot, State, TaskInfo,
+from ..records import (CANNOT_CANCEL, CANNOT_RETRY, RETRYABLE_STATES, Snapshot, State, TaskInfo,
                       TaskRecord, WorkerInfo, WorkerState, progress_changed)
-from .errors import QueueClosed, QueueFull, StoreError, StoreUnavailable, TaskNotFound, WrongState
-from .store import RATE_WINDOW, SERIES_SECONDS, Store, rates
+from ..errors import QueueClosed, QueueFull, StoreError, StoreUnavailable, TaskNotFound, WrongState
+from ..records import SERIES_SECONDS
+from .store import RATE_WINDOW, Store, rates
 
 logger = logging.getLogger("dashboard.sqlite")
 

@@ -1,7 +1,7 @@
 """The work queue: worker threads and their supervisor on top of a store.
 
 :class:`WorkQueue` owns threads and nothing else; all state lives in the
-store (:mod:`dashboard.store`). Submitting is O(1) and never waits for work.
+store (:mod:`dashboard.local.store`). Submitting is O(1) and never waits for work.
 
 This module imports nothing from Flask; :mod:`dashboard.ext` adds the glue.
 """
@@ -16,11 +16,12 @@ import traceback
 import weakref
 from typing import Any, Callable, Mapping
 
-from .backend import Backend, Capabilities
-from .records import Snapshot, State, TaskInfo, TaskRecord
-from .errors import QueueClosed, QueueFull, StoreUnavailable
-from .store import MemoryStore, Store
-from .tasks import Registry, registry as default_registry
+from ..backend import Backend, Capabilities
+from ..records import Snapshot, State, TaskInfo, TaskRecord
+from ..errors import QueueClosed, QueueFull, StoreUnavailable
+from .memory import MemoryStore
+from .store import Store
+from ..tasks import Registry, registry as default_registry
 
 __all__ = ["WorkQueue", "TaskContext", "QueueFull", "QueueClosed"]
 

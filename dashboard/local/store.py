@@ -1,0 +1,280 @@
+"""The store interface: what the in-process queue's worker threads and its
+views of the queue need of the place where tasks live.
+
+A store owns every piece of queue state a dashboard shows: the tasks (queued,
+running and a bounded history of finished ones), cumulative counters, the
+worker slots and what each one runs, the paused and closed flags, a rolling
+per-second record of the last few minutes, and a version number that changes
+whenever any of that changes. The :class:`~dashboard.local.queue.WorkQueue` on
+top of it owns only threads.
+
+Two stores implement it: :class:`~dashboard.local.memory.MemoryStore` (this
+process) and :class:`~dashboard.local.sqlite.SqliteStore` (one file, every
+process on the machine). Nothing outside :mod:`dashboard.local` uses it: the
+web layer sees the :class:`~dashboard.backend.Backend` seam only.
+
+This module imports nothing from Flask.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from ..records import SERIES_SECONDS, Snapshot, State, TaskInfo, TaskRecord
+
+__all__ = ["RATE_WINDOW", "SERIES_SECONDS", "Store", "rates"]
+
+#: The window the rates (throughput, mean wait and run time) are measured over.
+RATE_WINDOW = 60
+
+
+def rates(now: float, first_second: int | None,
+          recent: Iterable[tuple[float, float, float]]) -> dict[str, float | None]:
+    """A snapshot's ``mean_wait``, ``mean_run`` and ``throughput`` (per minute), from
+    the ``(finished, wait_sum, run_sum)`` of each second in the last RATE_WINDOW.
+
+    In the first minute of a run (``first_second``: the oldest second recorded),
+    the rate is over the time there is. Both stores use it; ``now`` and the
+    seconds are on a clock that never steps, so no clock change makes a rate
+    negative or inflates it.
+    """
+    finished = wait_sum = run_sum = 0.0
+    for count, waited, ran in recent:
+        finished += count
+        wait_sum += waited
+        run_sum += ran
+    span = RATE_WINDOW
+    if first_second is not None:
+        span = min(RATE_WINDOW, max(1.0, now - first_second))
+    return {
+        "mean_wait": wait_sum / finished if finished else None,
+        "mean_run": run_sum / finished if finished else None,
+        "throughput": finished * 60.0 / span,
+    }
+
+
+class Store:
+    """The interface every store implements. All methods are thread-safe.
+
+    Workers are named slots. A worker thread asks for work with :meth:`claim`
+    and reports the end of each task with :meth:`finish` (or
+    :meth:`finish_and_claim`); the store moves the task between states and
+    keeps the counters, so the log, the counters and the dashboard agree.
+    """
+
+    #: Largest number of tasks that may wait in the queue.
+    max_queued: int
+    #: True when queued work outlives the process (shutdown keeps it, does not drop it).
+    durable: bool = False
+    #: Seconds between two calls of :meth:`maintain` by a queue's supervisor.
+    maintain_every: float = 1.0
+
+    @property
+    def tag(self) -> str:
+        """A short string that changes whenever anything visible changes.
+
+        Cheap to read (no lock, no copy): views compare it to what a page holds
+        to answer 304 without rendering.
+        """
+        raise NotImplementedError
+
+    @property
+    def identity(self) -> str:
+        """Names this queue: another in-memory queue (a restarted process) or
+        another SQLite file has another. Task ids are unique within one queue,
+        so a page holding an id checks this before trusting it."""
+        raise NotImplementedError
+
+    # -- submitting --
+
+    def add(
+        self, kind: str, params: dict[str, Any], count: int = 1, retry_of: int | None = None
+    ) -> list[int]:
+        """Queue ``count`` tasks of ``kind`` with ``params``, all or none.
+
+        Returns their ids in order. Raises :class:`QueueFull` when fewer than
+        ``count`` places are free and :class:`QueueClosed` after :meth:`close`.
+        """
+        raise NotImplementedError
+
+    def add_one(self, kind: str, params: dict[str, Any]) -> int:
+        """:meth:`add` for one task, returning its id: the path every submit takes."""
+        return self.add(kind, params, 1)[0]
+
+    # -- working --
+
+    def claim(self, worker: str | None, block: bool = True) -> TaskRecord | None:
+        """Take the oldest queued task for ``worker`` and mark it running.
+
+        With ``block``, waits while the queue is empty or paused. Returns
+        ``None`` when there is nothing to do: the store is closed, the worker
+        was asked to stop, or (without ``block``) nothing is ready.
+        ``worker=None`` claims for the calling thread, outside any slot.
+        """
+        raise NotImplementedError
+
+    def progress(self, record: TaskRecord, fraction: float, message: str | None) -> None:
+        """Record a running task's progress (``fraction`` already in 0..1)."""
+        raise NotImplementedError
+
+    def cancel_requested(self, record: TaskRecord) -> bool:
+        """Whether someone asked this running task to stop (cheap: tasks poll it)."""
+        return record.cancel_requested
+
+    def finish(
+        self,
+        record: TaskRecord,
+        state: State,
+        error: str | None = None,
+        traceback: str | None = None,
+    ) -> None:
+        """Move a running task to a finished ``state`` and free its worker."""
+        raise NotImplementedError
+
+    def finish_and_claim(
+        self,
+        record: TaskRecord,
+        state: State,
+        error: str | None = None,
+        traceback: str | None = None,
+    ) -> TaskRecord | None:
+        """:meth:`finish` then a blocking :meth:`claim` for the same worker."""
+        self.finish(record, state, error, traceback)
+        return self.claim(record.worker)
+
+    # -- operating on one task --
+
+    def cancel(self, task_id: int) -> State:
+        """Cancel a queued task (it never runs) or ask a running one to stop.
+
+        Returns the task's state afterwards: ``CANCELLED`` for a queued task,
+        ``RUNNING`` for a running one (its ``cancel_requested`` is now set).
+        Raises :class:`TaskNotFound`, or :class:`WrongState` once finished.
+        """
+        raise NotImplementedError
+
+    def retry(self, task_id: int) -> int:
+        """Queue a new task with the kind and params of a failed or cancelled one.
+
+        The new task records ``retry_of``; the old one ``retried_as``. Returns
+        the new id. A task that was retried already is not queued again: the
+        id of its retry is returned (a double click queues one task). Raises
+        :class:`TaskNotFound`, :class:`WrongState`, :class:`QueueFull` or
+        :class:`QueueClosed`.
+        """
+        raise NotImplementedError
+
+    def clear_history(self) -> int:
+        """Forget the finished tasks (counters stay); return how many were forgotten."""
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        """Clear the history, the counters and the per-second record, for a fresh run.
+
+        Queued and running tasks are kept; they count as submitted.
+        """
+        raise NotImplementedError
+
+    # -- workers --
+
+    def add_worker(self, name: str, replacement: bool = False) -> None:
+        """Register (or revive) the worker slot ``name``.
+
+        ``replacement`` says a supervisor is replacing a thread that died; the
+        store counts those restarts.
+        """
+        raise NotImplementedError
+
+    def stop_worker(self, name: str) -> None:
+        """Ask one worker to exit after its current task; its claim returns ``None``."""
+        raise NotImplementedError
+
+    def worker_exited(self, name: str, error: str | None = None) -> None:
+        """A worker thread ended. With ``error`` it died, and its task fails with it."""
+        raise NotImplementedError
+
+    def remove_worker(self, name: str) -> None:
+        """Forget a worker slot whose thread has ended for good."""
+        raise NotImplementedError
+
+    # -- reading --
+
+    def snapshot(self, recent: int = 20, upcoming: int = 0) -> Snapshot:
+        """One consistent copy of everything visible.
+
+        With the ``recent`` last finished tasks (newest first) and the next
+        ``upcoming`` queued ones (oldest first).
+        """
+        raise NotImplementedError
+
+    def get(self, task_id: int) -> TaskInfo | None:
+        """Return a copy of one task, or ``None`` if unknown or gone from the history."""
+        raise NotImplementedError
+
+    # -- the whole queue --
+
+    def wait_idle(self, timeout: float | None) -> bool:
+        """Block until nothing is queued or running; ``False`` on timeout."""
+        raise NotImplementedError
+
+    def set_paused(self, paused: bool) -> None:
+        """While paused, workers finish what they run and take nothing new."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Refuse new work from now on and wake every waiting worker so it can exit."""
+        raise NotImplementedError
+
+    def close_nowait(self) -> None:
+        """Refuse new work from now on without taking any lock (for signal handlers).
+
+        Waiting workers are not woken; a later :meth:`close` does that.
+        """
+        raise NotImplementedError
+
+    def drop_queued(self) -> int:
+        """Forget every queued task (at shutdown); return how many there were."""
+        raise NotImplementedError
+
+    def reset_after_fork(self) -> int:
+        """Called in a forked child: start empty; return how many queued tasks were dropped."""
+        raise NotImplementedError
+
+    # -- for shared stores --
+
+    def maintain(self, wait: float | None = None) -> None:
+        """Periodic upkeep, called by each queue's supervisor every ``maintain_every``.
+
+        ``wait``: seconds to wait for a busy store before raising
+        :class:`StoreUnavailable` (default: the store's own busy timeout).
+
+        A shared store renews the leases of this process's running tasks,
+        requeues the tasks of processes that stopped, prunes old history and
+        forgets dead processes. The in-memory store has nothing to do.
+        """
+
+    def workers_target(self) -> int | None:
+        """The number of worker threads every process should run, if the store keeps one."""
+        return None
+
+    def set_workers_target(self, count: int) -> None:
+        """Ask every process sharing this store to run ``count`` worker threads."""
+
+    def release(self, records: list[TaskRecord]) -> int:
+        """Give back tasks this process will not finish (it is stopping); return how many.
+
+        A durable store queues them again for another process; the
+        in-memory store has nobody to give them to.
+        """
+        return 0
+
+    def detach(self) -> None:
+        """This process stops using the store: forget its workers (shared stores)."""
+
+    def problem(self) -> str | None:
+        """Why the store cannot be used at the moment (its file was deleted, say), or None."""
+        return None
+
+    def touch(self) -> None:
+        """Count a change no write made (a stall began or ended): pages poll anew."""
+        raise NotImplementedError
