@@ -113,7 +113,7 @@ def _settings_problem(cfg, queue):
 
 def when_ready(server):
     # Listening now: say so loudly if that is beyond this machine with no secret.
-    from dashboard.security import warn_if_exposed
+    from dashboard.web.security import warn_if_exposed
 
     for listener in server.LISTENERS:
         address = listener.sock.getsockname()

@@ -12,7 +12,7 @@ from __future__ import annotations
 from flask import Flask, request
 
 from dashboard import create_app as create_dashboard
-from dashboard import views
+from dashboard.web import live as views
 
 
 def create_app() -> Flask:

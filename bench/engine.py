@@ -271,7 +271,8 @@ def poll_render_seconds(finished: tuple[int, ...] = (20, 10_000), polls: int = 2
     """Median seconds to answer one changed poll (GET /live, a full render, no reuse)
     after each number of ``finished`` tasks ran, the apps' polls alternating: the
     rendering must not grow with the number of tasks ever run."""
-    from dashboard import create_app, get_queue, views
+    from dashboard import create_app, get_queue
+    from dashboard.web import live as views
 
     logging.getLogger("dashboard").setLevel(logging.CRITICAL)
     apps = {}

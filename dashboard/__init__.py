@@ -55,7 +55,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     """
     from . import demo  # noqa: F401  registers the demo task kinds
     from .config import DEFAULTS
-    from .views import bp
+    from .web import bp
 
     app = Flask(__name__, static_folder=None)
     # Polled fragments are sent every second: leave out the template's indentation.
@@ -75,7 +75,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     app.register_error_handler(HTTPException, _http_error)
     # The blueprint hardens its own responses; the app's own (a 404 outside
     # the blueprint, say) get the same headers.
-    from .security import add_security_headers
+    from .web.security import add_security_headers
 
     app.after_request(add_security_headers)
     return app
@@ -116,7 +116,7 @@ def _http_error(exc: HTTPException):
     """
     if isinstance(exc, BadHost) or (isinstance(exc, SecurityError)
                                     and str(exc.description).startswith("Host ")):
-        from .security import printable
+        from .web.security import printable
 
         host = printable(request.environ.get("HTTP_HOST", ""), 100)
         if isinstance(exc, SecurityError):

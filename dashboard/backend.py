@@ -18,7 +18,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
-from .records import Snapshot, State, TaskInfo
+from .records import Snapshot, State, TaskId, TaskInfo
 from .tasks import Registry
 
 
@@ -71,7 +71,7 @@ class Backend(ABC):
         ``upcoming`` queued tasks."""
 
     @abstractmethod
-    def get(self, task_id: int) -> TaskInfo | None: ...
+    def get(self, task_id: TaskId) -> TaskInfo | None: ...
 
     @abstractmethod
     def health(self) -> str | None:
@@ -92,19 +92,19 @@ class Backend(ABC):
 
     # -- acting -------------------------------------------------------------------
 
-    def submit(self, kind: str, /, **params: Any) -> int:
+    def submit(self, kind: str, /, **params: Any) -> TaskId:
         """Queue one task of ``kind`` with ``params``; its id."""
         return self.submit_many(kind, 1, params)[0]
 
     @abstractmethod
-    def submit_many(self, kind: str, count: int, params: dict[str, Any]) -> list[int]:
+    def submit_many(self, kind: str, count: int, params: dict[str, Any]) -> list[TaskId]:
         """Queue ``count`` tasks of ``kind``; all or none."""
 
     @abstractmethod
-    def cancel(self, task_id: int) -> State: ...
+    def cancel(self, task_id: TaskId) -> State: ...
 
     @abstractmethod
-    def retry(self, task_id: int) -> int:
+    def retry(self, task_id: TaskId) -> TaskId:
         """Queue a failed or cancelled task again; a task retried already gives
         back its retry's id and queues nothing."""
 
@@ -129,4 +129,4 @@ SEAM = frozenset(
     name for name in dir(Backend) if not name.startswith("_")
 ) | {"registry", "workers"}
 
-__all__ = ["SEAM", "Backend", "Capabilities"]
+__all__ = ["SEAM", "Backend", "Capabilities", "TaskId"]

@@ -142,10 +142,18 @@ class TaskRecord:
         )
 
 
+#: A task's id, as its backend gives it out: an integer from the in-process
+#: stores, a string from others (RQ's job ids). The web layer reads ids from
+#: requests as text (1 to 64 letters, digits, ``-`` and ``_``) and hands that
+#: text back: a backend's ``get(str(task_id))`` finds the task ``task_id``
+#: names, and an id it never gave out is an unknown task, never an error.
+TaskId = int | str
+
+
 class TaskInfo(NamedTuple):
     """An immutable copy of one task, as views and the JSON API see it."""
 
-    id: int
+    id: TaskId
     kind: str
     params: dict[str, Any]
     state: State
@@ -158,8 +166,8 @@ class TaskInfo(NamedTuple):
     traceback: str | None
     worker: str | None
     cancel_requested: bool = False
-    retry_of: int | None = None
-    retried_as: int | None = None
+    retry_of: TaskId | None = None
+    retried_as: TaskId | None = None
     attempts: int = 0
 
     @property

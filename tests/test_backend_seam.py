@@ -86,3 +86,94 @@ def test_a_backend_that_cannot_scale_gets_no_minus_and_plus(make_app, monkeypatc
     page = app.test_client().get("/").data
     assert b'aria-label="More workers"' not in page and b'id="workers-target"' in page
     assert b"set where the workers run, not here" in page
+
+
+class StringIds:
+    """The in-process queue with ids as other backends give them (RQ's job ids
+    are strings): ``"job-<n>"``. Only the seam's names answer."""
+
+    def __init__(self, backend: Backend):
+        self._backend = backend
+
+    def __getattr__(self, name: str):
+        if name not in SEAM:
+            raise AssertionError(f"the web layer used {name!r}, which the Backend seam lacks")
+        return getattr(self._backend, name)
+
+    @staticmethod
+    def out(number):
+        return None if number is None else f"job-{number}"
+
+    @staticmethod
+    def back(text):
+        if isinstance(text, str) and text.startswith("job-") and text[4:].isdigit():
+            return int(text[4:])
+        return 10**17  # an id this backend never gave out: unknown
+
+    def info(self, info):
+        if info is None:
+            return None
+        return info._replace(id=self.out(info.id), retry_of=self.out(info.retry_of),
+                             retried_as=self.out(info.retried_as))
+
+    def get(self, task_id):
+        return self.info(self._backend.get(self.back(task_id)))
+
+    def submit(self, kind, /, **params):
+        return self.submit_many(kind, 1, params)[0]
+
+    def submit_many(self, kind, count, params):
+        return [self.out(n) for n in self._backend.submit_many(kind, count, params)]
+
+    def cancel(self, task_id):
+        return self._backend.cancel(self.back(task_id))
+
+    def retry(self, task_id):
+        return self.out(self._backend.retry(self.back(task_id)))
+
+    def stats(self, recent=20, upcoming=0):
+        snap = self._backend.stats(recent, upcoming)
+        return snap._replace(
+            recent=tuple(map(self.info, snap.recent)),
+            upcoming=tuple(map(self.info, snap.upcoming)),
+            workers=tuple(w._replace(task=self.info(w.task)) for w in snap.workers),
+        )
+
+
+def test_a_backend_with_string_ids_serves_every_page_and_call(make_app, monkeypatch):
+    """Nothing in the views or templates assumes integer ids: with ids like
+    RQ's, every link, form, redirect and JSON answer carries them unchanged."""
+    app = make_app()
+    real = QueueExtension.queue_for
+    inner = real(app.extensions["dashboard"], app)
+    monkeypatch.setattr(QueueExtension, "queue_for", lambda self, a: StringIds(real(self, a)))
+    client = app.test_client()
+
+    added = client.post("/api/tasks", json={"kind": "flaky", "count": 2,
+                                            "params": {"seconds": 0, "fail_rate": 1}})
+    assert added.status_code == 202
+    first, second = added.json["ids"]
+    assert first.startswith("job-") and second.startswith("job-")
+    assert client.get(f"/api/tasks/{first}").json["id"] == first
+
+    page = client.get("/").data.decode()
+    assert f'href="/tasks/{first}"' in page and f'action="/tasks/{first}/cancel"' in page
+    assert f"#{first}" in page
+
+    cancelled = client.post(f"/tasks/{second}/cancel", data={"view": "task"})
+    assert cancelled.status_code == 303 and cancelled.headers["Location"] == f"/tasks/{second}"
+    inner.run_pending()  # the first fails
+    retried = client.post(f"/api/tasks/{first}/retry")
+    assert retried.status_code == 202
+    assert retried.json["retry_of"] == first and retried.json["id"].startswith("job-")
+    again = client.post(f"/tasks/{first}/retry", data={"view": "task"})
+    assert again.headers["Location"] == f"/tasks/{retried.json['id']}"
+
+    detail = client.get(f"/tasks/{first}").data.decode()
+    assert f'href="/tasks/{retried.json["id"]}"' in detail
+    assert client.get(f"/tasks/{first}/live", headers=HTMX).status_code == 200
+    assert client.get(f"/tasks/lookup?id=%23{first}").headers["Location"] == f"/tasks/{first}"
+    # The in-process stores' own ids mean nothing to this backend: unknown, not an error.
+    assert client.get(f"/tasks/{StringIds.back(first)}").status_code == 404
+    assert client.get("/api/tasks/job-999").status_code == 404
+    monkeypatch.undo()  # before make_app shuts the real queue down

@@ -35,7 +35,7 @@ from browser import (
 )
 from support import wait_for
 
-from dashboard.security import CONTENT_SECURITY_POLICY
+from dashboard.web.security import CONTENT_SECURITY_POLICY
 
 try:
     from playwright.sync_api import Error as PlaywrightError

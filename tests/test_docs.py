@@ -58,7 +58,7 @@ def test_the_embedding_example_works_in_another_app():
             ctx.progress((i + 1) / 3, f"row {i + 1} of 3")
         done.append((user_id, fmt))
 
-    from dashboard.views import bp
+    from dashboard.web import bp
 
     app = Flask("someone_elses_app")
     app.config.update(QUEUE_WORKERS=0, QUEUE_HANDLE_SIGNALS=False, QUEUE_DEFAULT_KIND="send_report")

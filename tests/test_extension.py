@@ -66,7 +66,7 @@ def test_setting_up_the_queue_installs_nothing_of_the_dashboard(own_app):
 
 
 def test_mounting_the_dashboard_brings_its_parts_for_its_routes_only(own_app):
-    from dashboard.views import bp
+    from dashboard.web import bp
 
     app, _ = own_app
     app.register_blueprint(bp, url_prefix="/queue")
@@ -110,7 +110,7 @@ def test_a_default_kind_that_is_not_registered_is_refused_by_name():
 def test_an_apps_own_index_and_base_templates_do_not_replace_the_dashboards(tmp_path):
     """Flask looks in the app's templates first: the dashboard's plain names
     (index.html, base.html) were replaced by any app that had its own."""
-    from dashboard.views import bp
+    from dashboard.web import bp
 
     (tmp_path / "index.html").write_text("THE APP'S OWN INDEX")
     (tmp_path / "base.html").write_text("THE APP'S OWN BASE {% block main %}{% endblock %}")
@@ -136,7 +136,7 @@ def test_the_api_mounted_under_a_prefix_answers_refusals_as_json():
     """The API's refusals were JSON only under /api/: mounted at /queue, a missing
     token on /queue/api/stats got a text/plain 401 (the check read the
     blueprint's own url_prefix, not where the app mounted it)."""
-    from dashboard.views import bp
+    from dashboard.web import bp
 
     app = Flask("mounted_app")
     app.config.update(QUEUE_WORKERS=0, QUEUE_HANDLE_SIGNALS=False,

@@ -489,7 +489,7 @@ def test_sx_a_task_page_holds_the_tag_read_before_the_task(make_app, monkeypatch
     def read_then_finish(task_id):
         info = read(task_id)
         if info is not None and info.state is State.RUNNING:
-            queue.store.finish(running[task_id], State.DONE)
+            queue.store.finish(running[info.id], State.DONE)
         return info
 
     running = {}
@@ -525,7 +525,7 @@ def test_sx_what_a_request_says_reaches_the_log_escaped(make_app, caplog):
 def test_sx_the_exposure_bookkeeping_stays_bounded(make_app, caplog):
     """Where the server names no socket, SERVER_NAME is the address, and some servers
     take it from the Host header: a stream of names must not grow memory."""
-    from dashboard import security
+    from dashboard.web import security
 
     app = make_app()
     client = app.test_client()

@@ -49,7 +49,7 @@ WAIT = 30.0
 #: Files the dashboard cannot work without, as they are laid out in the wheel.
 MUST_SHIP = [
     "dashboard/__init__.py",
-    "dashboard/views.py",
+    "dashboard/web/blueprint.py",
     "dashboard/templates/dashboard/base.html",
     "dashboard/templates/dashboard/index.html",
     "dashboard/static/dashboard.css",
@@ -141,7 +141,7 @@ def test_the_sdist_holds_what_the_wheel_is_built_from(built):
     for folder in ("templates", "static"):
         for relative in _files(folder):
             assert f"{folder}/{relative}" in names, f"{folder}/{relative} not in the sdist"
-    assert {"pyproject.toml", "README.md", "LICENSE", "dashboard/views.py",
+    assert {"pyproject.toml", "README.md", "LICENSE", "dashboard/web/blueprint.py",
             "examples/reports/app.py"} <= names
     assert not [n for n in names if n.startswith((".venv/", "instance/", ".git/"))]
 
@@ -173,7 +173,7 @@ def test_the_example_app_runs_from_the_wheel_in_a_fresh_virtualenv(built, tmp_pa
          tmp_path, "installing the wheel with its server extra")
 
     where = _run([str(python), "-c",
-                  "import sysconfig, dashboard, dashboard.views as v; "
+                  "import sysconfig, dashboard, dashboard.web as v; "
                   "print(sysconfig.get_paths()['purelib']); print(dashboard.__file__); "
                   "print(v.bp.template_folder); print(v.bp.static_folder)"],
                  tmp_path, "importing the installed package").splitlines()

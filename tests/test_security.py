@@ -9,7 +9,7 @@ import re
 import pytest
 
 from dashboard import ConfigError, create_app, get_queue
-from dashboard.security import CONTENT_SECURITY_POLICY, warn_if_exposed
+from dashboard.web.security import CONTENT_SECURITY_POLICY, warn_if_exposed
 
 SECRET = "correct-horse-battery-staple"
 
@@ -243,7 +243,7 @@ def test_the_submit_limit_counts_tasks_per_client(make_app):
     ("100/hour", "100 tasks per hour"),
 ])
 def test_the_limit_reads_as_words(spec, words):
-    from dashboard.security import SubmitLimiter
+    from dashboard.web.security import SubmitLimiter
 
     limiter = SubmitLimiter(spec)
     assert limiter.described == words and limiter.amount == int(words.split()[0])

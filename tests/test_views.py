@@ -11,7 +11,7 @@ import pytest
 from flask import template_rendered
 
 from dashboard import ConfigError, create_app, get_queue
-from dashboard.views import REGIONS
+from dashboard.web.live import REGIONS
 
 ROOT = Path(__file__).resolve().parent.parent
 HTMX = {"HX-Request": "true"}
@@ -602,7 +602,7 @@ def test_a_refused_plain_post_returns_to_its_page_and_says_why(client, queue):
 
 
 def test_a_page_shows_only_refusals_it_signed_for_this_client(make_app, monkeypatch):
-    from dashboard import notices
+    from dashboard.web import notices
 
     app = make_app(QUEUE_SUBMIT_LIMIT="1/minute")
     client = app.test_client()
@@ -739,7 +739,8 @@ def test_lookup_by_id(client, queue):
     assert response.status_code == 303 and response.headers["Location"] == f"/tasks/{task_id}"
     bad = client.get("/tasks/lookup?id=<b>1")
     assert bad.status_code == 400
-    assert b"id must be a task number like 42, got &#39;&lt;b&gt;1&#39;" in bad.data
+    assert (b"id must be a task id like 42 (task ids are 1 to 64 letters, digits, &#39;-&#39; "
+            b"and &#39;_&#39;), got &#39;&lt;b&gt;1&#39;" in bad.data)
 
 
 def test_params_and_errors_are_escaped_everywhere(client, queue):
@@ -790,7 +791,7 @@ def test_chart_draws_the_depth_over_time(client, queue):
 
 
 def test_chart_window_follows_the_activity_from_one_to_five_minutes(queue):
-    from dashboard.chart import depth_chart
+    from dashboard.web.chart import depth_chart
 
     snap = queue.stats()
     now = 10_000.0

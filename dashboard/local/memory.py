@@ -15,7 +15,7 @@ import threading
 import time
 from collections import deque
 from itertools import islice, takewhile
-from typing import Any, Iterable
+from typing import Any
 
 from ..errors import QueueClosed, QueueFull, TaskNotFound, WrongState
 from ..records import (CANNOT_CANCEL, CANNOT_RETRY, RETRYABLE_STATES, SERIES_SECONDS, Snapshot,

@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping
 
 from ..backend import Backend, Capabilities
 from ..records import Snapshot, State, TaskInfo, TaskRecord
-from ..errors import QueueClosed, QueueFull, StoreUnavailable
+from ..errors import QueueClosed, QueueFull, StoreUnavailable, TaskNotFound
 from .memory import MemoryStore
 from .store import Store
 from ..tasks import Registry, registry as default_registry
@@ -93,6 +93,29 @@ class TaskContext:
 _FAILED = State.FAILED
 _DONE_RESULT = (State.DONE, None, None)
 _CANCELLED_RESULT = (State.CANCELLED, "cancelled while running", None)
+
+
+#: The largest id a store gives out has 18 digits (see dashboard.local.memory.first_id).
+_MAX_ID_DIGITS = 18
+
+
+def _number(task_id: int | str) -> int | None:
+    """A task id as the stores hold it (a positive integer), from an int or its text
+    (the web layer's reading of a request); None when it cannot be one of ours."""
+    if type(task_id) is int:
+        return task_id if task_id > 0 else None
+    if (isinstance(task_id, str) and 0 < len(task_id) <= _MAX_ID_DIGITS and task_id.isascii()
+            and task_id.isdigit()):
+        return int(task_id)
+    return None
+
+
+def _known(task_id: int | str) -> int:
+    """:func:`_number`, or :class:`TaskNotFound` for an id no store of ours gives out."""
+    number = _number(task_id)
+    if number is None:
+        raise TaskNotFound(task_id)
+    return number
 
 
 def _worker_number(name: str) -> int:
@@ -518,9 +541,10 @@ class WorkQueue(Backend):
         finished tasks and the next ``upcoming`` queued ones."""
         return self.store.snapshot(recent, upcoming)
 
-    def get(self, task_id: int) -> TaskInfo | None:
-        """One task by id, or ``None`` when unknown or forgotten by the history."""
-        return self.store.get(task_id)
+    def get(self, task_id: int | str) -> TaskInfo | None:
+        """One task by id (or its text), or ``None`` when unknown or forgotten by the history."""
+        number = _number(task_id)
+        return None if number is None else self.store.get(number)
 
     def join(self, timeout: float | None = None) -> bool:
         """Block until nothing is queued or running. Returns ``False`` on timeout."""
@@ -535,16 +559,16 @@ class WorkQueue(Backend):
 
     # -- operating on tasks ------------------------------------------------
 
-    def cancel(self, task_id: int) -> State:
+    def cancel(self, task_id: int | str) -> State:
         """Cancel a queued task, or ask a running one to stop (see :meth:`Store.cancel`)."""
-        return self.store.cancel(task_id)
+        return self.store.cancel(_known(task_id))
 
-    def retry(self, task_id: int) -> int:
+    def retry(self, task_id: int | str) -> int:
         """Queue a failed or cancelled task again, linked to it; return the new id.
 
         A task retried before is not queued again: the id of its retry is returned.
         """
-        return self.store.retry(task_id)
+        return self.store.retry(_known(task_id))
 
     def clear_history(self) -> int:
         """Forget finished tasks; the counters keep their totals."""

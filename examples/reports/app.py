@@ -14,7 +14,7 @@ import time
 from flask import Flask, current_app, redirect, render_template, request, url_for
 
 from dashboard import Int, QueueError, QueueExtension, Registry, Str, current_queue
-from dashboard.views import bp as dashboard_bp
+from dashboard.web import bp as dashboard_bp
 
 registry = Registry()  # this app's task kinds; only these can run
 

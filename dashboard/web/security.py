@@ -44,7 +44,7 @@ from flask import Flask, Response, current_app, jsonify, make_response, request
 from limits.storage import MemoryStorage
 from limits.strategies import MovingWindowRateLimiter
 
-from .errors import RateLimited
+from ..errors import RateLimited
 
 logger = logging.getLogger("dashboard.security")
 
@@ -476,7 +476,7 @@ def init_app(app: Flask) -> None:
     try:
         app.extensions["dashboard.limiter"] = SubmitLimiter(app.config["QUEUE_SUBMIT_LIMIT"])
     except ValueError:
-        from .config import ConfigError
+        from ..config import ConfigError
 
         raise ConfigError(
             "invalid configuration: QUEUE_SUBMIT_LIMIT must be empty (no limit) or like "

@@ -9,8 +9,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .records import Snapshot
-from .records import SERIES_SECONDS
+from ..records import SERIES_SECONDS, Snapshot
 
 WIDTH = 600
 HEIGHT = 140

@@ -1,0 +1,79 @@
+"""What a request may do to the queue, checked and charged, for the page's forms
+and the JSON API alike: add work, retry a task, set the worker count."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Mapping
+
+from flask import current_app
+
+from ..backend import TaskId
+from ..errors import InvalidParam, TaskNotFound
+from ..ext import current_queue
+from ..tasks import Int
+from . import security
+from .answers import parse_task_id
+
+
+def count_spec() -> Int:
+    return Int(1, current_app.config["QUEUE_MAX_BATCH"])
+
+
+def submit(kind_name: Any, count: Any, params: Any) -> list[TaskId]:
+    """Check everything the request says, then queue, charging the client for what was queued."""
+    count = count_spec().parse("count", count)
+    if not isinstance(params, dict):
+        raise InvalidParam("params", f"must be an object of parameters, got {type(params).__name__}")
+    current_queue.registry.get(kind_name).check_params(params)  # bad input: 400, not 429
+    return security.spend_submit(count, lambda: current_queue.submit_many(kind_name, count, params))
+
+#: One retry at a time in this process: whether a retry queued a task or found one
+#: queued by an earlier click decides both the answer and what the client is charged.
+_RETRY_LOCK = threading.Lock()
+
+
+def retry(task_id: str) -> tuple[TaskId, bool, TaskId]:
+    """Retry a task: ``(the id of its retry, whether this request queued it, the task's id)``.
+
+    A task retried already is not queued again (a double click queues one
+    task): its retry's id comes back, and costs the client nothing.
+    """
+    task_id = parse_task_id(task_id)
+    with _RETRY_LOCK:
+        info = current_queue.get(task_id)
+        if info is None:
+            raise TaskNotFound(task_id)  # before the limit: an unknown task is a 404, not a 429
+        if info.retried_as is not None:
+            return current_queue.retry(info.id), False, info.id
+        # Another process sharing the store may retry it in between; then its
+        # retry comes back, and this request is charged for it all the same.
+        return security.spend_submit(1, lambda: current_queue.retry(info.id)), True, info.id
+
+#: One change of the worker count at a time in this process: a ``delta`` reads the
+#: count and sets it, and two clicks at once must not both start from the same count.
+_WORKERS_LOCK = threading.Lock()
+
+
+def set_workers(data: Mapping[str, Any]) -> int:
+    """Set the worker count a request asks for: ``count`` outright (1..QUEUE_MAX_WORKERS, else
+    a 400), or ``delta`` from now, clamped to that range.
+
+    The page's − and + post ``delta``: a click more than the range allows (a
+    double click at 2 workers, twenty clicks on +) stops at the end and is
+    no error. A ``delta`` never moves the count against its sign (from 0
+    workers, − stays at 0).
+    """
+    top = current_app.config["QUEUE_MAX_WORKERS"]
+    if data.get("count") not in (None, ""):
+        return current_queue.set_workers(Int(1, top).parse("count", data["count"]))
+    delta = Int(-top, top).parse("delta", data.get("delta"))
+    with _WORKERS_LOCK:
+        now = current_queue.workers
+        if delta > 0:
+            wanted = max(now, min(now + delta, top))
+        elif delta < 0:
+            wanted = min(now, max(now + delta, 1))
+        else:
+            wanted = now
+        return current_queue.set_workers(wanted)

@@ -1,0 +1,202 @@
+"""The JSON API (``/api/...``) and ``/healthz``: what scripts and load balancers use.
+
+Errors are JSON ``{"error": "..."}`` with the refusal's own status.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any, Callable
+
+from flask import Response, current_app, jsonify, make_response, request
+
+from ..backend import TaskId
+from ..errors import QueueError, StoreUnavailable
+from ..ext import current_queue
+from ..records import TaskInfo
+from .actions import retry, set_workers, submit
+from .answers import (TASK_ID_RULE, default_kind, error_status, json_error, parse_task_id,
+                      printable_id, read_task_id)
+from .blueprint import bp
+from .live import RECENT
+
+
+API_TASK_KEYS = frozenset({"kind", "count", "params"})
+
+#: How deeply a JSON body may nest lists and objects. Ours need two levels (the
+#: body and its ``params``); a deeper body is refused before anything reads it,
+#: since what reads it (and what quotes it in an error) recurses.
+MAX_JSON_DEPTH = 10
+
+
+def _json_body(allowed: frozenset[str]) -> dict[str, Any] | Response:
+    """The request's JSON object, or a 4xx answer saying what is wrong with the body."""
+    if not request.is_json:
+        return json_error("send a JSON object with Content-Type: application/json", 415)
+    # Parsed here rather than by request.get_json(silent=True): that lets a
+    # RecursionError through (a 500), and answers every other fault with None.
+    try:
+        data = current_app.json.loads(request.get_data())
+    except RecursionError:
+        return json_error(_TOO_DEEP, 400)
+    except json.JSONDecodeError as exc:
+        return json_error(f"body must be a JSON object; it is not valid JSON: {exc}", 400)
+    except UnicodeDecodeError:
+        return json_error("body must be a JSON object in UTF-8; it is not UTF-8", 400)
+    except ValueError:  # an integer of more digits than int() takes
+        return json_error("body must be a JSON object; a number in it has more than "
+                           f"{sys.get_int_max_str_digits()} digits", 400)
+    if _nests_deeper(data, MAX_JSON_DEPTH):
+        return json_error(_TOO_DEEP, 400)
+    if not isinstance(data, dict):
+        example = ", ".join(f'"{k}": ...' for k in sorted(allowed))
+        return json_error(f"body must be a JSON object like {{{example}}}", 400)
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        return json_error(
+            f"unknown field(s): {', '.join(map(str, unknown))}; allowed: "
+            f"{', '.join(sorted(allowed))}",
+            400,
+        )
+    return data
+
+_TOO_DEEP = f"body nests too deeply: at most {MAX_JSON_DEPTH} levels of lists and objects"
+
+
+def _nests_deeper(value: Any, limit: int) -> bool:
+    """Whether ``value`` nests lists and objects more than ``limit`` deep (no recursion)."""
+    if not isinstance(value, (dict, list)):
+        return False
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((child, depth + 1) for child in children
+                     if isinstance(child, (dict, list)))
+    return False
+
+
+def _json_action(action: Callable[[], Any], ok: Callable[[Any], Response]) -> Response:
+    try:
+        result = action()
+    except QueueError as exc:
+        status, headers = error_status(exc)
+        return json_error(str(exc), status, headers)
+    return ok(result)
+
+
+@bp.get("/api/stats")
+def api_stats() -> Response:
+    snap = current_queue.stats(RECENT)
+    if snap.tag in request.if_none_match:
+        return make_response("", 304)
+    data = snap.to_dict()
+    data["workers_target"] = current_queue.workers
+    response = jsonify(data)
+    response.set_etag(snap.tag)
+    return response
+
+
+@bp.post("/api/tasks")
+def api_add_tasks() -> Response:
+    """``{"kind": ..., "count": n, "params": {...}}`` → 202 with the new ids."""
+    data = _json_body(API_TASK_KEYS)
+    if isinstance(data, Response):
+        return data
+
+    def ok(ids: list[TaskId]) -> Response:
+        response = jsonify(ids=ids, count=len(ids))
+        response.status_code = 202
+        return response
+
+    return _json_action(
+        lambda: submit(
+            data.get("kind", default_kind()),
+            data.get("count", 1),
+            data.get("params", {}),
+        ),
+        ok,
+    )
+
+
+@bp.get("/api/tasks/<task_id>")
+def api_task(task_id: str) -> Response:
+    if read_task_id(task_id) is None:
+        return json_error(f"no task {printable_id(task_id)}: {TASK_ID_RULE}", 404)
+    info = current_queue.get(task_id)
+    if info is None:
+        return json_error(f"no task {task_id}: unknown, or no longer in the history", 404)
+    return jsonify(info.to_dict())
+
+
+@bp.post("/api/tasks/<task_id>/cancel")
+def api_cancel(task_id: str) -> Response:
+    def cancel() -> TaskInfo | None:
+        checked = parse_task_id(task_id)
+        current_queue.cancel(checked)
+        return current_queue.get(checked)
+
+    return _json_action(cancel, lambda info: jsonify(info.to_dict() if info else {}))
+
+
+@bp.post("/api/tasks/<task_id>/retry")
+def api_retry(task_id: str) -> Response:
+    """``202 {"id": new, "retry_of": old, "created": true}`` when this request queued the
+    retry; ``200`` with ``"created": false`` when the task had been retried already
+    (nothing queued: a second click, or a client sending again after a lost answer)."""
+
+    def ok(retried: tuple[TaskId, bool, TaskId]) -> Response:
+        new_id, created, of = retried
+        response = jsonify(id=new_id, retry_of=of, created=created)
+        response.status_code = 202 if created else 200
+        return response
+
+    return _json_action(lambda: retry(task_id), ok)
+
+
+@bp.post("/api/pause")
+def api_pause() -> Response:
+    return _json_action(current_queue.pause, lambda _: jsonify(paused=True))
+
+
+@bp.post("/api/resume")
+def api_resume() -> Response:
+    return _json_action(current_queue.resume, lambda _: jsonify(paused=False))
+
+
+@bp.post("/api/workers")
+def api_workers() -> Response:
+    """``{"count": n}`` or ``{"delta": ±n}`` (clamped) → the number of worker threads now
+    asked for."""
+    data = _json_body(frozenset({"count", "delta"}))
+    if isinstance(data, Response):
+        return data
+    return _json_action(lambda: set_workers(data), lambda n: jsonify(workers=n))
+
+
+@bp.get("/healthz")
+def healthz() -> Response:
+    """200 while this process's workers run and take work; 503 saying why when not."""
+    queue = current_queue
+    problem = queue.health()
+    body: dict[str, Any] = {
+        "status": "ok" if problem is None else ("stopping" if queue.closed else "unhealthy"),
+        "pid": os.getpid(),
+        "workers": queue.workers,
+        "started": queue.started,
+    }
+    if problem is not None:
+        body["reason"] = problem
+    try:
+        snap = queue.stats(0)
+    except StoreUnavailable:
+        pass
+    else:
+        body["alive"] = sum(1 for w in snap.workers if w.state != "stopped")
+    response = jsonify(body)
+    response.status_code = 200 if problem is None else 503
+    return response
