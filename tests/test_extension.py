@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 
 import pytest
-from flask import Flask
+from flask import Flask, render_template_string
 
 from dashboard import QueueExtension, Registry, get_queue
 
@@ -128,6 +128,43 @@ def test_an_apps_own_index_and_base_templates_do_not_replace_the_dashboards(tmp_
         page = app.test_client().get("/queue/")
         assert page.status_code == 200
         assert b"THE APP'S OWN" not in page.data and b'id="queue-depth"' in page.data
+    finally:
+        get_queue(app).shutdown()
+
+
+def test_an_apps_own_template_filters_and_globals_stay_its_own():
+    """Flask registers a blueprint's template filters for the whole app: ours were
+    plain names (seconds, duration, clock, isotime) and a State global, so
+    mounting the dashboard replaced an app's own filters of those names."""
+    from dashboard.web import bp
+
+    app = Flask("filtered_app")
+    app.config.update(QUEUE_WORKERS=0, QUEUE_HANDLE_SIGNALS=False)
+    registry = Registry()
+
+    @registry.task("email")
+    def email(ctx):
+        pass
+
+    for name in ("seconds", "duration", "clock", "isotime"):
+        app.add_template_filter(lambda value, name=name: f"app {name}({value})", name)
+
+    @app.context_processor
+    def states():
+        return {"State": "the app State"}
+
+    @app.get("/own")
+    def own():
+        return render_template_string(
+            "{{ 5|seconds }} {{ 5|duration }} {{ 5|clock }} {{ 5|isotime }} {{ State }}")
+
+    QueueExtension(registry=registry).init_app(app)
+    app.register_blueprint(bp, url_prefix="/queue")
+    try:
+        client = app.test_client()
+        assert client.get("/own").text == ("app seconds(5) app duration(5) app clock(5) "
+                                           "app isotime(5) the app State")
+        assert b'id="queue-depth"' in client.get("/queue/").data
     finally:
         get_queue(app).shutdown()
 
