@@ -42,9 +42,9 @@ from werkzeug.local import LocalProxy
 
 from .config import DEFAULTS, ConfigError, check_config, old_names_in
 from .errors import StoreError
-from .local import MemoryStore, SqliteStore, Store
+from .local import MemoryStore, SqliteStore, Store, TaskContext, WorkQueue
+from .local.queue import live_queues
 from .tasks import Registry
-from .local.queue import TaskContext, WorkQueue, live_queues
 
 logger = logging.getLogger("dashboard.ext")
 

@@ -50,14 +50,11 @@ from ..records import (CANNOT_CANCEL, CANNOT_RETRY, RETRYABLE_STATES, Snapshot, 
                       TaskRecord, WorkerInfo, WorkerState, progress_changed)
 from ..errors import QueueClosed, QueueFull, StoreError, StoreUnavailable, TaskNotFound, WrongState
 from ..records import SERIES_SECONDS
+from .schema import (INSERT, SCHEMA, SCHEMA_VERSION, STATES, T_COLUMNS, TASK_COLUMNS,
+                     UPGRADE_FROM_1, statements, task_info, task_record)
 from .store import RATE_WINDOW, Store, rates
 
 logger = logging.getLogger("dashboard.sqlite")
-
-#: The schema this code reads and writes; kept in ``PRAGMA user_version``.
-#: 2: times that are compared (leases, heartbeats, the per-second record, the
-#: durations behind the rates) are on the machine's shared clock, with its boot.
-SCHEMA_VERSION = 2
 
 #: How long a running task's lease lasts, by default; renewed every third of it.
 LEASE_TIME = 30.0
@@ -66,237 +63,11 @@ LEASE_TIME = 30.0
 #: often costs one write for several reports.
 PROGRESS_DELAY = 0.1
 
-_STATES = {s.value: s for s in State}
-
-#: Both task triggers begin here: when a new second has begun (on the shared
-#: clock: the row's ``queued_clock`` on insert, its ``clock`` on a change),
-#: the last one (still in meta's sec_* columns) goes to the seconds table.
-#: Every writer reads the clock inside its immediate transaction, so seconds
-#: only ever move forward.
-_FLUSH_LAST_SECOND = """\
-INSERT INTO seconds (second, depth, peak, finished, wait_sum, run_sum)
-    SELECT sec, sec_depth, sec_peak, sec_finished, sec_wait, sec_run FROM meta
-    WHERE sec IS NOT NULL AND sec != CAST(NEW.{clock} AS INTEGER)
-    ON CONFLICT (second) DO UPDATE SET
-        depth = excluded.depth, peak = max(peak, excluded.peak),
-        finished = finished + excluded.finished, wait_sum = wait_sum + excluded.wait_sum,
-        run_sum = run_sum + excluded.run_sum;"""
-
-_TABLES = """
-CREATE TABLE meta (
-    id           INTEGER PRIMARY KEY CHECK (id = 1),
-    instance     TEXT NOT NULL,             -- random: tags of another file never match
-    version      INTEGER NOT NULL DEFAULT 0,-- bumped by every visible change
-    paused       INTEGER NOT NULL DEFAULT 0,
-    workers      INTEGER,                   -- worker threads per process, once set live
-    queued       INTEGER NOT NULL DEFAULT 0,
-    running      INTEGER NOT NULL DEFAULT 0,
-    done         INTEGER NOT NULL DEFAULT 0,
-    failed       INTEGER NOT NULL DEFAULT 0,
-    cancelled    INTEGER NOT NULL DEFAULT 0,
-    submitted    INTEGER NOT NULL DEFAULT 0,
-    restarts     INTEGER NOT NULL DEFAULT 0,
-    max_queued   INTEGER NOT NULL DEFAULT 10000,
-    next_id      INTEGER NOT NULL DEFAULT 1,-- ids are never reused
-    head         INTEGER NOT NULL DEFAULT 1,-- no queued task has a smaller id
-    -- the current second's bucket, written to `seconds` when the next one starts
-    sec          INTEGER,
-    sec_depth    INTEGER NOT NULL DEFAULT 0,
-    sec_peak     INTEGER NOT NULL DEFAULT 0,
-    sec_finished INTEGER NOT NULL DEFAULT 0,
-    sec_wait     REAL NOT NULL DEFAULT 0,
-    sec_run      REAL NOT NULL DEFAULT 0,
-    boot         TEXT,                      -- the boot every *clock value counts from
-    last_claim   REAL                       -- when a task was last taken (clock)
-);
-CREATE TABLE tasks (
-    id               INTEGER PRIMARY KEY,
-    kind             TEXT NOT NULL,
-    params           TEXT NOT NULL,        -- JSON
-    state            TEXT NOT NULL,
-    enqueued_at      REAL NOT NULL,        -- wall clock, to show
-    started_at       REAL,
-    finished_at      REAL,
-    progress         REAL NOT NULL DEFAULT 0,
-    message          TEXT,
-    error            TEXT,
-    traceback        TEXT,
-    worker           TEXT,
-    process          TEXT,                 -- the claiming process's token
-    pid              INTEGER,
-    lease_until      REAL,                 -- clock
-    attempts         INTEGER NOT NULL DEFAULT 0,
-    cancel_requested INTEGER NOT NULL DEFAULT 0,
-    retry_of         INTEGER,
-    retried_as       INTEGER,
-    queued_clock     REAL,                 -- the shared clock when queued, started, finished:
-    started_clock    REAL,                 -- the rates' wait and run times
-    finished_clock   REAL,
-    clock            REAL                  -- the shared clock at the last change of state
-);
--- The only index: the history, newest first, and pruning oldest first. Every
--- index is one more page written per commit, so the queue order comes from
--- the ids (from meta.head up) and the running tasks are few enough to scan.
-CREATE INDEX tasks_finished ON tasks (finished_at) WHERE finished_at IS NOT NULL;
-CREATE TABLE seconds (
-    second   INTEGER PRIMARY KEY,          -- clock
-    depth    INTEGER NOT NULL,
-    peak     INTEGER NOT NULL,
-    finished INTEGER NOT NULL DEFAULT 0,
-    wait_sum REAL NOT NULL DEFAULT 0,
-    run_sum  REAL NOT NULL DEFAULT 0
-);
-"""
-
-#: Who is using the file now: rows that are dropped and made anew on upgrade.
-_PROCESS_TABLES = """
-CREATE TABLE processes (
-    token        TEXT PRIMARY KEY,
-    pid          INTEGER NOT NULL,
-    host         TEXT NOT NULL,
-    boot         TEXT,                     -- with pidns and start: is it still running?
-    pidns        TEXT,
-    start        INTEGER,
-    started_at   REAL NOT NULL,            -- wall clock
-    heartbeat_at REAL NOT NULL             -- clock
-);
-CREATE TABLE workers (
-    process  TEXT NOT NULL,
-    name     TEXT NOT NULL,
-    pid      INTEGER NOT NULL,
-    alive    INTEGER NOT NULL DEFAULT 1,
-    task_id  INTEGER,
-    done     INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (process, name)
-);
-"""
-
-# The counters, the version, the queue head and the per-second record follow
-# the tasks table in triggers: they change in the same statement as the task,
-# so they never disagree with it, and a submit is one INSERT that touches two
-# pages (the task's and meta's). The `seconds` table is written once a second.
-_TRIGGERS = """
-CREATE TRIGGER tasks_refuse_when_full BEFORE INSERT ON tasks
-WHEN NEW.state = 'queued' AND (SELECT queued >= max_queued FROM meta)
-BEGIN
-    SELECT RAISE(ABORT, 'queue full');
-END;
-CREATE TRIGGER tasks_added AFTER INSERT ON tasks
-WHEN NEW.state = 'queued'
-BEGIN
-    {flush_on_insert}
-    UPDATE meta SET
-        queued = queued + 1, submitted = submitted + 1, version = version + 1,
-        next_id = max(next_id, NEW.id + 1),
-        sec_peak = CASE WHEN sec = CAST(NEW.queued_clock AS INTEGER)
-                        THEN max(sec_peak, queued + 1) ELSE queued + 1 END,
-        sec_finished = CASE WHEN sec = CAST(NEW.queued_clock AS INTEGER)
-                            THEN sec_finished ELSE 0 END,
-        sec_wait = CASE WHEN sec = CAST(NEW.queued_clock AS INTEGER) THEN sec_wait ELSE 0 END,
-        sec_run = CASE WHEN sec = CAST(NEW.queued_clock AS INTEGER) THEN sec_run ELSE 0 END,
-        sec_depth = queued + 1,
-        sec = CAST(NEW.queued_clock AS INTEGER);
-END;
-CREATE TRIGGER tasks_moved AFTER UPDATE OF state ON tasks
-WHEN OLD.state != NEW.state
-BEGIN
-    {flush_on_change}
-    UPDATE meta SET
-        queued = queued + d.dq,
-        running = running - (OLD.state = 'running') + (NEW.state = 'running'),
-        done = done + (NEW.state = 'done'),
-        failed = failed + (NEW.state = 'failed'),
-        cancelled = cancelled + (NEW.state = 'cancelled'),
-        version = version + 1,
-        head = CASE
-            WHEN OLD.state = 'queued' AND NEW.state = 'running' THEN max(head, NEW.id + 1)
-            WHEN NEW.state = 'queued' THEN min(head, NEW.id)
-            ELSE head END,
-        last_claim = CASE WHEN NEW.state = 'running' THEN NEW.clock ELSE last_claim END,
-        sec_peak = CASE WHEN sec = d.now THEN max(sec_peak, queued + d.dq)
-                        ELSE queued + d.dq END,
-        sec_finished = CASE WHEN sec = d.now THEN sec_finished ELSE 0 END + d.ran,
-        sec_wait = CASE WHEN sec = d.now THEN sec_wait ELSE 0 END
-                   + CASE WHEN d.ran THEN max(0, NEW.started_clock - NEW.queued_clock) ELSE 0 END,
-        sec_run = CASE WHEN sec = d.now THEN sec_run ELSE 0 END
-                  + CASE WHEN d.ran THEN max(0, NEW.finished_clock - NEW.started_clock) ELSE 0 END,
-        sec_depth = queued + d.dq,
-        sec = d.now
-    FROM (SELECT (NEW.state = 'queued') - (OLD.state = 'queued') AS dq,
-                 OLD.state = 'running' AND NEW.finished_at IS NOT NULL AS ran,
-                 CAST(NEW.clock AS INTEGER) AS now) AS d;
-END;
-CREATE TRIGGER tasks_touched AFTER UPDATE OF progress, message, cancel_requested, retried_as
-ON tasks
-BEGIN
-    UPDATE meta SET version = version + 1;
-END;
-""".format(flush_on_insert=_FLUSH_LAST_SECOND.format(clock="queued_clock"),
-           flush_on_change=_FLUSH_LAST_SECOND.format(clock="clock"))
-
-_SCHEMA = _TABLES + _PROCESS_TABLES + _TRIGGERS
-
-# Version 1 kept these times on the wall clock, and its triggers read it.
-_UPGRADE_FROM_1 = """
-ALTER TABLE meta ADD COLUMN boot TEXT;
-ALTER TABLE meta ADD COLUMN last_claim REAL;
-ALTER TABLE tasks ADD COLUMN queued_clock REAL;
-ALTER TABLE tasks ADD COLUMN started_clock REAL;
-ALTER TABLE tasks ADD COLUMN finished_clock REAL;
-ALTER TABLE tasks ADD COLUMN clock REAL;
-DROP TRIGGER tasks_refuse_when_full;
-DROP TRIGGER tasks_added;
-DROP TRIGGER tasks_moved;
-DROP TRIGGER tasks_touched;
-DROP TABLE processes;
-DROP TABLE workers;
-""" + _PROCESS_TABLES + _TRIGGERS
-
-# The id comes from meta.next_id (the insert trigger moves it on): ids are
-# never reused, without AUTOINCREMENT's extra page per insert.
-_INSERT = (
-    "INSERT INTO tasks (id, kind, params, state, enqueued_at, queued_clock, retry_of) "
-    "SELECT next_id, ?, ?, 'queued', ?, ?, ? FROM meta"
-)
-
-_COLUMNS = (
-    "id", "kind", "params", "state", "enqueued_at", "started_at", "finished_at", "progress",
-    "message", "error", "traceback", "worker", "cancel_requested", "retry_of", "retried_as",
-    "attempts",
-)
-_TASK_COLUMNS = ", ".join(_COLUMNS)
-_T_COLUMNS = ", ".join(f"t.{c}" for c in _COLUMNS)
-
-
 def _refusal(path: str, exc: sqlite3.Error) -> StoreError:
     error = StoreError(_explain(path, exc))
     text = str(exc)
     error.busy = "locked" in text or "busy" in text
     return error
-
-
-def _info(row: tuple) -> TaskInfo:
-    (task_id, kind, params, state, enqueued_at, started_at, finished_at, progress, message,
-     error, traceback, worker, cancel_requested, retry_of, retried_as, attempts) = row
-    return TaskInfo(
-        task_id, kind, json.loads(params), _STATES[state], enqueued_at, started_at, finished_at,
-        progress, message, error, traceback, worker, bool(cancel_requested), retry_of,
-        retried_as, attempts,
-    )
-
-
-def _record(row: tuple) -> TaskRecord:
-    info = _info(row)
-    record = TaskRecord(info.id, info.kind, info.params, info.enqueued_at)
-    record.state = info.state
-    record.started_at = info.started_at
-    record.worker = info.worker
-    record.progress = info.progress
-    record.message = info.message
-    record.cancel_requested = info.cancel_requested
-    record.retry_of = info.retry_of
-    record.attempts = info.attempts
-    return record
 
 
 class _Outcome(NamedTuple):
@@ -486,7 +257,7 @@ class SqliteStore(Store):
                     # Another process may have done it while we waited for the lock.
                     version = conn.execute("PRAGMA user_version").fetchone()[0]
                     if version == 0:
-                        for statement in _statements(_SCHEMA):
+                        for statement in statements(SCHEMA):
                             conn.execute(statement)
                         conn.execute("INSERT INTO meta (id, instance) VALUES (1, ?)",
                                      (secrets.token_hex(4),))
@@ -525,7 +296,7 @@ class SqliteStore(Store):
                 f"{', '.join(map(str, others))}): stop every process using it, then start "
                 "this one, which upgrades the file. Nothing was changed."
             )
-        for statement in _statements(_UPGRADE_FROM_1):
+        for statement in statements(UPGRADE_FROM_1):
             conn.execute(statement)
         # Everything measured on the clock starts again with this boot.
         conn.execute("UPDATE meta SET boot = NULL")
@@ -736,11 +507,11 @@ class SqliteStore(Store):
         text = json.dumps(params)
         try:
             if count == 1:
-                return [conn.execute(_INSERT, (kind, text, wall, now, retry_of)).lastrowid]
+                return [conn.execute(INSERT, (kind, text, wall, now, retry_of)).lastrowid]
             queued, first = conn.execute("SELECT queued, next_id FROM meta").fetchone()
             if queued + count > self.max_queued:
                 raise QueueFull(queued, self.max_queued, count)
-            conn.executemany(_INSERT, ((kind, text, wall, now, retry_of)
+            conn.executemany(INSERT, ((kind, text, wall, now, retry_of)
                                        for _ in range(count)))
             return list(range(first, first + count))
         except sqlite3.IntegrityError as exc:
@@ -757,7 +528,7 @@ class SqliteStore(Store):
             f"worker = ?, process = ?, pid = ?, lease_until = ?, attempts = attempts + 1 "
             f"WHERE id = (SELECT id FROM tasks WHERE id >= (SELECT head FROM meta) "
             f"AND state = 'queued' ORDER BY id LIMIT 1) "
-            f"AND (SELECT paused FROM meta) = 0 RETURNING {_TASK_COLUMNS}",
+            f"AND (SELECT paused FROM meta) = 0 RETURNING {TASK_COLUMNS}",
             (time.time(), now, now, worker, self._token, self._pid, now + self.lease_time),
         ).fetchone()
         if row is None:
@@ -765,7 +536,7 @@ class SqliteStore(Store):
         if worker is not None:
             conn.execute("UPDATE workers SET task_id = ? WHERE process = ? AND name = ?",
                          (row[0], self._token, worker))
-        record = _record(row)
+        record = task_record(row)
         # Held from inside the transaction: upkeep in another thread must never
         # see a task running under our token that we do not hold.
         with self._state:
@@ -1045,7 +816,7 @@ class SqliteStore(Store):
             try:
                 conn.execute("BEGIN IMMEDIATE")
                 now = clock()
-                task_id = conn.execute(_INSERT, (kind, text, wall, now, None)).lastrowid
+                task_id = conn.execute(INSERT, (kind, text, wall, now, None)).lastrowid
                 conn.execute("COMMIT")
             except sqlite3.IntegrityError as exc:
                 queued = conn.execute("SELECT queued FROM meta").fetchone()[0]
@@ -1187,7 +958,7 @@ class SqliteStore(Store):
             row = conn.execute("SELECT state FROM tasks WHERE id = ?", (task_id,)).fetchone()
             if row is None:
                 raise TaskNotFound(task_id)
-            state = _STATES[row[0]]
+            state = STATES[row[0]]
             if state is State.QUEUED:
                 conn.execute(
                     "UPDATE tasks SET state = 'cancelled', finished_at = ?, finished_clock = ?, "
@@ -1209,7 +980,7 @@ class SqliteStore(Store):
                                (task_id,)).fetchone()
             if row is None:
                 raise TaskNotFound(task_id)
-            state = _STATES[row[0]]
+            state = STATES[row[0]]
             if state not in RETRYABLE_STATES:
                 raise WrongState(task_id, state, CANNOT_RETRY)
             if row[3] is not None:
@@ -1338,21 +1109,21 @@ class SqliteStore(Store):
             ).fetchone()
             workers = []
             for name, pid, alive, done_count, *task_row in conn.execute(
-                f"SELECT w.name, w.pid, w.alive, w.done, {_T_COLUMNS} FROM workers w "
+                f"SELECT w.name, w.pid, w.alive, w.done, {T_COLUMNS} FROM workers w "
                 "JOIN processes p ON p.token = w.process "
                 "LEFT JOIN tasks t ON t.id = w.task_id AND t.state = 'running' "
                 "ORDER BY w.pid, w.name"
             ):
-                task = None if task_row[0] is None else _info(tuple(task_row))
+                task = None if task_row[0] is None else task_info(tuple(task_row))
                 workers.append(WorkerInfo(
                     name, WorkerState.of(task is not None, bool(alive), bool(paused),
                                        self._closed), task, done_count, pid,
                 ))
-            last = tuple(_info(r) for r in conn.execute(
-                f"SELECT {_TASK_COLUMNS} FROM tasks WHERE finished_at IS NOT NULL "
+            last = tuple(task_info(r) for r in conn.execute(
+                f"SELECT {TASK_COLUMNS} FROM tasks WHERE finished_at IS NOT NULL "
                 "ORDER BY finished_at DESC, id DESC LIMIT ?", (recent,)))
             head = conn.execute(
-                f"SELECT queued_clock, {_TASK_COLUMNS} FROM tasks WHERE id >= "
+                f"SELECT queued_clock, {TASK_COLUMNS} FROM tasks WHERE id >= "
                 "(SELECT head FROM meta) AND state = 'queued' ORDER BY id LIMIT ?",
                 (max(1, upcoming),)).fetchall()
             # The seconds written so far, and the current one, still in meta.
@@ -1362,7 +1133,7 @@ class SqliteStore(Store):
                 "SELECT sec, sec_depth, sec_peak, sec_finished, sec_wait, sec_run FROM meta "
                 "WHERE sec > ? ORDER BY 1", (int(now) - SERIES_SECONDS,) * 2,
             ).fetchall()
-        next_up = tuple(_info(r[1:]) for r in head[:upcoming])
+        next_up = tuple(task_info(r[1:]) for r in head[:upcoming])
         oldest = head[0][0] if head and head[0][0] is not None else None
         # The chart shows wall-clock seconds; the record counts on the shared clock.
         shift = wall - now
@@ -1395,8 +1166,8 @@ class SqliteStore(Store):
         )
 
     def get(self, task_id: int) -> TaskInfo | None:
-        row = self._read_one(f"SELECT {_TASK_COLUMNS} FROM tasks WHERE id = ?", (task_id,))
-        return None if row is None else _info(row)
+        row = self._read_one(f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?", (task_id,))
+        return None if row is None else task_info(row)
 
     # -- the whole queue --------------------------------------------------
 
@@ -1575,17 +1346,6 @@ def _rollback(conn: sqlite3.Connection) -> None:
         conn.execute("ROLLBACK")
     except sqlite3.Error:
         pass  # nothing was begun, or the failure already ended it
-
-
-def _statements(script: str) -> Iterator[str]:
-    """Split a script into statements (triggers hold ``;`` of their own)."""
-    pending = ""
-    for line in script.splitlines(keepends=True):
-        pending += line
-        if sqlite3.complete_statement(pending):
-            if pending.strip():
-                yield pending
-            pending = ""
 
 
 # Connections inherited through a fork: never used or closed in the child.

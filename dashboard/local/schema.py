@@ -1,0 +1,256 @@
+"""The SQLite store's schema: its tables and triggers, the upgrade from the first
+version, and how a row of ``tasks`` becomes a task.
+
+The triggers keep the counters and the per-second record in the same
+transaction as the write that changes a task, so no writer can forget them.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from typing import Iterator
+
+from ..records import State, TaskInfo, TaskRecord
+
+#: The schema this code reads and writes; kept in ``PRAGMA user_version``.
+#: 2: times that are compared (leases, heartbeats, the per-second record, the
+#: durations behind the rates) are on the machine's shared clock, with its boot.
+SCHEMA_VERSION = 2
+
+#: A state as the tasks table spells it → the State.
+STATES = {s.value: s for s in State}
+
+#: Both task triggers begin here: when a new second has begun (on the shared
+#: clock: the row's ``queued_clock`` on insert, its ``clock`` on a change),
+#: the last one (still in meta's sec_* columns) goes to the seconds table.
+#: Every writer reads the clock inside its immediate transaction, so seconds
+#: only ever move forward.
+_FLUSH_LAST_SECOND = """\
+INSERT INTO seconds (second, depth, peak, finished, wait_sum, run_sum)
+    SELECT sec, sec_depth, sec_peak, sec_finished, sec_wait, sec_run FROM meta
+    WHERE sec IS NOT NULL AND sec != CAST(NEW.{clock} AS INTEGER)
+    ON CONFLICT (second) DO UPDATE SET
+        depth = excluded.depth, peak = max(peak, excluded.peak),
+        finished = finished + excluded.finished, wait_sum = wait_sum + excluded.wait_sum,
+        run_sum = run_sum + excluded.run_sum;"""
+
+TABLES = """
+CREATE TABLE meta (
+    id           INTEGER PRIMARY KEY CHECK (id = 1),
+    instance     TEXT NOT NULL,             -- random: tags of another file never match
+    version      INTEGER NOT NULL DEFAULT 0,-- bumped by every visible change
+    paused       INTEGER NOT NULL DEFAULT 0,
+    workers      INTEGER,                   -- worker threads per process, once set live
+    queued       INTEGER NOT NULL DEFAULT 0,
+    running      INTEGER NOT NULL DEFAULT 0,
+    done         INTEGER NOT NULL DEFAULT 0,
+    failed       INTEGER NOT NULL DEFAULT 0,
+    cancelled    INTEGER NOT NULL DEFAULT 0,
+    submitted    INTEGER NOT NULL DEFAULT 0,
+    restarts     INTEGER NOT NULL DEFAULT 0,
+    max_queued   INTEGER NOT NULL DEFAULT 10000,
+    next_id      INTEGER NOT NULL DEFAULT 1,-- ids are never reused
+    head         INTEGER NOT NULL DEFAULT 1,-- no queued task has a smaller id
+    -- the current second's bucket, written to `seconds` when the next one starts
+    sec          INTEGER,
+    sec_depth    INTEGER NOT NULL DEFAULT 0,
+    sec_peak     INTEGER NOT NULL DEFAULT 0,
+    sec_finished INTEGER NOT NULL DEFAULT 0,
+    sec_wait     REAL NOT NULL DEFAULT 0,
+    sec_run      REAL NOT NULL DEFAULT 0,
+    boot         TEXT,                      -- the boot every *clock value counts from
+    last_claim   REAL                       -- when a task was last taken (clock)
+);
+CREATE TABLE tasks (
+    id               INTEGER PRIMARY KEY,
+    kind             TEXT NOT NULL,
+    params           TEXT NOT NULL,        -- JSON
+    state            TEXT NOT NULL,
+    enqueued_at      REAL NOT NULL,        -- wall clock, to show
+    started_at       REAL,
+    finished_at      REAL,
+    progress         REAL NOT NULL DEFAULT 0,
+    message          TEXT,
+    error            TEXT,
+    traceback        TEXT,
+    worker           TEXT,
+    process          TEXT,                 -- the claiming process's token
+    pid              INTEGER,
+    lease_until      REAL,                 -- clock
+    attempts         INTEGER NOT NULL DEFAULT 0,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    retry_of         INTEGER,
+    retried_as       INTEGER,
+    queued_clock     REAL,                 -- the shared clock when queued, started, finished:
+    started_clock    REAL,                 -- the rates' wait and run times
+    finished_clock   REAL,
+    clock            REAL                  -- the shared clock at the last change of state
+);
+-- The only index: the history, newest first, and pruning oldest first. Every
+-- index is one more page written per commit, so the queue order comes from
+-- the ids (from meta.head up) and the running tasks are few enough to scan.
+CREATE INDEX tasks_finished ON tasks (finished_at) WHERE finished_at IS NOT NULL;
+CREATE TABLE seconds (
+    second   INTEGER PRIMARY KEY,          -- clock
+    depth    INTEGER NOT NULL,
+    peak     INTEGER NOT NULL,
+    finished INTEGER NOT NULL DEFAULT 0,
+    wait_sum REAL NOT NULL DEFAULT 0,
+    run_sum  REAL NOT NULL DEFAULT 0
+);
+"""
+
+#: Who is using the file now: rows that are dropped and made anew on upgrade.
+PROCESS_TABLES = """
+CREATE TABLE processes (
+    token        TEXT PRIMARY KEY,
+    pid          INTEGER NOT NULL,
+    host         TEXT NOT NULL,
+    boot         TEXT,                     -- with pidns and start: is it still running?
+    pidns        TEXT,
+    start        INTEGER,
+    started_at   REAL NOT NULL,            -- wall clock
+    heartbeat_at REAL NOT NULL             -- clock
+);
+CREATE TABLE workers (
+    process  TEXT NOT NULL,
+    name     TEXT NOT NULL,
+    pid      INTEGER NOT NULL,
+    alive    INTEGER NOT NULL DEFAULT 1,
+    task_id  INTEGER,
+    done     INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (process, name)
+);
+"""
+
+# The counters, the version, the queue head and the per-second record follow
+# the tasks table in triggers: they change in the same statement as the task,
+# so they never disagree with it, and a submit is one INSERT that touches two
+# pages (the task's and meta's). The `seconds` table is written once a second.
+TRIGGERS = """
+CREATE TRIGGER tasks_refuse_when_full BEFORE INSERT ON tasks
+WHEN NEW.state = 'queued' AND (SELECT queued >= max_queued FROM meta)
+BEGIN
+    SELECT RAISE(ABORT, 'queue full');
+END;
+CREATE TRIGGER tasks_added AFTER INSERT ON tasks
+WHEN NEW.state = 'queued'
+BEGIN
+    {flush_on_insert}
+    UPDATE meta SET
+        queued = queued + 1, submitted = submitted + 1, version = version + 1,
+        next_id = max(next_id, NEW.id + 1),
+        sec_peak = CASE WHEN sec = CAST(NEW.queued_clock AS INTEGER)
+                        THEN max(sec_peak, queued + 1) ELSE queued + 1 END,
+        sec_finished = CASE WHEN sec = CAST(NEW.queued_clock AS INTEGER)
+                            THEN sec_finished ELSE 0 END,
+        sec_wait = CASE WHEN sec = CAST(NEW.queued_clock AS INTEGER) THEN sec_wait ELSE 0 END,
+        sec_run = CASE WHEN sec = CAST(NEW.queued_clock AS INTEGER) THEN sec_run ELSE 0 END,
+        sec_depth = queued + 1,
+        sec = CAST(NEW.queued_clock AS INTEGER);
+END;
+CREATE TRIGGER tasks_moved AFTER UPDATE OF state ON tasks
+WHEN OLD.state != NEW.state
+BEGIN
+    {flush_on_change}
+    UPDATE meta SET
+        queued = queued + d.dq,
+        running = running - (OLD.state = 'running') + (NEW.state = 'running'),
+        done = done + (NEW.state = 'done'),
+        failed = failed + (NEW.state = 'failed'),
+        cancelled = cancelled + (NEW.state = 'cancelled'),
+        version = version + 1,
+        head = CASE
+            WHEN OLD.state = 'queued' AND NEW.state = 'running' THEN max(head, NEW.id + 1)
+            WHEN NEW.state = 'queued' THEN min(head, NEW.id)
+            ELSE head END,
+        last_claim = CASE WHEN NEW.state = 'running' THEN NEW.clock ELSE last_claim END,
+        sec_peak = CASE WHEN sec = d.now THEN max(sec_peak, queued + d.dq)
+                        ELSE queued + d.dq END,
+        sec_finished = CASE WHEN sec = d.now THEN sec_finished ELSE 0 END + d.ran,
+        sec_wait = CASE WHEN sec = d.now THEN sec_wait ELSE 0 END
+                   + CASE WHEN d.ran THEN max(0, NEW.started_clock - NEW.queued_clock) ELSE 0 END,
+        sec_run = CASE WHEN sec = d.now THEN sec_run ELSE 0 END
+                  + CASE WHEN d.ran THEN max(0, NEW.finished_clock - NEW.started_clock) ELSE 0 END,
+        sec_depth = queued + d.dq,
+        sec = d.now
+    FROM (SELECT (NEW.state = 'queued') - (OLD.state = 'queued') AS dq,
+                 OLD.state = 'running' AND NEW.finished_at IS NOT NULL AS ran,
+                 CAST(NEW.clock AS INTEGER) AS now) AS d;
+END;
+CREATE TRIGGER tasks_touched AFTER UPDATE OF progress, message, cancel_requested, retried_as
+ON tasks
+BEGIN
+    UPDATE meta SET version = version + 1;
+END;
+""".format(flush_on_insert=_FLUSH_LAST_SECOND.format(clock="queued_clock"),
+           flush_on_change=_FLUSH_LAST_SECOND.format(clock="clock"))
+
+SCHEMA = TABLES + PROCESS_TABLES + TRIGGERS
+
+# Version 1 kept these times on the wall clock, and its triggers read it.
+UPGRADE_FROM_1 = """
+ALTER TABLE meta ADD COLUMN boot TEXT;
+ALTER TABLE meta ADD COLUMN last_claim REAL;
+ALTER TABLE tasks ADD COLUMN queued_clock REAL;
+ALTER TABLE tasks ADD COLUMN started_clock REAL;
+ALTER TABLE tasks ADD COLUMN finished_clock REAL;
+ALTER TABLE tasks ADD COLUMN clock REAL;
+DROP TRIGGER tasks_refuse_when_full;
+DROP TRIGGER tasks_added;
+DROP TRIGGER tasks_moved;
+DROP TRIGGER tasks_touched;
+DROP TABLE processes;
+DROP TABLE workers;
+""" + PROCESS_TABLES + TRIGGERS
+
+# The id comes from meta.next_id (the insert trigger moves it on): ids are
+# never reused, without AUTOINCREMENT's extra page per insert.
+INSERT = (
+    "INSERT INTO tasks (id, kind, params, state, enqueued_at, queued_clock, retry_of) "
+    "SELECT next_id, ?, ?, 'queued', ?, ?, ? FROM meta"
+)
+
+COLUMNS = (
+    "id", "kind", "params", "state", "enqueued_at", "started_at", "finished_at", "progress",
+    "message", "error", "traceback", "worker", "cancel_requested", "retry_of", "retried_as",
+    "attempts",
+)
+TASK_COLUMNS = ", ".join(COLUMNS)
+T_COLUMNS = ", ".join(f"t.{c}" for c in COLUMNS)
+
+
+def task_info(row: tuple) -> TaskInfo:
+    (task_id, kind, params, state, enqueued_at, started_at, finished_at, progress, message,
+     error, traceback, worker, cancel_requested, retry_of, retried_as, attempts) = row
+    return TaskInfo(
+        task_id, kind, json.loads(params), STATES[state], enqueued_at, started_at, finished_at,
+        progress, message, error, traceback, worker, bool(cancel_requested), retry_of,
+        retried_as, attempts,
+    )
+
+
+def task_record(row: tuple) -> TaskRecord:
+    info = task_info(row)
+    record = TaskRecord(info.id, info.kind, info.params, info.enqueued_at)
+    record.state = info.state
+    record.started_at = info.started_at
+    record.worker = info.worker
+    record.progress = info.progress
+    record.message = info.message
+    record.cancel_requested = info.cancel_requested
+    record.retry_of = info.retry_of
+    record.attempts = info.attempts
+    return record
+
+
+def statements(script: str) -> Iterator[str]:
+    """Split a script into statements (triggers hold ``;`` of their own)."""
+    pending = ""
+    for line in script.splitlines(keepends=True):
+        pending += line
+        if sqlite3.complete_statement(pending):
+            if pending.strip():
+                yield pending
+            pending = ""
