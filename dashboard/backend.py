@@ -18,7 +18,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
-from .records import Snapshot, State, TaskId, TaskInfo
+from .records import Retried, Snapshot, State, TaskId, TaskInfo
 from .tasks import Registry
 
 
@@ -104,9 +104,11 @@ class Backend(ABC):
     def cancel(self, task_id: TaskId) -> State: ...
 
     @abstractmethod
-    def retry(self, task_id: TaskId) -> TaskId:
-        """Queue a failed or cancelled task again; a task retried already gives
-        back its retry's id and queues nothing."""
+    def retry(self, task_id: TaskId) -> Retried:
+        """Queue a failed or cancelled task again: ``(its retry's id, True)``. A task
+        retried already queues nothing: ``(that retry's id, False)``, decided
+        where the queue lives, so of two processes retrying at once one is told
+        it queued the retry."""
 
     @abstractmethod
     def pause(self) -> None: ...

@@ -150,6 +150,15 @@ class TaskRecord:
 TaskId = int | str
 
 
+class Retried(NamedTuple):
+    """What a retry did: the retry's id, and whether this call queued it (False:
+    the task had been retried already, by an earlier click or another process,
+    and ``id`` is that retry; nothing was queued)."""
+
+    id: TaskId
+    created: bool
+
+
 class TaskInfo(NamedTuple):
     """An immutable copy of one task, as views and the JSON API see it."""
 

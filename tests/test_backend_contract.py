@@ -74,10 +74,10 @@ def test_a_failing_task_is_failed_with_its_error_and_can_be_retried_once(backend
     failed = queue.get(task_id)
     assert failed.state is State.FAILED and "boom, as asked" in failed.error
     assert failed.can_retry and not failed.can_cancel
-    again = queue.retry(task_id)
-    assert again != task_id and queue.get(again).retry_of == task_id
+    again, created = queue.retry(task_id)
+    assert created and again != task_id and queue.get(again).retry_of == task_id
     assert queue.get(task_id).retried_as == again
-    assert queue.retry(task_id) == again  # a second click queues nothing
+    assert queue.retry(task_id) == (again, False)  # a second click queues nothing
     assert queue.stats().queued == 1
 
 

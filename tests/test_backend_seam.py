@@ -129,7 +129,8 @@ class StringIds:
         return self._backend.cancel(self.back(task_id))
 
     def retry(self, task_id):
-        return self.out(self._backend.retry(self.back(task_id)))
+        retried = self._backend.retry(self.back(task_id))
+        return retried._replace(id=self.out(retried.id))
 
     def stats(self, recent=20, upcoming=0):
         snap = self._backend.stats(recent, upcoming)

@@ -209,7 +209,7 @@ class StoreMachine(RuleBasedStateMachine):
         i = data.draw(self.store_index())
         store = self.stores[i]
         if task_id in self.retried:  # a second click: the same retry, nothing queued
-            assert store.retry(task_id) == self.retried[task_id]
+            assert store.retry(task_id) == (self.retried[task_id], False)
         elif self.closed[i]:
             with pytest.raises(QueueClosed):
                 store.retry(task_id)
@@ -217,7 +217,8 @@ class StoreMachine(RuleBasedStateMachine):
             with pytest.raises(QueueFull):
                 store.retry(task_id)
         else:
-            new_id = store.retry(task_id)
+            new_id, created = store.retry(task_id)
+            assert created
             self.add_queued([new_id])
             self.retried[task_id] = new_id
             assert store.get(new_id).retry_of == task_id

@@ -616,8 +616,8 @@ def test_retry_queues_a_linked_copy_of_a_failed_task(registry, make_queue):
     first = q.submit("shaky", n=7)
     q.run_pending()
     assert q.get(first).state is State.FAILED
-    second = q.retry(first)
-    assert second != first
+    second, created = q.retry(first)
+    assert created and second != first
     assert q.get(second).retry_of == first and q.get(first).retried_as == second
     q.run_pending()
     assert attempts == [7, 7]

@@ -272,6 +272,34 @@ def test_d07_api_retry_twice_queues_one_task_and_says_which(make_app, store):
 
 
 @pytest.mark.parametrize("store", STORES)
+def test_d07_a_retry_raced_by_another_process_says_it_queued_nothing(make_app, store,
+                                                                     monkeypatch):
+    """Another process sharing the store retried the task between this request's read
+    and its retry: the request was answered 202 "created" and charged for a task it
+    did not queue. The backend now says which retry queued it."""
+    app = make_app(store, QUEUE_SUBMIT_LIMIT="1/minute")
+    client = app.test_client()
+    failed = failed_task(app)
+    queue = get_queue(app)
+    read = queue.get
+    raced = []
+
+    def read_then_race(task_id):
+        info = read(task_id)
+        if not raced:
+            raced.append(queue.store.retry(info.id).id)  # the other process's click
+        return info
+
+    monkeypatch.setattr(queue, "get", read_then_race)
+    answer = client.post(f"/api/tasks/{failed}/retry")
+    monkeypatch.undo()
+    assert answer.status_code == 200
+    assert answer.json == {"id": raced[0], "retry_of": failed, "created": False}
+    assert queue.stats().queued == 1
+    assert client.post("/api/tasks", json={"count": 1}).status_code == 202  # nothing charged
+
+
+@pytest.mark.parametrize("store", STORES)
 def test_d07_form_retry_twice_queues_one_task(make_app, store):
     app = make_app(store)
     queue = get_queue(app)

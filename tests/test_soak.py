@@ -82,8 +82,8 @@ def test_random_operations_on_a_running_queue_keep_the_books(registry, tmp_path,
                         if op < 0.65 and known is not None:
                             q.cancel(known)
                         elif op < 0.75 and known is not None:
-                            retry = q.retry(known)
-                            ids = [retry] if retry not in accepted else []
+                            retry, created = q.retry(known)
+                            ids = [retry] if created else []
                         elif op < 0.80:
                             q.pause() if rnd.random() < 0.5 else q.resume()
                         elif op < 0.85:

@@ -18,8 +18,8 @@ from itertools import islice, takewhile
 from typing import Any
 
 from ..errors import QueueClosed, QueueFull, TaskNotFound, WrongState
-from ..records import (CANNOT_CANCEL, CANNOT_RETRY, RETRYABLE_STATES, SERIES_SECONDS, Snapshot,
-                       State, TaskInfo, TaskRecord, WorkerInfo, WorkerState, progress_changed)
+from ..records import (CANNOT_CANCEL, CANNOT_RETRY, RETRYABLE_STATES, SERIES_SECONDS, Retried,
+                       Snapshot, State, TaskInfo, TaskRecord, WorkerInfo, WorkerState, progress_changed)
 from .store import RATE_WINDOW, Store, rates
 
 # Enum member lookups cost a class attribute access each time; the hot paths
@@ -524,7 +524,7 @@ class MemoryStore(Store):
             queue.clear()
             queue.extend(live)
 
-    def retry(self, task_id: int) -> int:
+    def retry(self, task_id: int) -> Retried:
         with self._lock:
             record = self._tasks.get(task_id)
             if record is None:
@@ -532,10 +532,10 @@ class MemoryStore(Store):
             if record.state not in RETRYABLE_STATES:
                 raise WrongState(task_id, record.state, CANNOT_RETRY)
             if record.retried_as is not None:
-                return record.retried_as
+                return Retried(record.retried_as, False)
             (new_id,) = self._add_locked(record.kind, dict(record.params), 1, record.id)
             record.retried_as = new_id
-            return new_id
+            return Retried(new_id, True)
 
     def clear_history(self) -> int:
         with self._lock:

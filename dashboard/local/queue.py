@@ -17,7 +17,7 @@ import weakref
 from typing import Any, Callable, Mapping
 
 from ..backend import Backend, Capabilities
-from ..records import Snapshot, State, TaskInfo, TaskRecord
+from ..records import Retried, Snapshot, State, TaskInfo, TaskRecord
 from ..errors import QueueClosed, QueueFull, StoreUnavailable, TaskNotFound
 from .memory import MemoryStore
 from .store import Store
@@ -563,10 +563,10 @@ class WorkQueue(Backend):
         """Cancel a queued task, or ask a running one to stop (see :meth:`Store.cancel`)."""
         return self.store.cancel(_known(task_id))
 
-    def retry(self, task_id: int | str) -> int:
-        """Queue a failed or cancelled task again, linked to it; return the new id.
+    def retry(self, task_id: int | str) -> Retried:
+        """Queue a failed or cancelled task again, linked to it: ``(the new id, True)``.
 
-        A task retried before is not queued again: the id of its retry is returned.
+        A task retried before is not queued again: ``(the id of its retry, False)``.
         """
         return self.store.retry(_known(task_id))
 

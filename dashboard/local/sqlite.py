@@ -46,10 +46,10 @@ from typing import Any, Callable, Iterator, NamedTuple
 from urllib.parse import quote
 
 from .clock import ALIVE, BOOT_ID, DEAD, Identity, clock, identity, process_alive
-from ..records import (CANNOT_CANCEL, CANNOT_RETRY, RETRYABLE_STATES, Snapshot, State, TaskInfo,
-                      TaskRecord, WorkerInfo, WorkerState, progress_changed)
 from ..errors import QueueClosed, QueueFull, StoreError, StoreUnavailable, TaskNotFound, WrongState
-from ..records import SERIES_SECONDS
+from ..records import (CANNOT_CANCEL, CANNOT_RETRY, RETRYABLE_STATES, SERIES_SECONDS, Retried,
+                       Snapshot, State, TaskInfo, TaskRecord, WorkerInfo, WorkerState,
+                       progress_changed)
 from .schema import (INSERT, SCHEMA, SCHEMA_VERSION, STATES, T_COLUMNS, TASK_COLUMNS,
                      UPGRADE_FROM_1, statements, task_info, task_record)
 from .store import RATE_WINDOW, Store, rates
@@ -974,7 +974,7 @@ class SqliteStore(Store):
                 return State.RUNNING
             raise WrongState(task_id, state, CANNOT_CANCEL)
 
-    def retry(self, task_id: int) -> int:
+    def retry(self, task_id: int) -> Retried:
         with self._write() as (conn, now):
             row = conn.execute("SELECT state, kind, params, retried_as FROM tasks WHERE id = ?",
                                (task_id,)).fetchone()
@@ -984,11 +984,11 @@ class SqliteStore(Store):
             if state not in RETRYABLE_STATES:
                 raise WrongState(task_id, state, CANNOT_RETRY)
             if row[3] is not None:
-                return row[3]  # retried already: a double click queues one task
+                return Retried(row[3], False)  # retried already: a double click queues one task
             (new_id,) = self._add_locked(conn, now, row[1], json.loads(row[2]), 1, task_id)
             conn.execute("UPDATE tasks SET retried_as = ? WHERE id = ?", (new_id, task_id))
         self._wake_workers(1)
-        return new_id
+        return Retried(new_id, True)
 
     def clear_history(self) -> int:
         with self._write() as (conn, _now):

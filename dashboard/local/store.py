@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-from ..records import SERIES_SECONDS, Snapshot, State, TaskInfo, TaskRecord
+from ..records import SERIES_SECONDS, Retried, Snapshot, State, TaskInfo, TaskRecord
 
 __all__ = ["RATE_WINDOW", "SERIES_SECONDS", "Store", "rates"]
 
@@ -153,12 +153,13 @@ class Store:
         """
         raise NotImplementedError
 
-    def retry(self, task_id: int) -> int:
+    def retry(self, task_id: int) -> Retried:
         """Queue a new task with the kind and params of a failed or cancelled one.
 
         The new task records ``retry_of``; the old one ``retried_as``. Returns
-        the new id. A task that was retried already is not queued again: the
-        id of its retry is returned (a double click queues one task). Raises
+        ``(the new id, True)``. A task that was retried already is not queued
+        again: ``(the id of its retry, False)`` (a double click, or two
+        processes at once, queue one task, and only one is told it did). Raises
         :class:`TaskNotFound`, :class:`WrongState`, :class:`QueueFull` or
         :class:`QueueClosed`.
         """

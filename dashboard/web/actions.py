@@ -9,6 +9,7 @@ from typing import Any, Mapping
 from flask import current_app
 
 from ..backend import TaskId
+from ..records import Retried
 from ..errors import InvalidParam, TaskNotFound
 from ..ext import current_queue
 from ..tasks import Int
@@ -28,27 +29,22 @@ def submit(kind_name: Any, count: Any, params: Any) -> list[TaskId]:
     current_queue.registry.get(kind_name).check_params(params)  # bad input: 400, not 429
     return security.spend_submit(count, lambda: current_queue.submit_many(kind_name, count, params))
 
-#: One retry at a time in this process: whether a retry queued a task or found one
-#: queued by an earlier click decides both the answer and what the client is charged.
-_RETRY_LOCK = threading.Lock()
-
-
-def retry(task_id: str) -> tuple[TaskId, bool, TaskId]:
-    """Retry a task: ``(the id of its retry, whether this request queued it, the task's id)``.
+def retry(task_id: str) -> tuple[Retried, TaskId]:
+    """Retry a task: ``(what the backend did, the task's id)``.
 
     A task retried already is not queued again (a double click queues one
-    task): its retry's id comes back, and costs the client nothing.
+    task): its retry's id comes back, and costs the client nothing. The
+    backend says which it was, so two requests at once (in two processes
+    sharing a store) are answered and charged for what each one did.
     """
-    task_id = parse_task_id(task_id)
-    with _RETRY_LOCK:
-        info = current_queue.get(task_id)
-        if info is None:
-            raise TaskNotFound(task_id)  # before the limit: an unknown task is a 404, not a 429
-        if info.retried_as is not None:
-            return current_queue.retry(info.id), False, info.id
-        # Another process sharing the store may retry it in between; then its
-        # retry comes back, and this request is charged for it all the same.
-        return security.spend_submit(1, lambda: current_queue.retry(info.id)), True, info.id
+    info = current_queue.get(parse_task_id(task_id))
+    if info is None:
+        raise TaskNotFound(task_id)  # before the limit: an unknown task is a 404, not a 429
+    if info.retried_as is not None:  # nothing to queue: no limit to pass
+        return current_queue.retry(info.id), info.id
+    retried = security.spend_submit(1, lambda: current_queue.retry(info.id),
+                                    queued=lambda done: int(done.created))
+    return retried, info.id
 
 #: One change of the worker count at a time in this process: a ``delta`` reads the
 #: count and sets it, and two clicks at once must not both start from the same count.

@@ -15,7 +15,7 @@ from flask import Response, current_app, jsonify, make_response, request
 from ..backend import TaskId
 from ..errors import QueueError, StoreUnavailable
 from ..ext import current_queue
-from ..records import TaskInfo
+from ..records import Retried, TaskInfo
 from .actions import retry, set_workers, submit
 from .answers import (TASK_ID_RULE, default_kind, error_status, json_error, parse_task_id,
                       printable_id, read_task_id)
@@ -149,10 +149,10 @@ def api_retry(task_id: str) -> Response:
     retry; ``200`` with ``"created": false`` when the task had been retried already
     (nothing queued: a second click, or a client sending again after a lost answer)."""
 
-    def ok(retried: tuple[TaskId, bool, TaskId]) -> Response:
-        new_id, created, of = retried
-        response = jsonify(id=new_id, retry_of=of, created=created)
-        response.status_code = 202 if created else 200
+    def ok(answer: tuple[Retried, TaskId]) -> Response:
+        retried, of = answer
+        response = jsonify(id=retried.id, retry_of=of, created=retried.created)
+        response.status_code = 202 if retried.created else 200
         return response
 
     return _json_action(lambda: retry(task_id), ok)

@@ -135,4 +135,4 @@ def cancel_task(task_id: str) -> Response:
 @bp.post("/tasks/<task_id>/retry")
 def retry_task(task_id: str) -> Response:
     """Retry from a form; a second click answers like the first, and queues nothing."""
-    return _form_action(lambda: retry(task_id), lambda retried: _back_to_task(retried[0]))
+    return _form_action(lambda: retry(task_id), lambda answer: _back_to_task(answer[0].id))

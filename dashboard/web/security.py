@@ -437,12 +437,14 @@ class SubmitLimiter:
             self._pid = os.getpid()
         return self._strategy
 
-    def spend(self, client: str, tasks: int, act: Callable[[], T]) -> T:
+    def spend(self, client: str, tasks: int, act: Callable[[], T],
+              queued: Callable[[T], int] | None = None) -> T:
         """Run ``act``, which queues ``tasks``, if ``client`` may add that many more.
 
         Raises :class:`RateLimited` without running ``act`` when the tasks
         would pass the limit; when ``act`` raises (it queued nothing), nothing
-        is counted. The test, ``act`` and the count happen under the client's
+        is counted. ``queued(result)``, when given, says how many ``act`` did
+        queue (a retry finds one queued already), and that is what is counted. The test, ``act`` and the count happen under the client's
         lock, so concurrent requests of one client cannot pass the limit together.
         """
         item = self.item
@@ -455,14 +457,17 @@ class SubmitLimiter:
                 stats = self.strategy.get_window_stats(item, client)
                 raise RateLimited(self.described, max(1, math.ceil(stats.reset_time - time.time())))
             result = act()
-            self.strategy.hit(item, client, cost=tasks)
+            cost = tasks if queued is None else queued(result)
+            if cost:
+                self.strategy.hit(item, client, cost=cost)
         return result
 
 
-def spend_submit(tasks: int, act: Callable[[], T]) -> T:
+def spend_submit(tasks: int, act: Callable[[], T],
+                 queued: Callable[[T], int] | None = None) -> T:
     """:meth:`SubmitLimiter.spend` for the current client."""
     limiter: SubmitLimiter = current_app.extensions["dashboard.limiter"]
-    return limiter.spend(request.remote_addr or "unknown", tasks, act)
+    return limiter.spend(request.remote_addr or "unknown", tasks, act, queued)
 
 
 def submit_allowance() -> int | None:
