@@ -840,12 +840,14 @@ def test_the_header_finds_a_task_by_id_and_refuses_a_bad_one(tab: Tab):
     assert urlsplit(page.url).path == f"/tasks/{task_id}"
     expect(page.locator("#task-id")).to_have_text(f"#{task_id}")
 
-    # The field is on every page; a bad id gets a clear 400 page.
-    page.get_by_label("Task", exact=True).fill("abc")
+    # The field is on every page; what cannot be an id gets a clear 400 page.
+    page.get_by_label("Task", exact=True).fill("a b")
     with page.expect_response(lambda r: urlsplit(r.url).path == "/tasks/lookup") as found:
         page.get_by_role("button", name="Find").click()
     assert found.value.status == 400
-    expect(page.locator("#message")).to_have_text("id must be a task number like 42, got 'abc'")
+    expect(page.locator("#message")).to_have_text(
+        "id must be a task id like 42 (task ids are 1 to 64 letters, digits, '-' and '_'), "
+        "got 'a b'")
     expect(page).to_have_title(re.compile(r"^400 "))
 
     # A good-looking id of no task: its page says so (404).

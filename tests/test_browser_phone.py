@@ -184,7 +184,7 @@ def test_a_phone_screen_fits_failed_cancelled_and_long_errors_and_they_stay_read
 
         # The message pages quote what they were given, 40 characters of it in one word.
         for path, status, says in (
-            (f"/tasks/lookup?id={long_id}", 400, "id must be a task number like 42"),
+            (f"/tasks/lookup?id={long_id}!", 400, "id must be a task id like 42"),
             (f"/tasks/{long_id}", 404, f"no task '{long_id}'"),
         ):
             response = page.goto(path)

@@ -201,11 +201,11 @@ def test_a_whole_session_raises_no_csp_violation_and_every_answer_carries_the_po
         assert task_polls, "the running task's page never polled"
 
         # An error page: the header's lookup with a bad id.
-        page.get_by_label("Task", exact=True).fill("abc")
+        page.get_by_label("Task", exact=True).fill("a b")
         with page.expect_response(lambda r: path_of(r.url) == "/tasks/lookup") as looked:
             page.get_by_role("button", name="Find").click()
         assert looked.value.status == 400
-        expect(page.locator("#message")).to_contain_text("id must be a task number")
+        expect(page.locator("#message")).to_contain_text("id must be a task id")
 
         # Clear history, and Reset after its confirm (htmx asks with window.confirm).
         page.goto("/")

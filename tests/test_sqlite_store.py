@@ -389,6 +389,64 @@ def test_a_schema_1_file_in_use_by_the_old_release_is_not_upgraded(tmp_path):
     assert fingerprint(path) == before
 
 
+class _ConnectionRacedAfter:
+    """A connection on which, right after the first statement that reads the schema
+    version, ``race()`` runs (another process's step)."""
+
+    def __init__(self, conn, race):
+        self._conn, self._race = conn, race
+
+    def execute(self, sql, *args):
+        cursor = self._conn.execute(sql, *args)
+        if "user_version" in sql and self._race is not None:
+            race, self._race = self._race, None
+            cursor = _Fetched(cursor.fetchall())
+            race()
+        return cursor
+
+    def __getattr__(self, name):
+        return getattr(self._conn, name)
+
+
+class _Fetched:
+    def __init__(self, rows):
+        self._rows = rows
+
+    def fetchone(self):
+        return self._rows[0] if self._rows else None
+
+    def fetchall(self):
+        return self._rows
+
+
+def test_a_file_created_by_another_process_during_the_check_is_not_called_foreign(
+        tmp_path, monkeypatch):
+    """The check that refuses someone else's database read the schema version, then
+    the tables, in two statements: another process creating the schema in between
+    made a brand-new queue file look like "a SQLite database of something else"
+    (seen once in CI, eight processes starting at once)."""
+    import sqlite3
+
+    path = str(tmp_path / "queue.db")
+    connect = sqlite3.connect
+    raced = []
+
+    def other_process_creates_the_schema():
+        monkeypatch.setattr(sqlite3, "connect", connect)
+        SqliteStore(path).close()
+        raced.append(True)
+
+    def connect_then_race(*args, **kwargs):
+        return _ConnectionRacedAfter(connect(*args, **kwargs), other_process_creates_the_schema)
+
+    monkeypatch.setattr(sqlite3, "connect", connect_then_race)
+    store = SqliteStore(path)
+    try:
+        assert raced and store.snapshot().queued == 0
+    finally:
+        store.close()
+
+
 def test_processes_creating_the_file_at_the_same_moment_all_start(tmp_path):
     """uWSGI workers that each build the app create a new file together; SQLite may
     answer "locked" at once, without waiting, to all but one (seen in CI: a worker

@@ -226,14 +226,20 @@ class SqliteStore(Store):
 
     def _refuse_foreign(self, conn: sqlite3.Connection) -> None:
         """Refuse, reading only, a file of a newer schema or of something else."""
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        # One statement, so one read: another process creating the schema
+        # between two reads (version 0, then its tables) made a new file look
+        # like someone else's.
+        version, tables = conn.execute(
+            "SELECT (SELECT user_version FROM pragma_user_version), "
+            "(SELECT count(*) FROM sqlite_master)"
+        ).fetchone()
         if version > SCHEMA_VERSION:
             raise StoreError(
                 f"the queue database {self.path} has schema version {version}, newer than "
                 f"this code knows ({SCHEMA_VERSION}): it was written by a newer release. "
                 "Upgrade this code, or point QUEUE_URL at another file. Nothing was changed."
             )
-        if version == 0 and conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+        if version == 0 and tables:
             raise StoreError(
                 f"{self.path} is a SQLite database of something else (it has tables "
                 "but no queue schema). Point QUEUE_URL at another file. Nothing was changed."
