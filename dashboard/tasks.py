@@ -135,6 +135,9 @@ class TaskKind:
     description: str = ""
     #: Parameters the function has no default for: a submit without one is refused.
     required: tuple[str, ...] = ()
+    #: The function's defaults for its declared parameters (None left out): what an
+    #: empty field in the dashboard's form means.
+    defaults: Mapping[str, Any] = field(default_factory=dict)
 
     def check_params(self, given: Mapping[str, object]) -> dict[str, Any]:
         """Return ``given`` parsed against the specs; unknown names, and a missing
@@ -190,12 +193,13 @@ class Registry:
         def decorator(fn: Callable[..., Any]) -> Callable[..., Any]:
             kind_name = name or fn.__name__
             specs = dict(params or {})
-            required = _check_signature(kind_name, fn, specs)
+            required, defaults = _check_signature(kind_name, fn, specs)
             if kind_name in self._kinds and self._kinds[kind_name].fn is not fn:
                 raise ValueError(f"task kind {kind_name!r} is already registered")
             doc = description if description is not None else inspect.getdoc(fn) or ""
             self._kinds[kind_name] = TaskKind(
-                kind_name, fn, specs, doc.split("\n\n")[0].replace("\n", " "), required
+                kind_name, fn, specs, doc.split("\n\n")[0].replace("\n", " "), required,
+                defaults,
             )
             return fn
 
@@ -219,9 +223,10 @@ class Registry:
 
 
 def _check_signature(name: str, fn: Callable[..., Any],
-                     specs: Mapping[str, Param]) -> tuple[str, ...]:
+                     specs: Mapping[str, Param]) -> tuple[tuple[str, ...], dict[str, Any]]:
     """Fail at registration, not at run time, when specs and function disagree;
-    the declared parameters the function has no default for."""
+    the declared parameters the function has no default for, and the defaults
+    (other than None) of those it has."""
     sig = inspect.signature(fn)
     positional = [
         p
@@ -237,15 +242,19 @@ def _check_signature(name: str, fn: Callable[..., Any],
         if param_name not in sig.parameters and not accepts_kwargs:
             raise TypeError(f"task {name!r}: the function has no parameter {param_name!r}")
     required = []
+    defaults = {}
     for param in list(sig.parameters.values())[1:]:  # after the task context
-        if param.default is not param.empty or param.kind in (param.VAR_POSITIONAL,
-                                                                param.VAR_KEYWORD):
+        if param.default is not param.empty:
+            if param.name in specs and param.default is not None:
+                defaults[param.name] = param.default
+            continue
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
             continue
         if param.name not in specs:
             raise TypeError(f"task {name!r}: the function's parameter {param.name!r} has no "
                             "default and no spec, so no submit could give it")
         required.append(param.name)
-    return tuple(required)
+    return tuple(required), defaults
 
 
 registry = Registry()

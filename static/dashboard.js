@@ -2,6 +2,7 @@
 // runs under a strict Content-Security-Policy; the page works without it.
 //
 // What it does, in order below:
+// - the Add work form shows the fields of the kind chosen;
 // - keyboard shortcuts;
 // - no polling while the tab is hidden;
 // - a click wins over a poll: a poll sent before a click never shows its older
@@ -26,6 +27,26 @@
     return Math.max(100, Number(el?.dataset.poll) || 1000);
   };
   const clock = (ms) => new Date(ms).toLocaleTimeString([], { hour12: false });
+
+  // -- the Add work form ----------------------------------------------------------
+
+  // Show only the chosen kind's parameter fields (each names its kinds in
+  // data-kinds). A hidden field is disabled too, so it is not sent.
+  const showFieldsOf = (select) => {
+    for (const field of select.form.querySelectorAll("[data-kinds]")) {
+      const on = field.dataset.kinds.split(" ").includes(select.value);
+      field.hidden = !on;
+      for (const input of field.querySelectorAll("input, select")) input.disabled = !on;
+    }
+  };
+  const kindSelect = () => document.getElementById("add-kind");
+  document.addEventListener("change", (event) => {
+    if (event.target === kindSelect()) showFieldsOf(event.target);
+  });
+  // On load, and when the browser restores the page with the kind chosen before.
+  for (const when of ["DOMContentLoaded", "pageshow"]) {
+    window.addEventListener(when, () => kindSelect() && showFieldsOf(kindSelect()));
+  }
 
   // -- keys -------------------------------------------------------------------
 

@@ -340,3 +340,45 @@ def test_the_history_heading_tells_what_it_lists_of_how_many(chromium_browser, s
         expect(heading).to_have_text("Finished 24")
         expect(page.locator("#history .empty")).to_have_text(
             "None of them is listed: the history was cleared, or has forgotten them.")
+
+
+# -- the Add work form offers the chosen kind's parameters -------------------------------------
+
+
+@pytest.mark.browser
+def test_the_add_work_form_shows_the_chosen_kinds_fields_and_sends_only_those(
+    chromium_browser, start_server
+):
+    """The form's fields come from the registered kinds (it had one "Seconds" field,
+    for the demo's kinds, in every app): the chosen kind's show, the others hide
+    and are not sent."""
+    server = start_server()
+    assert server.request("POST", "/api/pause")[0] == 200  # the tasks wait to be read
+    with open_tab(chromium_browser, server) as tab:
+        page = tab.page
+        page.goto("/")
+        kind = page.get_by_label("Kind")
+        seconds, fail_rate, limit = (page.get_by_label(name) for name in
+                                     ("Seconds", "Fail rate", "Limit"))
+        expect(kind).to_have_value("pretend")
+        expect(seconds).to_be_visible()
+        expect(fail_rate).to_be_hidden()
+        expect(limit).to_be_hidden()
+        expect(limit).to_have_attribute("placeholder", "20000000")
+
+        seconds.fill("0.5")
+        kind.select_option("primes")
+        expect(seconds).to_be_hidden()
+        expect(limit).to_be_visible()
+        limit.fill("1000")
+        with page.expect_request(lambda r: path_of(r.url) == "/tasks") as posted:
+            page.get_by_role("button", name="Add work", exact=True).click()
+        sent = parse_qs(posted.value.post_data)
+        assert sent["kind"] == ["primes"] and sent["limit"] == ["1000"]
+        assert "seconds" not in sent, "a hidden field was sent"
+        expect(page.locator("#queue-depth")).to_have_text("1")
+
+        kind.select_option("flaky")
+        expect(seconds).to_be_visible()
+        expect(fail_rate).to_be_visible()
+        expect(limit).to_be_hidden()

@@ -188,3 +188,53 @@ def test_the_api_mounted_under_a_prefix_answers_refusals_as_json():
         assert page.status_code == 401 and not page.is_json
     finally:
         get_queue(app).shutdown()
+
+
+def test_add_work_offers_the_parameters_of_the_apps_own_kinds():
+    """The form had one field, "Seconds (pretend, flaky)", in every app: an app's own
+    kinds could be chosen but not given their parameters, so one that needs one
+    (send_report's user_id) could never be added from the page."""
+    from dashboard import Bool, Float, Int, Str
+    from dashboard.web import bp
+
+    registry = Registry()
+
+    @registry.task("send_report", params={"user_id": Int(1, 10**9),
+                                          "fmt": Str(choices=("pdf", "csv"))})
+    def send_report(ctx, user_id, fmt="pdf"):
+        pass
+
+    @registry.task("resize", params={"scale": Float(0.1, 4), "note": Str(max_length=30),
+                                     "sharpen": Bool()})
+    def resize(ctx, scale=1.0, note=None, sharpen=False):
+        pass
+
+    app = Flask("reports_app")
+    app.config.update(QUEUE_WORKERS=0, QUEUE_HANDLE_SIGNALS=False)
+    QueueExtension(registry=registry).init_app(app)
+    app.register_blueprint(bp, url_prefix="/queue")
+    client = app.test_client()
+    try:
+        page = client.get("/queue/").text
+        assert 'name="seconds"' not in page
+        assert ('<input name="user_id" type="number" placeholder="required" min="1" '
+                'max="1000000000" step="1" inputmode="numeric">') in page
+        assert "User id\n          <span class=\"hint\">(send_report, required)</span>" in page
+        assert ('<select name="fmt">\n            <option value="">pdf (default)</option>\n'
+                '            <option>pdf</option><option>csv</option>') in page
+        assert ('<input name="scale" type="number" placeholder="1" min="0.1" max="4" '
+                'step="any" inputmode="decimal">') in page
+        assert '<input name="note" type="text" placeholder="default" maxlength="30">' in page
+        assert '<option value="">false (default)</option>' in page  # sharpen
+
+        queue = get_queue(app)
+        refused = client.post("/queue/tasks", data={"kind": "send_report", "fmt": "csv"},
+                              headers={"HX-Request": "true"})
+        assert refused.status_code == 400 and "user_id is required by &#39;send_report&#39;" in refused.text
+        added = client.post("/queue/tasks", data={"kind": "send_report", "user_id": "42",
+                                                  "fmt": "csv", "scale": "2"})
+        assert added.status_code == 303
+        (task,) = queue.stats(0, 10).upcoming
+        assert (task.kind, task.params) == ("send_report", {"user_id": 42, "fmt": "csv"})
+    finally:
+        get_queue(app).shutdown()
