@@ -185,7 +185,7 @@ class Registry:
         """Register the decorated function as a task kind called ``name``.
 
         The function is called as ``fn(ctx, **params)``; ``ctx`` is a
-        :class:`~dashboard.queue.TaskContext`. ``params`` declares each keyword
+        :class:`~dashboard.local.TaskContext`. ``params`` declares each keyword
         argument that may be passed when the task is submitted, with its type
         and range; anything else is refused at submit time.
         """

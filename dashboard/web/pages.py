@@ -101,7 +101,7 @@ def _widget(spec: Param) -> tuple[str, dict[str, Any], tuple[str, ...]]:
 
 
 def refusal() -> str | None:
-    """The refusal this page was sent back with (:mod:`dashboard.notices`), if any."""
+    """The refusal this page was sent back with (:mod:`.notices`), if any."""
     if not request.query_string:
         return None
     return notices.read(request.args.get(notices.PARAM))
