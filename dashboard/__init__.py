@@ -17,7 +17,8 @@ from werkzeug.exceptions import BadHost, HTTPException, SecurityError
 from .config import ConfigError
 from .ext import QueueExtension, current_queue, get_queue
 from .records import State
-from .errors import InvalidParam, QueueClosed, QueueError, QueueFull, UnknownKind
+from .errors import (InvalidParam, QueueClosed, QueueError, QueueFull, TaskFailed, TaskNotFound,
+                     UnknownKind)
 from .tasks import Bool, Float, Int, Registry, Str, registry, task
 from .local import TaskContext, WorkQueue
 
@@ -42,6 +43,8 @@ __all__ = [
     "QueueClosed",
     "InvalidParam",
     "UnknownKind",
+    "TaskFailed",
+    "TaskNotFound",
 ]
 
 # The shape of gunicorn's own lines, so the two read as one log.

@@ -18,6 +18,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
+from .errors import TaskFailed
 from .records import Retried, Snapshot, State, TaskId, TaskInfo
 from .tasks import Registry
 
@@ -72,6 +73,26 @@ class Backend(ABC):
 
     @abstractmethod
     def get(self, task_id: TaskId) -> TaskInfo | None: ...
+
+    @abstractmethod
+    def wait(self, task_id: TaskId, timeout: float | None = None) -> TaskInfo:
+        """Block until the task has finished; the task as it ended.
+
+        Raises :class:`~dashboard.errors.TaskNotFound` for an unknown task (or one
+        the history forgot while it was waited for), :class:`TimeoutError` when it
+        has not finished after ``timeout`` seconds.
+        """
+
+    def result(self, task_id: TaskId, timeout: float | None = None) -> Any:
+        """What the task returned, once it has finished (a JSON value).
+
+        Raises :class:`~dashboard.errors.TaskFailed` when it failed or was
+        cancelled, and what :meth:`wait` raises.
+        """
+        info = self.wait(task_id, timeout)
+        if info.state is not State.DONE:
+            raise TaskFailed(info)
+        return info.result
 
     @abstractmethod
     def health(self) -> str | None:

@@ -99,6 +99,9 @@ SETTINGS: tuple[Setting, ...] = (
             "Must not be larger than `QUEUE_MAX_QUEUED` (the app refuses to start)."),
     Setting("QUEUE_HISTORY", 1_000, Int(0, 1_000_000), "Finished tasks remembered for the "
             "dashboard and `GET /api/tasks/<id>`; counters keep the totals beyond it."),
+    Setting("QUEUE_MAX_RESULT_BYTES", 64 * 1024, Int(0, 16 * 1024 * 1024), "Most bytes of a "
+            "task's result (its return value, as JSON) kept with the task; a larger result "
+            "fails the task, saying so."),
     Setting("QUEUE_POLL_INTERVAL", 1.0, Float(0.2, 60), "Seconds between dashboard polls."),
     Setting("QUEUE_SHUTDOWN_TIMEOUT", 10.0, Float(0, 3600), "Seconds running tasks get to finish "
             "when the process is asked to stop."),

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .records import State
+    from .records import State, TaskInfo
 
 
 def short(value: object) -> str:
@@ -155,6 +155,17 @@ class StoreError(QueueError):
 #: The name this base had before it carried a status; kept for code that catches it.
 TaskError = QueueError
 
+class TaskFailed(Exception):
+    """Waiting for a task's result: the task failed, or was cancelled. ``info`` is the
+    task as it ended (its ``error`` and ``traceback``). Not a refusal: the queue did
+    what was asked; the task did not."""
+
+    def __init__(self, info: TaskInfo):
+        self.info = info
+        how = "was cancelled" if info.state.value == "cancelled" else "failed"
+        super().__init__(f"task {info.id} {how}: {info.error or 'no reason given'}")
+
+
 __all__ = [
     "InvalidParam",
     "QueueClosed",
@@ -164,6 +175,7 @@ __all__ = [
     "StoreError",
     "StoreUnavailable",
     "TaskError",
+    "TaskFailed",
     "TaskNotFound",
     "UnknownKind",
     "WrongState",

@@ -84,6 +84,7 @@ class QueueExtension:
             runner=_app_context_runner(app),
             shutdown_timeout=app.config["QUEUE_SHUTDOWN_TIMEOUT"],
             max_workers=app.config["QUEUE_MAX_WORKERS"],
+            max_result_bytes=app.config["QUEUE_MAX_RESULT_BYTES"],
             name=f"{app.name}-queue",
         )
         for line in old_names_in(os.environ):

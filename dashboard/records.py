@@ -8,6 +8,7 @@ queue, all immutable, so a view can render them without holding any lock.
 
 from __future__ import annotations
 
+import json
 from enum import Enum
 from typing import Any, NamedTuple
 
@@ -88,6 +89,7 @@ class TaskRecord:
         "retry_of",
         "retried_as",
         "attempts",
+        "result",
         "checked_at",
         "queued_clock",
         "started_clock",
@@ -113,6 +115,7 @@ class TaskRecord:
         self.retry_of: int | None = None
         self.retried_as: int | None = None
         self.attempts = 0
+        self.result: str | None = None  # what the task returned, as JSON text
         self.checked_at = 0.0  # when a shared store last looked for a cancel request
         # When it was queued and started on a clock that never steps (the
         # durations behind the rates); the *_at times above are for people.
@@ -139,6 +142,7 @@ class TaskRecord:
             self.retry_of,
             self.retried_as,
             self.attempts,
+            self.result,
         )
 
 
@@ -178,6 +182,13 @@ class TaskInfo(NamedTuple):
     retry_of: TaskId | None = None
     retried_as: TaskId | None = None
     attempts: int = 0
+    #: What the task returned, as JSON text (None: it returned None, or has not ended).
+    result_json: str | None = None
+
+    @property
+    def result(self) -> Any:
+        """What the task returned (a JSON value: None, bool, number, str, list, dict)."""
+        return None if self.result_json is None else json.loads(self.result_json)
 
     @property
     def can_cancel(self) -> bool:
@@ -233,6 +244,7 @@ class TaskInfo(NamedTuple):
             "retry_of": self.retry_of,
             "retried_as": self.retried_as,
             "attempts": self.attempts,
+            "result": self.result,
         }
 
 

@@ -9,16 +9,18 @@ thread). A new backend joins by adding its parameter.
 
 from __future__ import annotations
 
+import threading
 from typing import Callable, Iterator
 
 import pytest
 
 from dashboard.backend import Backend
-from dashboard.errors import QueueError, QueueFull, TaskNotFound, UnknownKind, WrongState
+from dashboard.errors import (QueueError, QueueFull, TaskFailed, TaskNotFound, UnknownKind,
+                              WrongState)
 from dashboard.records import State
 from dashboard.local.memory import MemoryStore
 from dashboard.local.sqlite import SqliteStore
-from dashboard.tasks import Int, Registry
+from dashboard.tasks import Int, Registry, Str
 from dashboard.local.queue import WorkQueue
 
 MAX_QUEUED = 20
@@ -36,7 +38,22 @@ def contract_registry() -> Registry:
     def boom(ctx):
         raise ValueError("boom, as asked")
 
+    @registry.task("returns", params={"what": Str(choices=tuple(RETURNS))})
+    def returns(ctx, what):
+        return RETURNS[what]()
+
     return registry
+
+
+#: What the "returns" kind returns: JSON values, then what cannot be kept.
+RETURNS = {
+    "json": lambda: {"text": "é", "list": [1, 2.5, None, True], "nested": {"k": []}},
+    "zero": lambda: 0,
+    "set": lambda: {1, 2},
+    "nan": lambda: float("nan"),
+    "big": lambda: "x" * (MAX_RESULT_BYTES + 1),
+}
+MAX_RESULT_BYTES = 1000
 
 
 @pytest.fixture(params=["memory", "sqlite"])
@@ -46,7 +63,8 @@ def backend(request, tmp_path) -> Iterator[tuple[Backend, Callable[[], int]]]:
         store = MemoryStore(MAX_QUEUED, 100)
     else:
         store = SqliteStore(str(tmp_path / "contract.db"), MAX_QUEUED, 100)
-    queue = WorkQueue(workers=0, store=store, registry=contract_registry())
+    queue = WorkQueue(workers=0, store=store, registry=contract_registry(),
+                      max_result_bytes=MAX_RESULT_BYTES)
     yield queue, queue.run_pending
     queue.shutdown()
 
@@ -137,3 +155,57 @@ def test_identity_names_the_queue_and_stays(backend):
     identity = queue.identity
     queue.submit("add")
     assert queue.identity == identity and identity
+
+
+# -- results ---------------------------------------------------------------------------------
+
+
+def test_what_a_task_returns_is_its_result(backend):
+    queue, drain = backend
+    added, shaped, zero = (queue.submit("add", a=2, b=3), queue.submit("returns", what="json"),
+                           queue.submit("returns", what="zero"))
+    assert queue.get(added).result is None  # not yet
+    drain()
+    assert queue.get(added).result == 5 and queue.result(added) == 5
+    assert queue.get(shaped).result == RETURNS["json"]()
+    assert queue.get(shaped).to_dict()["result"] == RETURNS["json"]()
+    assert queue.result(zero, timeout=0) == 0
+
+
+@pytest.mark.parametrize("what, says", [
+    ("set", "Object of type set is not JSON serializable"),
+    ("nan", "Out of range float values are not JSON compliant"),
+    ("big", f"{MAX_RESULT_BYTES + 3:,} bytes of JSON, more than the {MAX_RESULT_BYTES:,} kept"),
+])
+def test_a_result_that_cannot_be_kept_fails_the_task_saying_why(backend, what, says):
+    queue, drain = backend
+    task_id = queue.submit("returns", what=what)
+    drain()
+    info = queue.get(task_id)
+    assert info.state is State.FAILED and info.result is None
+    assert info.error.startswith("its result could not be kept: ") and says in info.error
+    with pytest.raises(TaskFailed, match="its result could not be kept") as failed:
+        queue.result(task_id, timeout=0)
+    assert failed.value.info.id == task_id
+
+
+def test_waiting_for_a_result_blocks_until_the_task_ends_or_times_out(backend):
+    queue, drain = backend
+    added, boom = queue.submit("add", a=1, b=1), queue.submit("boom")
+    with pytest.raises(TimeoutError, match="has not finished after 0.05s"):
+        queue.result(added, timeout=0.05)
+    with pytest.raises(TaskNotFound):
+        queue.wait(10**15, timeout=0)
+    runner = threading.Thread(target=drain)
+    runner.start()
+    try:
+        assert queue.result(added, timeout=30) == 2  # a deadline that only bounds a failure
+        with pytest.raises(TaskFailed, match="failed: ValueError: boom, as asked"):
+            queue.result(boom, timeout=30)
+    finally:
+        runner.join(30)
+    cancelled = queue.submit("add")
+    queue.cancel(cancelled)
+    assert queue.wait(cancelled, timeout=0).state is State.CANCELLED
+    with pytest.raises(TaskFailed, match="was cancelled"):
+        queue.result(cancelled)

@@ -312,3 +312,21 @@ def test_a_numeric_token_from_the_environment_stays_text(monkeypatch):
             "Authorization": "Bearer 0123456789012345"}).status_code == 200
     finally:
         get_queue(app).shutdown()
+
+
+def test_a_result_like_a_traceback_is_for_those_with_the_token(make_app):
+    """A result may hold what a task made for one person (a link, a figure): with
+    QUEUE_PUBLIC_READ a reader sees that there is one, not what it is."""
+    app = make_app(QUEUE_ACCESS_TOKEN=SECRET, QUEUE_PUBLIC_READ=True)
+    queue = get_queue(app)
+    task_id = queue.submit("primes", limit=100)
+    queue.run_pending()
+    client = app.test_client()
+    page = client.get(f"/tasks/{task_id}").text
+    assert "The result is shown to those with the access token." in page
+    assert '<pre class="result"' not in page
+    assert "result" not in client.get(f"/api/tasks/{task_id}").json
+    operator = basic(SECRET)
+    assert '<pre class="result" id="task-result">25</pre>' in client.get(
+        f"/tasks/{task_id}", headers=operator).text
+    assert client.get(f"/api/tasks/{task_id}", headers=operator).json["result"] == 25

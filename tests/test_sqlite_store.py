@@ -18,6 +18,7 @@ import textwrap
 import threading
 import time
 from collections import Counter
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -375,6 +376,29 @@ def test_a_schema_1_file_is_upgraded_in_place_keeping_every_task(tmp_path, regis
     assert (snap.done, snap.failed, snap.queued, snap.running) == (5, 1, 0, 0)
     assert q.submit("pretend") == 7  # ids go on where they were
     SqliteStore(str(path))  # opening again changes nothing
+
+
+V2_FILE = os.path.join(os.path.dirname(__file__), "data", "queue-v2.db")
+
+
+def test_a_schema_2_file_is_upgraded_in_place_and_keeps_results_from_then_on(
+        tmp_path, registry, queues):
+    """queue-v2.db was written by the release before results: one task done, one
+    failed, one queued."""
+    @registry.task("pretend", params={"seconds": Int(0, 10)})
+    def pretend(ctx, seconds=0):
+        return {"slept": seconds}
+
+    path = tmp_path / "queue.db"
+    shutil.copyfile(V2_FILE, path)
+    q = queues(SqliteStore(str(path)))
+    with closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert [q.get(i).state for i in (1, 2, 3)] == [State.DONE, State.FAILED, State.QUEUED]
+    assert q.get(1).result is None and q.get(2).error == "RuntimeError: boom"
+    assert q.run_pending() == 1
+    assert q.get(3).result == {"slept": 2}
+    assert q.submit("pretend", seconds=4) == 4  # ids go on where they were
 
 
 def test_a_schema_1_file_in_use_by_the_old_release_is_not_upgraded(tmp_path):

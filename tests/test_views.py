@@ -804,3 +804,13 @@ def test_chart_window_follows_the_activity_from_one_to_five_minutes(queue):
     # A step line: up to 4 at -30 s, down to 2 at -10 s, on to now at 2.
     assert chart["points"] == "300,28 500,28 500,84 600,84"
     assert chart["top"] == 5
+
+
+def test_a_tasks_result_is_on_its_page_and_in_the_api(client, queue):
+    task_id = queue.submit("primes", limit=1000)
+    assert client.get(f"/api/tasks/{task_id}").json["result"] is None
+    assert 'id="task-result"' not in client.get(f"/tasks/{task_id}").text
+    queue.run_pending()
+    assert client.get(f"/api/tasks/{task_id}").json["result"] == 168
+    page = client.get(f"/tasks/{task_id}").text
+    assert '<h3>Result</h3>\n  <pre class="result" id="task-result">168</pre>' in page

@@ -153,6 +153,8 @@ class MemoryStore(Store):
         waits = _YieldingLock(self._lock)
         self._work = threading.Condition(waits)  # workers wait here for tasks
         self._idle = threading.Condition(waits)  # join() waits here
+        self._ended = threading.Condition(waits)  # wait_finished() waits here
+        self._end_waiters = 0
         self._queue: deque[TaskRecord] = deque()  # may hold cancelled records: skipped
         self._tasks: dict[int, TaskRecord] = {}
         self._history: deque[TaskRecord] = deque()
@@ -474,6 +476,8 @@ class MemoryStore(Store):
         self._version += 1
         if self._joiners and not self._queued and not self._running:
             self._idle.notify_all()
+        if self._end_waiters:
+            self._ended.notify_all()
 
     def _remember(self, record: TaskRecord) -> None:
         history = self._history
@@ -597,6 +601,24 @@ class MemoryStore(Store):
             self._version += 1
 
     # -- the whole queue -------------------------------------------------
+
+    def wait_finished(self, task_id: int, timeout: float | None) -> TaskInfo | None:
+        # Woken when a worker finishes a task; a task that ends another way (cancelled
+        # while queued, failed with a dead worker) is seen at the next look, 0.25 s on.
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            self._end_waiters += 1
+            try:
+                while True:
+                    record = self._tasks.get(task_id)
+                    if record is None or record.finished_at is not None:
+                        return None if record is None else record.info()
+                    left = 0.25 if deadline is None else min(0.25, deadline - time.monotonic())
+                    if left <= 0:
+                        return record.info()
+                    self._ended.wait(left)
+            finally:
+                self._end_waiters -= 1
 
     def wait_idle(self, timeout: float | None) -> bool:
         with self._lock:

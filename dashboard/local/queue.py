@@ -8,6 +8,7 @@ This module imports nothing from Flask; :mod:`dashboard.ext` adds the glue.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -93,6 +94,29 @@ class TaskContext:
 _FAILED = State.FAILED
 _DONE_RESULT = (State.DONE, None, None)
 _CANCELLED_RESULT = (State.CANCELLED, "cancelled while running", None)
+
+
+#: Bytes of a task's result (as JSON) kept by default: QUEUE_MAX_RESULT_BYTES.
+MAX_RESULT_BYTES = 64 * 1024
+
+
+def encode_result(value: Any, limit: int) -> tuple[str | None, str | None]:
+    """A task's return value as JSON text to keep, or why it cannot be kept:
+    ``(text, None)`` or ``(None, the reason)``. What JSON cannot hold, or more
+    than ``limit`` bytes of it, is refused, never dropped without a word."""
+    try:
+        text = json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError) as exc:
+        return None, (f"its result could not be kept: {exc} (a result must be JSON: None, "
+                      "true/false, a finite number, a string, or lists and dicts of these "
+                      "with string keys)")
+    except RecursionError:
+        return None, "its result could not be kept: it nests too deeply for JSON"
+    size = len(text.encode())
+    if size > limit:
+        return None, (f"its result could not be kept: {size:,} bytes of JSON, more than the "
+                      f"{limit:,} kept (QUEUE_MAX_RESULT_BYTES)")
+    return text, None
 
 
 #: The largest id a store gives out has 18 digits (see dashboard.local.memory.first_id).
@@ -197,6 +221,7 @@ class WorkQueue(Backend):
         shutdown_timeout: float = 10.0,
         max_workers: int = 64,
         stall_after: float = STALL_AFTER,
+        max_result_bytes: int = MAX_RESULT_BYTES,
     ):
         if not 0 <= workers <= max_workers:
             raise ValueError(f"workers must be from 0 to {max_workers}")
@@ -207,6 +232,7 @@ class WorkQueue(Backend):
         self.name = name
         self.shutdown_timeout = shutdown_timeout
         self.stall_after = stall_after
+        self.max_result_bytes = max_result_bytes
         self._runner: Runner = runner or _run_plain
         self._init_threads()
         self._pid: int | None = None  # the process whose threads run, once started
@@ -546,6 +572,20 @@ class WorkQueue(Backend):
         number = _number(task_id)
         return None if number is None else self.store.get(number)
 
+    def wait(self, task_id: int | str, timeout: float | None = None) -> TaskInfo:
+        """Block until the task has finished; the task as it ended (see :meth:`result`).
+
+        Raises :class:`TaskNotFound` for an unknown task, :class:`TimeoutError` when it
+        has not finished after ``timeout`` seconds.
+        """
+        info = self.store.wait_finished(_known(task_id), timeout)
+        if info is None:
+            raise TaskNotFound(task_id)
+        if not info.finished:
+            raise TimeoutError(f"task {task_id} has not finished after {timeout:g}s "
+                               f"(it is {info.state.value})")
+        return info
+
     def join(self, timeout: float | None = None) -> bool:
         """Block until nothing is queued or running. Returns ``False`` on timeout."""
         return self.store.wait_idle(timeout)
@@ -687,10 +727,11 @@ class WorkQueue(Backend):
                         self._wake.set()
 
     def _execute(self, record: TaskRecord) -> tuple[State, str | None, str | None]:
-        """Run one task; return how it ended as ``(state, error, traceback)`` for the store."""
+        """Run one task; return how it ended as ``(state, error, traceback)`` for the store,
+        its return value (as JSON text) on the record."""
         try:
             fn = self.registry.get(record.kind).fn
-            self._runner(fn, TaskContext(record, self.store), record.params)
+            value = self._runner(fn, TaskContext(record, self.store), record.params)
         except Exception as exc:
             message = f"{type(exc).__name__}: {exc}"[:1000]
             logger.error(
@@ -703,6 +744,12 @@ class WorkQueue(Backend):
                 exc_info=True,
             )
             return _FAILED, message, traceback.format_exc()
+        if value is not None:
+            record.result, refusal = encode_result(value, self.max_result_bytes)
+            if refusal is not None:
+                logger.error("task %d (%s) failed: %s [pid %d %s]", record.id, record.kind,
+                             refusal, os.getpid(), record.worker or "caller")
+                return _FAILED, refusal, None
         if record.cancel_seen:
             logger.info("task %d (%s) stopped: cancelled while running", record.id, record.kind)
             return _CANCELLED_RESULT

@@ -16,7 +16,8 @@ from ..records import State, TaskInfo, TaskRecord
 #: The schema this code reads and writes; kept in ``PRAGMA user_version``.
 #: 2: times that are compared (leases, heartbeats, the per-second record, the
 #: durations behind the rates) are on the machine's shared clock, with its boot.
-SCHEMA_VERSION = 2
+#: 3: a task's result.
+SCHEMA_VERSION = 3
 
 #: A state as the tasks table spells it → the State.
 STATES = {s.value: s for s in State}
@@ -85,7 +86,8 @@ CREATE TABLE tasks (
     queued_clock     REAL,                 -- the shared clock when queued, started, finished:
     started_clock    REAL,                 -- the rates' wait and run times
     finished_clock   REAL,
-    clock            REAL                  -- the shared clock at the last change of state
+    clock            REAL,                 -- the shared clock at the last change of state
+    result           TEXT                  -- what the task returned, JSON
 );
 -- The only index: the history, newest first, and pruning oldest first. Every
 -- index is one more page written per commit, so the queue order comes from
@@ -189,6 +191,11 @@ END;
 
 SCHEMA = TABLES + PROCESS_TABLES + TRIGGERS
 
+# Version 2 had no results.
+UPGRADE_FROM_2 = """
+ALTER TABLE tasks ADD COLUMN result TEXT;
+"""
+
 # Version 1 kept these times on the wall clock, and its triggers read it.
 UPGRADE_FROM_1 = """
 ALTER TABLE meta ADD COLUMN boot TEXT;
@@ -215,7 +222,7 @@ INSERT = (
 COLUMNS = (
     "id", "kind", "params", "state", "enqueued_at", "started_at", "finished_at", "progress",
     "message", "error", "traceback", "worker", "cancel_requested", "retry_of", "retried_as",
-    "attempts",
+    "attempts", "result",
 )
 TASK_COLUMNS = ", ".join(COLUMNS)
 T_COLUMNS = ", ".join(f"t.{c}" for c in COLUMNS)
@@ -223,11 +230,11 @@ T_COLUMNS = ", ".join(f"t.{c}" for c in COLUMNS)
 
 def task_info(row: tuple) -> TaskInfo:
     (task_id, kind, params, state, enqueued_at, started_at, finished_at, progress, message,
-     error, traceback, worker, cancel_requested, retry_of, retried_as, attempts) = row
+     error, traceback, worker, cancel_requested, retry_of, retried_as, attempts, result) = row
     return TaskInfo(
         task_id, kind, json.loads(params), STATES[state], enqueued_at, started_at, finished_at,
         progress, message, error, traceback, worker, bool(cancel_requested), retry_of,
-        retried_as, attempts,
+        retried_as, attempts, result,
     )
 
 

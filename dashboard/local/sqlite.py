@@ -51,7 +51,7 @@ from ..records import (CANNOT_CANCEL, CANNOT_RETRY, RETRYABLE_STATES, SERIES_SEC
                        Snapshot, State, TaskInfo, TaskRecord, WorkerInfo, WorkerState,
                        progress_changed)
 from .schema import (INSERT, SCHEMA, SCHEMA_VERSION, STATES, T_COLUMNS, TASK_COLUMNS,
-                     UPGRADE_FROM_1, statements, task_info, task_record)
+                     UPGRADE_FROM_1, UPGRADE_FROM_2, statements, task_info, task_record)
 from .store import RATE_WINDOW, Store, rates
 
 logger = logging.getLogger("dashboard.sqlite")
@@ -268,8 +268,14 @@ class SqliteStore(Store):
                         conn.execute("INSERT INTO meta (id, instance) VALUES (1, ?)",
                                      (secrets.token_hex(4),))
                         logger.info("created the queue database %s", self.path)
-                    elif version == 1:
-                        self._upgrade_from_1(conn)
+                    else:
+                        if version == 1:
+                            self._upgrade_from_1(conn)
+                        if version <= 2:
+                            for statement in statements(UPGRADE_FROM_2):
+                                conn.execute(statement)
+                        logger.info("upgraded the queue database %s from schema %d to %d",
+                                    self.path, version, SCHEMA_VERSION)
                     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                     conn.execute("COMMIT")
                 except BaseException:
@@ -555,11 +561,11 @@ class SqliteStore(Store):
         changed = conn.execute(
             "UPDATE tasks SET state = ?, finished_at = ?, finished_clock = ?, clock = ?, "
             "error = ?, traceback = ?, lease_until = NULL, "
-            "progress = CASE WHEN ? THEN 1.0 ELSE ? END, message = ? "
+            "progress = CASE WHEN ? THEN 1.0 ELSE ? END, message = ?, result = ? "
             "WHERE id = ? AND state = 'running' AND process = ? AND attempts = ?",
             (outcome.state.value, outcome.finished_at, outcome.finished_clock, now,
              outcome.error, outcome.traceback, outcome.state is State.DONE, record.progress,
-             record.message, record.id, self._token, record.attempts),
+             record.message, record.result, record.id, self._token, record.attempts),
         ).rowcount
         if record.worker is not None:
             conn.execute(

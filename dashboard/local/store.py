@@ -18,6 +18,7 @@ This module imports nothing from Flask.
 
 from __future__ import annotations
 
+import time
 from typing import Any, Iterable
 
 from ..records import SERIES_SECONDS, Retried, Snapshot, State, TaskInfo, TaskRecord
@@ -211,6 +212,26 @@ class Store:
     def get(self, task_id: int) -> TaskInfo | None:
         """Return a copy of one task, or ``None`` if unknown or gone from the history."""
         raise NotImplementedError
+
+    def wait_finished(self, task_id: int, timeout: float | None) -> TaskInfo | None:
+        """Block until the task has finished, or ``timeout`` seconds pass: the task as
+        it is then (finished or not), or None when unknown or gone from the history.
+
+        This reads the task again and again, from 5 ms apart up to 100 ms apart: a
+        store that another process writes has nothing to wait on. A store of one
+        process does better.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pause = 0.005
+        while True:
+            info = self.get(task_id)
+            if info is None or info.finished:
+                return info
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return info
+            time.sleep(pause if left is None else min(pause, left))
+            pause = min(pause * 2, 0.1)
 
     # -- the whole queue --
 

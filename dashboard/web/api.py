@@ -16,6 +16,7 @@ from ..backend import TaskId
 from ..errors import QueueError, StoreUnavailable
 from ..ext import current_queue
 from ..records import Retried, TaskInfo
+from . import security
 from .actions import retry, set_workers, submit
 from .answers import (TASK_ID_RULE, default_kind, error_status, json_error, parse_task_id,
                       printable_id, read_task_id)
@@ -130,7 +131,10 @@ def api_task(task_id: str) -> Response:
     info = current_queue.get(task_id)
     if info is None:
         return json_error(f"no task {task_id}: unknown, or no longer in the history", 404)
-    return jsonify(info.to_dict())
+    data = info.to_dict()
+    if not security.may_act():  # QUEUE_PUBLIC_READ: like a traceback, for the token only
+        del data["result"]
+    return jsonify(data)
 
 
 @bp.post("/api/tasks/<task_id>/cancel")

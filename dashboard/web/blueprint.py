@@ -10,6 +10,7 @@ the guard and the headers are the blueprint's, and the filters carry the
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from datetime import datetime, timezone
@@ -158,6 +159,19 @@ def _duration(value: float | None) -> str:
     if value < 3600:
         return f"{value // 60}m {value % 60:02d}s"
     return f"{value // 3600}h {value % 3600 // 60:02d}m"
+
+
+#: Characters of a result the task page shows; the JSON API gives it whole.
+RESULT_SHOWN = 10_000
+
+
+@bp.app_template_filter("queue_json")
+def _json(value: Any) -> str:
+    """A task's result as indented JSON, cut to RESULT_SHOWN characters."""
+    text = json.dumps(value, indent=2, ensure_ascii=False)
+    if len(text) > RESULT_SHOWN:
+        text = f"{text[:RESULT_SHOWN]}\n… ({len(text):,} characters; GET /api/tasks/<id> has it all)"
+    return text
 
 
 @bp.app_template_filter("queue_clock")
