@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import TaskFailed
-from .records import Retried, Snapshot, State, TaskId, TaskInfo
+from .records import Retried, Snapshot, State, Submitted, TaskId, TaskInfo
 from .tasks import Registry
 
 
@@ -113,9 +113,18 @@ class Backend(ABC):
 
     # -- acting -------------------------------------------------------------------
 
-    def submit(self, kind: str, /, **params: Any) -> TaskId:
-        """Queue one task of ``kind`` with ``params``; its id."""
+    def submit(self, kind: str, /, *, key: str | None = None, **params: Any) -> TaskId:
+        """Queue one task of ``kind`` with ``params``; its id. With a ``key``, while a
+        task with that key is queued or running, that task's id, and nothing queued."""
+        if key is not None:
+            return self.enqueue(kind, params, key=key).id
         return self.submit_many(kind, 1, params)[0]
+
+    @abstractmethod
+    def enqueue(self, kind: str, params: dict[str, Any] | None = None, *,
+                key: str | None = None) -> Submitted:
+        """Queue one task, saying whether it did: ``(id, True)``, or ``(id of the task
+        holding key, False)`` while a task with ``key`` is queued or running."""
 
     @abstractmethod
     def submit_many(self, kind: str, count: int, params: dict[str, Any]) -> list[TaskId]:

@@ -90,6 +90,7 @@ class TaskRecord:
         "retried_as",
         "attempts",
         "result",
+        "key",
         "checked_at",
         "queued_clock",
         "started_clock",
@@ -116,6 +117,7 @@ class TaskRecord:
         self.retried_as: int | None = None
         self.attempts = 0
         self.result: str | None = None  # what the task returned, as JSON text
+        self.key: str | None = None  # while it is queued or running, no other task has it
         self.checked_at = 0.0  # when a shared store last looked for a cancel request
         # When it was queued and started on a clock that never steps (the
         # durations behind the rates); the *_at times above are for people.
@@ -143,6 +145,7 @@ class TaskRecord:
             self.retried_as,
             self.attempts,
             self.result,
+            self.key,
         )
 
 
@@ -158,6 +161,14 @@ class Retried(NamedTuple):
     """What a retry did: the retry's id, and whether this call queued it (False:
     the task had been retried already, by an earlier click or another process,
     and ``id`` is that retry; nothing was queued)."""
+
+    id: TaskId
+    created: bool
+
+
+class Submitted(NamedTuple):
+    """What a submit did: the task's id, and whether this call queued it (False: a
+    task with the same key was queued or running, and ``id`` is that task)."""
 
     id: TaskId
     created: bool
@@ -184,6 +195,8 @@ class TaskInfo(NamedTuple):
     attempts: int = 0
     #: What the task returned, as JSON text (None: it returned None, or has not ended).
     result_json: str | None = None
+    #: Its unique key: while it is queued or running, a submit with the key gives this task.
+    key: str | None = None
 
     @property
     def result(self) -> Any:
@@ -245,6 +258,7 @@ class TaskInfo(NamedTuple):
             "retried_as": self.retried_as,
             "attempts": self.attempts,
             "result": self.result,
+            "key": self.key,
         }
 
 

@@ -236,6 +236,9 @@ def _check_signature(name: str, fn: Callable[..., Any],
     if not positional:
         raise TypeError(f"task {name!r}: the function must take the task context first")
     accepts_kwargs = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
+    for param_name in sorted(RESERVED & (set(specs) | set(sig.parameters))):
+        raise TypeError(f"task {name!r}: a parameter may not be named {param_name!r}: "
+                        f"submit() takes it for itself (reserved: {', '.join(sorted(RESERVED))})")
     for param_name, spec in specs.items():
         if not isinstance(spec, Param):
             raise TypeError(f"task {name!r}: spec for {param_name!r} must be a Param")
@@ -255,6 +258,22 @@ def _check_signature(name: str, fn: Callable[..., Any],
                             "default and no spec, so no submit could give it")
         required.append(param.name)
     return tuple(required), defaults
+
+
+#: Names submit() takes for itself, so no task parameter may have them.
+RESERVED = frozenset({"key", "delay", "at"})
+
+#: Longest unique key.
+MAX_KEY_LENGTH = 200
+
+
+def check_key(value: object) -> str:
+    """A unique key as given to submit: 1 to MAX_KEY_LENGTH printable characters."""
+    if (not isinstance(value, str) or not 0 < len(value) <= MAX_KEY_LENGTH
+            or not value.isprintable()):
+        raise InvalidParam("key", f"must be a string of 1 to {MAX_KEY_LENGTH} printable "
+                           f"characters, got {_short(value)}")
+    return value
 
 
 registry = Registry()

@@ -15,13 +15,14 @@ from typing import Callable, Iterator
 import pytest
 
 from dashboard.backend import Backend
-from dashboard.errors import (QueueError, QueueFull, TaskFailed, TaskNotFound, UnknownKind,
-                              WrongState)
+from dashboard.errors import (InvalidParam, QueueError, QueueFull, TaskFailed, TaskNotFound,
+                              UnknownKind, WrongState)
 from dashboard.records import State
 from dashboard.local.memory import MemoryStore
 from dashboard.local.sqlite import SqliteStore
 from dashboard.tasks import Int, Registry, Str
 from dashboard.local.queue import WorkQueue
+from support import wait_for
 
 MAX_QUEUED = 20
 
@@ -37,6 +38,13 @@ def contract_registry() -> Registry:
     @registry.task("boom")
     def boom(ctx):
         raise ValueError("boom, as asked")
+
+    @registry.task("hold")
+    def hold(ctx):
+        """Runs until the test lets it go (HOLD), or is cancelled."""
+        while not HOLD.wait(0.01):
+            if ctx.cancelled:
+                return
 
     @registry.task("returns", params={"what": Str(choices=tuple(RETURNS))})
     def returns(ctx, what):
@@ -54,6 +62,7 @@ RETURNS = {
     "big": lambda: "x" * (MAX_RESULT_BYTES + 1),
 }
 MAX_RESULT_BYTES = 1000
+HOLD = threading.Event()
 
 
 @pytest.fixture(params=["memory", "sqlite"])
@@ -209,3 +218,45 @@ def test_waiting_for_a_result_blocks_until_the_task_ends_or_times_out(backend):
     assert queue.wait(cancelled, timeout=0).state is State.CANCELLED
     with pytest.raises(TaskFailed, match="was cancelled"):
         queue.result(cancelled)
+
+
+# -- unique keys -----------------------------------------------------------------------------
+
+
+def test_a_key_names_one_task_while_it_is_queued_or_running(backend):
+    queue, drain = backend
+    first = queue.enqueue("add", {"a": 1}, key="report-42")
+    assert first.created and queue.get(first.id).key == "report-42"
+    assert queue.enqueue("add", {"a": 2}, key="report-42") == (first.id, False)
+    assert queue.submit("add", a=3, key="report-42") == first.id
+    other = queue.submit("add", key="report-43")
+    assert other != first.id and queue.stats().queued == 2
+    assert queue.get(first.id).params == {"a": 1}  # the first submit's params stand
+    drain()
+    again = queue.enqueue("add", {"a": 4}, key="report-42")  # the holder is done: a new one
+    assert again.created and again.id != first.id
+
+
+def test_a_running_task_holds_its_key_until_it_ends(backend):
+    queue, drain = backend
+    HOLD.clear()
+    task_id = queue.submit("hold", key="nightly")
+    runner = threading.Thread(target=drain)
+    runner.start()
+    try:
+        wait_for(lambda: queue.get(task_id).state is State.RUNNING, 30, "the task to start")
+        assert queue.enqueue("hold", key="nightly") == (task_id, False)
+    finally:
+        HOLD.set()
+        runner.join(30)
+    assert queue.get(task_id).state is State.DONE
+    assert queue.enqueue("add", key="nightly").created
+
+
+@pytest.mark.parametrize("key", ["", "x" * 201, "tab\there", 42])
+def test_a_key_that_cannot_be_one_is_refused_naming_it(backend, key):
+    queue, _ = backend
+    with pytest.raises(InvalidParam, match="^key must be a string of 1 to 200 printable"):
+        queue.enqueue("add", key=key)
+    assert queue.stats().submitted == 0
+

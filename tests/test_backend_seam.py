@@ -119,8 +119,14 @@ class StringIds:
     def get(self, task_id):
         return self.info(self._backend.get(self.back(task_id)))
 
-    def submit(self, kind, /, **params):
+    def submit(self, kind, /, *, key=None, **params):
+        if key is not None:
+            return self.enqueue(kind, params, key=key).id
         return self.submit_many(kind, 1, params)[0]
+
+    def enqueue(self, kind, params=None, *, key=None):
+        done = self._backend.enqueue(kind, params, key=key)
+        return done._replace(id=self.out(done.id))
 
     def submit_many(self, kind, count, params):
         return [self.out(n) for n in self._backend.submit_many(kind, count, params)]

@@ -65,6 +65,7 @@ class StoreMachine(RuleBasedStateMachine):
         self.held: dict[int, tuple[int, object, str | None]] = {}  # running: store, record, worker
         self.workers: dict[tuple[int, str], dict] = {}  # (store, name) -> alive, task
         self.retried: dict[int, int] = {}
+        self.keys: dict[str, int] = {}  # unique key -> the task that last took it
         self.cancel_asked: set[int] = set()
         self.paused = False
         self.done = self.failed = self.cancelled = self.submitted = 0
@@ -116,6 +117,28 @@ class StoreMachine(RuleBasedStateMachine):
                 store.add_one("k", {})
         else:
             self.add_queued([store.add_one("k", {"n": len(self.state)})])
+
+    @rule(data=st.data(), key=st.sampled_from(["a", "b", "c"]))
+    def submit_keyed(self, data, key):
+        """While a task with the key is queued or running, a keyed submit gives it back."""
+        i = data.draw(self.store_index())
+        store = self.stores[i]
+        holder = self.keys.get(key)
+        live = holder is not None and self.state.get(holder) in (State.QUEUED, State.RUNNING)
+        if self.closed[i]:
+            with pytest.raises(QueueClosed):
+                store.add_keyed("k", {}, key)
+        elif live:
+            assert store.add_keyed("k", {}, key) == (holder, False)
+        elif len(self.queue) >= MAX_QUEUED:
+            with pytest.raises(QueueFull):
+                store.add_keyed("k", {}, key)
+        else:
+            task_id, created = store.add_keyed("k", {}, key)
+            assert created
+            self.add_queued([task_id])
+            self.keys[key] = task_id
+            assert store.get(task_id).key == key
 
     @rule(data=st.data(), count=st.integers(1, 5))
     def submit_many(self, data, count):
@@ -336,10 +359,12 @@ class StoreMachine(RuleBasedStateMachine):
         assert states == self.state
         assert all(reader.get(task_id) is None for task_id in self.forgotten)
         expected = sorted(
-            (name, slot["task"], WorkerState.of(slot["task"] is not None, slot["alive"],
+            (name, slot["task"] or 0, WorkerState.of(slot["task"] is not None, slot["alive"],
                                               self.paused, self.closed[0]), slot["done"])
             for (_, name), slot in self.workers.items())
-        shown = sorted((w.name, w.task and w.task.id, w.state, w.done) for w in snap.workers)
+        # (0 for no task: two processes' workers of one name, one idle, sort as tuples)
+        shown = sorted((w.name, w.task.id if w.task else 0, w.state, w.done)
+                       for w in snap.workers)
         assert shown == expected
 
     def teardown(self):

@@ -782,3 +782,9 @@ def test_a_parameter_no_submit_could_give_is_refused_at_registration(registry):
         @registry.task("unreachable")
         def unreachable(ctx, secret):
             pass
+
+
+@pytest.mark.parametrize("name", ["key", "delay", "at"])
+def test_a_task_parameter_may_not_take_a_name_submit_keeps(registry, name):
+    with pytest.raises(TypeError, match=f"a parameter may not be named '{name}': submit"):
+        registry.task("clash")(eval(f"lambda ctx, {name}=None: None"))  # noqa: S307

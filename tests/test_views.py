@@ -814,3 +814,35 @@ def test_a_tasks_result_is_on_its_page_and_in_the_api(client, queue):
     assert client.get(f"/api/tasks/{task_id}").json["result"] == 168
     page = client.get(f"/tasks/{task_id}").text
     assert '<h3>Result</h3>\n  <pre class="result" id="task-result">168</pre>' in page
+
+
+def test_a_keyed_submit_through_the_api_says_whether_it_queued(client, queue):
+    body = {"kind": "pretend", "params": {"seconds": 0}, "key": "report-42"}
+    first = client.post("/api/tasks", json=body)
+    assert first.status_code == 202
+    (task_id,) = first.json["ids"]
+    assert first.json == {"ids": [task_id], "count": 1, "created": True}
+    again = client.post("/api/tasks", json={**body, "params": {"seconds": 1}})
+    assert again.status_code == 200
+    assert again.json == {"ids": [task_id], "count": 0, "created": False}
+    assert queue.stats().submitted == 1
+    assert '<dd id="task-key"><code>report-42</code></dd>' in client.get(f"/tasks/{task_id}").text
+    assert client.get(f"/api/tasks/{task_id}").json["key"] == "report-42"
+
+    many = client.post("/api/tasks", json={**body, "count": 2})
+    assert many.status_code == 400
+    assert many.json == {"error": "count must be 1 with a key: a key names one task"}
+    bad = client.post("/api/tasks", json={**body, "key": ""})
+    assert bad.status_code == 400 and bad.json["error"].startswith("key must be a string of 1 to")
+    assert queue.stats().submitted == 1
+
+
+def test_a_keyed_submit_that_queues_nothing_costs_nothing(make_app):
+    app = make_app(QUEUE_SUBMIT_LIMIT="2/minute")
+    client = app.test_client()
+    body = {"kind": "pretend", "key": "once"}
+    assert client.post("/api/tasks", json=body).status_code == 202  # 1 of 2
+    for _ in range(3):
+        assert client.post("/api/tasks", json=body).status_code == 200  # nothing queued
+    assert client.post("/api/tasks", json={"kind": "pretend"}).status_code == 202  # 2 of 2
+    assert client.post("/api/tasks", json={"kind": "pretend"}).status_code == 429

@@ -19,7 +19,7 @@ from typing import Any
 
 from ..errors import QueueClosed, QueueFull, TaskNotFound, WrongState
 from ..records import (CANNOT_CANCEL, CANNOT_RETRY, RETRYABLE_STATES, SERIES_SECONDS, Retried,
-                       Snapshot, State, TaskInfo, TaskRecord, WorkerInfo, WorkerState, progress_changed)
+                       Snapshot, State, Submitted, TaskInfo, TaskRecord, WorkerInfo, WorkerState, progress_changed)
 from .store import RATE_WINDOW, Store, rates
 
 # Enum member lookups cost a class attribute access each time; the hot paths
@@ -155,6 +155,7 @@ class MemoryStore(Store):
         self._idle = threading.Condition(waits)  # join() waits here
         self._ended = threading.Condition(waits)  # wait_finished() waits here
         self._end_waiters = 0
+        self._keys: dict[str, TaskRecord] = {}  # a unique key → the task that last had it
         self._queue: deque[TaskRecord] = deque()  # may hold cancelled records: skipped
         self._tasks: dict[int, TaskRecord] = {}
         self._history: deque[TaskRecord] = deque()
@@ -317,6 +318,26 @@ class MemoryStore(Store):
     ) -> list[int]:
         with self._lock:
             return self._add_locked(kind, params, count, retry_of)
+
+    def add_keyed(self, kind: str, params: dict[str, Any], key: str) -> Submitted:
+        with self._lock:
+            if self._closed:
+                raise QueueClosed()
+            held = self._keys.get(key)
+            if (held is not None and held.finished_at is None
+                    and self._tasks.get(held.id) is held):
+                return Submitted(held.id, False)
+            (task_id,) = self._add_locked(kind, params, 1, None)
+            record = self._tasks[task_id]
+            record.key = key
+            keys = self._keys
+            keys[key] = record
+            if len(keys) > 2 * (self.max_queued + self.history_size) + 64:
+                # Keys of tasks long gone: the map stays as bounded as the tasks are.
+                for old in [k for k, r in keys.items()
+                            if r.finished_at is not None or self._tasks.get(r.id) is not r]:
+                    del keys[old]
+            return Submitted(task_id, True)
 
     def _add_locked(
         self, kind: str, params: dict[str, Any], count: int, retry_of: int | None

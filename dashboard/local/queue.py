@@ -18,11 +18,11 @@ import weakref
 from typing import Any, Callable, Mapping
 
 from ..backend import Backend, Capabilities
-from ..records import Retried, Snapshot, State, TaskInfo, TaskRecord
+from ..records import Retried, Snapshot, State, Submitted, TaskInfo, TaskRecord
 from ..errors import QueueClosed, QueueFull, StoreUnavailable, TaskNotFound
 from .memory import MemoryStore
 from .store import Store
-from ..tasks import Registry, registry as default_registry
+from ..tasks import Registry, check_key, registry as default_registry
 
 __all__ = ["WorkQueue", "TaskContext", "QueueFull", "QueueClosed"]
 
@@ -531,15 +531,29 @@ class WorkQueue(Backend):
 
     # -- submitting ------------------------------------------------------
 
-    def submit(self, kind: str, /, **params: Any) -> int:
+    def submit(self, kind: str, /, *, key: str | None = None, **params: Any) -> int:
         """Queue one task of ``kind`` with ``params`` and return its id.
+
+        With a ``key``: while a task with that key is queued or running, its id
+        comes back and nothing is queued (see :meth:`enqueue`, which says which).
 
         Raises :class:`~dashboard.tasks.UnknownKind`,
         :class:`~dashboard.tasks.InvalidParam`, :class:`QueueFull` or
         :class:`QueueClosed`; in each case nothing is queued.
         """
+        if key is not None:
+            return self.enqueue(kind, params, key=key).id
         checked = self.registry.get(kind).check_params(params)
         return self.store.add_one(kind, checked)
+
+    def enqueue(self, kind: str, params: Mapping[str, Any] | None = None, *,
+                key: str | None = None) -> Submitted:
+        """Queue one task: ``(its id, True)``; with a ``key`` held by a task that is
+        queued or running, ``(that task's id, False)`` and nothing queued."""
+        checked = self.registry.get(kind).check_params(params or {})
+        if key is None:
+            return Submitted(self.store.add_one(kind, checked), True)
+        return self.store.add_keyed(kind, checked, check_key(key))
 
     def submit_many(
         self, kind: str, count: int, params: Mapping[str, Any] | None = None

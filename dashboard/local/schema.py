@@ -16,7 +16,7 @@ from ..records import State, TaskInfo, TaskRecord
 #: The schema this code reads and writes; kept in ``PRAGMA user_version``.
 #: 2: times that are compared (leases, heartbeats, the per-second record, the
 #: durations behind the rates) are on the machine's shared clock, with its boot.
-#: 3: a task's result.
+#: 3: a task's result, and its unique key.
 SCHEMA_VERSION = 3
 
 #: A state as the tasks table spells it → the State.
@@ -87,8 +87,11 @@ CREATE TABLE tasks (
     started_clock    REAL,                 -- the rates' wait and run times
     finished_clock   REAL,
     clock            REAL,                 -- the shared clock at the last change of state
-    result           TEXT                  -- what the task returned, JSON
+    result           TEXT,                 -- what the task returned, JSON
+    key              TEXT                  -- unique among tasks not yet finished
 );
+-- A keyed submit reads it; tasks without a key are not in it, and cost it nothing.
+CREATE UNIQUE INDEX tasks_key ON tasks (key) WHERE key IS NOT NULL AND finished_at IS NULL;
 -- The only index: the history, newest first, and pruning oldest first. Every
 -- index is one more page written per commit, so the queue order comes from
 -- the ids (from meta.head up) and the running tasks are few enough to scan.
@@ -194,6 +197,8 @@ SCHEMA = TABLES + PROCESS_TABLES + TRIGGERS
 # Version 2 had no results.
 UPGRADE_FROM_2 = """
 ALTER TABLE tasks ADD COLUMN result TEXT;
+ALTER TABLE tasks ADD COLUMN key TEXT;
+CREATE UNIQUE INDEX tasks_key ON tasks (key) WHERE key IS NOT NULL AND finished_at IS NULL;
 """
 
 # Version 1 kept these times on the wall clock, and its triggers read it.
@@ -222,7 +227,7 @@ INSERT = (
 COLUMNS = (
     "id", "kind", "params", "state", "enqueued_at", "started_at", "finished_at", "progress",
     "message", "error", "traceback", "worker", "cancel_requested", "retry_of", "retried_as",
-    "attempts", "result",
+    "attempts", "result", "key",
 )
 TASK_COLUMNS = ", ".join(COLUMNS)
 T_COLUMNS = ", ".join(f"t.{c}" for c in COLUMNS)
@@ -230,11 +235,12 @@ T_COLUMNS = ", ".join(f"t.{c}" for c in COLUMNS)
 
 def task_info(row: tuple) -> TaskInfo:
     (task_id, kind, params, state, enqueued_at, started_at, finished_at, progress, message,
-     error, traceback, worker, cancel_requested, retry_of, retried_as, attempts, result) = row
+     error, traceback, worker, cancel_requested, retry_of, retried_as, attempts, result,
+     key) = row
     return TaskInfo(
         task_id, kind, json.loads(params), STATES[state], enqueued_at, started_at, finished_at,
         progress, message, error, traceback, worker, bool(cancel_requested), retry_of,
-        retried_as, attempts, result,
+        retried_as, attempts, result, key,
     )
 
 
@@ -249,6 +255,7 @@ def task_record(row: tuple) -> TaskRecord:
     record.cancel_requested = info.cancel_requested
     record.retry_of = info.retry_of
     record.attempts = info.attempts
+    record.key = info.key
     return record
 
 

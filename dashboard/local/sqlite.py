@@ -48,7 +48,7 @@ from urllib.parse import quote
 from .clock import ALIVE, BOOT_ID, DEAD, Identity, clock, identity, process_alive
 from ..errors import QueueClosed, QueueFull, StoreError, StoreUnavailable, TaskNotFound, WrongState
 from ..records import (CANNOT_CANCEL, CANNOT_RETRY, RETRYABLE_STATES, SERIES_SECONDS, Retried,
-                       Snapshot, State, TaskInfo, TaskRecord, WorkerInfo, WorkerState,
+                       Snapshot, State, Submitted, TaskInfo, TaskRecord, WorkerInfo, WorkerState,
                        progress_changed)
 from .schema import (INSERT, SCHEMA, SCHEMA_VERSION, STATES, T_COLUMNS, TASK_COLUMNS,
                      UPGRADE_FROM_1, UPGRADE_FROM_2, statements, task_info, task_record)
@@ -806,6 +806,21 @@ class SqliteStore(Store):
             ids = self._add_locked(conn, now, kind, params, count, retry_of)
         self._wake_workers(count)
         return ids
+
+    def add_keyed(self, kind: str, params: dict[str, Any], key: str) -> Submitted:
+        if self._closed:
+            raise QueueClosed()
+        with self._write() as (conn, now):
+            # Writers take the file one at a time (BEGIN IMMEDIATE), so between this
+            # read and the insert no other process can queue a task with the key.
+            row = conn.execute("SELECT id FROM tasks WHERE key = ? AND finished_at IS NULL",
+                               (key,)).fetchone()
+            if row is not None:
+                return Submitted(row[0], False)
+            (task_id,) = self._add_locked(conn, now, kind, params, 1)
+            conn.execute("UPDATE tasks SET key = ? WHERE id = ?", (key, task_id))
+        self._wake_workers(1)
+        return Submitted(task_id, True)
 
     def add_one(self, kind: str, params: dict[str, Any]) -> int:
         # The path of every submit, kept short: one INSERT in one transaction.

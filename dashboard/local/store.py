@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from typing import Any, Iterable
 
-from ..records import SERIES_SECONDS, Retried, Snapshot, State, TaskInfo, TaskRecord
+from ..records import SERIES_SECONDS, Retried, Snapshot, State, Submitted, TaskInfo, TaskRecord
 
 __all__ = ["RATE_WINDOW", "SERIES_SECONDS", "Store", "rates"]
 
@@ -96,6 +96,12 @@ class Store:
         Returns their ids in order. Raises :class:`QueueFull` when fewer than
         ``count`` places are free and :class:`QueueClosed` after :meth:`close`.
         """
+        raise NotImplementedError
+
+    def add_keyed(self, kind: str, params: dict[str, Any], key: str) -> Submitted:
+        """Queue one task with a unique key: ``(its id, True)``; or, while a task with
+        the key is queued or running, nothing: ``(that task's id, False)``. Raises
+        :class:`QueueFull` or :class:`QueueClosed` when it would queue."""
         raise NotImplementedError
 
     def add_one(self, kind: str, params: dict[str, Any]) -> int:

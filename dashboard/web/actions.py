@@ -9,10 +9,10 @@ from typing import Any, Mapping
 from flask import current_app
 
 from ..backend import TaskId
-from ..records import Retried
+from ..records import Retried, Submitted
 from ..errors import InvalidParam, TaskNotFound
 from ..ext import current_queue
-from ..tasks import Int
+from ..tasks import Int, check_key
 from . import security
 from .answers import parse_task_id
 
@@ -28,6 +28,18 @@ def submit(kind_name: Any, count: Any, params: Any) -> list[TaskId]:
         raise InvalidParam("params", f"must be an object of parameters, got {type(params).__name__}")
     current_queue.registry.get(kind_name).check_params(params)  # bad input: 400, not 429
     return security.spend_submit(count, lambda: current_queue.submit_many(kind_name, count, params))
+
+
+def submit_keyed(kind_name: Any, count: Any, params: Any, key: Any) -> Submitted:
+    """:func:`submit` of one task with a unique key: charged only when it queued one."""
+    if count_spec().parse("count", count) != 1:
+        raise InvalidParam("count", "must be 1 with a key: a key names one task")
+    if not isinstance(params, dict):
+        raise InvalidParam("params", f"must be an object of parameters, got {type(params).__name__}")
+    current_queue.registry.get(kind_name).check_params(params)
+    check_key(key)
+    return security.spend_submit(1, lambda: current_queue.enqueue(kind_name, params, key=key),
+                                 queued=lambda done: int(done.created))
 
 def retry(task_id: str) -> tuple[Retried, TaskId]:
     """Retry a task: ``(what the backend did, the task's id)``.

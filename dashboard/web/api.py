@@ -15,16 +15,16 @@ from flask import Response, current_app, jsonify, make_response, request
 from ..backend import TaskId
 from ..errors import QueueError, StoreUnavailable
 from ..ext import current_queue
-from ..records import Retried, TaskInfo
+from ..records import Retried, Submitted, TaskInfo
 from . import security
-from .actions import retry, set_workers, submit
+from .actions import retry, set_workers, submit, submit_keyed
 from .answers import (TASK_ID_RULE, default_kind, error_status, json_error, parse_task_id,
                       printable_id, read_task_id)
 from .blueprint import bp
 from .live import RECENT
 
 
-API_TASK_KEYS = frozenset({"kind", "count", "params"})
+API_TASK_KEYS = frozenset({"kind", "count", "params", "key"})
 
 #: How deeply a JSON body may nest lists and objects. Ours need two levels (the
 #: body and its ``params``); a deeper body is refused before anything reads it,
@@ -104,7 +104,10 @@ def api_stats() -> Response:
 
 @bp.post("/api/tasks")
 def api_add_tasks() -> Response:
-    """``{"kind": ..., "count": n, "params": {...}}`` → 202 with the new ids."""
+    """``{"kind": ..., "count": n, "params": {...}}`` → 202 with the new ids. With
+    ``"key"``: 202 ``{"ids": [id], "count": 1, "created": true}`` when it queued the
+    task, 200 ``{"ids": [id], "count": 0, "created": false}`` when a task with the
+    key was queued or running already (``id`` is that task)."""
     data = _json_body(API_TASK_KEYS)
     if isinstance(data, Response):
         return data
@@ -113,6 +116,16 @@ def api_add_tasks() -> Response:
         response = jsonify(ids=ids, count=len(ids))
         response.status_code = 202
         return response
+
+    if data.get("key") is not None:
+        def keyed(done: Submitted) -> Response:
+            response = jsonify(ids=[done.id], count=int(done.created), created=done.created)
+            response.status_code = 202 if done.created else 200
+            return response
+
+        return _json_action(lambda: submit_keyed(data.get("kind", default_kind()),
+                                                 data.get("count", 1), data.get("params", {}),
+                                                 data["key"]), keyed)
 
     return _json_action(
         lambda: submit(
