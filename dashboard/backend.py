@@ -113,22 +113,26 @@ class Backend(ABC):
 
     # -- acting -------------------------------------------------------------------
 
-    def submit(self, kind: str, /, *, key: str | None = None, **params: Any) -> TaskId:
-        """Queue one task of ``kind`` with ``params``; its id. With a ``key``, while a
-        task with that key is queued or running, that task's id, and nothing queued."""
-        if key is not None:
-            return self.enqueue(kind, params, key=key).id
+    def submit(self, kind: str, /, *, key: str | None = None, delay: Any = None,
+               at: Any = None, **params: Any) -> TaskId:
+        """Queue one task of ``kind`` with ``params``; its id. ``delay`` (seconds) or
+        ``at`` (a datetime) schedules it. With a ``key``, while a task with that key
+        is scheduled, queued or running, that task's id, and nothing queued."""
+        if key is not None or delay is not None or at is not None:
+            return self.enqueue(kind, params, key=key, delay=delay, at=at).id
         return self.submit_many(kind, 1, params)[0]
 
     @abstractmethod
     def enqueue(self, kind: str, params: dict[str, Any] | None = None, *,
-                key: str | None = None) -> Submitted:
-        """Queue one task, saying whether it did: ``(id, True)``, or ``(id of the task
-        holding key, False)`` while a task with ``key`` is queued or running."""
+                key: str | None = None, delay: Any = None, at: Any = None) -> Submitted:
+        """Queue (or schedule) one task, saying whether it did: ``(id, True)``, or ``(id
+        of the task holding key, False)`` while a task with ``key`` is scheduled,
+        queued or running."""
 
     @abstractmethod
-    def submit_many(self, kind: str, count: int, params: dict[str, Any]) -> list[TaskId]:
-        """Queue ``count`` tasks of ``kind``; all or none."""
+    def submit_many(self, kind: str, count: int, params: dict[str, Any], *,
+                    delay: Any = None) -> list[TaskId]:
+        """Queue (or, with a delay, schedule) ``count`` tasks of ``kind``; all or none."""
 
     @abstractmethod
     def cancel(self, task_id: TaskId) -> State: ...

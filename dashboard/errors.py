@@ -105,12 +105,13 @@ class QueueFull(QueueError):
 
     status = 503
 
-    def __init__(self, queued: int, max_queued: int, requested: int):
+    def __init__(self, queued: int, max_queued: int, requested: int, what: str = "queued"):
         self.queued = queued
         self.max_queued = max_queued
         self.requested = requested
+        where = "queue is full" if what == "queued" else f"too many {what}"
         super().__init__(
-            f"queue is full: {queued} of {max_queued} queued, {requested} more requested"
+            f"{where}: {queued} of {max_queued} {what}, {requested} more requested"
         )
 
 

@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 class State(str, Enum):
     """Every state a task can be in. Templates and JSON use the string values."""
 
+    SCHEDULED = "scheduled"  # delayed: queued when due
     QUEUED = "queued"
     RUNNING = "running"
     DONE = "done"
@@ -30,12 +31,12 @@ FINISHED_STATES = frozenset({State.DONE, State.FAILED, State.CANCELLED})
 
 # -- the rules about a task: each written once, here ---------------------------------
 
-#: States from which a task can be cancelled (a queued one never runs; a running
-#: one is asked to stop).
-CANCELLABLE_STATES = frozenset({State.QUEUED, State.RUNNING})
+#: States from which a task can be cancelled (a scheduled or queued one never runs;
+#: a running one is asked to stop).
+CANCELLABLE_STATES = frozenset({State.SCHEDULED, State.QUEUED, State.RUNNING})
 #: States from which a task can be retried (as a new task of the same kind and params).
 RETRYABLE_STATES = frozenset({State.FAILED, State.CANCELLED})
-CANNOT_CANCEL = "only queued or running tasks can be cancelled"
+CANNOT_CANCEL = "only scheduled, queued or running tasks can be cancelled"
 CANNOT_RETRY = "only failed or cancelled tasks can be retried"
 
 
@@ -91,6 +92,8 @@ class TaskRecord:
         "attempts",
         "result",
         "key",
+        "due_at",
+        "due_clock",
         "checked_at",
         "queued_clock",
         "started_clock",
@@ -118,6 +121,8 @@ class TaskRecord:
         self.attempts = 0
         self.result: str | None = None  # what the task returned, as JSON text
         self.key: str | None = None  # while it is queued or running, no other task has it
+        self.due_at: float | None = None  # delayed: when it is due (wall clock, to show)
+        self.due_clock = 0.0  # the same on the clock that never steps
         self.checked_at = 0.0  # when a shared store last looked for a cancel request
         # When it was queued and started on a clock that never steps (the
         # durations behind the rates); the *_at times above are for people.
@@ -146,6 +151,7 @@ class TaskRecord:
             self.attempts,
             self.result,
             self.key,
+            self.due_at,
         )
 
 
@@ -197,6 +203,8 @@ class TaskInfo(NamedTuple):
     result_json: str | None = None
     #: Its unique key: while it is queued or running, a submit with the key gives this task.
     key: str | None = None
+    #: A delayed task: when it is (or was) due, on the wall clock.
+    due_at: float | None = None
 
     @property
     def result(self) -> Any:
@@ -259,6 +267,7 @@ class TaskInfo(NamedTuple):
             "attempts": self.attempts,
             "result": self.result,
             "key": self.key,
+            "due_at": self.due_at,
         }
 
 
@@ -325,6 +334,9 @@ class Snapshot(NamedTuple):
     #: task (None: never): together with idle workers, they tell a stall.
     oldest_wait: float | None = None
     idle_for: float | None = None
+    #: Delayed tasks not yet due (not counted in ``queued``), and the next ones due.
+    scheduled: int = 0
+    soon: tuple[TaskInfo, ...] = ()
 
     @property
     def finished(self) -> int:
@@ -345,6 +357,7 @@ class Snapshot(NamedTuple):
             "version": self.version,
             "pid": self.pid,
             "queued": self.queued,
+            "scheduled": self.scheduled,
             "running": self.running,
             "done": self.done,
             "failed": self.failed,

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import inspect
 import math
+import time
+from datetime import datetime, timedelta
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -274,6 +276,38 @@ def check_key(value: object) -> str:
         raise InvalidParam("key", f"must be a string of 1 to {MAX_KEY_LENGTH} printable "
                            f"characters, got {_short(value)}")
     return value
+
+
+#: The longest delay a submit may ask for: 30 days.
+MAX_DELAY = 30 * 24 * 3600.0
+
+
+def check_delay(delay: object = None, at: object = None) -> float | None:
+    """Seconds from now until a task is due, from ``delay`` (seconds) or ``at`` (a
+    datetime, or seconds since the epoch); None when it is due now. A time past
+    is now; more than MAX_DELAY ahead is refused, naming the field."""
+    if delay is not None and at is not None:
+        raise InvalidParam("at", "cannot be given with delay: give one of them")
+    if at is not None:
+        if isinstance(at, datetime):
+            at = at.timestamp()  # naive: local time, as datetime.timestamp() reads it
+        if isinstance(at, bool) or not isinstance(at, (int, float)) or not math.isfinite(at):
+            raise InvalidParam("at", f"must be a datetime or seconds since the epoch, got "
+                               f"{_short(at)}")
+        delay = max(0.0, at - time.time())
+        if delay > MAX_DELAY:
+            raise InvalidParam("at", f"must be at most {MAX_DELAY:.0f}s (30 days) from now, "
+                               f"got {delay:.0f}s from now")
+        return delay or None
+    if delay is None:
+        return None
+    if isinstance(delay, timedelta):
+        delay = delay.total_seconds()
+    if (isinstance(delay, bool) or not isinstance(delay, (int, float))
+            or not math.isfinite(delay) or not 0 <= delay <= MAX_DELAY):
+        raise InvalidParam("delay", f"must be a number of seconds from 0 to {MAX_DELAY:.0f} "
+                           f"(30 days), got {_short(delay)}")
+    return float(delay) or None
 
 
 registry = Registry()

@@ -139,7 +139,7 @@ def test_without_javascript_a_refused_cancel_returns_to_the_task_page_which_says
         assert (back.value.request.method, back.value.status) == ("GET", 200)
         assert posts == [f"/tasks/{task}/cancel"]
         assert path_of(page.url) == f"/tasks/{task}", page.url
-        why = f"task {task} is cancelled; only queued or running tasks can be cancelled"
+        why = f"task {task} is cancelled; only scheduled, queued or running tasks can be cancelled"
         expect(page.locator("#form-errors")).to_have_text(why)
         expect(page.locator("#task-state")).to_have_text("cancelled")
 

@@ -597,7 +597,7 @@ def test_a_running_task_that_ignores_cancel_finishes_as_done(registry, make_queu
     assert q.join(timeout=30)
     info = q.get(task_id)
     assert info.state is State.DONE and info.cancel_requested
-    with pytest.raises(WrongState, match=f"task {task_id} is done; only queued or running"):
+    with pytest.raises(WrongState, match=f"task {task_id} is done; only scheduled, queued or running"):
         q.cancel(task_id)
     with pytest.raises(TaskNotFound, match="no task 999"):
         q.cancel(999)

@@ -571,7 +571,7 @@ def test_cancel_a_queued_task_from_the_page(client, queue):
     queue.run_pending()
     assert queue.get(ids[1]).started_at is None
     again = post(client, f"/tasks/{ids[1]}/cancel")
-    assert again.status_code == 409 and b"only queued or running tasks can be cancelled" in again.data
+    assert again.status_code == 409 and b"only scheduled, queued or running tasks can be cancelled" in again.data
     assert post(client, "/tasks/999/cancel").status_code == 404
     assert post(client, "/tasks/abc/cancel").status_code == 404
 
@@ -582,7 +582,7 @@ def test_cancel_a_queued_task_from_the_page(client, queue):
 def test_a_refused_plain_post_returns_to_its_page_and_says_why(client, queue):
     done = queue.submit("pretend", seconds=0)
     queue.run_pending()
-    why = f"task {done} is done; only queued or running tasks can be cancelled".encode()
+    why = f"task {done} is done; only scheduled, queued or running tasks can be cancelled".encode()
     # From the dashboard, in presenter mode: back there.
     response = client.post(f"/tasks/{done}/cancel", data={"present": "1"})
     assert response.headers["Location"].startswith("/?present=1&refused=")

@@ -9,6 +9,7 @@ This module imports nothing from Flask.
 
 from __future__ import annotations
 
+import heapq
 import os
 import secrets
 import threading
@@ -24,8 +25,8 @@ from .store import RATE_WINDOW, Store, rates
 
 # Enum member lookups cost a class attribute access each time; the hot paths
 # (submit, claim, finish) use these module constants instead.
-QUEUED, RUNNING, DONE, FAILED, CANCELLED = (
-    State.QUEUED, State.RUNNING, State.DONE, State.FAILED, State.CANCELLED
+SCHEDULED, QUEUED, RUNNING, DONE, FAILED, CANCELLED = (
+    State.SCHEDULED, State.QUEUED, State.RUNNING, State.DONE, State.FAILED, State.CANCELLED
 )
 
 
@@ -156,6 +157,9 @@ class MemoryStore(Store):
         self._ended = threading.Condition(waits)  # wait_finished() waits here
         self._end_waiters = 0
         self._keys: dict[str, TaskRecord] = {}  # a unique key → the task that last had it
+        # Delayed tasks by due time (a heap; cancelled ones are skipped when popped).
+        self._due: list[tuple[float, int, TaskRecord]] = []
+        self._scheduled = 0
         self._queue: deque[TaskRecord] = deque()  # may hold cancelled records: skipped
         self._tasks: dict[int, TaskRecord] = {}
         self._history: deque[TaskRecord] = deque()
@@ -218,6 +222,8 @@ class MemoryStore(Store):
         pid = os.getpid()
         with self._lock:
             now, wall = time.monotonic(), time.time()
+            if self._due:
+                self._promote_locked(now)
             paused = self._paused
             workers = tuple(
                 WorkerInfo(
@@ -265,6 +271,10 @@ class MemoryStore(Store):
                 taken_at=wall,
                 oldest_wait=now - waiting[0].queued_clock if waiting else None,
                 idle_for=None if self._last_claim is None else now - self._last_claim,
+                scheduled=self._scheduled,
+                soon=tuple(e[2].info() for e in heapq.nsmallest(
+                    upcoming, (e for e in self._due if e[2].state is SCHEDULED))
+                ) if self._scheduled and upcoming else (),
                 **measured,
             )
 
@@ -314,12 +324,71 @@ class MemoryStore(Store):
             return task_id
 
     def add(
-        self, kind: str, params: dict[str, Any], count: int = 1, retry_of: int | None = None
+        self, kind: str, params: dict[str, Any], count: int = 1, retry_of: int | None = None,
+        delay: float | None = None,
     ) -> list[int]:
         with self._lock:
+            if delay:
+                return self._schedule_locked(kind, params, count, retry_of, delay)
             return self._add_locked(kind, params, count, retry_of)
 
-    def add_keyed(self, kind: str, params: dict[str, Any], key: str) -> Submitted:
+    def _schedule_locked(self, kind: str, params: dict[str, Any], count: int,
+                         retry_of: int | None, delay: float) -> list[int]:
+        if self._closed:
+            raise QueueClosed()
+        if self._scheduled + count > self.max_queued:
+            raise QueueFull(self._scheduled, self.max_queued, count, "scheduled")
+        now, wall = time.monotonic(), time.time()
+        first = max(self._next_id, _stamp(wall))
+        self._next_id = first + count
+        for task_id in range(first, first + count):
+            record = TaskRecord(task_id, kind, dict(params) if count > 1 else params, wall)
+            record.state = SCHEDULED
+            record.retry_of = retry_of
+            record.due_clock = now + delay
+            record.due_at = wall + delay
+            self._tasks[task_id] = record
+            heapq.heappush(self._due, (record.due_clock, task_id, record))
+        self._scheduled += count
+        self._submitted += count
+        self._version += 1
+        if self._waiting:
+            self._work.notify_all()  # a waiting worker now waits until the first is due
+        return list(range(first, first + count))
+
+    def _promote_locked(self, now: float) -> float | None:
+        """Queue every scheduled task now due, in due order; the clock when the next is
+        due, or None. A promoted task joins the queue as if submitted when it fell due:
+        behind what was queued before then, ahead of what was queued after."""
+        due = self._due
+        while due and due[0][0] <= now:
+            due_clock, _, record = heapq.heappop(due)
+            if record.state is not SCHEDULED:
+                continue  # cancelled while scheduled
+            record.state = QUEUED
+            record.queued_clock = due_clock
+            queue = self._queue
+            later = 0
+            for other in reversed(queue):
+                if other.queued_clock <= due_clock:
+                    break
+                later += 1
+            if later:
+                queue.insert(len(queue) - later, record)
+            else:
+                queue.append(record)
+            self._scheduled -= 1
+            self._queued += 1
+            self._grew(now)
+            self._version += 1
+            if self._waiting and not self._paused:
+                self._work.notify()
+        while due and due[0][2].state is not SCHEDULED:
+            heapq.heappop(due)
+        return due[0][0] if due else None
+
+    def add_keyed(self, kind: str, params: dict[str, Any], key: str,
+                  delay: float | None = None) -> Submitted:
         with self._lock:
             if self._closed:
                 raise QueueClosed()
@@ -327,7 +396,10 @@ class MemoryStore(Store):
             if (held is not None and held.finished_at is None
                     and self._tasks.get(held.id) is held):
                 return Submitted(held.id, False)
-            (task_id,) = self._add_locked(kind, params, 1, None)
+            if delay:
+                (task_id,) = self._schedule_locked(kind, params, 1, None, delay)
+            else:
+                (task_id,) = self._add_locked(kind, params, 1, None)
             record = self._tasks[task_id]
             record.key = key
             keys = self._keys
@@ -399,6 +471,7 @@ class MemoryStore(Store):
         while True:
             if self._closed or (slot is not None and not slot.alive):
                 return None
+            next_due = self._promote_locked(time.monotonic()) if self._due else None
             if queue and not self._paused:
                 record = queue.popleft()
                 if record.state is not QUEUED:
@@ -424,9 +497,17 @@ class MemoryStore(Store):
                 return None
             self._waiting += 1
             try:
-                self._work.wait()
+                # Until woken, or until the next delayed task is due.
+                self._work.wait(None if next_due is None else
+                                max(0.0, next_due - time.monotonic()))
             finally:
                 self._waiting -= 1
+
+    def maintain(self, wait: float | None = None) -> None:
+        """Queue what has fallen due while no worker looked (none running, or paused)."""
+        if self._due:
+            with self._lock:
+                self._promote_locked(time.monotonic())
 
     def progress(self, record: TaskRecord, fraction: float, message: str | None) -> None:
         with self._lock:
@@ -516,6 +597,18 @@ class MemoryStore(Store):
             record = self._tasks.get(task_id)
             if record is None:
                 raise TaskNotFound(task_id)
+            if record.state is SCHEDULED:
+                record.state = CANCELLED
+                record.finished_at = time.time()
+                record.error = "cancelled before it was due"
+                self._scheduled -= 1
+                self._cancelled += 1
+                self._remember(record)
+                if len(self._due) > 2 * self._scheduled + 64:
+                    self._due = [e for e in self._due if e[2].state is SCHEDULED]
+                    heapq.heapify(self._due)
+                self._version += 1
+                return CANCELLED
             if record.state is QUEUED:
                 now = time.monotonic()
                 record.state = CANCELLED
@@ -680,6 +773,12 @@ class MemoryStore(Store):
                     dropped += 1
             self._queue.clear()
             self._queued = 0
+            for _, _, record in self._due:  # delayed tasks go with the process too
+                if record.state is SCHEDULED:
+                    self._tasks.pop(record.id, None)
+                    dropped += 1
+            self._due.clear()
+            self._scheduled = 0
             self._second(time.monotonic()).depth = 0
             self._version += 1
             if self._joiners and not self._running:
@@ -689,7 +788,7 @@ class MemoryStore(Store):
     def reset_after_fork(self) -> int:
         # The parent's threads and any lock they held did not come along:
         # new locks, and no tasks, or two processes would run the same ones.
-        dropped = self._queued
+        dropped = self._queued + self._scheduled
         self._init_state()
         return dropped
 

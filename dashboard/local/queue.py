@@ -22,7 +22,7 @@ from ..records import Retried, Snapshot, State, Submitted, TaskInfo, TaskRecord
 from ..errors import QueueClosed, QueueFull, StoreUnavailable, TaskNotFound
 from .memory import MemoryStore
 from .store import Store
-from ..tasks import Registry, check_key, registry as default_registry
+from ..tasks import Registry, check_delay, check_key, registry as default_registry
 
 __all__ = ["WorkQueue", "TaskContext", "QueueFull", "QueueClosed"]
 
@@ -531,38 +531,47 @@ class WorkQueue(Backend):
 
     # -- submitting ------------------------------------------------------
 
-    def submit(self, kind: str, /, *, key: str | None = None, **params: Any) -> int:
+    def submit(self, kind: str, /, *, key: str | None = None, delay: Any = None,
+               at: Any = None, **params: Any) -> int:
         """Queue one task of ``kind`` with ``params`` and return its id.
 
-        With a ``key``: while a task with that key is queued or running, its id
-        comes back and nothing is queued (see :meth:`enqueue`, which says which).
+        ``delay`` (seconds, or a timedelta) or ``at`` (a datetime, or seconds since
+        the epoch) schedules it: it is queued when due. With a ``key``: while a
+        task with that key is scheduled, queued or running, its id comes back and
+        nothing is queued (see :meth:`enqueue`, which says which).
 
         Raises :class:`~dashboard.tasks.UnknownKind`,
         :class:`~dashboard.tasks.InvalidParam`, :class:`QueueFull` or
         :class:`QueueClosed`; in each case nothing is queued.
         """
-        if key is not None:
-            return self.enqueue(kind, params, key=key).id
+        if key is not None or delay is not None or at is not None:
+            return self.enqueue(kind, params, key=key, delay=delay, at=at).id
         checked = self.registry.get(kind).check_params(params)
         return self.store.add_one(kind, checked)
 
     def enqueue(self, kind: str, params: Mapping[str, Any] | None = None, *,
-                key: str | None = None) -> Submitted:
-        """Queue one task: ``(its id, True)``; with a ``key`` held by a task that is
-        queued or running, ``(that task's id, False)`` and nothing queued."""
+                key: str | None = None, delay: Any = None, at: Any = None) -> Submitted:
+        """Queue (or schedule) one task: ``(its id, True)``; with a ``key`` held by a
+        task that is scheduled, queued or running, ``(that task's id, False)`` and
+        nothing queued."""
         checked = self.registry.get(kind).check_params(params or {})
-        if key is None:
+        due_in = check_delay(delay, at)
+        if key is not None:
+            return self.store.add_keyed(kind, checked, check_key(key), due_in)
+        if due_in is None:
             return Submitted(self.store.add_one(kind, checked), True)
-        return self.store.add_keyed(kind, checked, check_key(key))
+        return Submitted(self.store.add(kind, checked, 1, delay=due_in)[0], True)
 
     def submit_many(
-        self, kind: str, count: int, params: Mapping[str, Any] | None = None
+        self, kind: str, count: int, params: Mapping[str, Any] | None = None, *,
+        delay: Any = None,
     ) -> list[int]:
-        """Queue ``count`` tasks of the same kind and params, all or none."""
+        """Queue ``count`` tasks of the same kind and params, all or none; with a
+        ``delay``, schedule them."""
         if not isinstance(count, int) or isinstance(count, bool) or count < 1:
             raise ValueError(f"count must be a positive integer, got {count!r}")
         checked = self.registry.get(kind).check_params(params or {})
-        return self.store.add(kind, checked, count)
+        return self.store.add(kind, checked, count, delay=check_delay(delay))
 
     # -- reading ---------------------------------------------------------
 

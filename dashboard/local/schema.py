@@ -16,7 +16,7 @@ from ..records import State, TaskInfo, TaskRecord
 #: The schema this code reads and writes; kept in ``PRAGMA user_version``.
 #: 2: times that are compared (leases, heartbeats, the per-second record, the
 #: durations behind the rates) are on the machine's shared clock, with its boot.
-#: 3: a task's result, and its unique key.
+#: 3: a task's result, its unique key, and delayed (scheduled) tasks.
 SCHEMA_VERSION = 3
 
 #: A state as the tasks table spells it → the State.
@@ -61,7 +61,8 @@ CREATE TABLE meta (
     sec_wait     REAL NOT NULL DEFAULT 0,
     sec_run      REAL NOT NULL DEFAULT 0,
     boot         TEXT,                      -- the boot every *clock value counts from
-    last_claim   REAL                       -- when a task was last taken (clock)
+    last_claim   REAL,                      -- when a task was last taken (clock)
+    scheduled    INTEGER NOT NULL DEFAULT 0 -- delayed tasks not yet due
 );
 CREATE TABLE tasks (
     id               INTEGER PRIMARY KEY,
@@ -88,10 +89,16 @@ CREATE TABLE tasks (
     finished_clock   REAL,
     clock            REAL,                 -- the shared clock at the last change of state
     result           TEXT,                 -- what the task returned, JSON
-    key              TEXT                  -- unique among tasks not yet finished
+    key              TEXT,                 -- unique among tasks not yet finished
+    due_at           REAL,                 -- delayed: when due (wall clock, to show)
+    due_clock        REAL                  -- the same on the shared clock
 );
 -- A keyed submit reads it; tasks without a key are not in it, and cost it nothing.
 CREATE UNIQUE INDEX tasks_key ON tasks (key) WHERE key IS NOT NULL AND finished_at IS NULL;
+-- Delayed tasks by due time: those waiting, and those queued when due (a lane of
+-- their own, in due order; the other queued tasks go by id). Others are not in them.
+CREATE INDEX tasks_due ON tasks (due_clock) WHERE state = 'scheduled';
+CREATE INDEX tasks_late ON tasks (due_clock) WHERE state = 'queued' AND due_clock IS NOT NULL;
 -- The only index: the history, newest first, and pruning oldest first. Every
 -- index is one more page written per commit, so the queue order comes from
 -- the ids (from meta.head up) and the running tasks are few enough to scan.
@@ -139,6 +146,17 @@ WHEN NEW.state = 'queued' AND (SELECT queued >= max_queued FROM meta)
 BEGIN
     SELECT RAISE(ABORT, 'queue full');
 END;
+CREATE TRIGGER tasks_refuse_too_many_scheduled BEFORE INSERT ON tasks
+WHEN NEW.state = 'scheduled' AND (SELECT scheduled >= max_queued FROM meta)
+BEGIN
+    SELECT RAISE(ABORT, 'too many scheduled');
+END;
+CREATE TRIGGER tasks_scheduled AFTER INSERT ON tasks
+WHEN NEW.state = 'scheduled'
+BEGIN
+    UPDATE meta SET scheduled = scheduled + 1, submitted = submitted + 1,
+        version = version + 1, next_id = max(next_id, NEW.id + 1);
+END;
 CREATE TRIGGER tasks_added AFTER INSERT ON tasks
 WHEN NEW.state = 'queued'
 BEGIN
@@ -162,11 +180,13 @@ BEGIN
     UPDATE meta SET
         queued = queued + d.dq,
         running = running - (OLD.state = 'running') + (NEW.state = 'running'),
+        scheduled = scheduled - (OLD.state = 'scheduled') + (NEW.state = 'scheduled'),
         done = done + (NEW.state = 'done'),
         failed = failed + (NEW.state = 'failed'),
         cancelled = cancelled + (NEW.state = 'cancelled'),
         version = version + 1,
-        head = CASE
+        head = CASE  -- (a task queued when due is in the other lane: head leaves it)
+            WHEN NEW.due_clock IS NOT NULL THEN head
             WHEN OLD.state = 'queued' AND NEW.state = 'running' THEN max(head, NEW.id + 1)
             WHEN NEW.state = 'queued' THEN min(head, NEW.id)
             ELSE head END,
@@ -194,12 +214,21 @@ END;
 
 SCHEMA = TABLES + PROCESS_TABLES + TRIGGERS
 
-# Version 2 had no results.
+# Version 2 had no results, keys or delayed tasks.
 UPGRADE_FROM_2 = """
+ALTER TABLE meta ADD COLUMN scheduled INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE tasks ADD COLUMN result TEXT;
 ALTER TABLE tasks ADD COLUMN key TEXT;
+ALTER TABLE tasks ADD COLUMN due_at REAL;
+ALTER TABLE tasks ADD COLUMN due_clock REAL;
 CREATE UNIQUE INDEX tasks_key ON tasks (key) WHERE key IS NOT NULL AND finished_at IS NULL;
-"""
+CREATE INDEX tasks_due ON tasks (due_clock) WHERE state = 'scheduled';
+CREATE INDEX tasks_late ON tasks (due_clock) WHERE state = 'queued' AND due_clock IS NOT NULL;
+DROP TRIGGER IF EXISTS tasks_refuse_when_full;
+DROP TRIGGER IF EXISTS tasks_added;
+DROP TRIGGER IF EXISTS tasks_moved;
+DROP TRIGGER IF EXISTS tasks_touched;
+""" + TRIGGERS
 
 # Version 1 kept these times on the wall clock, and its triggers read it.
 UPGRADE_FROM_1 = """
@@ -215,7 +244,7 @@ DROP TRIGGER tasks_moved;
 DROP TRIGGER tasks_touched;
 DROP TABLE processes;
 DROP TABLE workers;
-""" + PROCESS_TABLES + TRIGGERS
+""" + PROCESS_TABLES  # the triggers: UPGRADE_FROM_2, which follows
 
 # The id comes from meta.next_id (the insert trigger moves it on): ids are
 # never reused, without AUTOINCREMENT's extra page per insert.
@@ -223,11 +252,16 @@ INSERT = (
     "INSERT INTO tasks (id, kind, params, state, enqueued_at, queued_clock, retry_of) "
     "SELECT next_id, ?, ?, 'queued', ?, ?, ? FROM meta"
 )
+#: A delayed task: scheduled, due at (wall clock, shared clock).
+INSERT_SCHEDULED = (
+    "INSERT INTO tasks (id, kind, params, state, enqueued_at, retry_of, due_at, due_clock) "
+    "SELECT next_id, ?, ?, 'scheduled', ?, ?, ?, ? FROM meta"
+)
 
 COLUMNS = (
     "id", "kind", "params", "state", "enqueued_at", "started_at", "finished_at", "progress",
     "message", "error", "traceback", "worker", "cancel_requested", "retry_of", "retried_as",
-    "attempts", "result", "key",
+    "attempts", "result", "key", "due_at",
 )
 TASK_COLUMNS = ", ".join(COLUMNS)
 T_COLUMNS = ", ".join(f"t.{c}" for c in COLUMNS)
@@ -236,11 +270,11 @@ T_COLUMNS = ", ".join(f"t.{c}" for c in COLUMNS)
 def task_info(row: tuple) -> TaskInfo:
     (task_id, kind, params, state, enqueued_at, started_at, finished_at, progress, message,
      error, traceback, worker, cancel_requested, retry_of, retried_as, attempts, result,
-     key) = row
+     key, due_at) = row
     return TaskInfo(
         task_id, kind, json.loads(params), STATES[state], enqueued_at, started_at, finished_at,
         progress, message, error, traceback, worker, bool(cancel_requested), retry_of,
-        retried_as, attempts, result, key,
+        retried_as, attempts, result, key, due_at,
     )
 
 
@@ -256,6 +290,7 @@ def task_record(row: tuple) -> TaskRecord:
     record.retry_of = info.retry_of
     record.attempts = info.attempts
     record.key = info.key
+    record.due_at = info.due_at
     return record
 
 

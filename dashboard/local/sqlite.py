@@ -50,7 +50,7 @@ from ..errors import QueueClosed, QueueFull, StoreError, StoreUnavailable, TaskN
 from ..records import (CANNOT_CANCEL, CANNOT_RETRY, RETRYABLE_STATES, SERIES_SECONDS, Retried,
                        Snapshot, State, Submitted, TaskInfo, TaskRecord, WorkerInfo, WorkerState,
                        progress_changed)
-from .schema import (INSERT, SCHEMA, SCHEMA_VERSION, STATES, T_COLUMNS, TASK_COLUMNS,
+from .schema import (INSERT, INSERT_SCHEDULED, SCHEMA, SCHEMA_VERSION, STATES, T_COLUMNS, TASK_COLUMNS,
                      UPGRADE_FROM_1, UPGRADE_FROM_2, statements, task_info, task_record)
 from .store import RATE_WINDOW, Store, rates
 
@@ -512,11 +512,13 @@ class SqliteStore(Store):
 
     def _add_locked(self, conn: sqlite3.Connection, now: float, kind: str,
                     params: dict[str, Any], count: int,
-                    retry_of: int | None = None) -> list[int]:
+                    retry_of: int | None = None, delay: float | None = None) -> list[int]:
         if self._closed:
             raise QueueClosed()
         wall = time.time()
         text = json.dumps(params)
+        if delay:
+            return self._schedule_locked(conn, now, wall, kind, text, count, retry_of, delay)
         try:
             if count == 1:
                 return [conn.execute(INSERT, (kind, text, wall, now, retry_of)).lastrowid]
@@ -533,13 +535,42 @@ class SqliteStore(Store):
             queued = conn.execute("SELECT queued FROM meta").fetchone()[0]
             raise QueueFull(queued, self.max_queued, count) from None
 
+    def _schedule_locked(self, conn: sqlite3.Connection, now: float, wall: float, kind: str,
+                         text: str, count: int, retry_of: int | None,
+                         delay: float) -> list[int]:
+        first = conn.execute("SELECT next_id FROM meta").fetchone()[0]
+        try:
+            conn.executemany(INSERT_SCHEDULED, ((kind, text, wall, retry_of, wall + delay,
+                                                 now + delay) for _ in range(count)))
+        except sqlite3.IntegrityError as exc:
+            if "too many scheduled" not in str(exc):
+                raise
+            scheduled = conn.execute("SELECT scheduled FROM meta").fetchone()[0]
+            raise QueueFull(scheduled, self.max_queued, count, "scheduled") from None
+        return list(range(first, first + count))
+
+    @staticmethod
+    def _promote_locked(conn: sqlite3.Connection, now: float) -> int:
+        """Queue the scheduled tasks now due, as if submitted when they fell due (they
+        go in the due-order lane, apart from the id order of the others)."""
+        return conn.execute(
+            "UPDATE tasks SET state = 'queued', queued_clock = due_clock, clock = ? "
+            "WHERE state = 'scheduled' AND due_clock <= ?", (now, now)).rowcount
+
     def _claim_locked(self, conn: sqlite3.Connection, now: float,
                       worker: str | None) -> TaskRecord | None:
+        self._promote_locked(conn, now)
+        # Two lanes, the older first: tasks queued as submitted (by id, from meta's
+        # head), and delayed tasks queued when due (by due time, on their index).
         row = conn.execute(
             f"UPDATE tasks SET state = 'running', started_at = ?, started_clock = ?, clock = ?, "
             f"worker = ?, process = ?, pid = ?, lease_until = ?, attempts = attempts + 1 "
-            f"WHERE id = (SELECT id FROM tasks WHERE id >= (SELECT head FROM meta) "
-            f"AND state = 'queued' ORDER BY id LIMIT 1) "
+            f"WHERE id = (SELECT id FROM ("
+            f"SELECT * FROM (SELECT id, queued_clock AS c FROM tasks WHERE id >= "
+            f"(SELECT head FROM meta) AND state = 'queued' AND due_clock IS NULL "
+            f"ORDER BY id LIMIT 1) UNION ALL "
+            f"SELECT * FROM (SELECT id, due_clock AS c FROM tasks WHERE state = 'queued' "
+            f"AND due_clock IS NOT NULL ORDER BY due_clock LIMIT 1)) ORDER BY c, id LIMIT 1) "
             f"AND (SELECT paused FROM meta) = 0 RETURNING {TASK_COLUMNS}",
             (time.time(), now, now, worker, self._token, self._pid, now + self.lease_time),
         ).fetchone()
@@ -799,15 +830,19 @@ class SqliteStore(Store):
         return self._lost
 
     def add(self, kind: str, params: dict[str, Any], count: int = 1,
-            retry_of: int | None = None) -> list[int]:
+            retry_of: int | None = None, delay: float | None = None) -> list[int]:
         if self._closed:
             raise QueueClosed()
         with self._write() as (conn, now):
-            ids = self._add_locked(conn, now, kind, params, count, retry_of)
-        self._wake_workers(count)
+            ids = self._add_locked(conn, now, kind, params, count, retry_of, delay)
+        if delay:
+            self._work_notify_all()  # waiting workers look again when the first is due
+        else:
+            self._wake_workers(count)
         return ids
 
-    def add_keyed(self, kind: str, params: dict[str, Any], key: str) -> Submitted:
+    def add_keyed(self, kind: str, params: dict[str, Any], key: str,
+                  delay: float | None = None) -> Submitted:
         if self._closed:
             raise QueueClosed()
         with self._write() as (conn, now):
@@ -817,7 +852,7 @@ class SqliteStore(Store):
                                (key,)).fetchone()
             if row is not None:
                 return Submitted(row[0], False)
-            (task_id,) = self._add_locked(conn, now, kind, params, 1)
+            (task_id,) = self._add_locked(conn, now, kind, params, 1, delay=delay)
             conn.execute("UPDATE tasks SET key = ? WHERE id = ?", (key, task_id))
         self._wake_workers(1)
         return Submitted(task_id, True)
@@ -876,8 +911,10 @@ class SqliteStore(Store):
         while True:
             if self._stopped(worker):
                 return None
+            next_due = None
             try:
-                if self._maybe_ready():
+                ready, next_due = self._maybe_ready()
+                if ready:
                     with self._write() as (conn, now):
                         if self._stopped(worker):
                             return None
@@ -898,14 +935,22 @@ class SqliteStore(Store):
                     return None
                 self._waiting += 1
                 try:
-                    self._work.wait(self.poll_interval)
+                    wait = self.poll_interval
+                    if next_due is not None:  # look again when the next delayed task is due
+                        wait = max(0.0, min(wait, next_due - clock()))
+                    self._work.wait(wait)
                 finally:
                     self._waiting -= 1
 
-    def _maybe_ready(self) -> bool:
-        """A cheap read: is anything queued and the queue not paused? (No write lock.)"""
-        row = self._read_one("SELECT paused = 0 AND queued > 0 FROM meta")
-        return bool(row[0])
+    def _maybe_ready(self) -> tuple[bool, float | None]:
+        """A cheap read (no write lock): is anything queued, or due, with the queue not
+        paused? And when is the next delayed task due (shared clock), if any."""
+        ready, due = self._read_one(
+            "SELECT paused = 0 AND (queued > 0 OR (scheduled > 0 AND "
+            "(SELECT min(due_clock) FROM tasks WHERE state = 'scheduled') <= ?)), "
+            "CASE WHEN scheduled > 0 THEN (SELECT min(due_clock) FROM tasks "
+            "WHERE state = 'scheduled') END FROM meta", (clock(),))
+        return bool(ready), due
 
     def _outcome(self, record: TaskRecord, state: State, error: str | None,
                  traceback: str | None) -> _Outcome:
@@ -986,10 +1031,11 @@ class SqliteStore(Store):
             if row is None:
                 raise TaskNotFound(task_id)
             state = STATES[row[0]]
-            if state is State.QUEUED:
+            if state is State.QUEUED or state is State.SCHEDULED:
+                why = "started" if state is State.QUEUED else "was due"
                 conn.execute(
                     "UPDATE tasks SET state = 'cancelled', finished_at = ?, finished_clock = ?, "
-                    "clock = ?, error = 'cancelled before it started' WHERE id = ?",
+                    f"clock = ?, error = 'cancelled before it {why}' WHERE id = ?",
                     (time.time(), now, now, task_id),
                 )
                 return State.CANCELLED
@@ -1130,9 +1176,9 @@ class SqliteStore(Store):
         with self._read() as conn:
             now, wall = clock(), time.time()
             (version, paused, queued, running, done, failed, cancelled, submitted,
-             restarts, last_claim) = conn.execute(
+             restarts, last_claim, scheduled) = conn.execute(
                 "SELECT version, paused, queued, running, done, failed, cancelled, submitted, "
-                "restarts, last_claim FROM meta"
+                "restarts, last_claim, scheduled FROM meta"
             ).fetchone()
             workers = []
             for name, pid, alive, done_count, *task_row in conn.execute(
@@ -1149,10 +1195,20 @@ class SqliteStore(Store):
             last = tuple(task_info(r) for r in conn.execute(
                 f"SELECT {TASK_COLUMNS} FROM tasks WHERE finished_at IS NOT NULL "
                 "ORDER BY finished_at DESC, id DESC LIMIT ?", (recent,)))
+            # The two lanes of the queue (see _claim_locked), merged as a claim takes them.
             head = conn.execute(
                 f"SELECT queued_clock, {TASK_COLUMNS} FROM tasks WHERE id >= "
-                "(SELECT head FROM meta) AND state = 'queued' ORDER BY id LIMIT ?",
-                (max(1, upcoming),)).fetchall()
+                "(SELECT head FROM meta) AND state = 'queued' AND due_clock IS NULL "
+                "ORDER BY id LIMIT ?", (max(1, upcoming),)).fetchall()
+            late = conn.execute(
+                f"SELECT due_clock, {TASK_COLUMNS} FROM tasks WHERE state = 'queued' "
+                "AND due_clock IS NOT NULL ORDER BY due_clock LIMIT ?",
+                (max(1, upcoming),)).fetchall() if queued else []
+            if late:
+                head = sorted(head + late, key=lambda r: (r[0] or 0.0, r[1]))
+            soon = tuple(task_info(r) for r in conn.execute(
+                f"SELECT {TASK_COLUMNS} FROM tasks WHERE state = 'scheduled' "
+                "ORDER BY due_clock LIMIT ?", (upcoming,))) if scheduled and upcoming else ()
             # The seconds written so far, and the current one, still in meta.
             buckets = conn.execute(
                 "SELECT second, depth, peak, finished, wait_sum, run_sum FROM seconds "
@@ -1189,6 +1245,8 @@ class SqliteStore(Store):
             taken_at=wall,
             oldest_wait=None if oldest is None else max(0.0, now - oldest),
             idle_for=None if last_claim is None else max(0.0, now - last_claim),
+            scheduled=scheduled,
+            soon=soon,
             **measured,
         )
 
@@ -1249,6 +1307,8 @@ class SqliteStore(Store):
     def maintain(self, wait: float | None = None) -> None:
         with self._write(wait) as (conn, now):
             self._register(conn, now)
+            if self._promote_locked(conn, now):
+                self._wake_workers(1)
             self._take_back(conn, now)
             self._forget_gone(conn, now)
             conn.execute("DELETE FROM seconds WHERE second < ?", (int(now) - SERIES_SECONDS,))

@@ -89,18 +89,25 @@ class Store:
     # -- submitting --
 
     def add(
-        self, kind: str, params: dict[str, Any], count: int = 1, retry_of: int | None = None
+        self, kind: str, params: dict[str, Any], count: int = 1, retry_of: int | None = None,
+        delay: float | None = None,
     ) -> list[int]:
         """Queue ``count`` tasks of ``kind`` with ``params``, all or none.
 
         Returns their ids in order. Raises :class:`QueueFull` when fewer than
         ``count`` places are free and :class:`QueueClosed` after :meth:`close`.
+
+        With a ``delay`` (seconds) they are *scheduled*: not queued (nor counted
+        in ``queued``) until due, then queued in due order, as if submitted then.
+        At most ``max_queued`` tasks may be scheduled, apart from those queued.
         """
         raise NotImplementedError
 
-    def add_keyed(self, kind: str, params: dict[str, Any], key: str) -> Submitted:
-        """Queue one task with a unique key: ``(its id, True)``; or, while a task with
-        the key is queued or running, nothing: ``(that task's id, False)``. Raises
+    def add_keyed(self, kind: str, params: dict[str, Any], key: str,
+                  delay: float | None = None) -> Submitted:
+        """Queue (or schedule) one task with a unique key: ``(its id, True)``; or, while
+        a task with the key is scheduled, queued or running, nothing: ``(that task's
+        id, False)``. Raises
         :class:`QueueFull` or :class:`QueueClosed` when it would queue."""
         raise NotImplementedError
 
@@ -278,7 +285,7 @@ class Store:
 
         A shared store renews the leases of this process's running tasks,
         requeues the tasks of processes that stopped, prunes old history and
-        forgets dead processes. The in-memory store has nothing to do.
+        forgets dead processes. Every store queues the delayed tasks that fell due.
         """
 
     def workers_target(self) -> int | None:
