@@ -3,6 +3,7 @@
 //
 // What it does, in order below:
 // - the Add work form shows the fields of the kind chosen;
+// - scheduled tasks count down to when they are due;
 // - keyboard shortcuts;
 // - no polling while the tab is hidden;
 // - a click wins over a poll: a poll sent before a click never shows its older
@@ -47,6 +48,28 @@
   for (const when of ["DOMContentLoaded", "pageshow"]) {
     window.addEventListener(when, () => kindSelect() && showFieldsOf(kindSelect()));
   }
+
+  // -- countdowns -----------------------------------------------------------------
+
+  // A scheduled task says when it is due as a time (the server's rows are reused
+  // between polls); here that becomes "in 8s", counted down every second.
+  const inWords = (ms) => {
+    const s = Math.ceil(ms / 1000);
+    if (s < 60) return `in ${s}s`;
+    if (s < 3600) return `in ${Math.floor(s / 60)}m ${String(s % 60).padStart(2, "0")}s`;
+    return `in ${Math.floor(s / 3600)}h ${String(Math.floor(s / 60) % 60).padStart(2, "0")}m`;
+  };
+  const countDown = () => {
+    const now = Date.now();
+    for (const el of document.querySelectorAll("time.countdown[data-due]")) {
+      const left = Number(el.dataset.due) - now;
+      if (!el.title) el.title = el.textContent;
+      el.textContent = left > 0 ? inWords(left) : "now";
+    }
+  };
+  setInterval(countDown, 1000);
+  document.addEventListener("htmx:after:swap", countDown);
+  window.addEventListener("DOMContentLoaded", countDown);
 
   // -- keys -------------------------------------------------------------------
 

@@ -10,6 +10,8 @@ thread). A new backend joins by adding its parameter.
 from __future__ import annotations
 
 import threading
+import time
+from datetime import datetime, timedelta, timezone
 from typing import Callable, Iterator
 
 import pytest
@@ -260,3 +262,71 @@ def test_a_key_that_cannot_be_one_is_refused_naming_it(backend, key):
         queue.enqueue("add", key=key)
     assert queue.stats().submitted == 0
 
+
+
+# -- delayed tasks ---------------------------------------------------------------------------
+
+
+def test_a_delayed_task_is_scheduled_apart_from_the_queue_and_cancellable(backend):
+    queue, drain = backend
+    later = queue.submit("add", a=1, delay=3600)
+    also = queue.submit("add", at=datetime.now(timezone.utc) + timedelta(hours=2))
+    info = queue.get(later)
+    assert info.state is State.SCHEDULED and info.can_cancel
+    assert info.due_at == pytest.approx(info.enqueued_at + 3600, abs=1)
+    snap = queue.stats(0, 10)
+    assert (snap.queued, snap.scheduled, snap.submitted) == (0, 2, 2)
+    assert [t.id for t in snap.soon] == [later, also]  # soonest first
+    assert drain() == 0  # not due
+    assert queue.cancel(later) is State.CANCELLED
+    assert queue.get(later).error == "cancelled before it was due"
+    assert queue.stats().scheduled == 1 and queue.stats().cancelled == 1
+    assert queue.get(queue.submit("add", at=time.time() - 5)).state is State.QUEUED  # past: now
+
+
+def test_a_delayed_task_runs_once_due(backend):
+    queue, drain = backend
+    task_id = queue.submit("add", a=2, b=2, delay=0.2)
+    assert drain() == 0
+    wait_for(drain, 30, "the delayed task to fall due and run")
+    done = queue.get(task_id)
+    assert done.state is State.DONE and done.result == 4
+    assert done.started_at >= done.due_at - 0.01  # never before it is due
+    assert queue.stats().scheduled == 0
+
+
+def test_once_due_a_task_is_queued_as_if_submitted_then(backend):
+    """Behind what was queued before it fell due, ahead of what was queued after."""
+    queue, drain = backend
+    queue.pause()
+    before = queue.submit("add", a=1)
+    due = queue.submit("add", a=2, delay=0.05)
+    wait_for(lambda: time.time() >= queue.get(due).due_at + 0.05, 30, "the due time")
+    after = queue.submit("add", a=3)
+    queue.resume()
+    assert drain() == 3
+    started = [queue.get(t).started_at for t in (before, due, after)]
+    assert started == sorted(started)
+
+
+def test_a_key_is_held_while_its_task_is_scheduled(backend):
+    queue, _ = backend
+    first = queue.enqueue("add", key="nightly", delay=60)
+    assert queue.enqueue("add", key="nightly") == (first.id, False)
+    queue.cancel(first.id)
+    assert queue.enqueue("add", key="nightly").created
+
+
+@pytest.mark.parametrize("when, says", [
+    ({"delay": -1}, "^delay must be a number of seconds from 0 to 2592000"),
+    ({"delay": 31 * 24 * 3600}, "^delay must be a number of seconds from 0 to 2592000"),
+    ({"delay": float("inf")}, "^delay must be"),
+    ({"delay": "5"}, "^delay must be"),
+    ({"at": "tomorrow"}, "^at must be a datetime or seconds since the epoch"),
+    ({"delay": 5, "at": 5}, "^at cannot be given with delay"),
+])
+def test_a_delay_that_cannot_be_is_refused_naming_it(backend, when, says):
+    queue, _ = backend
+    with pytest.raises(InvalidParam, match=says):
+        queue.submit("add", **when)
+    assert queue.stats().submitted == 0

@@ -43,6 +43,7 @@ from dashboard.local.sqlite import SqliteStore
 from dashboard.local.memory import MemoryStore
 
 MAX_QUEUED = 12
+DELAY = 3600.0  # seconds: a delayed task of the model is never due during a run
 HISTORY = 10_000  # larger than any run: the ring never forgets on its own here
 NAMES = ("worker-1", "worker-2")
 FINISHED = (State.DONE, State.FAILED, State.CANCELLED)
@@ -66,6 +67,7 @@ class StoreMachine(RuleBasedStateMachine):
         self.workers: dict[tuple[int, str], dict] = {}  # (store, name) -> alive, task
         self.retried: dict[int, int] = {}
         self.keys: dict[str, int] = {}  # unique key -> the task that last took it
+        self.scheduled: list[int] = []  # delayed far beyond the run: never due here
         self.cancel_asked: set[int] = set()
         self.paused = False
         self.done = self.failed = self.cancelled = self.submitted = 0
@@ -124,7 +126,8 @@ class StoreMachine(RuleBasedStateMachine):
         i = data.draw(self.store_index())
         store = self.stores[i]
         holder = self.keys.get(key)
-        live = holder is not None and self.state.get(holder) in (State.QUEUED, State.RUNNING)
+        live = holder is not None and self.state.get(holder) in (State.SCHEDULED, State.QUEUED,
+                                                                 State.RUNNING)
         if self.closed[i]:
             with pytest.raises(QueueClosed):
                 store.add_keyed("k", {}, key)
@@ -139,6 +142,36 @@ class StoreMachine(RuleBasedStateMachine):
             self.add_queued([task_id])
             self.keys[key] = task_id
             assert store.get(task_id).key == key
+
+    @rule(data=st.data(), count=st.integers(1, 3))
+    def schedule(self, data, count):
+        """Delayed tasks, due long after this run: scheduled, apart from the queue."""
+        i = data.draw(self.store_index())
+        store = self.stores[i]
+        if self.closed[i]:
+            with pytest.raises(QueueClosed):
+                store.add("k", {}, count, delay=DELAY)
+        elif len(self.scheduled) + count > MAX_QUEUED:
+            with pytest.raises(QueueFull, match="too many scheduled"):
+                store.add("k", {}, count, delay=DELAY)
+        else:
+            ids = store.add("k", {}, count, delay=DELAY)
+            for task_id in ids:
+                assert task_id not in self.state and task_id not in self.forgotten, task_id
+                self.state[task_id] = State.SCHEDULED
+                self.scheduled.append(task_id)
+            self.submitted += count
+
+    @precondition(lambda self: self.scheduled)
+    @rule(data=st.data())
+    def cancel_scheduled(self, data):
+        task_id = data.draw(st.sampled_from(self.scheduled))
+        i = data.draw(self.store_index())
+        assert self.stores[i].cancel(task_id) is State.CANCELLED
+        self.scheduled.remove(task_id)
+        self.state[task_id] = State.CANCELLED
+        self.cancelled += 1
+        assert self.stores[i].get(task_id).error == "cancelled before it was due"
 
     @rule(data=st.data(), count=st.integers(1, 5))
     def submit_many(self, data, count):
@@ -350,6 +383,8 @@ class StoreMachine(RuleBasedStateMachine):
             len(self.queue), len(self.held), self.done, self.failed, self.cancelled,
             self.submitted, self.paused)
         assert [t.id for t in snap.upcoming] == self.queue  # FIFO
+        assert snap.scheduled == len(self.scheduled)
+        assert sorted(t.id for t in snap.soon) == sorted(self.scheduled)  # all due together
         # Every known task in the one state the model says; no forgotten one left.
         states = {}
         for task_id in self.state:

@@ -103,7 +103,8 @@ def test_each_live_region_renders_alone(client, queue, region, rendered):
 def test_unknown_region_is_404(client):
     response = client.get("/live/secrets")
     assert response.status_code == 404
-    assert b"regions are: counts, controls, chart, workers, upcoming, history" in response.data
+    assert (b"regions are: counts, controls, chart, workers, scheduled, upcoming, history"
+            in response.data)
     probe = client.get("/live/<b>bold")
     assert probe.status_code == 404 and probe.mimetype == "text/plain"
 
@@ -846,3 +847,30 @@ def test_a_keyed_submit_that_queues_nothing_costs_nothing(make_app):
         assert client.post("/api/tasks", json=body).status_code == 200  # nothing queued
     assert client.post("/api/tasks", json={"kind": "pretend"}).status_code == 202  # 2 of 2
     assert client.post("/api/tasks", json={"kind": "pretend"}).status_code == 429
+
+
+def test_a_delayed_task_from_the_api_and_the_form_is_listed_as_scheduled(client, queue):
+    empty = client.get("/live/scheduled", headers=HTMX).text
+    assert empty.startswith('<section id="scheduled"') and " hidden>" in empty.split("\n")[0]
+    added = client.post("/api/tasks", json={"kind": "pretend", "count": 2, "delay": 600})
+    assert added.status_code == 202
+    first, second = added.json["ids"]
+    assert client.post("/tasks", data={"kind": "pretend", "delay": "30"}).status_code == 303
+    stats = client.get("/api/stats").json
+    assert (stats["queued"], stats["scheduled"]) == (0, 3)
+    page = client.get("/").text
+    assert '<span class="hint" id="count-scheduled">+ 3 scheduled</span>' in page
+    region = page[page.index('<section id="scheduled"'):page.index('<section id="upcoming"')]
+    assert " hidden" not in region.split("\n")[0]
+    assert region.index(f'id="scheduled-{first}"') > region.index('id="scheduled-')  # soonest first
+    assert f'action="/tasks/{first}/cancel"' in region and 'class="countdown"' in region
+    detail = client.get(f"/tasks/{first}").text
+    assert 'id="task-state">scheduled<' in detail and 'id="task-due"' in detail
+    assert client.get(f"/api/tasks/{second}").json["due_at"] is not None
+    assert client.post(f"/api/tasks/{second}/cancel").json["state"] == "cancelled"
+
+    bad = client.post("/api/tasks", json={"kind": "pretend", "delay": -5})
+    assert bad.status_code == 400
+    assert bad.json == {"error": "delay must be a number of seconds from 0 to 2592000 (30 days), "
+                                 "got -5"}
+    assert client.get("/api/stats").json["submitted"] == 3

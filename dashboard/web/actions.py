@@ -12,7 +12,7 @@ from ..backend import TaskId
 from ..records import Retried, Submitted
 from ..errors import InvalidParam, TaskNotFound
 from ..ext import current_queue
-from ..tasks import Int, check_key
+from ..tasks import Int, check_delay, check_key
 from . import security
 from .answers import parse_task_id
 
@@ -21,16 +21,33 @@ def count_spec() -> Int:
     return Int(1, current_app.config["QUEUE_MAX_BATCH"])
 
 
-def submit(kind_name: Any, count: Any, params: Any) -> list[TaskId]:
-    """Check everything the request says, then queue, charging the client for what was queued."""
+def read_delay(raw: Any) -> float | None:
+    """A request's ``delay``: seconds from now (a number, or a form's text); None or
+    empty for now."""
+    if raw is None or raw == "":
+        return None
+    if isinstance(raw, str):
+        try:
+            raw = float(raw.strip())
+        except ValueError:
+            pass  # check_delay says what it must be
+    return check_delay(raw)
+
+
+def submit(kind_name: Any, count: Any, params: Any, delay: Any = None) -> list[TaskId]:
+    """Check everything the request says, then queue (or schedule, with a ``delay``),
+    charging the client for what was queued."""
     count = count_spec().parse("count", count)
     if not isinstance(params, dict):
         raise InvalidParam("params", f"must be an object of parameters, got {type(params).__name__}")
     current_queue.registry.get(kind_name).check_params(params)  # bad input: 400, not 429
-    return security.spend_submit(count, lambda: current_queue.submit_many(kind_name, count, params))
+    due_in = read_delay(delay)
+    return security.spend_submit(count, lambda: current_queue.submit_many(
+        kind_name, count, params, delay=due_in))
 
 
-def submit_keyed(kind_name: Any, count: Any, params: Any, key: Any) -> Submitted:
+def submit_keyed(kind_name: Any, count: Any, params: Any, key: Any,
+                 delay: Any = None) -> Submitted:
     """:func:`submit` of one task with a unique key: charged only when it queued one."""
     if count_spec().parse("count", count) != 1:
         raise InvalidParam("count", "must be 1 with a key: a key names one task")
@@ -38,8 +55,10 @@ def submit_keyed(kind_name: Any, count: Any, params: Any, key: Any) -> Submitted
         raise InvalidParam("params", f"must be an object of parameters, got {type(params).__name__}")
     current_queue.registry.get(kind_name).check_params(params)
     check_key(key)
-    return security.spend_submit(1, lambda: current_queue.enqueue(kind_name, params, key=key),
-                                 queued=lambda done: int(done.created))
+    due_in = read_delay(delay)
+    return security.spend_submit(
+        1, lambda: current_queue.enqueue(kind_name, params, key=key, delay=due_in),
+        queued=lambda done: int(done.created))
 
 def retry(task_id: str) -> tuple[Retried, TaskId]:
     """Retry a task: ``(what the backend did, the task's id)``.

@@ -84,7 +84,8 @@ def add_tasks() -> Response:
     def add() -> list[TaskId]:
         kind = current_queue.registry.get(form.get("kind", "").strip()
                                           or default_kind())
-        return submit(kind.name, form.get("count", "1"), _form_params(kind, form))
+        return submit(kind.name, form.get("count", "1"), _form_params(kind, form),
+                      form.get("delay", "").strip())
 
     return _form_action(add, lambda ids: home())
 

@@ -33,7 +33,7 @@ UPCOMING = 10
 BATCH = 10
 
 #: The live regions: each is a template ``_<name>.html`` of its own.
-REGIONS = ("counts", "controls", "chart", "workers", "upcoming", "history")
+REGIONS = ("counts", "controls", "chart", "workers", "scheduled", "upcoming", "history")
 
 
 def snapshot() -> Snapshot:
