@@ -382,3 +382,33 @@ def test_the_add_work_form_shows_the_chosen_kinds_fields_and_sends_only_those(
         expect(seconds).to_be_visible()
         expect(fail_rate).to_be_visible()
         expect(limit).to_be_hidden()
+
+
+# -- a delayed task counts down, then runs -------------------------------------------------
+
+
+@pytest.mark.browser
+def test_a_scheduled_task_counts_down_then_runs(chromium_browser, start_server):
+    server = start_server()
+    with open_tab(chromium_browser, server) as tab:
+        page = tab.page
+        page.goto("/")
+        scheduled = page.locator("#scheduled")
+        expect(scheduled).to_be_hidden()  # nothing scheduled: no section
+
+        page.get_by_label("Seconds").fill("0")
+        page.get_by_label("Delay").fill("3")
+        with page.expect_response(lambda r: path_of(r.url) == "/tasks") as posted:
+            page.get_by_role("button", name="Add work", exact=True).click()
+        assert posted.value.status == 200
+        expect(scheduled).to_be_visible(timeout=QUICK)
+        expect(page.locator("#count-scheduled")).to_have_text("+ 1 scheduled")
+        expect(page.locator("#queue-depth")).to_have_text("0")
+        countdown = scheduled.locator("time.countdown")
+        expect(countdown).to_have_text(re.compile(r"^in [1-3]s$"), timeout=QUICK)
+        first = countdown.inner_text()
+        expect(countdown).not_to_have_text(first, timeout=QUICK)  # it counts down
+        # Once due it runs, and the section goes away by itself.
+        expect(scheduled).to_be_hidden(timeout=QUICK)
+        expect(page.locator("#count-done")).to_have_text("1", timeout=QUICK)
+        expect(page.locator("#history tbody tr").first).to_contain_text("pretend")
