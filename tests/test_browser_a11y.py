@@ -5,8 +5,9 @@ light and dark, and presenter mode (in both schemes) for the dashboard.
   that shows progress and a Cancel button, tasks waiting in "Up next", and a
   done, a failed and a cancelled task in the history; then the same queue
   paused (the paused banner, the Resume button).
-* A failed task's page (its error and traceback) and a running task's page
-  (its progress and Cancel button).
+* A failed task's page (its error and traceback, wide and on a phone, where
+  the traceback scrolls) and a running task's page (its progress and Cancel
+  button). The dashboard is checked at a phone's width too.
 * The read-only view a projector gets (``QUEUE_ACCESS_TOKEN`` with
   ``QUEUE_PUBLIC_READ``): the dashboard and a failed task's page.
 * A message page: the 400 for a task id that is not one.
@@ -56,6 +57,9 @@ RUN_AXE = """async ([tags, context]) => {
 }"""
 
 TOKEN = "a11y-token-0123456789"
+
+PHONE = {"width": 390, "height": 844}
+WIDE = {"width": 1280, "height": 720}  # Playwright's default
 
 #: Slow polls: the server draws the page complete, and a poll's morph in the
 #: middle of a check would only make the result depend on timing. One worker, so
@@ -201,6 +205,9 @@ def test_the_busy_then_paused_dashboard_passes_wcag_21_aa(
     with a11y_tab(chromium_browser, server, scheme) as tab:
         open_dashboard(tab, present, queued=2)
         check(tab, f"the dashboard ({mode})", found)
+        tab.page.set_viewport_size(PHONE)  # the history's rows become cards
+        check(tab, f"the dashboard on a phone ({mode})", found)
+        tab.page.set_viewport_size(WIDE)
 
         status, body = server.request("POST", "/api/pause")
         assert status == 200, body
@@ -230,6 +237,13 @@ def test_task_pages_and_a_message_page_pass_wcag_21_aa(chromium_browser, busy, m
         expect(page.locator("#task-error")).to_contain_text("flaky task gave up")
         expect(page.locator("pre.traceback")).to_be_visible()
         check(tab, f"a failed task's page ({mode})", found)
+
+        # On a phone the traceback scrolls sideways on its own: a keyboard must reach it too.
+        page.set_viewport_size(PHONE)
+        expect(page.locator("pre.traceback")).to_be_visible()
+        assert page.evaluate("(pre => pre.scrollWidth > pre.clientWidth)(document.querySelector('pre.traceback'))")
+        check(tab, f"a failed task's page on a phone ({mode})", found)
+        page.set_viewport_size(WIDE)
 
         page.goto(f"/tasks/{ids['running']}")
         expect(page.locator("#task-state")).to_have_text("running")
