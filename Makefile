@@ -5,8 +5,9 @@ BIN    := $(VENV)/bin
 HOST   ?= 127.0.0.1
 PORT   ?= 5000
 HTMX_VERSION ?= 4.0.1
+AXE_VERSION ?= 4.14.1
 
-.PHONY: demo test bench browser wrk clean vendor-htmx
+.PHONY: demo test bench browser wrk clean vendor-htmx vendor-axe
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -63,6 +64,18 @@ vendor-htmx:
 	cp .vendor-tmp/package/LICENSE static/htmx/LICENSE
 	echo "htmx.org $(HTMX_VERSION)" > static/htmx/VERSION
 	cd static/htmx && sha256sum htmx.min.js ext/hx-ptag.min.js LICENSE > SHA256SUMS
+	rm -rf .vendor-tmp
+
+# Maintainers only: fetch a pinned axe-core for the accessibility browser tests
+# (tests only, never served to users) and record its hashes.
+vendor-axe:
+	rm -rf .vendor-tmp && mkdir .vendor-tmp
+	cd .vendor-tmp && npm pack -q axe-core@$(AXE_VERSION) && tar xzf axe-core-$(AXE_VERSION).tgz
+	mkdir -p tests/vendor/axe-core
+	cp .vendor-tmp/package/axe.min.js tests/vendor/axe-core/axe.min.js
+	cp .vendor-tmp/package/LICENSE tests/vendor/axe-core/LICENSE
+	echo "axe-core $(AXE_VERSION)" > tests/vendor/axe-core/VERSION
+	cd tests/vendor/axe-core && sha256sum axe.min.js LICENSE > SHA256SUMS
 	rm -rf .vendor-tmp
 
 clean:
