@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -132,7 +133,10 @@ def fill_history(server: Server, token: str | None = None) -> dict[str, int]:
         return body["ids"]
 
     (failed,) = submit("flaky", seconds=0, fail_rate=1)
-    (done,) = submit("pretend", seconds=0)
+    (done,) = submit("primes", limit=1000)  # done, with a result on its page
+    status, body = server.request("POST", "/api/tasks", {"kind": "pretend", "delay": 3600},
+                                  token=token)
+    assert status == 202, body  # scheduled: the Scheduled list shows, counting down
     (running,) = submit("pretend", seconds=600)  # ends only when the server stops
     wait_for(lambda: task_state(server, running, token) == "running", 10, f"task {running} to run")
     assert task_state(server, failed, token) == "failed"
@@ -176,6 +180,7 @@ def open_dashboard(tab: Tab, present: bool, queued: int, can_act: bool = True) -
     else:
         expect(page.locator("#history tbody tr")).to_have_count(3)
         expect(page.locator("#upcoming li")).to_have_count(queued)
+        expect(page.locator("#scheduled li time.countdown")).to_have_text(re.compile(r"^in "))
     expect(page.locator("#read-only")).to_have_count(0 if can_act else 1)
 
 
@@ -244,6 +249,10 @@ def test_task_pages_and_a_message_page_pass_wcag_21_aa(chromium_browser, busy, m
         assert page.evaluate("(pre => pre.scrollWidth > pre.clientWidth)(document.querySelector('pre.traceback'))")
         check(tab, f"a failed task's page on a phone ({mode})", found)
         page.set_viewport_size(WIDE)
+
+        page.goto(f"/tasks/{ids['done']}")
+        expect(page.locator("#task-result")).to_have_text("168")
+        check(tab, f"a done task's page, with its result ({mode})", found)
 
         page.goto(f"/tasks/{ids['running']}")
         expect(page.locator("#task-state")).to_have_text("running")
