@@ -11,7 +11,9 @@ rows are those of issue 6, plus the poll's render time after many tasks:
 4. HTTP under ``gunicorn -c gunicorn.conf.py``, against a bare route;
 5. the SQLite store against a bare INSERT + commit loop;
 6. the server's CPU time with 50 dashboards polling;
-7. a changed poll's render after 10,000 tasks against after 20.
+7. a changed poll's render after 10,000 tasks against after 20;
+8. delayed tasks: how late one starts after its due time, the bytes a
+   scheduled task holds, and the plain engine's rate while 1,000 wait.
 
 HTTP load comes from wrk when it is installed (``make bench`` installs
 Debian's package when it can), else from :mod:`bench.load`'s Python client.
@@ -29,7 +31,7 @@ from typing import Callable
 from . import engine, sqlite, web
 from .load import LoadGenerator
 
-ROWS = ("1", "2", "3", "4", "5", "6", "7")
+ROWS = ("1", "2", "3", "4", "5", "6", "7", "8")
 
 
 @dataclass
@@ -180,6 +182,27 @@ def render_rows() -> list[Row]:
     ]
 
 
+def delay_rows(n: int, rounds: int, tries: int) -> list[Row]:
+    late = engine.delay_lateness(tries)
+    ours, base = late["ours"], late["base"]
+    held = engine.scheduled_bytes()
+    with_scheduled, plain = compare(engine.engine_rate_with_scheduled, engine.engine_rate, n,
+                                    rounds)
+    return [
+        Row("8a", f"delayed task's start after its due time, p50 of {tries:,} vs OS timer",
+            micros(ours["p50"]), micros(base["p50"]), ours["p50"] / max(base["p50"], 1e-9)),
+        Row("8b", f"delayed task's start after its due time, p99 of {tries:,} vs OS timer",
+            micros(ours["p99"]), micros(base["p99"]), ours["p99"] / max(base["p99"], 1e-9),
+            "p99 < 50 ms", ours["p99"] < 0.050),
+        Row("8c", "bytes per scheduled task beyond params, 100,000 vs per queued task",
+            size(held["scheduled"]), size(held["queued"]), held["scheduled"] / held["queued"],
+            "< 1 KiB", held["scheduled"] < 1024),
+        Row("8d", f"engine submit+join, {n:,} tasks, 1,000 scheduled for later vs none",
+            rate(with_scheduled), rate(plain), with_scheduled / plain,
+            *at_least(with_scheduled / plain, 0.9)),
+    ]
+
+
 def progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -233,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         ("5", "SQLite", lambda: sqlite_rows(max(500, args.n // 10), args.rounds)),
         ("6", "polling cost", lambda: polling_rows(args.dashboards, args.poll_seconds)),
         ("7", "poll render", render_rows),
+        ("8", "delayed tasks", lambda: delay_rows(args.n, args.rounds, min(1000, args.tries))),
     ]
     for key, title, run in sections:
         if key not in only:

@@ -175,6 +175,68 @@ def dispatch_latency(tries: int = 2000, rounds: int = 4) -> dict[str, dict[str, 
     }
 
 
+# -- row 8: delayed tasks -------------------------------------------------------------------
+
+
+def delay_lateness(tries: int = 1000, delay: float = 0.005) -> dict[str, dict[str, float]]:
+    """Seconds from a delayed task's due time to its function's first line (one idle
+    worker, in-memory store), and, as the baseline, how late the OS wakes a thread
+    waiting on a condition for the same time (what any timer here can do)."""
+    q = WorkQueue(1, max_queued=1000, history=100, registry=registry)
+    q.start()
+    ours: list[float] = []
+    try:
+        for _ in range(tries):
+            _started.clear()
+            due = time.perf_counter() + delay
+            q.submit("stamp", delay=delay)
+            if not _started.wait(10):
+                raise RuntimeError("the delayed task did not start")
+            ours.append(max(0.0, _stamps[-1] - due))
+    finally:
+        _stamps.clear()
+        q.shutdown(timeout=10)
+    base: list[float] = []
+    waiter = threading.Condition()
+    for _ in range(tries):
+        due = time.perf_counter() + delay
+        with waiter:
+            waiter.wait(delay)
+        base.append(max(0.0, time.perf_counter() - due))
+    return {name: {"p50": percentile(v, 50), "p99": percentile(v, 99)}
+            for name, v in (("ours", ours), ("base", base))}
+
+
+def scheduled_bytes(n: int = 100_000) -> dict[str, float]:
+    """Traced bytes per task, beyond its params dict: ``n`` scheduled against ``n`` queued."""
+
+    def measure(delay) -> float:
+        gc.collect()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            q = WorkQueue(0, max_queued=n, history=1000, registry=registry)
+            submit = q.submit
+            for _ in range(n):
+                submit("noop", delay=delay)
+            gc.collect()
+            after = tracemalloc.get_traced_memory()[0]
+        finally:
+            tracemalloc.stop()
+        del q
+        return (after - before) / n - sys.getsizeof({})
+
+    return {"scheduled": measure(3600), "queued": measure(None)}
+
+
+def engine_rate_with_scheduled(n: int, scheduled: int = 1000) -> float:
+    """:func:`engine_rate` with ``scheduled`` tasks waiting to be due in an hour."""
+    q = WorkQueue(1, max_queued=max(n, scheduled), history=1000, registry=registry)
+    for _ in range(scheduled):
+        q.submit("noop", delay=3600)
+    return drain_rate(q, n)
+
+
 # -- row 3: memory ----------------------------------------------------------------------
 
 

@@ -24,9 +24,10 @@ def rows(table: str) -> set[str]:
 
 
 def test_in_process_rows_run():
-    table = run_bench("--only", "1,2,3,5,7", "-n", "2000", "--rounds", "1", "--tries", "40",
+    table = run_bench("--only", "1,2,3,5,7,8", "-n", "2000", "--rounds", "1", "--tries", "40",
                       "--tasks", "40000")
-    assert rows(table) == {"1a", "1b", "2a", "2b", "3a", "3b", "5a", "5b", "7"}
+    assert rows(table) == {"1a", "1b", "2a", "2b", "3a", "3b", "5a", "5b", "7",
+                           "8a", "8b", "8c", "8d"}
 
 
 @pytest.mark.server

@@ -471,7 +471,10 @@ class MemoryStore(Store):
         while True:
             if self._closed or (slot is not None and not slot.alive):
                 return None
-            next_due = self._promote_locked(time.monotonic()) if self._due else None
+            due = self._due
+            next_due = due[0][0] if due else None  # (maybe a cancelled one's: a spare look)
+            if next_due is not None and next_due <= time.monotonic():
+                next_due = self._promote_locked(time.monotonic())
             if queue and not self._paused:
                 record = queue.popleft()
                 if record.state is not QUEUED:
