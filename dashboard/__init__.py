@@ -19,7 +19,7 @@ from .ext import QueueExtension, current_queue, get_queue
 from .records import State
 from .errors import (InvalidParam, QueueClosed, QueueError, QueueFull, TaskFailed, TaskNotFound,
                      UnknownKind)
-from .tasks import Bool, Float, Int, Registry, Str, registry, task
+from .tasks import Bool, Float, Int, Registry, Retry, Str, registry, task
 from .local import TaskContext, WorkQueue
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "task",
     "registry",
     "Registry",
+    "Retry",
     "Int",
     "Float",
     "Str",

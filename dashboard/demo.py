@@ -14,7 +14,7 @@ import time
 
 from flask import current_app, has_app_context
 
-from .tasks import Float, Int, task
+from .tasks import Float, Int, Retry, task
 
 STEP = 0.1  # seconds between progress reports: ten moves a second look smooth
 
@@ -51,6 +51,13 @@ def flaky(ctx, seconds: float | None = None, fail_rate: float = 0.3) -> None:
         return
     if random.random() < fail_rate:
         raise RuntimeError(f"flaky task gave up (it fails {fail_rate:.0%} of the time)")
+
+
+@task("shaky", params={"seconds": Float(0, 600), "fail_rate": Float(0, 1)},
+      retry=Retry(attempts=3, backoff=1.0))
+def shaky(ctx, seconds: float | None = None, fail_rate: float = 0.5) -> None:
+    """Like flaky, but a failed attempt is tried again by itself: 3 attempts in all."""
+    flaky(ctx, seconds, fail_rate)
 
 
 @task("primes", params={"limit": Int(2, 100_000_000)})

@@ -94,6 +94,8 @@ class TaskRecord:
         "key",
         "due_at",
         "due_clock",
+        "errors",
+        "retry_in",
         "checked_at",
         "queued_clock",
         "started_clock",
@@ -123,6 +125,9 @@ class TaskRecord:
         self.key: str | None = None  # while it is queued or running, no other task has it
         self.due_at: float | None = None  # delayed: when it is due (wall clock, to show)
         self.due_clock = 0.0  # the same on the clock that never steps
+        # Earlier attempts that failed and were tried again: {"attempt", "error", "at"}.
+        self.errors: list[dict[str, Any]] = []
+        self.retry_in = 0.0  # set when this attempt failed and is to be tried again
         self.checked_at = 0.0  # when a shared store last looked for a cancel request
         # When it was queued and started on a clock that never steps (the
         # durations behind the rates); the *_at times above are for people.
@@ -152,6 +157,7 @@ class TaskRecord:
             self.result,
             self.key,
             self.due_at,
+            tuple(self.errors),
         )
 
 
@@ -205,6 +211,9 @@ class TaskInfo(NamedTuple):
     key: str | None = None
     #: A delayed task: when it is (or was) due, on the wall clock.
     due_at: float | None = None
+    #: Earlier attempts that failed and were retried automatically, oldest first:
+    #: ``{"attempt": n, "error": "...", "at": wall clock}``.
+    errors: tuple[dict[str, Any], ...] = ()
 
     @property
     def result(self) -> Any:
@@ -268,6 +277,7 @@ class TaskInfo(NamedTuple):
             "result": self.result,
             "key": self.key,
             "due_at": self.due_at,
+            "errors": list(self.errors),
         }
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import random
 import time
 from datetime import datetime, timedelta
 from dataclasses import dataclass, field
@@ -128,6 +129,42 @@ class Bool(Param):
 
 
 @dataclass(frozen=True)
+class Retry:
+    """A kind's automatic retries: a failing attempt is tried again, up to ``attempts``
+    tries in all, after a wait that doubles from ``backoff`` seconds up to
+    ``max_backoff``, each wait a random 50% to 100% of that (so retries of many
+    tasks that failed together spread out). Only exceptions of the types in ``on``
+    retry; any other fails the task at once, as does a cancel."""
+
+    attempts: int = 3
+    backoff: float = 1.0
+    max_backoff: float = 300.0
+    on: tuple[type[BaseException], ...] = (Exception,)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.attempts, bool) or not isinstance(self.attempts, int) \
+                or not 1 <= self.attempts <= 100:
+            raise ValueError(f"Retry: attempts must be an integer from 1 to 100, got "
+                             f"{self.attempts!r}")
+        if not 0 <= self.backoff <= self.max_backoff <= MAX_DELAY:
+            raise ValueError("Retry: need 0 <= backoff <= max_backoff <= 30 days, got "
+                             f"backoff={self.backoff!r}, max_backoff={self.max_backoff!r}")
+        on = self.on if isinstance(self.on, tuple) else (self.on,)
+        if not on or not all(isinstance(t, type) and issubclass(t, BaseException) for t in on):
+            raise ValueError(f"Retry: on must be exception types, got {self.on!r}")
+        object.__setattr__(self, "on", on)
+
+    def wait(self, attempt: int, rng: random.Random | None = None) -> float:
+        """Seconds before the try after ``attempt`` (1 for the first) failed."""
+        capped = min(self.max_backoff, self.backoff * 2 ** min(attempt - 1, 60))
+        return capped * (rng or random).uniform(0.5, 1.0)
+
+    def retries(self, exc: BaseException, attempt: int) -> bool:
+        """Whether a failure ``exc`` of try ``attempt`` is tried again."""
+        return attempt < self.attempts and isinstance(exc, self.on)
+
+
+@dataclass(frozen=True)
 class TaskKind:
     """A registered task: its name, the function, and the parameters it accepts."""
 
@@ -140,6 +177,8 @@ class TaskKind:
     #: The function's defaults for its declared parameters (None left out): what an
     #: empty field in the dashboard's form means.
     defaults: Mapping[str, Any] = field(default_factory=dict)
+    #: Automatic retries of a failing attempt, or None.
+    retry: Retry | None = None
 
     def check_params(self, given: Mapping[str, object]) -> dict[str, Any]:
         """Return ``given`` parsed against the specs; unknown names, and a missing
@@ -183,14 +222,19 @@ class Registry:
         *,
         params: Mapping[str, Param] | None = None,
         description: str | None = None,
+        retry: Retry | int | None = None,
     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Register the decorated function as a task kind called ``name``.
 
         The function is called as ``fn(ctx, **params)``; ``ctx`` is a
         :class:`~dashboard.local.TaskContext`. ``params`` declares each keyword
         argument that may be passed when the task is submitted, with its type
-        and range; anything else is refused at submit time.
+        and range; anything else is refused at submit time. ``retry`` tries a
+        failing attempt again (:class:`Retry`; a number: that many attempts).
         """
+        policy = Retry(retry) if isinstance(retry, int) and not isinstance(retry, bool) else retry
+        if policy is not None and not isinstance(policy, Retry):
+            raise TypeError(f"retry must be a Retry or a number of attempts, got {retry!r}")
 
         def decorator(fn: Callable[..., Any]) -> Callable[..., Any]:
             kind_name = name or fn.__name__
@@ -201,7 +245,7 @@ class Registry:
             doc = description if description is not None else inspect.getdoc(fn) or ""
             self._kinds[kind_name] = TaskKind(
                 kind_name, fn, specs, doc.split("\n\n")[0].replace("\n", " "), required,
-                defaults,
+                defaults, policy,
             )
             return fn
 

@@ -9,6 +9,7 @@ thread). A new backend joins by adding its parameter.
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 from datetime import datetime, timedelta, timezone
@@ -22,7 +23,7 @@ from dashboard.errors import (InvalidParam, QueueError, QueueFull, TaskFailed, T
 from dashboard.records import State
 from dashboard.local.memory import MemoryStore
 from dashboard.local.sqlite import SqliteStore
-from dashboard.tasks import Int, Registry, Str
+from dashboard.tasks import Int, Registry, Retry, Str
 from dashboard.local.queue import WorkQueue
 from support import wait_for
 
@@ -48,6 +49,19 @@ def contract_registry() -> Registry:
             if ctx.cancelled:
                 return
 
+    @registry.task("fails_first", params={"times": Int(0, 10), "error": Str(choices=("io", "bug"))},
+                   retry=Retry(attempts=3, backoff=0.0, max_backoff=0.0, on=(ConnectionError,)))
+    def fails_first(ctx, times=0, error="io"):
+        """Fails its first ``times`` attempts (a ConnectionError retries; a bug does not)."""
+        TRIES[ctx.task_id] = TRIES.get(ctx.task_id, 0) + 1
+        if TRIES[ctx.task_id] <= times:
+            raise (ConnectionError if error == "io" else KeyError)(f"try {TRIES[ctx.task_id]}")
+        return TRIES[ctx.task_id]
+
+    @registry.task("fails_slowly", retry=Retry(attempts=2, backoff=3600.0, max_backoff=3600.0))
+    def fails_slowly(ctx):
+        raise ConnectionError("down")
+
     @registry.task("returns", params={"what": Str(choices=tuple(RETURNS))})
     def returns(ctx, what):
         return RETURNS[what]()
@@ -65,11 +79,13 @@ RETURNS = {
 }
 MAX_RESULT_BYTES = 1000
 HOLD = threading.Event()
+TRIES: dict = {}  # task id -> attempts made, for fails_first
 
 
 @pytest.fixture(params=["memory", "sqlite"])
 def backend(request, tmp_path) -> Iterator[tuple[Backend, Callable[[], int]]]:
     """``(backend, drain)``: drain runs everything runnable and says how many ran."""
+    TRIES.clear()  # ids start again with each SQLite file
     if request.param == "memory":
         store = MemoryStore(MAX_QUEUED, 100)
     else:
@@ -330,3 +346,68 @@ def test_a_delay_that_cannot_be_is_refused_naming_it(backend, when, says):
     with pytest.raises(InvalidParam, match=says):
         queue.submit("add", **when)
     assert queue.stats().submitted == 0
+
+
+# -- automatic retries -----------------------------------------------------------------------
+
+
+def test_a_failing_attempt_is_tried_again_until_it_succeeds(backend):
+    queue, drain = backend
+    task_id = queue.submit("fails_first", times=2)
+    wait_for(lambda: drain() and queue.get(task_id).finished, 30, "the attempts to run")
+    done = queue.get(task_id)
+    assert done.state is State.DONE and done.result == 3 and done.attempts == 3
+    assert [e["attempt"] for e in done.errors] == [1, 2]
+    assert [e["error"] for e in done.errors] == ["ConnectionError: try 1", "ConnectionError: try 2"]
+    snap = queue.stats()
+    assert (snap.done, snap.failed, snap.submitted) == (1, 0, 1)  # one task, not three
+    assert queue.result(task_id) == 3
+
+
+def test_the_last_attempt_fails_the_task_with_every_error_kept(backend):
+    queue, drain = backend
+    task_id = queue.submit("fails_first", times=5)
+    wait_for(lambda: drain() and queue.get(task_id).finished, 30, "the attempts to run")
+    failed = queue.get(task_id)
+    assert failed.state is State.FAILED and failed.attempts == 3
+    assert failed.error == "ConnectionError: try 3"
+    assert [e["error"] for e in failed.errors] == ["ConnectionError: try 1",
+                                                   "ConnectionError: try 2"]
+    assert failed.can_retry  # the manual Retry stays
+    with pytest.raises(TaskFailed, match="try 3"):
+        queue.result(task_id)
+
+
+def test_an_exception_the_kind_does_not_retry_fails_at_once(backend):
+    queue, drain = backend
+    task_id = queue.submit("fails_first", times=1, error="bug")
+    drain()
+    failed = queue.get(task_id)
+    assert failed.state is State.FAILED and failed.attempts == 1 and failed.errors == ()
+
+
+def test_a_retry_waiting_to_be_due_is_scheduled_and_cancellable(backend):
+    queue, drain = backend
+    task_id = queue.submit("fails_slowly")
+    assert drain() == 1
+    info = queue.get(task_id)
+    assert info.state is State.SCHEDULED and info.can_cancel and info.attempts == 1
+    assert info.error == "ConnectionError: down" and len(info.errors) == 1
+    assert 1800 - 5 <= info.due_at - info.errors[0]["at"] <= 3600 + 5  # backoff, jittered
+    snap = queue.stats(0, 10)
+    assert (snap.scheduled, snap.running, snap.failed) == (1, 0, 0)
+    assert [t.id for t in snap.soon] == [task_id]
+    assert queue.cancel(task_id) is State.CANCELLED
+    assert queue.get(task_id).errors == info.errors  # its history stays
+
+
+def test_a_retry_policy_waits_longer_each_time_up_to_its_cap():
+    policy = Retry(attempts=10, backoff=2.0, max_backoff=30.0)
+    rng = random.Random(7)
+    waits = [policy.wait(attempt, rng) for attempt in range(1, 8)]
+    caps = [2, 4, 8, 16, 30, 30, 30]
+    assert all(cap / 2 <= wait <= cap for wait, cap in zip(waits, caps)), waits
+    with pytest.raises(ValueError, match="attempts must be an integer from 1 to 100"):
+        Retry(attempts=0)
+    with pytest.raises(ValueError, match="on must be exception types"):
+        Retry(on=("ConnectionError",))

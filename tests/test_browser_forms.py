@@ -412,3 +412,29 @@ def test_a_scheduled_task_counts_down_then_runs(chromium_browser, start_server):
         expect(scheduled).to_be_hidden(timeout=QUICK)
         expect(page.locator("#count-done")).to_have_text("1", timeout=QUICK)
         expect(page.locator("#history tbody tr").first).to_contain_text("pretend")
+
+
+@pytest.mark.browser
+def test_a_shaky_task_is_retried_by_itself_and_its_page_shows_each_attempt(
+    chromium_browser, start_server
+):
+    server = start_server()
+    status, body = server.request("POST", "/api/tasks", {"kind": "shaky",
+                                                         "params": {"seconds": 0, "fail_rate": 1}})
+    assert status == 202, body
+    (task_id,) = body["ids"]
+    with open_tab(chromium_browser, server) as tab:
+        page = tab.page
+        tab.expect_aborted_polls()
+        page.goto(f"/tasks/{task_id}")
+        attempt = page.locator("#task-attempt")
+        # Attempt 1 failed: scheduled again, counting down to attempt 2 (or already on it).
+        expect(attempt).to_contain_text(re.compile(r"^[23] of 3"), timeout=QUICK)
+        expect(page.locator("#task-attempts li").first).to_contain_text(
+            "attempt 1, ", timeout=QUICK)
+        # The page polls by itself until the last attempt has failed.
+        expect(page.locator("#task-state")).to_have_text("failed", timeout=QUICK)
+        expect(attempt).to_have_text("3 of 3 tried")
+        expect(page.locator("#task-attempts li")).to_have_count(2)
+        expect(page.locator("#task-error")).to_contain_text("flaky task gave up")
+        expect(page.get_by_role("button", name="Retry")).to_be_visible()  # the manual one stays

@@ -223,6 +223,25 @@ class StoreMachine(RuleBasedStateMachine):
         self.stores[i].finish(record, state, None if state is State.DONE else "it ended so")
         self.end(task_id, state)
 
+    @precondition(lambda self: self.held)
+    @rule(data=st.data())
+    def retry_later(self, data):
+        """The attempt failed and its kind retries it: scheduled again, its error kept."""
+        task_id = data.draw(st.sampled_from(sorted(self.held)))
+        i, record, _ = self.held.pop(task_id)
+        record.retry_in = DELAY
+        before = len(self.stores[i].get(task_id).errors)
+        self.stores[i].finish(record, State.SCHEDULED, f"attempt {record.attempts} failed")
+        self.state[task_id] = State.SCHEDULED
+        self.scheduled.append(task_id)
+        for slot in self.workers.values():
+            if slot["task"] == task_id:
+                slot["task"] = None
+        self.cancel_asked.discard(task_id)
+        errors = self.stores[i].get(task_id).errors
+        assert len(errors) == before + 1
+        assert errors[-1]["error"] == f"attempt {record.attempts} failed"
+
     # -- one task ---------------------------------------------------------------
 
     @precondition(lambda self: self.queue)

@@ -327,6 +327,6 @@ def test_a_result_like_a_traceback_is_for_those_with_the_token(make_app):
     assert '<pre class="result"' not in page
     assert "result" not in client.get(f"/api/tasks/{task_id}").json
     operator = basic(SECRET)
-    assert '<pre class="result" id="task-result">25</pre>' in client.get(
+    assert '<pre class="result" id="task-result" tabindex="0" role="region" aria-label="Result">25</pre>' in client.get(
         f"/tasks/{task_id}", headers=operator).text
     assert client.get(f"/api/tasks/{task_id}", headers=operator).json["result"] == 25

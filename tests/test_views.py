@@ -12,6 +12,7 @@ from flask import template_rendered
 
 from dashboard import ConfigError, create_app, get_queue
 from dashboard.web.live import REGIONS
+from support import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 HTMX = {"HX-Request": "true"}
@@ -196,7 +197,7 @@ def test_empty_fields_mean_defaults_and_other_kinds_fields_are_ignored(client, q
 
 
 BAD_FORMS = [
-    ({"kind": "nope"}, "kind must be one of: flaky, pretend, primes; got 'nope'"),
+    ({"kind": "nope"}, "kind must be one of: flaky, pretend, primes, shaky; got 'nope'"),
     ({"kind": "pretend", "count": "0"}, "count must be an integer from 1 to 100, got 0"),
     ({"kind": "pretend", "count": "101"}, "count must be an integer from 1 to 100, got 101"),
     ({"kind": "pretend", "count": "-1"}, "count must be an integer from 1 to 100"),
@@ -442,7 +443,7 @@ def test_every_task_runs_in_an_app_context_torn_down_after_it(app, queue):
         ({"QUEUE_MAX_QUEUED": 0}, "QUEUE_MAX_QUEUED must be an integer from 1 to 10000000"),
         ({"QUEUE_MAX_BATCH": 50, "QUEUE_MAX_QUEUED": 10}, "QUEUE_MAX_BATCH must not be larger than QUEUE_MAX_QUEUED"),
         ({"QUEUE_HISTORY": None}, "QUEUE_HISTORY must be an integer"),
-        ({"QUEUE_DEFAULT_KIND": "nope"}, "QUEUE_DEFAULT_KIND must be one of: flaky, pretend, primes"),
+        ({"QUEUE_DEFAULT_KIND": "nope"}, "QUEUE_DEFAULT_KIND must be one of: flaky, pretend, primes, shaky"),
         ({"QUEUE_HANDLE_SIGNALS": "maybe"}, "QUEUE_HANDLE_SIGNALS must be true or false"),
     ],
 )
@@ -814,7 +815,7 @@ def test_a_tasks_result_is_on_its_page_and_in_the_api(client, queue):
     queue.run_pending()
     assert client.get(f"/api/tasks/{task_id}").json["result"] == 168
     page = client.get(f"/tasks/{task_id}").text
-    assert '<h3>Result</h3>\n  <pre class="result" id="task-result">168</pre>' in page
+    assert '<h3>Result</h3>\n  <pre class="result" id="task-result" tabindex="0" role="region" aria-label="Result">168</pre>' in page
 
 
 def test_a_keyed_submit_through_the_api_says_whether_it_queued(client, queue):
@@ -874,3 +875,22 @@ def test_a_delayed_task_from_the_api_and_the_form_is_listed_as_scheduled(client,
     assert bad.json == {"error": "delay must be a number of seconds from 0 to 2592000 (30 days), "
                                  "got -5"}
     assert client.get("/api/stats").json["submitted"] == 3
+
+
+def test_a_task_retried_automatically_shows_its_attempts(client, queue):
+    task_id = queue.submit("shaky", seconds=0, fail_rate=1)
+    queue.run_pending()  # attempt 1 fails: scheduled again, a second or so later
+    scheduled = client.get(f"/tasks/{task_id}").text
+    assert 'id="task-state">scheduled<' in scheduled
+    assert '<dd id="task-attempt">2 of 3, next <time class="countdown"' in scheduled
+    assert "<h3>Earlier attempts</h3>" in scheduled and "<h3>Last error</h3>" in scheduled
+    assert client.get("/api/stats").json["scheduled"] == 1
+    wait_for(lambda: queue.run_pending() and queue.get(task_id).finished, 30,
+             "the last attempt")
+    failed = client.get(f"/tasks/{task_id}").text
+    assert '<dd id="task-attempt">3 of 3 tried</dd>' in failed
+    attempts = failed[failed.index('id="task-attempts"'):failed.index("</ol>", failed.index('id="task-attempts"'))]
+    assert attempts.count("<li>attempt ") == 2 and attempts.count("flaky task gave up") == 2
+    data = client.get(f"/api/tasks/{task_id}").json
+    assert data["state"] == "failed" and [e["attempt"] for e in data["errors"]] == [1, 2]
+    assert client.get("/api/stats").json["failed"] == 1

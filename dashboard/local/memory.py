@@ -21,7 +21,7 @@ from typing import Any
 from ..errors import QueueClosed, QueueFull, TaskNotFound, WrongState
 from ..records import (CANNOT_CANCEL, CANNOT_RETRY, RETRYABLE_STATES, SERIES_SECONDS, Retried,
                        Snapshot, State, Submitted, TaskInfo, TaskRecord, WorkerInfo, WorkerState, progress_changed)
-from .store import RATE_WINDOW, Store, rates
+from .store import MAX_ERRORS, RATE_WINDOW, Store, rates
 
 # Enum member lookups cost a class attribute access each time; the hot paths
 # (submit, claim, finish) use these module constants instead.
@@ -461,9 +461,10 @@ class MemoryStore(Store):
         lock = self._lock
         if lock.locked():
             _yield_to_holder(lock)
+        worker = record.worker  # (a retried attempt's record lets go of its worker)
         with lock:
             self._finish_locked(record, state, error, traceback)
-            return self._claim_locked(record.worker, True)
+            return self._claim_locked(worker, True)
 
     def _claim_locked(self, worker: str | None, block: bool) -> TaskRecord | None:
         slot = None if worker is None else self._slots[worker]
@@ -538,6 +539,9 @@ class MemoryStore(Store):
     ) -> None:
         if record.state is not RUNNING:
             raise ValueError(f"task {record.id} is {record.state}, not running")
+        if state is SCHEDULED:
+            self._retry_later_locked(record, error, traceback)
+            return
         now = time.monotonic()
         record.state = state
         record.finished_at = time.time()
@@ -583,6 +587,28 @@ class MemoryStore(Store):
             self._idle.notify_all()
         if self._end_waiters:
             self._ended.notify_all()
+
+    def _retry_later_locked(self, record: TaskRecord, error: str | None,
+                            traceback: str | None) -> None:
+        """The attempt failed and is tried again in ``record.retry_in`` seconds: the task
+        is scheduled again, the error kept with those of its earlier attempts."""
+        now, wall = time.monotonic(), time.time()
+        record.errors = [*record.errors[-(MAX_ERRORS - 1):],
+                         {"attempt": record.attempts, "error": error, "at": wall}]
+        record.error, record.traceback = error, traceback
+        record.state = SCHEDULED
+        record.due_clock, record.due_at = now + record.retry_in, wall + record.retry_in
+        record.progress, record.message = 0.0, None
+        heapq.heappush(self._due, (record.due_clock, record.id, record))
+        self._running -= 1
+        self._scheduled += 1
+        slot = self._slots.get(record.worker) if record.worker is not None else None
+        if slot is not None and slot.task is record:
+            slot.task = None
+        record.worker = None
+        self._version += 1
+        if self._joiners and not self._queued and not self._running:
+            self._idle.notify_all()
 
     def _remember(self, record: TaskRecord) -> None:
         history = self._history

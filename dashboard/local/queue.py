@@ -92,6 +92,7 @@ class TaskContext:
 
 
 _FAILED = State.FAILED
+_SCHEDULED = State.SCHEDULED  # an attempt failed and is to be tried again
 _DONE_RESULT = (State.DONE, None, None)
 _CANCELLED_RESULT = (State.CANCELLED, "cancelled while running", None)
 
@@ -751,12 +752,22 @@ class WorkQueue(Backend):
 
     def _execute(self, record: TaskRecord) -> tuple[State, str | None, str | None]:
         """Run one task; return how it ended as ``(state, error, traceback)`` for the store,
-        its return value (as JSON text) on the record."""
+        its return value (as JSON text) on the record. ``SCHEDULED``: the attempt failed
+        and its kind retries it, after ``record.retry_in`` seconds."""
         try:
-            fn = self.registry.get(record.kind).fn
-            value = self._runner(fn, TaskContext(record, self.store), record.params)
+            kind = self.registry.get(record.kind)
+            value = self._runner(kind.fn, TaskContext(record, self.store), record.params)
         except Exception as exc:
             message = f"{type(exc).__name__}: {exc}"[:1000]
+            policy = self.registry.get(record.kind).retry if record.kind in self.registry else None
+            if (policy is not None and policy.retries(exc, record.attempts)
+                    and not record.cancel_requested and not record.cancel_seen):
+                record.retry_in = policy.wait(record.attempts)
+                logger.warning(
+                    "task %d (%s) attempt %d of %d failed: %s; trying again in %.1fs "
+                    "[pid %d %s]", record.id, record.kind, record.attempts, policy.attempts,
+                    message, record.retry_in, os.getpid(), record.worker or "caller")
+                return _SCHEDULED, message, traceback.format_exc()
             logger.error(
                 "task %d (%s) failed: %s [pid %d %s]",
                 record.id,

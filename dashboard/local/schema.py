@@ -16,7 +16,7 @@ from ..records import State, TaskInfo, TaskRecord
 #: The schema this code reads and writes; kept in ``PRAGMA user_version``.
 #: 2: times that are compared (leases, heartbeats, the per-second record, the
 #: durations behind the rates) are on the machine's shared clock, with its boot.
-#: 3: a task's result, its unique key, and delayed (scheduled) tasks.
+#: 3: a task's result, its unique key, delayed (scheduled) tasks, automatic retries.
 SCHEMA_VERSION = 3
 
 #: A state as the tasks table spells it → the State.
@@ -91,7 +91,8 @@ CREATE TABLE tasks (
     result           TEXT,                 -- what the task returned, JSON
     key              TEXT,                 -- unique among tasks not yet finished
     due_at           REAL,                 -- delayed: when due (wall clock, to show)
-    due_clock        REAL                  -- the same on the shared clock
+    due_clock        REAL,                 -- the same on the shared clock
+    errors           TEXT                  -- JSON: earlier attempts retried automatically
 );
 -- A keyed submit reads it; tasks without a key are not in it, and cost it nothing.
 CREATE UNIQUE INDEX tasks_key ON tasks (key) WHERE key IS NOT NULL AND finished_at IS NULL;
@@ -221,6 +222,7 @@ ALTER TABLE tasks ADD COLUMN result TEXT;
 ALTER TABLE tasks ADD COLUMN key TEXT;
 ALTER TABLE tasks ADD COLUMN due_at REAL;
 ALTER TABLE tasks ADD COLUMN due_clock REAL;
+ALTER TABLE tasks ADD COLUMN errors TEXT;
 CREATE UNIQUE INDEX tasks_key ON tasks (key) WHERE key IS NOT NULL AND finished_at IS NULL;
 CREATE INDEX tasks_due ON tasks (due_clock) WHERE state = 'scheduled';
 CREATE INDEX tasks_late ON tasks (due_clock) WHERE state = 'queued' AND due_clock IS NOT NULL;
@@ -261,7 +263,7 @@ INSERT_SCHEDULED = (
 COLUMNS = (
     "id", "kind", "params", "state", "enqueued_at", "started_at", "finished_at", "progress",
     "message", "error", "traceback", "worker", "cancel_requested", "retry_of", "retried_as",
-    "attempts", "result", "key", "due_at",
+    "attempts", "result", "key", "due_at", "errors",
 )
 TASK_COLUMNS = ", ".join(COLUMNS)
 T_COLUMNS = ", ".join(f"t.{c}" for c in COLUMNS)
@@ -270,11 +272,11 @@ T_COLUMNS = ", ".join(f"t.{c}" for c in COLUMNS)
 def task_info(row: tuple) -> TaskInfo:
     (task_id, kind, params, state, enqueued_at, started_at, finished_at, progress, message,
      error, traceback, worker, cancel_requested, retry_of, retried_as, attempts, result,
-     key, due_at) = row
+     key, due_at, errors) = row
     return TaskInfo(
         task_id, kind, json.loads(params), STATES[state], enqueued_at, started_at, finished_at,
         progress, message, error, traceback, worker, bool(cancel_requested), retry_of,
-        retried_as, attempts, result, key, due_at,
+        retried_as, attempts, result, key, due_at, tuple(json.loads(errors)) if errors else (),
     )
 
 
@@ -291,6 +293,7 @@ def task_record(row: tuple) -> TaskRecord:
     record.attempts = info.attempts
     record.key = info.key
     record.due_at = info.due_at
+    record.errors = list(info.errors)
     return record
 
 

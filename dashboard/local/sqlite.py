@@ -52,7 +52,7 @@ from ..records import (CANNOT_CANCEL, CANNOT_RETRY, RETRYABLE_STATES, SERIES_SEC
                        progress_changed)
 from .schema import (INSERT, INSERT_SCHEDULED, SCHEMA, SCHEMA_VERSION, STATES, T_COLUMNS, TASK_COLUMNS,
                      UPGRADE_FROM_1, UPGRADE_FROM_2, statements, task_info, task_record)
-from .store import RATE_WINDOW, Store, rates
+from .store import MAX_ERRORS, RATE_WINDOW, Store, rates
 
 logger = logging.getLogger("dashboard.sqlite")
 
@@ -589,20 +589,16 @@ class SqliteStore(Store):
 
     def _finish_locked(self, conn: sqlite3.Connection, now: float, outcome: _Outcome) -> bool:
         record = outcome.record
-        changed = conn.execute(
-            "UPDATE tasks SET state = ?, finished_at = ?, finished_clock = ?, clock = ?, "
-            "error = ?, traceback = ?, lease_until = NULL, "
-            "progress = CASE WHEN ? THEN 1.0 ELSE ? END, message = ?, result = ? "
-            "WHERE id = ? AND state = 'running' AND process = ? AND attempts = ?",
-            (outcome.state.value, outcome.finished_at, outcome.finished_clock, now,
-             outcome.error, outcome.traceback, outcome.state is State.DONE, record.progress,
-             record.message, record.result, record.id, self._token, record.attempts),
-        ).rowcount
+        if outcome.state is State.SCHEDULED:
+            changed = self._retry_later_locked(conn, now, outcome)
+        else:
+            changed = self._end_locked(conn, now, outcome)
         if record.worker is not None:
             conn.execute(
                 "UPDATE workers SET task_id = NULL, done = done + ? "
                 "WHERE process = ? AND name = ? AND task_id = ?",
-                (changed, self._token, record.worker, record.id),
+                (changed if outcome.state is not State.SCHEDULED else 0, self._token,
+                 record.worker, record.id),
             )
         if not changed:
             # Our claim ended (the process was taken for dead, or the lease
@@ -613,10 +609,39 @@ class SqliteStore(Store):
             return False
         return True
 
+    def _retry_later_locked(self, conn: sqlite3.Connection, now: float,
+                            outcome: _Outcome) -> int:
+        """The attempt failed and is tried again in ``record.retry_in`` seconds: the
+        task is scheduled again, the error kept with those of its earlier attempts."""
+        record, wall = outcome.record, time.time()
+        record.errors = [*record.errors[-(MAX_ERRORS - 1):],
+                         {"attempt": record.attempts, "error": outcome.error, "at": wall}]
+        return conn.execute(
+            "UPDATE tasks SET state = 'scheduled', due_at = ?, due_clock = ?, clock = ?, "
+            "error = ?, traceback = ?, errors = ?, lease_until = NULL, process = NULL, "
+            "pid = NULL, worker = NULL, progress = 0, message = NULL "
+            "WHERE id = ? AND state = 'running' AND process = ? AND attempts = ?",
+            (wall + record.retry_in, now + record.retry_in, now, outcome.error,
+             outcome.traceback, json.dumps(record.errors), record.id, self._token,
+             record.attempts),
+        ).rowcount
+
+    def _end_locked(self, conn: sqlite3.Connection, now: float, outcome: _Outcome) -> int:
+        record = outcome.record
+        return conn.execute(
+            "UPDATE tasks SET state = ?, finished_at = ?, finished_clock = ?, clock = ?, "
+            "error = ?, traceback = ?, lease_until = NULL, "
+            "progress = CASE WHEN ? THEN 1.0 ELSE ? END, message = ?, result = ? "
+            "WHERE id = ? AND state = 'running' AND process = ? AND attempts = ?",
+            (outcome.state.value, outcome.finished_at, outcome.finished_clock, now,
+             outcome.error, outcome.traceback, outcome.state is State.DONE, record.progress,
+             record.message, record.result, record.id, self._token, record.attempts),
+        ).rowcount
+
     def _settle(self, record: TaskRecord, state: State, finished_at: float) -> None:
-        """The task's end is written: stop holding it."""
+        """The task's end (or its retry later) is written: stop holding it."""
         record.state = state
-        record.finished_at = finished_at
+        record.finished_at = None if state is State.SCHEDULED else finished_at
         with self._state:
             if self._mine.get(record.id) is record:
                 del self._mine[record.id]
@@ -954,8 +979,8 @@ class SqliteStore(Store):
 
     def _outcome(self, record: TaskRecord, state: State, error: str | None,
                  traceback: str | None) -> _Outcome:
-        if state not in (State.DONE, State.FAILED, State.CANCELLED):
-            raise ValueError(f"{state} is not a finished state")
+        if state not in (State.DONE, State.FAILED, State.CANCELLED, State.SCHEDULED):
+            raise ValueError(f"{state} is not a finished state (nor a retry)")
         return _Outcome(record, state, error, traceback, time.time(), clock())
 
     def finish(self, record: TaskRecord, state: State, error: str | None = None,

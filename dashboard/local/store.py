@@ -23,10 +23,12 @@ from typing import Any, Iterable
 
 from ..records import SERIES_SECONDS, Retried, Snapshot, State, Submitted, TaskInfo, TaskRecord
 
-__all__ = ["RATE_WINDOW", "SERIES_SECONDS", "Store", "rates"]
+__all__ = ["MAX_ERRORS", "RATE_WINDOW", "SERIES_SECONDS", "Store", "rates"]
 
 #: The window the rates (throughput, mean wait and run time) are measured over.
 RATE_WINDOW = 60
+#: Errors of earlier attempts kept with a task that is retried automatically.
+MAX_ERRORS = 20
 
 
 def rates(now: float, first_second: int | None,

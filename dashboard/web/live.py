@@ -98,7 +98,7 @@ class _Rows:
 
     def __call__(self, template: str, task: TaskInfo) -> Markup:
         key = (template, task.id, task.state, task.enqueued_at, task.finished_at,
-               task.retried_as, self._variant)
+               task.retried_as, task.due_at, self._variant)  # (a retry is due anew)
         html = self._cache.get(key)
         if html is None:
             html = Markup(
@@ -235,8 +235,11 @@ def render_task(task_id: int | str, tag: str, info: TaskInfo | None = None) -> R
 
 
 def task_data(info: TaskInfo, tag: str) -> dict[str, Any]:
+    registry = current_queue.registry
+    policy = registry.get(info.kind).retry if info.kind in registry else None
     return {
         "task": info,
+        "attempts_allowed": None if policy is None else policy.attempts,
         "poll_interval": current_app.config["QUEUE_POLL_INTERVAL"],
         "tag": tag,
         "present": False,
