@@ -114,24 +114,27 @@ class Backend(ABC):
     # -- acting -------------------------------------------------------------------
 
     def submit(self, kind: str, /, *, key: str | None = None, delay: Any = None,
-               at: Any = None, **params: Any) -> TaskId:
+               at: Any = None, time_limit: Any = None, **params: Any) -> TaskId:
         """Queue one task of ``kind`` with ``params``; its id. ``delay`` (seconds) or
-        ``at`` (a datetime) schedules it. With a ``key``, while a task with that key
-        is scheduled, queued or running, that task's id, and nothing queued."""
-        if key is not None or delay is not None or at is not None:
-            return self.enqueue(kind, params, key=key, delay=delay, at=at).id
+        ``at`` (a datetime) schedules it; ``time_limit`` replaces its kind's. With a
+        ``key``, while a task with that key is scheduled, queued or running, that
+        task's id, and nothing queued."""
+        if key is not None or delay is not None or at is not None or time_limit is not None:
+            return self.enqueue(kind, params, key=key, delay=delay, at=at,
+                                time_limit=time_limit).id
         return self.submit_many(kind, 1, params)[0]
 
     @abstractmethod
     def enqueue(self, kind: str, params: dict[str, Any] | None = None, *,
-                key: str | None = None, delay: Any = None, at: Any = None) -> Submitted:
+                key: str | None = None, delay: Any = None, at: Any = None,
+                time_limit: Any = None) -> Submitted:
         """Queue (or schedule) one task, saying whether it did: ``(id, True)``, or ``(id
         of the task holding key, False)`` while a task with ``key`` is scheduled,
         queued or running."""
 
     @abstractmethod
     def submit_many(self, kind: str, count: int, params: dict[str, Any], *,
-                    delay: Any = None) -> list[TaskId]:
+                    delay: Any = None, time_limit: Any = None) -> list[TaskId]:
         """Queue (or, with a delay, schedule) ``count`` tasks of ``kind``; all or none."""
 
     @abstractmethod

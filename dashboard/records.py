@@ -9,6 +9,7 @@ queue, all immutable, so a view can render them without holding any lock.
 from __future__ import annotations
 
 import json
+import time
 from enum import Enum
 from typing import Any, NamedTuple
 
@@ -96,6 +97,9 @@ class TaskRecord:
         "due_clock",
         "errors",
         "retry_in",
+        "time_limit",
+        "deadline",
+        "overdue",
         "checked_at",
         "queued_clock",
         "started_clock",
@@ -128,6 +132,9 @@ class TaskRecord:
         # Earlier attempts that failed and were tried again: {"attempt", "error", "at"}.
         self.errors: list[dict[str, Any]] = []
         self.retry_in = 0.0  # set when this attempt failed and is to be tried again
+        self.time_limit: float | None = None  # seconds it may run, or None
+        self.deadline = 0.0  # while it runs here with a limit: when (monotonic) it is up
+        self.overdue = False  # it ran past its limit and the supervisor said so
         self.checked_at = 0.0  # when a shared store last looked for a cancel request
         # When it was queued and started on a clock that never steps (the
         # durations behind the rates); the *_at times above are for people.
@@ -158,6 +165,7 @@ class TaskRecord:
             self.key,
             self.due_at,
             tuple(self.errors),
+            self.time_limit,
         )
 
 
@@ -214,11 +222,21 @@ class TaskInfo(NamedTuple):
     #: Earlier attempts that failed and were retried automatically, oldest first:
     #: ``{"attempt": n, "error": "...", "at": wall clock}``.
     errors: tuple[dict[str, Any], ...] = ()
+    #: Seconds it may run (its own, else its kind's), or None.
+    time_limit: float | None = None
 
     @property
     def result(self) -> Any:
         """What the task returned (a JSON value: None, bool, number, str, list, dict)."""
         return None if self.result_json is None else json.loads(self.result_json)
+
+    @property
+    def overdue(self) -> bool:
+        """Running past its time limit: ``ctx.cancelled`` is true, and the task holds its
+        worker until it returns (a thread cannot be killed)."""
+        return (self.state is State.RUNNING and self.time_limit is not None
+                and self.started_at is not None
+                and time.time() - self.started_at > self.time_limit)
 
     @property
     def can_cancel(self) -> bool:
@@ -278,6 +296,8 @@ class TaskInfo(NamedTuple):
             "key": self.key,
             "due_at": self.due_at,
             "errors": list(self.errors),
+            "time_limit": self.time_limit,
+            "overdue": self.overdue,
         }
 
 

@@ -179,6 +179,8 @@ class TaskKind:
     defaults: Mapping[str, Any] = field(default_factory=dict)
     #: Automatic retries of a failing attempt, or None.
     retry: Retry | None = None
+    #: Seconds a task of this kind may run (a submit may give its own), or None.
+    time_limit: float | None = None
 
     def check_params(self, given: Mapping[str, object]) -> dict[str, Any]:
         """Return ``given`` parsed against the specs; unknown names, and a missing
@@ -223,6 +225,7 @@ class Registry:
         params: Mapping[str, Param] | None = None,
         description: str | None = None,
         retry: Retry | int | None = None,
+        time_limit: float | None = None,
     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Register the decorated function as a task kind called ``name``.
 
@@ -231,7 +234,10 @@ class Registry:
         argument that may be passed when the task is submitted, with its type
         and range; anything else is refused at submit time. ``retry`` tries a
         failing attempt again (:class:`Retry`; a number: that many attempts).
+        ``time_limit`` (seconds): past it ``ctx.cancelled`` turns true, and a task
+        that then ends is failed as timed out (a submit may give its own limit).
         """
+        limit = None if time_limit is None else check_time_limit(time_limit)
         policy = Retry(retry) if isinstance(retry, int) and not isinstance(retry, bool) else retry
         if policy is not None and not isinstance(policy, Retry):
             raise TypeError(f"retry must be a Retry or a number of attempts, got {retry!r}")
@@ -245,7 +251,7 @@ class Registry:
             doc = description if description is not None else inspect.getdoc(fn) or ""
             self._kinds[kind_name] = TaskKind(
                 kind_name, fn, specs, doc.split("\n\n")[0].replace("\n", " "), required,
-                defaults, policy,
+                defaults, policy, limit,
             )
             return fn
 
@@ -307,7 +313,7 @@ def _check_signature(name: str, fn: Callable[..., Any],
 
 
 #: Names submit() takes for itself, so no task parameter may have them.
-RESERVED = frozenset({"key", "delay", "at"})
+RESERVED = frozenset({"key", "delay", "at", "time_limit"})
 
 #: Longest unique key.
 MAX_KEY_LENGTH = 200
@@ -352,6 +358,15 @@ def check_delay(delay: object = None, at: object = None) -> float | None:
         raise InvalidParam("delay", f"must be a number of seconds from 0 to {MAX_DELAY:.0f} "
                            f"(30 days), got {_short(delay)}")
     return float(delay) or None
+
+
+def check_time_limit(value: object) -> float:
+    """A time limit in seconds: more than 0, at most 30 days."""
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or not math.isfinite(value) or not 0 < value <= MAX_DELAY):
+        raise InvalidParam("time_limit", f"must be a number of seconds above 0, at most "
+                           f"{MAX_DELAY:.0f} (30 days), got {_short(value)}")
+    return float(value)
 
 
 registry = Registry()

@@ -23,7 +23,7 @@ from dashboard.errors import (InvalidParam, QueueError, QueueFull, TaskFailed, T
 from dashboard.records import State
 from dashboard.local.memory import MemoryStore
 from dashboard.local.sqlite import SqliteStore
-from dashboard.tasks import Int, Registry, Retry, Str
+from dashboard.tasks import Bool, Float, Int, Registry, Retry, Str
 from dashboard.local.queue import WorkQueue
 from support import wait_for
 
@@ -57,6 +57,17 @@ def contract_registry() -> Registry:
         if TRIES[ctx.task_id] <= times:
             raise (ConnectionError if error == "io" else KeyError)(f"try {TRIES[ctx.task_id]}")
         return TRIES[ctx.task_id]
+
+    @registry.task("sleeps", params={"seconds": Float(0, 60), "obey": Bool()},
+                   retry=Retry(attempts=3, backoff=0.0, max_backoff=0.0), time_limit=30.0)
+    def sleeps(ctx, seconds=0.0, obey=True):
+        """Sleeps, a little at a time, stopping early when asked if it obeys."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if obey and ctx.cancelled:
+                return "stopped"
+            time.sleep(0.005)
+        return "slept"
 
     @registry.task("fails_slowly", retry=Retry(attempts=2, backoff=3600.0, max_backoff=3600.0))
     def fails_slowly(ctx):
@@ -411,3 +422,50 @@ def test_a_retry_policy_waits_longer_each_time_up_to_its_cap():
         Retry(attempts=0)
     with pytest.raises(ValueError, match="on must be exception types"):
         Retry(on=("ConnectionError",))
+
+
+# -- time limits -----------------------------------------------------------------------------
+
+
+def run_in_thread(drain):
+    runner = threading.Thread(target=drain)
+    runner.start()
+    return runner
+
+
+def test_past_its_time_limit_a_task_sees_cancelled_and_is_failed_as_timed_out(backend):
+    queue, drain = backend
+    task_id = queue.submit("sleeps", seconds=30, time_limit=0.2)
+    assert queue.get(task_id).time_limit == 0.2  # its own, not its kind's 30
+    runner = run_in_thread(drain)
+    try:
+        info = queue.wait(task_id, timeout=30)
+    finally:
+        runner.join(30)
+    assert info.state is State.FAILED and info.error == "timed out after 0.2s"
+    assert info.attempts == 1 and info.errors == ()  # a time-out is not retried
+    assert info.duration < 25  # it stopped when told, long before its 30 seconds
+
+
+def test_a_task_that_ignores_its_time_limit_runs_on_and_is_overdue_meanwhile(backend):
+    queue, drain = backend
+    task_id = queue.submit("sleeps", seconds=1.0, obey=False, time_limit=0.05)
+    runner = run_in_thread(drain)
+    try:
+        wait_for(lambda: queue.get(task_id).overdue, 30, "the task to be overdue")
+        assert queue.get(task_id).state is State.RUNNING  # it holds its worker
+        info = queue.wait(task_id, timeout=30)
+    finally:
+        runner.join(30)
+    assert info.state is State.FAILED and info.error == "timed out after 0.05s"
+    assert info.result is None and not info.overdue
+
+
+def test_a_kinds_time_limit_is_the_default_and_a_bad_one_is_refused(backend):
+    queue, _ = backend
+    assert queue.get(queue.submit("sleeps")).time_limit == 30.0
+    assert queue.get(queue.submit("add")).time_limit is None
+    for bad in (0, -1, "5", float("nan"), 31 * 24 * 3600):
+        with pytest.raises(InvalidParam, match="^time_limit must be a number of seconds above 0"):
+            queue.submit("sleeps", time_limit=bad)
+    assert queue.stats().submitted == 2

@@ -119,18 +119,15 @@ class StringIds:
     def get(self, task_id):
         return self.info(self._backend.get(self.back(task_id)))
 
-    def submit(self, kind, /, *, key=None, delay=None, at=None, **params):
-        if key is not None or delay is not None or at is not None:
-            return self.enqueue(kind, params, key=key, delay=delay, at=at).id
+    def submit(self, kind, /, **params):
         return self.submit_many(kind, 1, params)[0]
 
-    def enqueue(self, kind, params=None, *, key=None, delay=None, at=None):
-        done = self._backend.enqueue(kind, params, key=key, delay=delay, at=at)
+    def enqueue(self, kind, params=None, **options):
+        done = self._backend.enqueue(kind, params, **options)
         return done._replace(id=self.out(done.id))
 
-    def submit_many(self, kind, count, params, *, delay=None):
-        return [self.out(n) for n in self._backend.submit_many(kind, count, params,
-                                                               delay=delay)]
+    def submit_many(self, kind, count, params, **options):
+        return [self.out(n) for n in self._backend.submit_many(kind, count, params, **options)]
 
     def cancel(self, task_id):
         return self._backend.cancel(self.back(task_id))

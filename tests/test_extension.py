@@ -14,6 +14,7 @@ import pytest
 from flask import Flask, render_template_string
 
 from dashboard import QueueExtension, Registry, get_queue
+from support import wait_for
 
 
 @pytest.fixture
@@ -238,3 +239,40 @@ def test_add_work_offers_the_parameters_of_the_apps_own_kinds():
         assert (task.kind, task.params) == ("send_report", {"user_id": 42, "fmt": "csv"})
     finally:
         get_queue(app).shutdown()
+
+
+def test_a_task_past_its_time_limit_is_shown_overdue_then_failed_as_timed_out():
+    """A thread cannot be killed: past its limit the task holds its worker, and the
+    page says so, until it returns."""
+    import threading
+
+    from dashboard.web import bp
+
+    registry = Registry()
+    release = threading.Event()
+
+    @registry.task("stubborn", time_limit=0.05)
+    def stubborn(ctx):
+        release.wait(30)  # never looks at ctx.cancelled
+
+    app = Flask("limited_app")
+    app.config.update(QUEUE_WORKERS=0, QUEUE_HANDLE_SIGNALS=False)
+    QueueExtension(registry=registry).init_app(app)
+    app.register_blueprint(bp)
+    queue = get_queue(app)
+    client = app.test_client()
+    task_id = queue.submit("stubborn")
+    runner = threading.Thread(target=queue.run_pending)
+    runner.start()
+    try:
+        page = wait_for(lambda: (lambda text: "task-overdue-note" in text and text)(
+            client.get(f"/tasks/{task_id}").text), 30, "the page to say overdue")
+        assert '<dd id="task-time-limit">0.05s <span class="badge warn" id="task-overdue">' in page
+        assert "keeps its worker until it returns" in page
+        assert client.get(f"/api/tasks/{task_id}").json["overdue"] is True
+    finally:
+        release.set()
+        runner.join(30)
+        queue.shutdown()
+    info = queue.get(task_id)
+    assert info.state.value == "failed" and info.error == "timed out after 0.05s"

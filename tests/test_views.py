@@ -894,3 +894,18 @@ def test_a_task_retried_automatically_shows_its_attempts(client, queue):
     data = client.get(f"/api/tasks/{task_id}").json
     assert data["state"] == "failed" and [e["attempt"] for e in data["errors"]] == [1, 2]
     assert client.get("/api/stats").json["failed"] == 1
+
+
+def test_a_time_limit_through_the_api(client, queue):
+    added = client.post("/api/tasks", json={"kind": "pretend", "params": {"seconds": 5},
+                                            "time_limit": 0.05})
+    assert added.status_code == 202
+    (task_id,) = added.json["ids"]
+    assert client.get(f"/api/tasks/{task_id}").json["time_limit"] == 0.05
+    queue.run_pending()  # pretend looks at ctx.cancelled: it stops at the limit
+    info = client.get(f"/api/tasks/{task_id}").json
+    assert (info["state"], info["error"]) == ("failed", "timed out after 0.05s")
+    assert '<dd id="task-time-limit">0.05s</dd>' in client.get(f"/tasks/{task_id}").text
+    bad = client.post("/api/tasks", json={"kind": "pretend", "time_limit": 0})
+    assert bad.status_code == 400 and bad.json["error"].startswith(
+        "time_limit must be a number of seconds above 0")

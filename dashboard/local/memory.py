@@ -285,12 +285,13 @@ class MemoryStore(Store):
 
     # -- submitting ------------------------------------------------------
 
-    def add_one(self, kind: str, params: dict[str, Any]) -> int:
+    def add_one(self, kind: str, params: dict[str, Any], time_limit: float | None = None) -> int:
         # The hot path of every submit: the record is built before taking the
         # lock (its id is set under it), and the per-second bucket is inlined.
         now = time.monotonic()
         record = TaskRecord(0, kind, params, time.time())
         record.queued_clock = now
+        record.time_limit = time_limit
         lock = self._lock
         if lock.locked():
             _yield_to_holder(lock)
@@ -325,12 +326,17 @@ class MemoryStore(Store):
 
     def add(
         self, kind: str, params: dict[str, Any], count: int = 1, retry_of: int | None = None,
-        delay: float | None = None,
+        delay: float | None = None, time_limit: float | None = None,
     ) -> list[int]:
         with self._lock:
             if delay:
-                return self._schedule_locked(kind, params, count, retry_of, delay)
-            return self._add_locked(kind, params, count, retry_of)
+                ids = self._schedule_locked(kind, params, count, retry_of, delay)
+            else:
+                ids = self._add_locked(kind, params, count, retry_of)
+            if time_limit is not None:
+                for task_id in ids:
+                    self._tasks[task_id].time_limit = time_limit
+            return ids
 
     def _schedule_locked(self, kind: str, params: dict[str, Any], count: int,
                          retry_of: int | None, delay: float) -> list[int]:
@@ -388,7 +394,7 @@ class MemoryStore(Store):
         return due[0][0] if due else None
 
     def add_keyed(self, kind: str, params: dict[str, Any], key: str,
-                  delay: float | None = None) -> Submitted:
+                  delay: float | None = None, time_limit: float | None = None) -> Submitted:
         with self._lock:
             if self._closed:
                 raise QueueClosed()
@@ -402,6 +408,7 @@ class MemoryStore(Store):
                 (task_id,) = self._add_locked(kind, params, 1, None)
             record = self._tasks[task_id]
             record.key = key
+            record.time_limit = time_limit
             keys = self._keys
             keys[key] = record
             if len(keys) > 2 * (self.max_queued + self.history_size) + 64:
@@ -681,6 +688,7 @@ class MemoryStore(Store):
             if record.retried_as is not None:
                 return Retried(record.retried_as, False)
             (new_id,) = self._add_locked(record.kind, dict(record.params), 1, record.id)
+            self._tasks[new_id].time_limit = record.time_limit
             record.retried_as = new_id
             return Retried(new_id, True)
 

@@ -22,7 +22,8 @@ from ..records import Retried, Snapshot, State, Submitted, TaskInfo, TaskRecord
 from ..errors import QueueClosed, QueueFull, StoreUnavailable, TaskNotFound
 from .memory import MemoryStore
 from .store import Store
-from ..tasks import Registry, check_delay, check_key, registry as default_registry
+from ..tasks import (Registry, check_delay, check_key, check_time_limit,
+                     registry as default_registry)
 
 __all__ = ["WorkQueue", "TaskContext", "QueueFull", "QueueClosed"]
 
@@ -67,6 +68,9 @@ class TaskContext:
         is recorded as cancelled; one that never looks runs to the end and is
         recorded as done.
         """
+        deadline = self._record.deadline
+        if deadline and time.monotonic() >= deadline:
+            return True  # past its time limit: it ends as timed out, whatever it returns
         if self._store.cancel_requested(self._record):
             # The task saw the request: if it now returns, it stopped because
             # of it, and is recorded as cancelled rather than done.
@@ -533,11 +537,13 @@ class WorkQueue(Backend):
     # -- submitting ------------------------------------------------------
 
     def submit(self, kind: str, /, *, key: str | None = None, delay: Any = None,
-               at: Any = None, **params: Any) -> int:
+               at: Any = None, time_limit: Any = None, **params: Any) -> int:
         """Queue one task of ``kind`` with ``params`` and return its id.
 
         ``delay`` (seconds, or a timedelta) or ``at`` (a datetime, or seconds since
-        the epoch) schedules it: it is queued when due. With a ``key``: while a
+        the epoch) schedules it: it is queued when due. ``time_limit`` (seconds)
+        replaces its kind's: past it ``ctx.cancelled`` turns true, and the task,
+        once it returns, is failed as timed out. With a ``key``: while a
         task with that key is scheduled, queued or running, its id comes back and
         nothing is queued (see :meth:`enqueue`, which says which).
 
@@ -545,34 +551,42 @@ class WorkQueue(Backend):
         :class:`~dashboard.tasks.InvalidParam`, :class:`QueueFull` or
         :class:`QueueClosed`; in each case nothing is queued.
         """
-        if key is not None or delay is not None or at is not None:
-            return self.enqueue(kind, params, key=key, delay=delay, at=at).id
-        checked = self.registry.get(kind).check_params(params)
-        return self.store.add_one(kind, checked)
+        if key is not None or delay is not None or at is not None or time_limit is not None:
+            return self.enqueue(kind, params, key=key, delay=delay, at=at,
+                                time_limit=time_limit).id
+        task_kind = self.registry.get(kind)
+        checked = task_kind.check_params(params)
+        return self.store.add_one(kind, checked, task_kind.time_limit)
 
     def enqueue(self, kind: str, params: Mapping[str, Any] | None = None, *,
-                key: str | None = None, delay: Any = None, at: Any = None) -> Submitted:
+                key: str | None = None, delay: Any = None, at: Any = None,
+                time_limit: Any = None) -> Submitted:
         """Queue (or schedule) one task: ``(its id, True)``; with a ``key`` held by a
         task that is scheduled, queued or running, ``(that task's id, False)`` and
         nothing queued."""
-        checked = self.registry.get(kind).check_params(params or {})
+        task_kind = self.registry.get(kind)
+        checked = task_kind.check_params(params or {})
         due_in = check_delay(delay, at)
+        limit = task_kind.time_limit if time_limit is None else check_time_limit(time_limit)
         if key is not None:
-            return self.store.add_keyed(kind, checked, check_key(key), due_in)
+            return self.store.add_keyed(kind, checked, check_key(key), due_in, limit)
         if due_in is None:
-            return Submitted(self.store.add_one(kind, checked), True)
-        return Submitted(self.store.add(kind, checked, 1, delay=due_in)[0], True)
+            return Submitted(self.store.add_one(kind, checked, limit), True)
+        return Submitted(self.store.add(kind, checked, 1, delay=due_in, time_limit=limit)[0],
+                         True)
 
     def submit_many(
         self, kind: str, count: int, params: Mapping[str, Any] | None = None, *,
-        delay: Any = None,
+        delay: Any = None, time_limit: Any = None,
     ) -> list[int]:
         """Queue ``count`` tasks of the same kind and params, all or none; with a
         ``delay``, schedule them."""
         if not isinstance(count, int) or isinstance(count, bool) or count < 1:
             raise ValueError(f"count must be a positive integer, got {count!r}")
-        checked = self.registry.get(kind).check_params(params or {})
-        return self.store.add(kind, checked, count, delay=check_delay(delay))
+        task_kind = self.registry.get(kind)
+        checked = task_kind.check_params(params or {})
+        limit = task_kind.time_limit if time_limit is None else check_time_limit(time_limit)
+        return self.store.add(kind, checked, count, delay=check_delay(delay), time_limit=limit)
 
     # -- reading ---------------------------------------------------------
 
@@ -754,11 +768,17 @@ class WorkQueue(Backend):
         """Run one task; return how it ended as ``(state, error, traceback)`` for the store,
         its return value (as JSON text) on the record. ``SCHEDULED``: the attempt failed
         and its kind retries it, after ``record.retry_in`` seconds."""
+        record.overdue = False
+        if record.time_limit:
+            record.deadline = time.monotonic() + record.time_limit
         try:
             kind = self.registry.get(record.kind)
             value = self._runner(kind.fn, TaskContext(record, self.store), record.params)
         except Exception as exc:
             message = f"{type(exc).__name__}: {exc}"[:1000]
+            if record.deadline and time.monotonic() > record.deadline:
+                return self._timed_out(record, f" (it then raised {message})",
+                                       traceback.format_exc())
             policy = self.registry.get(record.kind).retry if record.kind in self.registry else None
             if (policy is not None and policy.retries(exc, record.attempts)
                     and not record.cancel_requested and not record.cancel_seen):
@@ -778,6 +798,8 @@ class WorkQueue(Backend):
                 exc_info=True,
             )
             return _FAILED, message, traceback.format_exc()
+        if record.deadline and time.monotonic() > record.deadline:
+            return self._timed_out(record, "", None)
         if value is not None:
             record.result, refusal = encode_result(value, self.max_result_bytes)
             if refusal is not None:
@@ -798,6 +820,30 @@ class WorkQueue(Backend):
             )
         return _DONE_RESULT
 
+    def _timed_out(self, record: TaskRecord, then: str,
+                   trace: str | None) -> tuple[State, str | None, str | None]:
+        """A task that ended past its time limit: failed, whatever it did; never retried."""
+        message = f"timed out after {record.time_limit:g}s{then}"[:1000]
+        logger.error("task %d (%s) failed: %s [pid %d %s]", record.id, record.kind, message,
+                     os.getpid(), record.worker or "caller")
+        return _FAILED, message, trace
+
+    def _watch_overdue(self) -> None:
+        """Say once, for each task running past its time limit, that it is: in the log,
+        and to the pages (they poll anew; a task that reports no progress changes
+        nothing else they would notice)."""
+        now = time.monotonic()
+        for record in list(self._current.values()):
+            if (record is not None and record.deadline and now > record.deadline
+                    and not record.overdue):
+                record.overdue = True
+                logger.warning(
+                    "task %d (%s) is past its time limit of %gs: ctx.cancelled is now true; "
+                    "a Python thread cannot be stopped, so it keeps its worker until it "
+                    "returns [pid %d %s]", record.id, record.kind, record.time_limit,
+                    os.getpid(), record.worker)
+                self.store.touch()
+
     def _supervise(self) -> None:
         """Upkeep, the worker count, dead workers and stalls, once a second.
 
@@ -814,6 +860,7 @@ class WorkQueue(Backend):
                 self._step("the shared worker count", self._follow_target)
                 self._step("the workers", self._keep_workers)
                 self._step("the stall watch", self._watch_stall)
+                self._step("the time limits", self._watch_overdue)
             self._wake.wait(timeout=min(1.0, self.store.maintain_every))
             self._wake.clear()
 

@@ -92,7 +92,8 @@ CREATE TABLE tasks (
     key              TEXT,                 -- unique among tasks not yet finished
     due_at           REAL,                 -- delayed: when due (wall clock, to show)
     due_clock        REAL,                 -- the same on the shared clock
-    errors           TEXT                  -- JSON: earlier attempts retried automatically
+    errors           TEXT,                 -- JSON: earlier attempts retried automatically
+    time_limit       REAL                  -- seconds it may run
 );
 -- A keyed submit reads it; tasks without a key are not in it, and cost it nothing.
 CREATE UNIQUE INDEX tasks_key ON tasks (key) WHERE key IS NOT NULL AND finished_at IS NULL;
@@ -223,6 +224,7 @@ ALTER TABLE tasks ADD COLUMN key TEXT;
 ALTER TABLE tasks ADD COLUMN due_at REAL;
 ALTER TABLE tasks ADD COLUMN due_clock REAL;
 ALTER TABLE tasks ADD COLUMN errors TEXT;
+ALTER TABLE tasks ADD COLUMN time_limit REAL;
 CREATE UNIQUE INDEX tasks_key ON tasks (key) WHERE key IS NOT NULL AND finished_at IS NULL;
 CREATE INDEX tasks_due ON tasks (due_clock) WHERE state = 'scheduled';
 CREATE INDEX tasks_late ON tasks (due_clock) WHERE state = 'queued' AND due_clock IS NOT NULL;
@@ -251,19 +253,19 @@ DROP TABLE workers;
 # The id comes from meta.next_id (the insert trigger moves it on): ids are
 # never reused, without AUTOINCREMENT's extra page per insert.
 INSERT = (
-    "INSERT INTO tasks (id, kind, params, state, enqueued_at, queued_clock, retry_of) "
-    "SELECT next_id, ?, ?, 'queued', ?, ?, ? FROM meta"
+    "INSERT INTO tasks (id, kind, params, state, enqueued_at, queued_clock, retry_of, "
+    "time_limit) SELECT next_id, ?, ?, 'queued', ?, ?, ?, ? FROM meta"
 )
 #: A delayed task: scheduled, due at (wall clock, shared clock).
 INSERT_SCHEDULED = (
-    "INSERT INTO tasks (id, kind, params, state, enqueued_at, retry_of, due_at, due_clock) "
-    "SELECT next_id, ?, ?, 'scheduled', ?, ?, ?, ? FROM meta"
+    "INSERT INTO tasks (id, kind, params, state, enqueued_at, retry_of, due_at, due_clock, "
+    "time_limit) SELECT next_id, ?, ?, 'scheduled', ?, ?, ?, ?, ? FROM meta"
 )
 
 COLUMNS = (
     "id", "kind", "params", "state", "enqueued_at", "started_at", "finished_at", "progress",
     "message", "error", "traceback", "worker", "cancel_requested", "retry_of", "retried_as",
-    "attempts", "result", "key", "due_at", "errors",
+    "attempts", "result", "key", "due_at", "errors", "time_limit",
 )
 TASK_COLUMNS = ", ".join(COLUMNS)
 T_COLUMNS = ", ".join(f"t.{c}" for c in COLUMNS)
@@ -272,11 +274,12 @@ T_COLUMNS = ", ".join(f"t.{c}" for c in COLUMNS)
 def task_info(row: tuple) -> TaskInfo:
     (task_id, kind, params, state, enqueued_at, started_at, finished_at, progress, message,
      error, traceback, worker, cancel_requested, retry_of, retried_as, attempts, result,
-     key, due_at, errors) = row
+     key, due_at, errors, time_limit) = row
     return TaskInfo(
         task_id, kind, json.loads(params), STATES[state], enqueued_at, started_at, finished_at,
         progress, message, error, traceback, worker, bool(cancel_requested), retry_of,
         retried_as, attempts, result, key, due_at, tuple(json.loads(errors)) if errors else (),
+        time_limit,
     )
 
 
@@ -294,6 +297,7 @@ def task_record(row: tuple) -> TaskRecord:
     record.key = info.key
     record.due_at = info.due_at
     record.errors = list(info.errors)
+    record.time_limit = info.time_limit
     return record
 
 

@@ -512,20 +512,23 @@ class SqliteStore(Store):
 
     def _add_locked(self, conn: sqlite3.Connection, now: float, kind: str,
                     params: dict[str, Any], count: int,
-                    retry_of: int | None = None, delay: float | None = None) -> list[int]:
+                    retry_of: int | None = None, delay: float | None = None,
+                    time_limit: float | None = None) -> list[int]:
         if self._closed:
             raise QueueClosed()
         wall = time.time()
         text = json.dumps(params)
         if delay:
-            return self._schedule_locked(conn, now, wall, kind, text, count, retry_of, delay)
+            return self._schedule_locked(conn, now, wall, kind, text, count, retry_of, delay,
+                                         time_limit)
         try:
             if count == 1:
-                return [conn.execute(INSERT, (kind, text, wall, now, retry_of)).lastrowid]
+                return [conn.execute(INSERT, (kind, text, wall, now, retry_of,
+                                              time_limit)).lastrowid]
             queued, first = conn.execute("SELECT queued, next_id FROM meta").fetchone()
             if queued + count > self.max_queued:
                 raise QueueFull(queued, self.max_queued, count)
-            conn.executemany(INSERT, ((kind, text, wall, now, retry_of)
+            conn.executemany(INSERT, ((kind, text, wall, now, retry_of, time_limit)
                                        for _ in range(count)))
             return list(range(first, first + count))
         except sqlite3.IntegrityError as exc:
@@ -537,11 +540,12 @@ class SqliteStore(Store):
 
     def _schedule_locked(self, conn: sqlite3.Connection, now: float, wall: float, kind: str,
                          text: str, count: int, retry_of: int | None,
-                         delay: float) -> list[int]:
+                         delay: float, time_limit: float | None = None) -> list[int]:
         first = conn.execute("SELECT next_id FROM meta").fetchone()[0]
         try:
             conn.executemany(INSERT_SCHEDULED, ((kind, text, wall, retry_of, wall + delay,
-                                                 now + delay) for _ in range(count)))
+                                                 now + delay, time_limit)
+                                                for _ in range(count)))
         except sqlite3.IntegrityError as exc:
             if "too many scheduled" not in str(exc):
                 raise
@@ -855,11 +859,12 @@ class SqliteStore(Store):
         return self._lost
 
     def add(self, kind: str, params: dict[str, Any], count: int = 1,
-            retry_of: int | None = None, delay: float | None = None) -> list[int]:
+            retry_of: int | None = None, delay: float | None = None,
+            time_limit: float | None = None) -> list[int]:
         if self._closed:
             raise QueueClosed()
         with self._write() as (conn, now):
-            ids = self._add_locked(conn, now, kind, params, count, retry_of, delay)
+            ids = self._add_locked(conn, now, kind, params, count, retry_of, delay, time_limit)
         if delay:
             self._work_notify_all()  # waiting workers look again when the first is due
         else:
@@ -867,7 +872,7 @@ class SqliteStore(Store):
         return ids
 
     def add_keyed(self, kind: str, params: dict[str, Any], key: str,
-                  delay: float | None = None) -> Submitted:
+                  delay: float | None = None, time_limit: float | None = None) -> Submitted:
         if self._closed:
             raise QueueClosed()
         with self._write() as (conn, now):
@@ -877,15 +882,16 @@ class SqliteStore(Store):
                                (key,)).fetchone()
             if row is not None:
                 return Submitted(row[0], False)
-            (task_id,) = self._add_locked(conn, now, kind, params, 1, delay=delay)
+            (task_id,) = self._add_locked(conn, now, kind, params, 1, delay=delay,
+                                          time_limit=time_limit)
             conn.execute("UPDATE tasks SET key = ? WHERE id = ?", (key, task_id))
         self._wake_workers(1)
         return Submitted(task_id, True)
 
-    def add_one(self, kind: str, params: dict[str, Any]) -> int:
+    def add_one(self, kind: str, params: dict[str, Any], time_limit: float | None = None) -> int:
         # The path of every submit, kept short: one INSERT in one transaction.
         if self._pending:
-            return self.add(kind, params)[0]  # what is owed goes first
+            return self.add(kind, params, time_limit=time_limit)[0]  # what is owed goes first
         text = json.dumps(params) if params else "{}"
         wall = time.time()
         if self._closed:
@@ -903,7 +909,8 @@ class SqliteStore(Store):
             try:
                 conn.execute("BEGIN IMMEDIATE")
                 now = clock()
-                task_id = conn.execute(INSERT, (kind, text, wall, now, None)).lastrowid
+                task_id = conn.execute(INSERT, (kind, text, wall, now, None,
+                                                time_limit)).lastrowid
                 conn.execute("COMMIT")
             except sqlite3.IntegrityError as exc:
                 queued = conn.execute("SELECT queued FROM meta").fetchone()[0]
@@ -1074,8 +1081,8 @@ class SqliteStore(Store):
 
     def retry(self, task_id: int) -> Retried:
         with self._write() as (conn, now):
-            row = conn.execute("SELECT state, kind, params, retried_as FROM tasks WHERE id = ?",
-                               (task_id,)).fetchone()
+            row = conn.execute("SELECT state, kind, params, retried_as, time_limit FROM tasks "
+                               "WHERE id = ?", (task_id,)).fetchone()
             if row is None:
                 raise TaskNotFound(task_id)
             state = STATES[row[0]]
@@ -1083,7 +1090,8 @@ class SqliteStore(Store):
                 raise WrongState(task_id, state, CANNOT_RETRY)
             if row[3] is not None:
                 return Retried(row[3], False)  # retried already: a double click queues one task
-            (new_id,) = self._add_locked(conn, now, row[1], json.loads(row[2]), 1, task_id)
+            (new_id,) = self._add_locked(conn, now, row[1], json.loads(row[2]), 1, task_id,
+                                         time_limit=row[4])
             conn.execute("UPDATE tasks SET retried_as = ? WHERE id = ?", (new_id, task_id))
         self._wake_workers(1)
         return Retried(new_id, True)

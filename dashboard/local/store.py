@@ -92,7 +92,7 @@ class Store:
 
     def add(
         self, kind: str, params: dict[str, Any], count: int = 1, retry_of: int | None = None,
-        delay: float | None = None,
+        delay: float | None = None, time_limit: float | None = None,
     ) -> list[int]:
         """Queue ``count`` tasks of ``kind`` with ``params``, all or none.
 
@@ -102,20 +102,21 @@ class Store:
         With a ``delay`` (seconds) they are *scheduled*: not queued (nor counted
         in ``queued``) until due, then queued in due order, as if submitted then.
         At most ``max_queued`` tasks may be scheduled, apart from those queued.
+        ``time_limit``: seconds each may run, kept with the task.
         """
         raise NotImplementedError
 
     def add_keyed(self, kind: str, params: dict[str, Any], key: str,
-                  delay: float | None = None) -> Submitted:
+                  delay: float | None = None, time_limit: float | None = None) -> Submitted:
         """Queue (or schedule) one task with a unique key: ``(its id, True)``; or, while
         a task with the key is scheduled, queued or running, nothing: ``(that task's
         id, False)``. Raises
         :class:`QueueFull` or :class:`QueueClosed` when it would queue."""
         raise NotImplementedError
 
-    def add_one(self, kind: str, params: dict[str, Any]) -> int:
+    def add_one(self, kind: str, params: dict[str, Any], time_limit: float | None = None) -> int:
         """:meth:`add` for one task, returning its id: the path every submit takes."""
-        return self.add(kind, params, 1)[0]
+        return self.add(kind, params, 1, time_limit=time_limit)[0]
 
     # -- working --
 

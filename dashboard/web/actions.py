@@ -12,7 +12,7 @@ from ..backend import TaskId
 from ..records import Retried, Submitted
 from ..errors import InvalidParam, TaskNotFound
 from ..ext import current_queue
-from ..tasks import Int, check_delay, check_key
+from ..tasks import Int, check_delay, check_key, check_time_limit
 from . import security
 from .answers import parse_task_id
 
@@ -34,7 +34,8 @@ def read_delay(raw: Any) -> float | None:
     return check_delay(raw)
 
 
-def submit(kind_name: Any, count: Any, params: Any, delay: Any = None) -> list[TaskId]:
+def submit(kind_name: Any, count: Any, params: Any, delay: Any = None,
+           time_limit: Any = None) -> list[TaskId]:
     """Check everything the request says, then queue (or schedule, with a ``delay``),
     charging the client for what was queued."""
     count = count_spec().parse("count", count)
@@ -42,12 +43,13 @@ def submit(kind_name: Any, count: Any, params: Any, delay: Any = None) -> list[T
         raise InvalidParam("params", f"must be an object of parameters, got {type(params).__name__}")
     current_queue.registry.get(kind_name).check_params(params)  # bad input: 400, not 429
     due_in = read_delay(delay)
+    limit = None if time_limit is None else check_time_limit(time_limit)
     return security.spend_submit(count, lambda: current_queue.submit_many(
-        kind_name, count, params, delay=due_in))
+        kind_name, count, params, delay=due_in, time_limit=limit))
 
 
 def submit_keyed(kind_name: Any, count: Any, params: Any, key: Any,
-                 delay: Any = None) -> Submitted:
+                 delay: Any = None, time_limit: Any = None) -> Submitted:
     """:func:`submit` of one task with a unique key: charged only when it queued one."""
     if count_spec().parse("count", count) != 1:
         raise InvalidParam("count", "must be 1 with a key: a key names one task")
@@ -56,8 +58,10 @@ def submit_keyed(kind_name: Any, count: Any, params: Any, key: Any,
     current_queue.registry.get(kind_name).check_params(params)
     check_key(key)
     due_in = read_delay(delay)
+    limit = None if time_limit is None else check_time_limit(time_limit)
     return security.spend_submit(
-        1, lambda: current_queue.enqueue(kind_name, params, key=key, delay=due_in),
+        1, lambda: current_queue.enqueue(kind_name, params, key=key, delay=due_in,
+                                         time_limit=limit),
         queued=lambda done: int(done.created))
 
 def retry(task_id: str) -> tuple[Retried, TaskId]:

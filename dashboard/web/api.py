@@ -24,7 +24,7 @@ from .blueprint import bp
 from .live import RECENT
 
 
-API_TASK_KEYS = frozenset({"kind", "count", "params", "key", "delay"})
+API_TASK_KEYS = frozenset({"kind", "count", "params", "key", "delay", "time_limit"})
 
 #: How deeply a JSON body may nest lists and objects. Ours need two levels (the
 #: body and its ``params``); a deeper body is refused before anything reads it,
@@ -125,7 +125,8 @@ def api_add_tasks() -> Response:
 
         return _json_action(lambda: submit_keyed(data.get("kind", default_kind()),
                                                  data.get("count", 1), data.get("params", {}),
-                                                 data["key"], data.get("delay")), keyed)
+                                                 data["key"], data.get("delay"),
+                                                 data.get("time_limit")), keyed)
 
     return _json_action(
         lambda: submit(
@@ -133,6 +134,7 @@ def api_add_tasks() -> Response:
             data.get("count", 1),
             data.get("params", {}),
             data.get("delay"),
+            data.get("time_limit"),
         ),
         ok,
     )
