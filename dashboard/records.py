@@ -100,6 +100,8 @@ class TaskRecord:
         "time_limit",
         "deadline",
         "overdue",
+        "logs",
+        "logs_dropped",
         "checked_at",
         "queued_clock",
         "started_clock",
@@ -135,6 +137,8 @@ class TaskRecord:
         self.time_limit: float | None = None  # seconds it may run, or None
         self.deadline = 0.0  # while it runs here with a limit: when (monotonic) it is up
         self.overdue = False  # it ran past its limit and the supervisor said so
+        self.logs: list[str] = []  # the last lines it logged
+        self.logs_dropped = 0  # older lines no longer kept
         self.checked_at = 0.0  # when a shared store last looked for a cancel request
         # When it was queued and started on a clock that never steps (the
         # durations behind the rates); the *_at times above are for people.
@@ -166,6 +170,8 @@ class TaskRecord:
             self.due_at,
             tuple(self.errors),
             self.time_limit,
+            tuple(self.logs),
+            self.logs_dropped,
         )
 
 
@@ -224,6 +230,9 @@ class TaskInfo(NamedTuple):
     errors: tuple[dict[str, Any], ...] = ()
     #: Seconds it may run (its own, else its kind's), or None.
     time_limit: float | None = None
+    #: The last lines it logged while it ran, and how many earlier ones were let go.
+    logs: tuple[str, ...] = ()
+    logs_dropped: int = 0
 
     @property
     def result(self) -> Any:
@@ -298,6 +307,8 @@ class TaskInfo(NamedTuple):
             "errors": list(self.errors),
             "time_limit": self.time_limit,
             "overdue": self.overdue,
+            "logs": list(self.logs),
+            "logs_dropped": self.logs_dropped,
         }
 
 

@@ -9,6 +9,7 @@ thread). A new backend joins by adding its parameter.
 
 from __future__ import annotations
 
+import logging
 import random
 import threading
 import time
@@ -25,6 +26,7 @@ from dashboard.local.memory import MemoryStore
 from dashboard.local.sqlite import SqliteStore
 from dashboard.tasks import Bool, Float, Int, Registry, Retry, Str
 from dashboard.local.queue import WorkQueue
+from dashboard.local.store import MAX_LOG_LINES
 from support import wait_for
 
 MAX_QUEUED = 20
@@ -68,6 +70,20 @@ def contract_registry() -> Registry:
                 return "stopped"
             time.sleep(0.005)
         return "slept"
+
+    @registry.task("chatty", params={"lines": Int(0, 1000)})
+    def chatty(ctx, lines=1):
+        for n in range(1, lines + 1):
+            ctx.logger.info("line %d of %d <b>", n, lines)
+        logging.getLogger("some.library").warning("a library's warning")
+        logging.getLogger("some.library").info("an info the configuration drops")
+        elsewhere = threading.Thread(target=lambda: ctx.logger.warning("from another thread"))
+        elsewhere.start()
+        elsewhere.join()
+        try:
+            {}["missing"]
+        except KeyError:
+            ctx.logger.exception("looked it up")
 
     @registry.task("fails_slowly", retry=Retry(attempts=2, backoff=3600.0, max_backoff=3600.0))
     def fails_slowly(ctx):
@@ -469,3 +485,29 @@ def test_a_kinds_time_limit_is_the_default_and_a_bad_one_is_refused(backend):
         with pytest.raises(InvalidParam, match="^time_limit must be a number of seconds above 0"):
             queue.submit("sleeps", time_limit=bad)
     assert queue.stats().submitted == 2
+
+
+# -- what a task logs ------------------------------------------------------------------------
+
+
+def test_what_a_task_logs_while_it_runs_is_kept_with_it(backend):
+    queue, drain = backend
+    task_id = queue.submit("chatty", lines=2)
+    drain()
+    logs = [line.split(" ", 1)[1] for line in queue.get(task_id).logs]  # less the time
+    assert logs == [
+        "INFO dashboard.task.chatty: line 1 of 2 <b>",
+        "INFO dashboard.task.chatty: line 2 of 2 <b>",
+        "WARNING some.library: a library's warning",
+        "ERROR dashboard.task.chatty: looked it up (KeyError: 'missing')",
+    ]  # not what the configuration drops, nor another thread's, nor the queue's own lines
+    assert queue.get(task_id).to_dict()["logs_dropped"] == 0
+
+
+def test_a_tasks_log_keeps_its_last_lines(backend):
+    queue, drain = backend
+    task_id = queue.submit("chatty", lines=300)
+    drain()
+    info = queue.get(task_id)
+    assert len(info.logs) == MAX_LOG_LINES and info.logs_dropped == 300 + 2 - MAX_LOG_LINES
+    assert info.logs[-1].endswith("looked it up (KeyError: 'missing')")

@@ -330,3 +330,20 @@ def test_a_result_like_a_traceback_is_for_those_with_the_token(make_app):
     assert '<pre class="result" id="task-result" tabindex="0" role="region" aria-label="Result">25</pre>' in client.get(
         f"/tasks/{task_id}", headers=operator).text
     assert client.get(f"/api/tasks/{task_id}", headers=operator).json["result"] == 25
+
+
+def test_what_a_task_logged_is_for_those_with_the_token(make_app):
+    app = make_app(QUEUE_ACCESS_TOKEN=SECRET, QUEUE_PUBLIC_READ=True)
+    queue = get_queue(app)
+    task_id = queue.submit("pretend", seconds=0)
+    queue.run_pending()
+    with queue.store._lock:  # a line as if the task had logged it
+        queue.store._tasks[task_id].logs.append("09:00:00 INFO app: a secret link")
+    client = app.test_client()
+    page = client.get(f"/tasks/{task_id}").text
+    assert "a secret link" not in page
+    assert "What the task logged is shown to those with the access token." in page
+    assert "a secret link" in client.get(f"/tasks/{task_id}", headers=basic(SECRET)).text
+    assert "logs" not in client.get(f"/api/tasks/{task_id}").json
+    assert client.get(f"/api/tasks/{task_id}", headers=basic(SECRET)).json["logs"] == [
+        "09:00:00 INFO app: a secret link"]

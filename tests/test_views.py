@@ -909,3 +909,35 @@ def test_a_time_limit_through_the_api(client, queue):
     bad = client.post("/api/tasks", json={"kind": "pretend", "time_limit": 0})
     assert bad.status_code == 400 and bad.json["error"].startswith(
         "time_limit must be a number of seconds above 0")
+
+
+def test_what_a_task_logs_shows_on_its_page_as_it_runs_escaped(make_app):
+    import threading
+
+    app = make_app()
+    queue = get_queue(app)
+    client = app.test_client()
+    task_id = queue.submit("primes", limit=200_000)
+    runner = threading.Thread(target=queue.run_pending)
+    original = queue.registry.get("primes").fn  # the demo's kind, talking first (undone below)
+    release = threading.Event()
+
+    def talk_then_wait(ctx, limit):
+        ctx.logger.info("counting below %d <script>", limit)
+        release.wait(30)
+        return original(ctx, limit=limit)
+
+    kind = queue.registry.get("primes")
+    object.__setattr__(kind, "fn", talk_then_wait)
+    try:
+        runner.start()
+        live = wait_for(lambda: (lambda text: "task-log" in text and text)(
+            client.get(f"/tasks/{task_id}/live", headers=HTMX).text), 30, "the line to show")
+        assert "INFO dashboard.task.primes: counting below 200000 &lt;script&gt;" in live
+        assert "<h3>Log <span class=\"sub\">1 line</span></h3>" in live
+    finally:
+        release.set()
+        runner.join(30)
+        object.__setattr__(kind, "fn", original)
+    assert client.get(f"/api/tasks/{task_id}").json["logs"][0].endswith(
+        "INFO dashboard.task.primes: counting below 200000 <script>")

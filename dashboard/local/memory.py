@@ -21,7 +21,7 @@ from typing import Any
 from ..errors import QueueClosed, QueueFull, TaskNotFound, WrongState
 from ..records import (CANNOT_CANCEL, CANNOT_RETRY, RETRYABLE_STATES, SERIES_SECONDS, Retried,
                        Snapshot, State, Submitted, TaskInfo, TaskRecord, WorkerInfo, WorkerState, progress_changed)
-from .store import MAX_ERRORS, RATE_WINDOW, Store, rates
+from .store import MAX_ERRORS, RATE_WINDOW, Store, keep_line, rates
 
 # Enum member lookups cost a class attribute access each time; the hot paths
 # (submit, claim, finish) use these module constants instead.
@@ -529,6 +529,12 @@ class MemoryStore(Store):
             record.progress = fraction
             record.message = message
             if visible:
+                self._version += 1
+
+    def log(self, record: TaskRecord, line: str) -> None:
+        with self._lock:
+            if record.state is RUNNING:
+                keep_line(record, line)
                 self._version += 1
 
     def finish(

@@ -21,6 +21,7 @@ from ..backend import Backend, Capabilities
 from ..records import Retried, Snapshot, State, Submitted, TaskInfo, TaskRecord
 from ..errors import QueueClosed, QueueFull, StoreUnavailable, TaskNotFound
 from .memory import MemoryStore
+from .tasklog import capturing
 from .store import Store
 from ..tasks import (Registry, check_delay, check_key, check_time_limit,
                      registry as default_registry)
@@ -58,6 +59,16 @@ class TaskContext:
     @property
     def kind(self) -> str:
         return self._record.kind
+
+    @property
+    def logger(self) -> logging.Logger:
+        """A logger for the task (``dashboard.task.<kind>``, at INFO and up unless set
+        otherwise): what it logs shows on the task's page, as does what the task
+        logs through any logger the logging configuration lets through."""
+        logger = logging.getLogger(f"dashboard.task.{self._record.kind}")
+        if logger.level == logging.NOTSET:
+            logger.setLevel(logging.INFO)
+        return logger
 
     @property
     def cancelled(self) -> bool:
@@ -773,7 +784,8 @@ class WorkQueue(Backend):
             record.deadline = time.monotonic() + record.time_limit
         try:
             kind = self.registry.get(record.kind)
-            value = self._runner(kind.fn, TaskContext(record, self.store), record.params)
+            with capturing(record, self.store):
+                value = self._runner(kind.fn, TaskContext(record, self.store), record.params)
         except Exception as exc:
             message = f"{type(exc).__name__}: {exc}"[:1000]
             if record.deadline and time.monotonic() > record.deadline:

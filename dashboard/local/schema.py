@@ -16,7 +16,8 @@ from ..records import State, TaskInfo, TaskRecord
 #: The schema this code reads and writes; kept in ``PRAGMA user_version``.
 #: 2: times that are compared (leases, heartbeats, the per-second record, the
 #: durations behind the rates) are on the machine's shared clock, with its boot.
-#: 3: a task's result, its unique key, delayed (scheduled) tasks, automatic retries.
+#: 3: a task's result, its unique key, delayed (scheduled) tasks, automatic retries,
+#: time limits, what it logged.
 SCHEMA_VERSION = 3
 
 #: A state as the tasks table spells it → the State.
@@ -93,7 +94,9 @@ CREATE TABLE tasks (
     due_at           REAL,                 -- delayed: when due (wall clock, to show)
     due_clock        REAL,                 -- the same on the shared clock
     errors           TEXT,                 -- JSON: earlier attempts retried automatically
-    time_limit       REAL                  -- seconds it may run
+    time_limit       REAL,                 -- seconds it may run
+    logs             TEXT,                 -- JSON: the last lines it logged
+    logs_dropped     INTEGER NOT NULL DEFAULT 0
 );
 -- A keyed submit reads it; tasks without a key are not in it, and cost it nothing.
 CREATE UNIQUE INDEX tasks_key ON tasks (key) WHERE key IS NOT NULL AND finished_at IS NULL;
@@ -225,6 +228,8 @@ ALTER TABLE tasks ADD COLUMN due_at REAL;
 ALTER TABLE tasks ADD COLUMN due_clock REAL;
 ALTER TABLE tasks ADD COLUMN errors TEXT;
 ALTER TABLE tasks ADD COLUMN time_limit REAL;
+ALTER TABLE tasks ADD COLUMN logs TEXT;
+ALTER TABLE tasks ADD COLUMN logs_dropped INTEGER NOT NULL DEFAULT 0;
 CREATE UNIQUE INDEX tasks_key ON tasks (key) WHERE key IS NOT NULL AND finished_at IS NULL;
 CREATE INDEX tasks_due ON tasks (due_clock) WHERE state = 'scheduled';
 CREATE INDEX tasks_late ON tasks (due_clock) WHERE state = 'queued' AND due_clock IS NOT NULL;
@@ -265,7 +270,7 @@ INSERT_SCHEDULED = (
 COLUMNS = (
     "id", "kind", "params", "state", "enqueued_at", "started_at", "finished_at", "progress",
     "message", "error", "traceback", "worker", "cancel_requested", "retry_of", "retried_as",
-    "attempts", "result", "key", "due_at", "errors", "time_limit",
+    "attempts", "result", "key", "due_at", "errors", "time_limit", "logs", "logs_dropped",
 )
 TASK_COLUMNS = ", ".join(COLUMNS)
 T_COLUMNS = ", ".join(f"t.{c}" for c in COLUMNS)
@@ -274,12 +279,12 @@ T_COLUMNS = ", ".join(f"t.{c}" for c in COLUMNS)
 def task_info(row: tuple) -> TaskInfo:
     (task_id, kind, params, state, enqueued_at, started_at, finished_at, progress, message,
      error, traceback, worker, cancel_requested, retry_of, retried_as, attempts, result,
-     key, due_at, errors, time_limit) = row
+     key, due_at, errors, time_limit, logs, logs_dropped) = row
     return TaskInfo(
         task_id, kind, json.loads(params), STATES[state], enqueued_at, started_at, finished_at,
         progress, message, error, traceback, worker, bool(cancel_requested), retry_of,
         retried_as, attempts, result, key, due_at, tuple(json.loads(errors)) if errors else (),
-        time_limit,
+        time_limit, tuple(json.loads(logs)) if logs else (), logs_dropped,
     )
 
 
@@ -298,6 +303,8 @@ def task_record(row: tuple) -> TaskRecord:
     record.due_at = info.due_at
     record.errors = list(info.errors)
     record.time_limit = info.time_limit
+    record.logs = list(info.logs)
+    record.logs_dropped = info.logs_dropped
     return record
 
 

@@ -52,7 +52,7 @@ from ..records import (CANNOT_CANCEL, CANNOT_RETRY, RETRYABLE_STATES, SERIES_SEC
                        progress_changed)
 from .schema import (INSERT, INSERT_SCHEDULED, SCHEMA, SCHEMA_VERSION, STATES, T_COLUMNS, TASK_COLUMNS,
                      UPGRADE_FROM_1, UPGRADE_FROM_2, statements, task_info, task_record)
-from .store import MAX_ERRORS, RATE_WINDOW, Store, rates
+from .store import MAX_ERRORS, RATE_WINDOW, Store, keep_line, rates
 
 logger = logging.getLogger("dashboard.sqlite")
 
@@ -623,11 +623,13 @@ class SqliteStore(Store):
         return conn.execute(
             "UPDATE tasks SET state = 'scheduled', due_at = ?, due_clock = ?, clock = ?, "
             "error = ?, traceback = ?, errors = ?, lease_until = NULL, process = NULL, "
-            "pid = NULL, worker = NULL, progress = 0, message = NULL "
+            "pid = NULL, worker = NULL, progress = 0, message = NULL, logs = ?, "
+            "logs_dropped = ? "
             "WHERE id = ? AND state = 'running' AND process = ? AND attempts = ?",
             (wall + record.retry_in, now + record.retry_in, now, outcome.error,
-             outcome.traceback, json.dumps(record.errors), record.id, self._token,
-             record.attempts),
+             outcome.traceback, json.dumps(record.errors),
+             json.dumps(record.logs) if record.logs else None, record.logs_dropped,
+             record.id, self._token, record.attempts),
         ).rowcount
 
     def _end_locked(self, conn: sqlite3.Connection, now: float, outcome: _Outcome) -> int:
@@ -635,11 +637,13 @@ class SqliteStore(Store):
         return conn.execute(
             "UPDATE tasks SET state = ?, finished_at = ?, finished_clock = ?, clock = ?, "
             "error = ?, traceback = ?, lease_until = NULL, "
-            "progress = CASE WHEN ? THEN 1.0 ELSE ? END, message = ?, result = ? "
+            "progress = CASE WHEN ? THEN 1.0 ELSE ? END, message = ?, result = ?, logs = ?, "
+            "logs_dropped = ? "
             "WHERE id = ? AND state = 'running' AND process = ? AND attempts = ?",
             (outcome.state.value, outcome.finished_at, outcome.finished_clock, now,
              outcome.error, outcome.traceback, outcome.state is State.DONE, record.progress,
-             record.message, record.result, record.id, self._token, record.attempts),
+             record.message, record.result, json.dumps(record.logs) if record.logs else None,
+             record.logs_dropped, record.id, self._token, record.attempts),
         ).rowcount
 
     def _settle(self, record: TaskRecord, state: State, finished_at: float) -> None:
@@ -780,9 +784,10 @@ class SqliteStore(Store):
         try:
             with self._write() as (conn, _now):
                 conn.executemany(
-                    "UPDATE tasks SET progress = ?, message = ? WHERE id = ? "
-                    "AND state = 'running' AND process = ? AND attempts = ?",
-                    [(r.progress, r.message, r.id, self._token, r.attempts) for r in dirty])
+                    "UPDATE tasks SET progress = ?, message = ?, logs = ?, logs_dropped = ? "
+                    "WHERE id = ? AND state = 'running' AND process = ? AND attempts = ?",
+                    [(r.progress, r.message, json.dumps(r.logs) if r.logs else None,
+                      r.logs_dropped, r.id, self._token, r.attempts) for r in dirty])
         except BaseException:
             with self._state:
                 for record in dirty:
@@ -1042,6 +1047,18 @@ class SqliteStore(Store):
                 self._dirty = True
                 self._ensure_keeper()
             self._keeper_wake.set()
+
+    def log(self, record: TaskRecord, line: str) -> None:
+        # Kept here and written by the keeper with the progress, a few lines a write;
+        # the end of the task writes what is left.
+        with self._state:
+            keep_line(record, line)
+            if record.lost:
+                return
+            record.dirty = True
+            self._dirty = True
+            self._ensure_keeper()
+        self._keeper_wake.set()
 
     def cancel_requested(self, record: TaskRecord) -> bool:
         if record.cancel_requested:

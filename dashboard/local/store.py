@@ -23,12 +23,24 @@ from typing import Any, Iterable
 
 from ..records import SERIES_SECONDS, Retried, Snapshot, State, Submitted, TaskInfo, TaskRecord
 
-__all__ = ["MAX_ERRORS", "RATE_WINDOW", "SERIES_SECONDS", "Store", "rates"]
+__all__ = ["MAX_ERRORS", "MAX_LOG_LINES", "RATE_WINDOW", "SERIES_SECONDS", "Store", "keep_line",
+           "rates"]
 
 #: The window the rates (throughput, mean wait and run time) are measured over.
 RATE_WINDOW = 60
 #: Errors of earlier attempts kept with a task that is retried automatically.
 MAX_ERRORS = 20
+#: Lines a task logged kept with it (the last ones).
+MAX_LOG_LINES = 200
+
+
+def keep_line(record: TaskRecord, line: str) -> None:
+    """Add ``line`` to the record's log, letting go of the oldest beyond MAX_LOG_LINES."""
+    logs = record.logs
+    logs.append(line)
+    if len(logs) > MAX_LOG_LINES:
+        del logs[0]
+        record.logs_dropped += 1
 
 
 def rates(now: float, first_second: int | None,
@@ -132,6 +144,11 @@ class Store:
 
     def progress(self, record: TaskRecord, fraction: float, message: str | None) -> None:
         """Record a running task's progress (``fraction`` already in 0..1)."""
+        raise NotImplementedError
+
+    def log(self, record: TaskRecord, line: str) -> None:
+        """Keep a line the running task logged: the last :data:`MAX_LOG_LINES` stay,
+        an older one is let go (and counted)."""
         raise NotImplementedError
 
     def cancel_requested(self, record: TaskRecord) -> bool:

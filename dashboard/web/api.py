@@ -149,7 +149,7 @@ def api_task(task_id: str) -> Response:
         return json_error(f"no task {task_id}: unknown, or no longer in the history", 404)
     data = info.to_dict()
     if not security.may_act():  # QUEUE_PUBLIC_READ: like a traceback, for the token only
-        del data["result"]
+        del data["result"], data["logs"]
     return jsonify(data)
 
 

@@ -1,0 +1,83 @@
+"""What a task logs while it runs, kept with the task.
+
+Each log record made by a worker thread while it runs a task goes to that
+task's store too (:meth:`Store.log`), which keeps the last lines; the task's
+page shows them. It sees what the logging
+configuration lets through (the levels of the loggers the task uses, WARNING
+on the root logger unless the app sets more); ``ctx.logger`` logs at INFO.
+Records logged from other threads the task starts are not the task's.
+
+This module imports nothing from Flask.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Iterator
+
+if TYPE_CHECKING:
+    from ..records import TaskRecord
+    from .store import Store
+
+#: Lines kept per task (the last ones), and characters per line.
+MAX_LINES = 200
+MAX_LINE = 500
+
+_running = threading.local()  # .task: (record, store) while this thread runs a task
+
+
+def _keep(record: logging.LogRecord) -> None:
+    """Hand ``record`` to the task this thread runs, if it runs one."""
+    task = getattr(_running, "task", None)
+    if task is None or record.name == "dashboard.queue":
+        return  # not from a task; or the queue's own lines about it
+    try:
+        text = record.getMessage()
+        if record.exc_info and record.exc_info[1] is not None:
+            error = record.exc_info[1]
+            text = f"{text} ({type(error).__name__}: {error})"
+        stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
+        line = f"{stamp} {record.levelname} {record.name}: {text}"
+        task[1].log(task[0], "".join(c if c.isprintable() else " " for c in line[:MAX_LINE]))
+    except Exception:  # noqa: BLE001 - logging must never fail the task
+        pass
+
+
+_previous_factory = logging.getLogRecordFactory()
+
+
+def _factory(*args: object, **kwargs: object) -> logging.LogRecord:
+    record = _previous_factory(*args, **kwargs)
+    _keep(record)
+    return record
+
+
+_install_lock = threading.Lock()
+_installed = False
+
+
+def _ensure_installed() -> None:
+    """Wrap the record factory once per process. (A factory, not a handler on the
+    root logger: a handler there would end Python's last-resort output of
+    warnings in apps that configure no logging, and change nothing it prints.)"""
+    global _installed, _previous_factory
+    if not _installed:
+        with _install_lock:
+            if not _installed:
+                _previous_factory = logging.getLogRecordFactory()
+                logging.setLogRecordFactory(_factory)
+                _installed = True
+
+
+@contextmanager
+def capturing(record: TaskRecord, store: Store) -> Iterator[None]:
+    """While the body runs, what this thread logs is ``record``'s."""
+    _ensure_installed()
+    _running.task = (record, store)
+    try:
+        yield
+    finally:
+        _running.task = None
