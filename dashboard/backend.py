@@ -18,7 +18,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import TaskFailed
+from .errors import InvalidParam, TaskFailed
 from .records import Retried, Snapshot, State, Submitted, TaskId, TaskInfo
 from .tasks import Registry
 
@@ -33,6 +33,18 @@ class Capabilities:
     shared: bool = False
     #: Queued work outlives a restart.
     durable: bool = False
+    #: Task features a submit may ask for; one it lacks is refused, naming it, and
+    #: the page leaves out its control.
+    delays: bool = True
+    keys: bool = True
+    time_limits: bool = True
+
+    def check(self, feature: str, asked: bool, where: str) -> None:
+        """Refuse (a 400 naming the field) a submit that asks for what this backend lacks."""
+        if asked and not getattr(self, {"delay": "delays", "key": "keys",
+                                         "time_limit": "time_limits"}[feature]):
+            raise InvalidParam(feature, f"is not available with this backend (the queue "
+                               f"{where})")
 
 
 class Backend(ABC):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 
 from dashboard.backend import SEAM, Backend, Capabilities
+from dashboard import get_queue
 from dashboard.ext import QueueExtension
 from dashboard.local.queue import WorkQueue
 
@@ -182,3 +183,23 @@ def test_a_backend_with_string_ids_serves_every_page_and_call(make_app, monkeypa
     assert client.get(f"/tasks/{StringIds.back(first)}").status_code == 404
     assert client.get("/api/tasks/job-999").status_code == 404
     monkeypatch.undo()  # before make_app shuts the real queue down
+
+
+def test_a_backend_without_delays_keys_or_time_limits_says_so_instead_of_pretending(
+        make_app, monkeypatch):
+    app = make_app()
+    monkeypatch.setattr(WorkQueue, "capabilities", property(
+        lambda self: Capabilities(delays=False, keys=False, time_limits=False)))
+    client = app.test_client()
+    assert 'name="delay"' not in client.get("/").text
+    for field, body in (("delay", {"delay": 5}), ("key", {"key": "k"}),
+                        ("time_limit", {"time_limit": 5})):
+        refused = client.post("/api/tasks", json={"kind": "pretend", **body})
+        assert refused.status_code == 400
+        assert refused.json == {"error": f"{field} is not available with this backend (the "
+                                         "queue in this process's memory)"}
+    refused = client.post("/tasks", data={"kind": "pretend", "delay": "5"},
+                          headers={"HX-Request": "true"})
+    assert refused.status_code == 400 and "delay is not available" in refused.text
+    assert client.post("/api/tasks", json={"kind": "pretend"}).status_code == 202
+    assert get_queue(app).stats().submitted == 1

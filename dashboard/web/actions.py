@@ -21,6 +21,13 @@ def count_spec() -> Int:
     return Int(1, current_app.config["QUEUE_MAX_BATCH"])
 
 
+def _can(**asked: bool) -> None:
+    """Refuse what the request asks for that this backend cannot do."""
+    capabilities, where = current_queue.capabilities, current_queue.description
+    for feature, wanted in asked.items():
+        capabilities.check(feature, wanted, where)
+
+
 def read_delay(raw: Any) -> float | None:
     """A request's ``delay``: seconds from now (a number, or a form's text); None or
     empty for now."""
@@ -42,6 +49,7 @@ def submit(kind_name: Any, count: Any, params: Any, delay: Any = None,
     if not isinstance(params, dict):
         raise InvalidParam("params", f"must be an object of parameters, got {type(params).__name__}")
     current_queue.registry.get(kind_name).check_params(params)  # bad input: 400, not 429
+    _can(delay=delay not in (None, ""), time_limit=time_limit is not None)
     due_in = read_delay(delay)
     limit = None if time_limit is None else check_time_limit(time_limit)
     return security.spend_submit(count, lambda: current_queue.submit_many(
@@ -56,6 +64,7 @@ def submit_keyed(kind_name: Any, count: Any, params: Any, key: Any,
     if not isinstance(params, dict):
         raise InvalidParam("params", f"must be an object of parameters, got {type(params).__name__}")
     current_queue.registry.get(kind_name).check_params(params)
+    _can(key=True, delay=delay not in (None, ""), time_limit=time_limit is not None)
     check_key(key)
     due_in = read_delay(delay)
     limit = None if time_limit is None else check_time_limit(time_limit)

@@ -132,6 +132,7 @@ def page_data(snap: Snapshot, **extra: Any) -> dict[str, Any]:
         "shared_store": queue.capabilities.shared,
         "queue_description": queue.description,
         "can_scale": queue.capabilities.scale_workers,
+        "can_delay": queue.capabilities.delays,
         "can_act": can_act,
         "pids": sorted({w.pid for w in snap.workers}),
         "stall": queue.stall(snap),
