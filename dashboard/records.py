@@ -91,17 +91,9 @@ class TaskRecord:
         "retry_of",
         "retried_as",
         "attempts",
-        "result",
-        "key",
-        "due_at",
-        "due_clock",
-        "errors",
-        "retry_in",
         "time_limit",
         "deadline",
-        "overdue",
-        "logs",
-        "logs_dropped",
+        "_more",
         "checked_at",
         "queued_clock",
         "started_clock",
@@ -127,18 +119,12 @@ class TaskRecord:
         self.retry_of: int | None = None
         self.retried_as: int | None = None
         self.attempts = 0
-        self.result: str | None = None  # what the task returned, as JSON text
-        self.key: str | None = None  # while it is queued or running, no other task has it
-        self.due_at: float | None = None  # delayed: when it is due (wall clock, to show)
-        self.due_clock = 0.0  # the same on the clock that never steps
-        # Earlier attempts that failed and were tried again: {"attempt", "error", "at"}.
-        self.errors: list[dict[str, Any]] = []
-        self.retry_in = 0.0  # set when this attempt failed and is to be tried again
         self.time_limit: float | None = None  # seconds it may run, or None
         self.deadline = 0.0  # while it runs here with a limit: when (monotonic) it is up
-        self.overdue = False  # it ran past its limit and the supervisor said so
-        self.logs: list[str] = []  # the last lines it logged
-        self.logs_dropped = 0  # older lines no longer kept
+        # What most tasks never have (a result, a key, a due time, earlier errors, log
+        # lines...): made on the first write, so a plain submit builds no more than it
+        # did before they existed. Read and written as attributes: see _MORE below.
+        self._more: _More | None = None
         self.checked_at = 0.0  # when a shared store last looked for a cancel request
         # When it was queued and started on a clock that never steps (the
         # durations behind the rates); the *_at times above are for people.
@@ -148,6 +134,15 @@ class TaskRecord:
         self.lost = False  # its run here no longer counts: another process took it back
 
     def info(self) -> TaskInfo:
+        more = self._more
+        if more is None:
+            result = key = due_at = None
+            errors = logs = ()
+            dropped = 0
+        else:
+            result, key, due_at, dropped = more.result, more.key, more.due_at, more.logs_dropped
+            errors = tuple(more.errors) if more.errors else ()
+            logs = tuple(more.logs) if more.logs else ()
         return TaskInfo(
             self.id,
             self.kind,
@@ -165,14 +160,55 @@ class TaskRecord:
             self.retry_of,
             self.retried_as,
             self.attempts,
-            self.result,
-            self.key,
-            self.due_at,
-            tuple(self.errors),
+            result,
+            key,
+            due_at,
+            errors,
             self.time_limit,
-            tuple(self.logs),
-            self.logs_dropped,
+            logs,
+            dropped,
         )
+
+
+#: A task record's rarer fields, with what they are until first written.
+_MORE: dict[str, Any] = {
+    "result": None,  # what the task returned, as JSON text
+    "key": None,  # while it is scheduled, queued or running, no other task has it
+    "due_at": None,  # delayed: when it is due (wall clock, to show)
+    "due_clock": 0.0,  # the same on the clock that never steps
+    "errors": (),  # earlier attempts that failed and were tried again
+    "retry_in": 0.0,  # set when this attempt failed and is to be tried again
+    "overdue": False,  # it ran past its limit and the supervisor said so
+    "logs": (),  # the last lines it logged
+    "logs_dropped": 0,  # older lines no longer kept
+}
+
+
+class _More:
+    __slots__ = tuple(_MORE)
+
+    def __init__(self) -> None:
+        for name, default in _MORE.items():
+            setattr(self, name, default)
+
+
+
+def _more_field(name: str, default: Any) -> property:
+    def get(record: TaskRecord) -> Any:
+        more = record._more
+        return default if more is None else getattr(more, name)
+
+    def put(record: TaskRecord, value: Any) -> None:
+        more = record._more
+        if more is None:
+            more = record._more = _More()
+        setattr(more, name, value)
+
+    return property(get, put, doc=f"{name} (default {default!r} until written)")
+
+
+for _name, _default in _MORE.items():
+    setattr(TaskRecord, _name, _more_field(_name, _default))
 
 
 #: A task's id, as its backend gives it out: an integer from the in-process

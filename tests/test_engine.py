@@ -788,3 +788,23 @@ def test_a_parameter_no_submit_could_give_is_refused_at_registration(registry):
 def test_a_task_parameter_may_not_take_a_name_submit_keeps(registry, name):
     with pytest.raises(TypeError, match=f"a parameter may not be named '{name}': submit"):
         registry.task("clash")(eval(f"lambda ctx, {name}=None: None"))  # noqa: S307
+
+
+def test_a_worker_threads_task_keeps_what_it_logs(registry, make_queue):
+    """Worker threads set nothing per task for this: a log line finds its task through
+    the thread (run_pending's caller thread is marked around each task instead)."""
+    import logging
+
+    @registry.task("talks")
+    def talks(ctx):
+        ctx.logger.info("from the worker")
+        logging.getLogger("dashboard.sqlite").warning("the store's own line: not the task's")
+
+    q = make_queue(workers=1)
+    q.start()
+    task_id = q.submit("talks")
+    info = q.wait(task_id, timeout=30)
+    assert [line.split(" ", 1)[1] for line in info.logs] == [
+        "INFO dashboard.task.talks: from the worker"]
+    logging.getLogger("some.app").warning("outside any task")  # no task: kept nowhere
+    assert len(q.get(task_id).logs) == 1

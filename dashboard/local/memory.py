@@ -480,9 +480,8 @@ class MemoryStore(Store):
             if self._closed or (slot is not None and not slot.alive):
                 return None
             due = self._due
-            next_due = due[0][0] if due else None  # (maybe a cancelled one's: a spare look)
-            if next_due is not None and next_due <= time.monotonic():
-                next_due = self._promote_locked(time.monotonic())
+            if due and due[0][0] <= time.monotonic():
+                self._promote_locked(time.monotonic())
             if queue and not self._paused:
                 record = queue.popleft()
                 if record.state is not QUEUED:
@@ -508,9 +507,9 @@ class MemoryStore(Store):
                 return None
             self._waiting += 1
             try:
-                # Until woken, or until the next delayed task is due.
-                self._work.wait(None if next_due is None else
-                                max(0.0, next_due - time.monotonic()))
+                # Until woken, or until the next delayed task is due (maybe a
+                # cancelled one's: then a spare look).
+                self._work.wait(max(0.0, due[0][0] - time.monotonic()) if due else None)
             finally:
                 self._waiting -= 1
 

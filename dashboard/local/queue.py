@@ -21,7 +21,9 @@ from ..backend import Backend, Capabilities
 from ..records import Retried, Snapshot, State, Submitted, TaskInfo, TaskRecord
 from ..errors import QueueClosed, QueueFull, StoreUnavailable, TaskNotFound
 from .memory import MemoryStore
-from .tasklog import capturing
+from . import tasklog
+from .tasklog import ensure_installed as _capture_task_logs
+from .tasklog import running as _task_running
 from .store import Store
 from ..tasks import (Registry, check_delay, check_key, check_time_limit,
                      registry as default_registry)
@@ -88,6 +90,10 @@ class TaskContext:
             self._record.cancel_seen = True
             return True
         return False
+
+    def log_line(self, line: str) -> None:
+        """Keep a line the task logged (see :mod:`.tasklog`)."""
+        self._store.log(self._record, line)
 
     def progress(self, fraction: float, message: str | None = None) -> None:
         """Report how far the task is, from 0 to 1, with an optional short message.
@@ -178,6 +184,20 @@ _live_queues: weakref.WeakSet[WorkQueue] = weakref.WeakSet()
 def live_queues() -> list[WorkQueue]:
     """Every WorkQueue object that still exists in this process."""
     return list(_live_queues)
+
+
+def _find_task(thread: threading.Thread) -> TaskContext | None:
+    """The task a worker thread of some queue of this process runs now, if any: how a
+    log line finds its task (see tasklog), without a write per task."""
+    for queue in list(_live_queues):
+        for name, worker in list(queue._threads.items()):
+            if worker is thread:
+                record = queue._current.get(name)
+                return None if record is None else TaskContext(record, queue.store)
+    return None
+
+
+tasklog.find_task = _find_task
 
 
 def _after_fork_in_child() -> None:
@@ -321,6 +341,7 @@ class WorkQueue(Backend):
         even the supervisor cannot start, nothing counts as started and the
         next call (the next request) tries again.
         """
+        _capture_task_logs()
         pid = os.getpid()
         if self._pid == pid:
             return
@@ -736,12 +757,19 @@ class WorkQueue(Backend):
         Failures are recorded exactly as in a worker thread. For tests and
         scripts: no thread, no sleeping, the same code path as the workers.
         """
+        _capture_task_logs()
         ran = 0
+        running = _task_running  # (worker threads are found by _find_task instead)
         while limit is None or ran < limit:
             record = self.store.claim(None, block=False)
             if record is None:
                 break
-            self.store.finish(record, *self._execute(record))
+            running.task = TaskContext(record, self.store)  # what this thread logs is its
+            try:
+                outcome = self._execute(record)
+            finally:
+                running.task = None
+            self.store.finish(record, *outcome)
             ran += 1
         return ran
 
@@ -779,13 +807,12 @@ class WorkQueue(Backend):
         """Run one task; return how it ended as ``(state, error, traceback)`` for the store,
         its return value (as JSON text) on the record. ``SCHEDULED``: the attempt failed
         and its kind retries it, after ``record.retry_in`` seconds."""
-        record.overdue = False
         if record.time_limit:
             record.deadline = time.monotonic() + record.time_limit
+            record.overdue = False
         try:
             kind = self.registry.get(record.kind)
-            with capturing(record, self.store):
-                value = self._runner(kind.fn, TaskContext(record, self.store), record.params)
+            value = self._runner(kind.fn, TaskContext(record, self.store), record.params)
         except Exception as exc:
             message = f"{type(exc).__name__}: {exc}"[:1000]
             if record.deadline and time.monotonic() > record.deadline:
@@ -812,6 +839,12 @@ class WorkQueue(Backend):
             return _FAILED, message, traceback.format_exc()
         if record.deadline and time.monotonic() > record.deadline:
             return self._timed_out(record, "", None)
+        if value is None and not record.cancel_seen:
+            if _log_info():
+                logger.info("task %d (%s) done in %.2fs [pid %d %s]", record.id, record.kind,
+                            time.time() - (record.started_at or 0.0), os.getpid(),
+                            record.worker or "caller")
+            return _DONE_RESULT
         if value is not None:
             record.result, refusal = encode_result(value, self.max_result_bytes)
             if refusal is not None:

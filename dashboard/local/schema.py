@@ -301,9 +301,9 @@ def task_record(row: tuple) -> TaskRecord:
     record.attempts = info.attempts
     record.key = info.key
     record.due_at = info.due_at
-    record.errors = list(info.errors)
+    record.errors = list(info.errors) if info.errors else ()
     record.time_limit = info.time_limit
-    record.logs = list(info.logs)
+    record.logs = list(info.logs) if info.logs else ()
     record.logs_dropped = info.logs_dropped
     return record
 

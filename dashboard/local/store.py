@@ -37,6 +37,8 @@ MAX_LOG_LINES = 200
 def keep_line(record: TaskRecord, line: str) -> None:
     """Add ``line`` to the record's log, letting go of the oldest beyond MAX_LOG_LINES."""
     logs = record.logs
+    if not isinstance(logs, list):
+        logs = record.logs = []
     logs.append(line)
     if len(logs) > MAX_LOG_LINES:
         del logs[0]

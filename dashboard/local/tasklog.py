@@ -15,25 +15,32 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from contextlib import contextmanager
-from typing import TYPE_CHECKING, Iterator
-
-if TYPE_CHECKING:
-    from ..records import TaskRecord
-    from .store import Store
+from typing import Any, Callable
 
 #: Lines kept per task (the last ones), and characters per line.
 MAX_LINES = 200
 MAX_LINE = 500
 
-_running = threading.local()  # .task: (record, store) while this thread runs a task
+#: ``.task``: the TaskContext of the task this thread runs, for a thread that is
+#: not a worker (``run_pending``), set around each task.
+running = threading.local()
+
+#: How a worker thread's task is found, set by the queue module: a function of the
+#: thread, giving that task's TaskContext-like object (with ``log_line``) or None.
+#: A worker sets nothing per task: a log line is rare, a task is not.
+find_task: Callable[[threading.Thread], Any] | None = None
 
 
 def _keep(record: logging.LogRecord) -> None:
     """Hand ``record`` to the task this thread runs, if it runs one."""
-    task = getattr(_running, "task", None)
-    if task is None or record.name == "dashboard.queue":
-        return  # not from a task; or the queue's own lines about it
+    name = record.name
+    if name.startswith("dashboard.") and not name.startswith("dashboard.task."):
+        return  # the queue's own lines (about the task, or its store)
+    task = getattr(running, "task", None)
+    if task is None and find_task is not None:
+        task = find_task(threading.current_thread())
+    if task is None:
+        return  # not from a thread that runs a task
     try:
         text = record.getMessage()
         if record.exc_info and record.exc_info[1] is not None:
@@ -41,7 +48,7 @@ def _keep(record: logging.LogRecord) -> None:
             text = f"{text} ({type(error).__name__}: {error})"
         stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
         line = f"{stamp} {record.levelname} {record.name}: {text}"
-        task[1].log(task[0], "".join(c if c.isprintable() else " " for c in line[:MAX_LINE]))
+        task.log_line("".join(c if c.isprintable() else " " for c in line[:MAX_LINE]))
     except Exception:  # noqa: BLE001 - logging must never fail the task
         pass
 
@@ -59,7 +66,7 @@ _install_lock = threading.Lock()
 _installed = False
 
 
-def _ensure_installed() -> None:
+def ensure_installed() -> None:
     """Wrap the record factory once per process. (A factory, not a handler on the
     root logger: a handler there would end Python's last-resort output of
     warnings in apps that configure no logging, and change nothing it prints.)"""
@@ -72,12 +79,4 @@ def _ensure_installed() -> None:
                 _installed = True
 
 
-@contextmanager
-def capturing(record: TaskRecord, store: Store) -> Iterator[None]:
-    """While the body runs, what this thread logs is ``record``'s."""
-    _ensure_installed()
-    _running.task = (record, store)
-    try:
-        yield
-    finally:
-        _running.task = None
+
