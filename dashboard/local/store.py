@@ -175,8 +175,9 @@ class Store:
         traceback: str | None = None,
     ) -> TaskRecord | None:
         """:meth:`finish` then a blocking :meth:`claim` for the same worker."""
+        worker = record.worker  # (a retried attempt's record lets go of its worker)
         self.finish(record, state, error, traceback)
-        return self.claim(record.worker)
+        return self.claim(worker)
 
     # -- operating on one task --
 
