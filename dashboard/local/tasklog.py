@@ -1,11 +1,11 @@
 """What a task logs while it runs, kept with the task.
 
-Each log record made by a worker thread while it runs a task goes to that
-task's store too (:meth:`Store.log`), which keeps the last lines; the task's
-page shows them. It sees what the logging
-configuration lets through (the levels of the loggers the task uses, WARNING
-on the root logger unless the app sets more); ``ctx.logger`` logs at INFO.
-Records logged from other threads the task starts are not the task's.
+Each log record made by a thread while it runs a task goes to that task's
+store too (:meth:`Store.log`), which keeps the last lines; the task's page
+shows them. It sees what the logging configuration lets through (the levels
+of the loggers the task uses, WARNING on the root logger unless the app sets
+more); ``ctx.logger`` logs at INFO. Records logged from other threads the task
+starts are not the task's.
 
 This module imports nothing from Flask.
 """
@@ -17,8 +17,7 @@ import threading
 import time
 from typing import Any, Callable
 
-#: Lines kept per task (the last ones), and characters per line.
-MAX_LINES = 200
+#: Characters of a line kept (the store keeps the last MAX_LOG_LINES lines).
 MAX_LINE = 500
 
 #: ``.task``: the TaskContext of the task this thread runs, for a thread that is
@@ -77,6 +76,3 @@ def ensure_installed() -> None:
                 _previous_factory = logging.getLogRecordFactory()
                 logging.setLogRecordFactory(_factory)
                 _installed = True
-
-
-
