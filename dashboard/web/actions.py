@@ -22,7 +22,10 @@ def count_spec() -> Int:
 
 
 def _can(**asked: bool) -> None:
-    """Refuse what the request asks for that this backend cannot do."""
+    """Refuse what the request asks for that this backend cannot do (a plain submit
+    asks for nothing, and looks nothing up)."""
+    if not any(asked.values()):
+        return
     capabilities, where = current_queue.capabilities, current_queue.description
     for feature, wanted in asked.items():
         capabilities.check(feature, wanted, where)
