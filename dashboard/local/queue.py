@@ -810,6 +810,7 @@ class WorkQueue(Backend):
         if record.time_limit:
             record.deadline = time.monotonic() + record.time_limit
             record.overdue = False
+        kind = None  # (a kind no longer registered fails in the lookup: nothing retries it)
         try:
             kind = self.registry.get(record.kind)
             value = self._runner(kind.fn, TaskContext(record, self.store), record.params)
@@ -818,7 +819,7 @@ class WorkQueue(Backend):
             if record.deadline and time.monotonic() > record.deadline:
                 return self._timed_out(record, f" (it then raised {message})",
                                        traceback.format_exc())
-            policy = self.registry.get(record.kind).retry if record.kind in self.registry else None
+            policy = None if kind is None else kind.retry
             if (policy is not None and policy.retries(exc, record.attempts)
                     and not record.cancel_requested and not record.cancel_seen):
                 record.retry_in = policy.wait(record.attempts)

@@ -114,6 +114,7 @@ def page_data(snap: Snapshot, **extra: Any) -> dict[str, Any]:
     config = current_app.config
     queue = current_queue
     urls = _Urls()
+    capabilities = queue.capabilities  # (a backend may build it anew on each read)
     can_act = security.may_act()
     present = presenting()
     return {
@@ -129,10 +130,10 @@ def page_data(snap: Snapshot, **extra: Any) -> dict[str, Any]:
         "workers_target": queue.workers,
         "max_workers": config["QUEUE_MAX_WORKERS"],
         "present": present,
-        "shared_store": queue.capabilities.shared,
+        "shared_store": capabilities.shared,
         "queue_description": queue.description,
-        "can_scale": queue.capabilities.scale_workers,
-        "can_delay": queue.capabilities.delays,
+        "can_scale": capabilities.scale_workers,
+        "can_delay": capabilities.delays,
         "can_act": can_act,
         "pids": sorted({w.pid for w in snap.workers}),
         "stall": queue.stall(snap),
