@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import InvalidParam, TaskFailed
-from .records import Retried, Snapshot, State, Submitted, TaskId, TaskInfo
+from .records import Retried, ScheduleInfo, Snapshot, State, Submitted, TaskId, TaskInfo
 from .tasks import Registry
 
 
@@ -38,6 +38,8 @@ class Capabilities:
     delays: bool = True
     keys: bool = True
     time_limits: bool = True
+    #: Periodic schedules are run (each due time once) and listed, with "run now".
+    schedules: bool = True
 
     def check(self, feature: str, asked: bool, where: str) -> None:
         """Refuse (a 400 naming the field) a submit that asks for what this backend lacks."""
@@ -148,6 +150,15 @@ class Backend(ABC):
     def submit_many(self, kind: str, count: int, params: dict[str, Any], *,
                     delay: Any = None, time_limit: Any = None) -> list[TaskId]:
         """Queue (or, with a delay, schedule) ``count`` tasks of ``kind``; all or none."""
+
+    def schedules(self) -> list[ScheduleInfo]:
+        """The periodic schedules, by name, with their next and last runs."""
+        return list(self.stats(0).schedules)
+
+    @abstractmethod
+    def run_schedule(self, name: str) -> TaskId:
+        """Queue a schedule's task now (the page's "Run now"); its next due time stays.
+        Raises :class:`~dashboard.errors.ScheduleNotFound` for an unknown name."""
 
     @abstractmethod
     def cancel(self, task_id: TaskId) -> State: ...

@@ -70,6 +70,17 @@ class TaskNotFound(QueueError):
         super().__init__(f"no task {task_id}: unknown, or no longer in the history")
 
 
+class ScheduleNotFound(QueueError):
+    """No schedule has this name."""
+
+    status = 404
+
+    def __init__(self, name: object, known: list[str]):
+        self.name = name
+        super().__init__(f"no schedule {short(name)}; schedules are: "
+                         f"{', '.join(known) or '(none declared)'}")
+
+
 class WrongState(QueueError):
     """The task is not in a state that allows what was asked."""
 

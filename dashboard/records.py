@@ -136,11 +136,12 @@ class TaskRecord:
     def info(self) -> TaskInfo:
         more = self._more
         if more is None:
-            result = key = due_at = None
+            result = key = due_at = schedule = None
             errors = logs = ()
             dropped = 0
         else:
             result, key, due_at, dropped = more.result, more.key, more.due_at, more.logs_dropped
+            schedule = more.schedule
             errors = tuple(more.errors) if more.errors else ()
             logs = tuple(more.logs) if more.logs else ()
         return TaskInfo(
@@ -167,6 +168,7 @@ class TaskRecord:
             self.time_limit,
             logs,
             dropped,
+            schedule,
         )
 
 
@@ -181,6 +183,7 @@ _MORE: dict[str, Any] = {
     "overdue": False,  # it ran past its limit and the supervisor said so
     "logs": (),  # the last lines it logged
     "logs_dropped": 0,  # older lines no longer kept
+    "schedule": None,  # the periodic schedule that queued it
 }
 
 
@@ -269,6 +272,8 @@ class TaskInfo(NamedTuple):
     #: The last lines it logged while it ran, and how many earlier ones were let go.
     logs: tuple[str, ...] = ()
     logs_dropped: int = 0
+    #: The periodic schedule that queued it (its due time is ``due_at``), or None.
+    schedule: str | None = None
 
     @property
     def result(self) -> Any:
@@ -345,6 +350,7 @@ class TaskInfo(NamedTuple):
             "overdue": self.overdue,
             "logs": list(self.logs),
             "logs_dropped": self.logs_dropped,
+            "schedule": self.schedule,
         }
 
 
@@ -364,6 +370,46 @@ class WorkerInfo(NamedTuple):
             "task": None if self.task is None else self.task.to_dict(),
             "done": self.done,
             "pid": self.pid,
+        }
+
+
+class ScheduleState(NamedTuple):
+    """What a store keeps of one schedule: when it is next due, and its last run."""
+
+    next_due: float | None = None  # wall clock
+    last_due: float | None = None  # the due time of the last run (a run now: when asked)
+    last_task: TaskId | None = None
+    last_state: State | None = None  # None: no run yet, or the history forgot it
+    runs: int = 0
+
+
+class ScheduleInfo(NamedTuple):
+    """One periodic schedule as the page and the JSON API show it."""
+
+    name: str
+    kind: str
+    params: dict[str, Any]
+    #: As the code gave it ("*/5 * * * *", "every 10 seconds"), and in words.
+    expression: str
+    description: str
+    next_due: float | None = None
+    last_due: float | None = None
+    last_task: TaskId | None = None
+    last_state: State | None = None
+    runs: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "params": dict(self.params),
+            "expression": self.expression,
+            "description": self.description,
+            "next_due": self.next_due,
+            "last_due": self.last_due,
+            "last_task": self.last_task,
+            "last_state": None if self.last_state is None else self.last_state.value,
+            "runs": self.runs,
         }
 
 
@@ -414,6 +460,8 @@ class Snapshot(NamedTuple):
     #: Delayed tasks not yet due (not counted in ``queued``), and the next ones due.
     scheduled: int = 0
     soon: tuple[TaskInfo, ...] = ()
+    #: The periodic schedules, by name (see :class:`ScheduleInfo`).
+    schedules: tuple[ScheduleInfo, ...] = ()
 
     @property
     def finished(self) -> int:
@@ -450,4 +498,5 @@ class Snapshot(NamedTuple):
             "mean_run": self.mean_run,
             "throughput": self.throughput,
             "eta": self.eta,
+            "schedules": [s.to_dict() for s in self.schedules],
         }

@@ -17,8 +17,9 @@ from datetime import datetime, timedelta
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-from .errors import InvalidParam, UnknownKind
+from .errors import InvalidParam, ScheduleNotFound, UnknownKind
 from .errors import short as _short
+from .periodic import Schedule
 
 
 class Param:
@@ -217,6 +218,7 @@ class Registry:
 
     def __init__(self) -> None:
         self._kinds: dict[str, TaskKind] = {}
+        self._schedules: dict[str, Schedule] = {}
 
     def task(
         self,
@@ -226,6 +228,9 @@ class Registry:
         description: str | None = None,
         retry: Retry | int | None = None,
         time_limit: float | None = None,
+        cron: str | None = None,
+        every: float | None = None,
+        tz: str = "UTC",
     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Register the decorated function as a task kind called ``name``.
 
@@ -236,6 +241,8 @@ class Registry:
         failing attempt again (:class:`Retry`; a number: that many attempts).
         ``time_limit`` (seconds): past it ``ctx.cancelled`` turns true, and a task
         that then ends is failed as timed out (a submit may give its own limit).
+        ``cron`` or ``every`` also makes it periodic: a schedule of the kind's name
+        with no params (see :meth:`schedule`).
         """
         limit = None if time_limit is None else check_time_limit(time_limit)
         policy = Retry(retry) if isinstance(retry, int) and not isinstance(retry, bool) else retry
@@ -253,9 +260,55 @@ class Registry:
                 kind_name, fn, specs, doc.split("\n\n")[0].replace("\n", " "), required,
                 defaults, policy, limit,
             )
+            if cron is not None or every is not None:
+                self.schedule(kind_name, cron=cron, every=every, tz=tz)
             return fn
 
         return decorator
+
+    def schedule(self, name: str, kind: str | None = None, *, cron: str | None = None,
+                 every: float | None = None, params: Mapping[str, Any] | None = None,
+                 tz: str = "UTC") -> Schedule:
+        """Run a task of ``kind`` (by default the one called ``name``) with ``params``
+        periodically: ``cron`` (a cron expression, 5 fields, or 6 with seconds first,
+        in UTC unless ``tz`` names a zone) or ``every`` (seconds, counted from the
+        epoch: ``every=3600`` is due on the hour). Each due time runs once: once per
+        process with the in-memory store, once in all with a shared store.
+
+        The kind must be registered first, and ``params`` must be what a submit of
+        it would accept: a mistake fails here, when the app starts.
+        """
+        kind_name = name if kind is None else kind
+        if kind_name not in self._kinds:
+            raise ValueError(f"schedule {name!r}: no task kind {kind_name!r} is registered "
+                             f"(registered: {', '.join(self.names()) or 'none'}); register "
+                             "the kind first")
+        try:
+            checked = self._kinds[kind_name].check_params(dict(params or {}))
+        except InvalidParam as exc:
+            raise ValueError(f"schedule {name!r}: {exc}") from None
+        made = Schedule(name, kind_name, checked, cron, every, tz)
+        known = self._schedules.get(name)
+        if known is not None and known != made:
+            raise ValueError(f"schedule {name!r} is already registered, as {known.expression} "
+                             f"of {known.kind!r}")
+        self._schedules[name] = made
+        return made
+
+    @property
+    def has_schedules(self) -> bool:
+        return bool(self._schedules)
+
+    def schedules(self) -> list[Schedule]:
+        """Every schedule, by name."""
+        return [self._schedules[n] for n in sorted(self._schedules)]
+
+    def get_schedule(self, name: object) -> Schedule:
+        """The schedule called ``name``, or :class:`ScheduleNotFound`."""
+        try:
+            return self._schedules[name]  # type: ignore[index]
+        except (KeyError, TypeError):
+            raise ScheduleNotFound(name, sorted(self._schedules)) from None
 
     def get(self, name: object) -> TaskKind:
         """Return the kind called ``name`` or raise :class:`UnknownKind`."""

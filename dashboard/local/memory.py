@@ -16,12 +16,12 @@ import threading
 import time
 from collections import deque
 from itertools import islice, takewhile
-from typing import Any
+from typing import Any, Iterable
 
 from ..errors import QueueClosed, QueueFull, TaskNotFound, WrongState
 from ..records import (CANNOT_CANCEL, CANNOT_RETRY, RETRYABLE_STATES, SERIES_SECONDS, Retried,
-                       Snapshot, State, Submitted, TaskInfo, TaskRecord, WorkerInfo, WorkerState, progress_changed)
-from .store import MAX_ERRORS, RATE_WINDOW, Store, keep_line, rates
+                       ScheduleState, Snapshot, State, Submitted, TaskInfo, TaskRecord, WorkerInfo, WorkerState, progress_changed)
+from .store import MAX_ERRORS, RATE_WINDOW, Run, Store, keep_line, rates
 
 # Enum member lookups cost a class attribute access each time; the hot paths
 # (submit, claim, finish) use these module constants instead.
@@ -157,6 +157,8 @@ class MemoryStore(Store):
         self._ended = threading.Condition(waits)  # wait_finished() waits here
         self._end_waiters = 0
         self._keys: dict[str, TaskRecord] = {}  # a unique key → the task that last had it
+        # Periodic schedules: name → [spec, next due, last due, last run's record, runs].
+        self._schedules: dict[str, list[Any]] = {}
         # Delayed tasks by due time (a heap; cancelled ones are skipped when popped).
         self._due: list[tuple[float, int, TaskRecord]] = []
         self._scheduled = 0
@@ -392,6 +394,62 @@ class MemoryStore(Store):
         while due and due[0][2].state is not SCHEDULED:
             heapq.heappop(due)
         return due[0][0] if due else None
+
+    # -- periodic schedules ------------------------------------------------
+
+    def schedule_next(self, name: str, spec: str, first_due: float) -> float:
+        with self._lock:
+            entry = self._schedules.get(name)
+            if entry is None or entry[0] != spec:
+                entry = self._schedules[name] = [spec, first_due, None, None, 0]
+            return entry[1]
+
+    def claim_due(self, name: str, due: float, next_due: float,
+                  run: Run | None) -> tuple[float, int | None]:
+        with self._lock:
+            entry = self._schedules.get(name)
+            if entry is None or entry[1] != due:
+                return (next_due if entry is None else entry[1]), None
+            task_id = None if run is None else self._add_run_locked(name, run, due)
+            entry[1] = next_due
+            if task_id is not None:
+                entry[2], entry[3] = due, self._tasks[task_id]
+                entry[4] += 1
+            self._version += 1
+            return next_due, task_id
+
+    def run_schedule(self, name: str, run: Run) -> int:
+        with self._lock:
+            entry = self._schedules.get(name)
+            task_id = self._add_run_locked(name, run, None)
+            if entry is not None:
+                record = self._tasks[task_id]
+                entry[2], entry[3] = record.enqueued_at, record
+                entry[4] += 1
+            return task_id
+
+    def _add_run_locked(self, name: str, run: Run, due: float | None) -> int:
+        (task_id,) = self._add_locked(run.kind, dict(run.params), 1, None)
+        record = self._tasks[task_id]
+        record.schedule = name
+        if due is not None:
+            record.due_at = due
+        record.time_limit = run.time_limit
+        return task_id
+
+    def schedule_states(self, names: Iterable[str]) -> dict[str, ScheduleState]:
+        with self._lock:
+            states = {}
+            for name in names:
+                entry = self._schedules.get(name)
+                if entry is None:
+                    continue
+                record = entry[3]
+                known = record is not None and self._tasks.get(record.id) is record
+                states[name] = ScheduleState(
+                    entry[1], entry[2], None if record is None else record.id,
+                    record.state if known else None, entry[4])
+            return states
 
     def add_keyed(self, kind: str, params: dict[str, Any], key: str,
                   delay: float | None = None, time_limit: float | None = None) -> Submitted:

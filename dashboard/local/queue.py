@@ -18,13 +18,15 @@ import weakref
 from typing import Any, Callable, Mapping
 
 from ..backend import Backend, Capabilities
-from ..records import Retried, Snapshot, State, Submitted, TaskInfo, TaskRecord
+from ..records import (Retried, ScheduleInfo, Snapshot, State, Submitted, TaskInfo,
+                       TaskRecord)
 from ..errors import QueueClosed, QueueFull, StoreUnavailable, TaskNotFound
+from ..periodic import CATCH_UP, Schedule
 from .memory import MemoryStore
 from . import tasklog
 from .tasklog import ensure_installed as _capture_task_logs
 from .tasklog import running as _task_running
-from .store import Store
+from .store import Run, Store
 from ..tasks import (Registry, check_delay, check_key, check_time_limit,
                      registry as default_registry)
 
@@ -164,6 +166,10 @@ def _known(task_id: int | str) -> int:
     return number
 
 
+def _when(moment: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(moment))
+
+
 def _worker_number(name: str) -> int:
     return int(name.rpartition("-")[2])
 
@@ -294,6 +300,9 @@ class WorkQueue(Backend):
         self._stalled: str | None = None
         self._short = False  # start() left workers for the supervisor to start
         self._said: dict[str, float] = {}
+        self._scheduler: threading.Thread | None = None
+        self._tick = threading.Event()  # wakes the scheduler (to stop)
+        self._next_due: dict[str, float] = {}  # each schedule's, as last read from the store
 
     def _say(self, key: str, level: int, message: str, *args: Any, exc_info: bool = False) -> None:
         """Log at most once every 30 s per ``key``: a fault that lasts must not
@@ -386,6 +395,13 @@ class WorkQueue(Backend):
                     self._start_error = f"could not start: {type(exc).__name__}: {exc}"
                     logger.error("%s; the next request tries again", self._start_error)
                     return
+            if self.registry.schedules():
+                try:
+                    self._start_scheduler()
+                except Exception as exc:  # noqa: BLE001 - start() is called again
+                    self._start_error = f"could not start: {type(exc).__name__}: {exc}"
+                    logger.error("%s; the next request tries again", self._start_error)
+                    return
             self._start_error = None
             self._pid = pid
             self._short = problem is not None
@@ -405,6 +421,15 @@ class WorkQueue(Backend):
         )
         supervisor.start()
         self._supervisor = supervisor
+
+    def _start_scheduler(self) -> None:
+        if self._scheduler is not None and self._scheduler.is_alive():
+            return
+        scheduler = threading.Thread(
+            target=self._schedule_loop, name=f"{self.name}-scheduler", daemon=True
+        )
+        scheduler.start()
+        self._scheduler = scheduler
 
     def _spawn(self, name: str, replacement: bool = False) -> None:
         self.store.add_worker(name, replacement=replacement)
@@ -430,6 +455,7 @@ class WorkQueue(Backend):
         if self._closed_at is None:
             self._closed_at = time.monotonic()
         self.store.close()
+        self._tick.set()  # the scheduler stops
 
     def close_nowait(self) -> None:
         """Refuse new submissions from now on, taking no lock: safe in a signal handler.
@@ -634,8 +660,117 @@ class WorkQueue(Backend):
 
     def stats(self, recent: int = 20, upcoming: int = 0) -> Snapshot:
         """One consistent snapshot: counts, workers, rates, the ``recent`` last
-        finished tasks and the next ``upcoming`` queued ones."""
-        return self.store.snapshot(recent, upcoming)
+        finished tasks and the next ``upcoming`` queued ones, and the schedules."""
+        snap = self.store.snapshot(recent, upcoming)
+        if self.registry.has_schedules:
+            snap = snap._replace(schedules=tuple(self.schedules()))
+        return snap
+
+    # -- periodic schedules ------------------------------------------------
+
+    def schedules(self) -> list[ScheduleInfo]:
+        """The periodic schedules, by name, with their next and last runs."""
+        schedules = self.registry.schedules()
+        states = self.store.schedule_states(s.name for s in schedules) if schedules else {}
+        now = time.time()
+        infos = []
+        for schedule in schedules:
+            state = states.get(schedule.name)
+            next_due = (state.next_due if state is not None
+                        else self._next_due.get(schedule.name) or schedule.next_after(now))
+            infos.append(ScheduleInfo(
+                schedule.name, schedule.kind, dict(schedule.params), schedule.expression,
+                schedule.description, next_due,
+                *(state[1:] if state is not None else ())))
+        return infos
+
+    def run_schedule(self, name: str) -> int:
+        """Queue a schedule's task now (the page's "Run now"): it counts as the
+        schedule's last run, and its next due time stays."""
+        schedule = self.registry.get_schedule(name)
+        self._next_due.setdefault(name, self.store.schedule_next(
+            name, schedule.spec, schedule.next_after(time.time())))
+        task_id = self.store.run_schedule(name, self._run_of(schedule))
+        logger.info("schedule %s: run now as task %d", name, task_id)
+        return task_id
+
+    def _run_of(self, schedule: Schedule) -> Run:
+        return Run(schedule.kind, dict(schedule.params),
+                   self.registry.get(schedule.kind).time_limit)
+
+    def run_schedules(self, now: float | None = None) -> float | None:
+        """Queue a run of each schedule whose due time has come; when (wall clock) the
+        next one is due, or None when there are no schedules.
+
+        Each due time is claimed in the store, together with queueing its run, so
+        of the processes sharing a store exactly one runs it. A due time found more
+        than ``CATCH_UP`` (60 s) late was missed while no process ran the queue:
+        all those are run once, together. The scheduler thread calls this when a
+        due time comes; tests call it with ``now`` to run schedules by hand.
+        """
+        schedules = self.registry.schedules()
+        if not schedules:
+            return None
+        now = time.time() if now is None else now
+        soonest = None
+        for schedule in schedules:
+            due = self._next_due.get(schedule.name)
+            if due is None:
+                due = self._next_due[schedule.name] = self.store.schedule_next(
+                    schedule.name, schedule.spec, schedule.next_after(now))
+            for _ in range(1000):  # (a bound: another process could keep moving it)
+                if due > now:
+                    break
+                due = self._claim(schedule, due, now)
+            if soonest is None or due < soonest:
+                soonest = due
+        return soonest
+
+    def _claim(self, schedule: Schedule, due: float, now: float) -> float:
+        """Claim one due time of ``schedule`` (with those missed, see run_schedules);
+        the schedule's next due time as the store has it after."""
+        late = due < now - CATCH_UP
+        # Missed ones: one run for all of them, then each due time from the window on.
+        after = schedule.next_after(now - CATCH_UP) if late else schedule.next_after(due)
+        name = schedule.name
+        try:
+            stored, task_id = self.store.claim_due(name, due, after, self._run_of(schedule))
+        except QueueFull as exc:
+            stored, task_id = self.store.claim_due(name, due, after, None)
+            if stored == after:
+                logger.warning("schedule %s: the run due at %s was skipped: %s", name,
+                               _when(due), exc)
+        if task_id is not None:
+            if late:
+                logger.warning("schedule %s: due times from %s to %s were missed while no "
+                               "process ran the queue; ran once for them, as task %d", name,
+                               _when(due), _when(now - CATCH_UP), task_id)
+            else:
+                logger.debug("schedule %s: queued task %d, due at %s", name, task_id,
+                             _when(due))
+        self._next_due[name] = stored
+        return stored
+
+    #: Longest the scheduler sleeps: it reads the store again at least this often.
+    SCHEDULER_NAP = 5.0
+
+    def _schedule_loop(self) -> None:
+        """The scheduler thread: runs the schedules, sleeping until the next is due."""
+        while not self.closed:
+            try:
+                soonest = self.run_schedules()
+            except QueueClosed:
+                return
+            except StoreUnavailable as exc:
+                self._say("schedules", logging.WARNING, "scheduler: %s; trying again",
+                          exc.reason)
+                soonest = time.time() + 1.0
+            except Exception:  # noqa: BLE001 - nothing may end the scheduler
+                self._say("schedules", logging.ERROR, "scheduler failed; trying again",
+                          exc_info=True)
+                soonest = time.time() + 1.0
+            nap = self.SCHEDULER_NAP if soonest is None else soonest - time.time()
+            self._tick.wait(min(self.SCHEDULER_NAP, max(0.0, nap)))
 
     def get(self, task_id: int | str) -> TaskInfo | None:
         """One task by id (or its text), or ``None`` when unknown or forgotten by the history."""

@@ -18,7 +18,8 @@ from ..records import State, TaskInfo, TaskRecord
 #: durations behind the rates) are on the machine's shared clock, with its boot.
 #: 3: a task's result, its unique key, delayed (scheduled) tasks, automatic retries,
 #: time limits, what it logged.
-SCHEMA_VERSION = 3
+#: 4: periodic schedules, and which schedule queued a task.
+SCHEMA_VERSION = 4
 
 #: A state as the tasks table spells it → the State.
 STATES = {s.value: s for s in State}
@@ -36,6 +37,19 @@ INSERT INTO seconds (second, depth, peak, finished, wait_sum, run_sum)
         depth = excluded.depth, peak = max(peak, excluded.peak),
         finished = finished + excluded.finished, wait_sum = wait_sum + excluded.wait_sum,
         run_sum = run_sum + excluded.run_sum;"""
+
+#: Periodic schedules: a process claims a due time by moving next_due on from it, in
+#: the transaction that queues its run (compare and set: of processes that try at
+#: once, one finds next_due still at the due time, the others find it moved on).
+SCHEDULES = """
+CREATE TABLE schedules (
+    name      TEXT PRIMARY KEY,
+    spec      TEXT NOT NULL,                -- what decides the due times (the code's)
+    next_due  REAL NOT NULL,                -- wall clock
+    last_due  REAL,                         -- the last run's due time (run now: when asked)
+    last_task INTEGER,
+    runs      INTEGER NOT NULL DEFAULT 0
+);"""
 
 TABLES = """
 CREATE TABLE meta (
@@ -96,7 +110,8 @@ CREATE TABLE tasks (
     errors           TEXT,                 -- JSON: earlier attempts retried automatically
     time_limit       REAL,                 -- seconds it may run
     logs             TEXT,                 -- JSON: the last lines it logged
-    logs_dropped     INTEGER NOT NULL DEFAULT 0
+    logs_dropped     INTEGER NOT NULL DEFAULT 0,
+    schedule         TEXT                  -- the periodic schedule that queued it
 );
 -- A keyed submit reads it; tasks without a key are not in it, and cost it nothing.
 CREATE UNIQUE INDEX tasks_key ON tasks (key) WHERE key IS NOT NULL AND finished_at IS NULL;
@@ -108,6 +123,7 @@ CREATE INDEX tasks_late ON tasks (due_clock) WHERE state = 'queued' AND due_cloc
 -- index is one more page written per commit, so the queue order comes from
 -- the ids (from meta.head up) and the running tasks are few enough to scan.
 CREATE INDEX tasks_finished ON tasks (finished_at) WHERE finished_at IS NOT NULL;
+{schedules}
 CREATE TABLE seconds (
     second   INTEGER PRIMARY KEY,          -- clock
     depth    INTEGER NOT NULL,
@@ -116,7 +132,7 @@ CREATE TABLE seconds (
     wait_sum REAL NOT NULL DEFAULT 0,
     run_sum  REAL NOT NULL DEFAULT 0
 );
-"""
+""".replace("{schedules}", SCHEDULES)
 
 #: Who is using the file now: rows that are dropped and made anew on upgrade.
 PROCESS_TABLES = """
@@ -219,6 +235,11 @@ END;
 
 SCHEMA = TABLES + PROCESS_TABLES + TRIGGERS
 
+# Version 3 had no periodic schedules.
+UPGRADE_FROM_3 = """
+ALTER TABLE tasks ADD COLUMN schedule TEXT;
+""" + SCHEDULES
+
 # Version 2 had no results, keys or delayed tasks.
 UPGRADE_FROM_2 = """
 ALTER TABLE meta ADD COLUMN scheduled INTEGER NOT NULL DEFAULT 0;
@@ -271,6 +292,7 @@ COLUMNS = (
     "id", "kind", "params", "state", "enqueued_at", "started_at", "finished_at", "progress",
     "message", "error", "traceback", "worker", "cancel_requested", "retry_of", "retried_as",
     "attempts", "result", "key", "due_at", "errors", "time_limit", "logs", "logs_dropped",
+    "schedule",
 )
 TASK_COLUMNS = ", ".join(COLUMNS)
 T_COLUMNS = ", ".join(f"t.{c}" for c in COLUMNS)
@@ -279,12 +301,12 @@ T_COLUMNS = ", ".join(f"t.{c}" for c in COLUMNS)
 def task_info(row: tuple) -> TaskInfo:
     (task_id, kind, params, state, enqueued_at, started_at, finished_at, progress, message,
      error, traceback, worker, cancel_requested, retry_of, retried_as, attempts, result,
-     key, due_at, errors, time_limit, logs, logs_dropped) = row
+     key, due_at, errors, time_limit, logs, logs_dropped, schedule) = row
     return TaskInfo(
         task_id, kind, json.loads(params), STATES[state], enqueued_at, started_at, finished_at,
         progress, message, error, traceback, worker, bool(cancel_requested), retry_of,
         retried_as, attempts, result, key, due_at, tuple(json.loads(errors)) if errors else (),
-        time_limit, tuple(json.loads(logs)) if logs else (), logs_dropped,
+        time_limit, tuple(json.loads(logs)) if logs else (), logs_dropped, schedule,
     )
 
 
@@ -305,6 +327,8 @@ def task_record(row: tuple) -> TaskRecord:
     record.time_limit = info.time_limit
     record.logs = list(info.logs) if info.logs else ()
     record.logs_dropped = info.logs_dropped
+    if info.schedule is not None:
+        record.schedule = info.schedule
     return record
 
 

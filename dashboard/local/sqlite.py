@@ -42,17 +42,18 @@ import sqlite3
 import threading
 import time
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import Any, Callable, Iterable, Iterator, NamedTuple
 from urllib.parse import quote
 
 from .clock import ALIVE, BOOT_ID, DEAD, Identity, clock, identity, process_alive
 from ..errors import QueueClosed, QueueFull, StoreError, StoreUnavailable, TaskNotFound, WrongState
 from ..records import (CANNOT_CANCEL, CANNOT_RETRY, RETRYABLE_STATES, SERIES_SECONDS, Retried,
-                       Snapshot, State, Submitted, TaskInfo, TaskRecord, WorkerInfo, WorkerState,
+                       ScheduleState, Snapshot, State, Submitted, TaskInfo, TaskRecord, WorkerInfo, WorkerState,
                        progress_changed)
 from .schema import (INSERT, INSERT_SCHEDULED, SCHEMA, SCHEMA_VERSION, STATES, T_COLUMNS, TASK_COLUMNS,
-                     UPGRADE_FROM_1, UPGRADE_FROM_2, statements, task_info, task_record)
-from .store import MAX_ERRORS, RATE_WINDOW, Store, keep_line, rates
+                     UPGRADE_FROM_1, UPGRADE_FROM_2, UPGRADE_FROM_3, statements, task_info,
+                     task_record)
+from .store import MAX_ERRORS, RATE_WINDOW, Run, Store, keep_line, rates
 
 logger = logging.getLogger("dashboard.sqlite")
 
@@ -273,6 +274,9 @@ class SqliteStore(Store):
                             self._upgrade_from_1(conn)
                         if version <= 2:
                             for statement in statements(UPGRADE_FROM_2):
+                                conn.execute(statement)
+                        if version <= 3:
+                            for statement in statements(UPGRADE_FROM_3):
                                 conn.execute(statement)
                         logger.info("upgraded the queue database %s from schema %d to %d",
                                     self.path, version, SCHEMA_VERSION)
@@ -892,6 +896,77 @@ class SqliteStore(Store):
             conn.execute("UPDATE tasks SET key = ? WHERE id = ?", (key, task_id))
         self._wake_workers(1)
         return Submitted(task_id, True)
+
+    # -- periodic schedules ------------------------------------------------
+
+    def schedule_next(self, name: str, spec: str, first_due: float) -> float:
+        row = self._read_one("SELECT spec, next_due FROM schedules WHERE name = ?", (name,))
+        if row is not None and row[0] == spec:
+            return row[1]
+        with self._write() as (conn, _now):
+            # Another process may have written it since the read: the first one wins.
+            row = conn.execute("SELECT spec, next_due FROM schedules WHERE name = ?",
+                               (name,)).fetchone()
+            if row is not None and row[0] == spec:
+                return row[1]
+            conn.execute(
+                "INSERT INTO schedules (name, spec, next_due) VALUES (?, ?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET spec = excluded.spec, "
+                "next_due = excluded.next_due", (name, spec, first_due))
+            conn.execute("UPDATE meta SET version = version + 1")
+        return first_due
+
+    def claim_due(self, name: str, due: float, next_due: float,
+                  run: Run | None) -> tuple[float, int | None]:
+        if self._closed:
+            raise QueueClosed()
+        with self._write() as (conn, now):
+            row = conn.execute("SELECT next_due FROM schedules WHERE name = ?",
+                               (name,)).fetchone()
+            if row is None or row[0] != due:
+                return (next_due if row is None else row[0]), None
+            if run is None:
+                conn.execute("UPDATE schedules SET next_due = ? WHERE name = ?",
+                             (next_due, name))
+                conn.execute("UPDATE meta SET version = version + 1")
+                return next_due, None
+            task_id = self._add_run_locked(conn, now, name, run, due)
+            conn.execute("UPDATE schedules SET next_due = ?, last_due = ?, last_task = ?, "
+                         "runs = runs + 1 WHERE name = ?", (next_due, due, task_id, name))
+        self._wake_workers(1)
+        return next_due, task_id
+
+    def run_schedule(self, name: str, run: Run) -> int:
+        if self._closed:
+            raise QueueClosed()
+        with self._write() as (conn, now):
+            task_id = self._add_run_locked(conn, now, name, run, None)
+            conn.execute("UPDATE schedules SET last_due = (SELECT enqueued_at FROM tasks "
+                         "WHERE id = ?), last_task = ?, runs = runs + 1 WHERE name = ?",
+                         (task_id, task_id, name))
+        self._wake_workers(1)
+        return task_id
+
+    def _add_run_locked(self, conn: sqlite3.Connection, now: float, name: str, run: Run,
+                        due: float | None) -> int:
+        (task_id,) = self._add_locked(conn, now, run.kind, run.params, 1,
+                                      time_limit=run.time_limit)
+        conn.execute("UPDATE tasks SET schedule = ?, due_at = ? WHERE id = ?",
+                     (name, due, task_id))
+        return task_id
+
+    def schedule_states(self, names: Iterable[str]) -> dict[str, ScheduleState]:
+        wanted = set(names)
+        if not wanted:
+            return {}
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT s.name, s.next_due, s.last_due, s.last_task, t.state, s.runs "
+                "FROM schedules s LEFT JOIN tasks t ON t.id = s.last_task").fetchall()
+        return {name: ScheduleState(next_due, last_due, last_task,
+                                    None if state is None else STATES[state], runs)
+                for name, next_due, last_due, last_task, state, runs in rows
+                if name in wanted}
 
     def add_one(self, kind: str, params: dict[str, Any], time_limit: float | None = None) -> int:
         # The path of every submit, kept short: one INSERT in one transaction.

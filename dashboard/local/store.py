@@ -19,12 +19,21 @@ This module imports nothing from Flask.
 from __future__ import annotations
 
 import time
-from typing import Any, Iterable
+from typing import Any, Iterable, NamedTuple
 
-from ..records import SERIES_SECONDS, Retried, Snapshot, State, Submitted, TaskInfo, TaskRecord
+from ..records import (SERIES_SECONDS, Retried, ScheduleState, Snapshot, State, Submitted,
+                       TaskInfo, TaskRecord)
 
-__all__ = ["MAX_ERRORS", "MAX_LOG_LINES", "RATE_WINDOW", "SERIES_SECONDS", "Store", "keep_line",
-           "rates"]
+__all__ = ["MAX_ERRORS", "MAX_LOG_LINES", "RATE_WINDOW", "SERIES_SECONDS", "Run", "Store",
+           "keep_line", "rates"]
+
+
+class Run(NamedTuple):
+    """The task a periodic schedule queues when it is due."""
+
+    kind: str
+    params: dict[str, Any]
+    time_limit: float | None = None
 
 #: The window the rates (throughput, mean wait and run time) are measured over.
 RATE_WINDOW = 60
@@ -131,6 +140,32 @@ class Store:
     def add_one(self, kind: str, params: dict[str, Any], time_limit: float | None = None) -> int:
         """:meth:`add` for one task, returning its id: the path every submit takes."""
         return self.add(kind, params, 1, time_limit=time_limit)[0]
+
+    # -- periodic schedules --
+
+    def schedule_next(self, name: str, spec: str, first_due: float) -> float:
+        """The schedule's next due time (wall clock) as the store keeps it: ``first_due``,
+        kept from now on, for a schedule it did not know, or knew with another ``spec``
+        (the code changed: what it had is forgotten)."""
+        raise NotImplementedError
+
+    def claim_due(self, name: str, due: float, next_due: float,
+                  run: Run | None) -> tuple[float, int | None]:
+        """Claim the due time ``due`` of a schedule, in one step no other process can
+        split: while the store's next due time for it is ``due``, make it ``next_due``
+        and queue ``run`` (when given) as the schedule's run, due at ``due``:
+        ``(next_due, its id)``. Otherwise (another process claimed it) change nothing:
+        ``(the store's next due time, None)``. Raises :class:`QueueFull` or
+        :class:`QueueClosed`, changing nothing, when it cannot queue."""
+        raise NotImplementedError
+
+    def run_schedule(self, name: str, run: Run) -> int:
+        """Queue ``run`` now as the schedule's latest run; its next due time stays."""
+        raise NotImplementedError
+
+    def schedule_states(self, names: Iterable[str]) -> dict[str, ScheduleState]:
+        """What the store keeps of each named schedule it knows."""
+        raise NotImplementedError
 
     # -- working --
 
