@@ -41,11 +41,14 @@ from dashboard.errors import QueueClosed, QueueFull, TaskNotFound, WrongState
 from dashboard.records import State, WorkerState
 from dashboard.local.sqlite import SqliteStore
 from dashboard.local.memory import MemoryStore
+from dashboard.local.store import Run
 
 MAX_QUEUED = 12
 DELAY = 3600.0  # seconds: a delayed task of the model is never due during a run
 HISTORY = 10_000  # larger than any run: the ring never forgets on its own here
 NAMES = ("worker-1", "worker-2")
+SCHEDULES = ("nightly", "often")
+SPECS = ("every 10", "every 10 (changed)")
 FINISHED = (State.DONE, State.FAILED, State.CANCELLED)
 
 
@@ -72,6 +75,9 @@ class StoreMachine(RuleBasedStateMachine):
         self.paused = False
         self.done = self.failed = self.cancelled = self.submitted = 0
         self.claims: Counter[int] = Counter()
+        # Periodic schedules: name -> [spec, next due, last due, last task, runs], as
+        # the store must keep them (one model for stores sharing a file).
+        self.schedules: dict[str, list] = {}
 
     # -- helpers -------------------------------------------------------------
 
@@ -187,6 +193,73 @@ class StoreMachine(RuleBasedStateMachine):
             ids = store.add("k", {}, count)
             assert ids == sorted(ids) and len(set(ids)) == count
             self.add_queued(ids)
+
+    # -- periodic schedules -------------------------------------------------------
+
+    @rule(data=st.data(), name=st.sampled_from(SCHEDULES), spec=st.sampled_from(SPECS),
+          first=st.integers(1, 50))
+    def sync_schedule(self, data, name, spec, first):
+        """A process starts with a schedule: the store's next due time, unless it knew
+        the schedule with another spec (the code changed), which starts anew."""
+        i = data.draw(self.store_index())
+        entry = self.schedules.get(name)
+        if entry is None:
+            entry = self.schedules[name] = [spec, first * 10.0, None, None, 0]
+        elif entry[0] != spec:  # due anew; the last run stays
+            entry[0], entry[1] = spec, first * 10.0
+        assert self.stores[i].schedule_next(name, spec, first * 10.0) == entry[1]
+
+    @precondition(lambda self: self.schedules)
+    @rule(data=st.data(), with_run=st.booleans(), stale=st.booleans())
+    def claim_due(self, data, with_run, stale):
+        """Of claims of one due time (from any process), exactly one wins; a stale due
+        time (another process claimed it) changes nothing and gives the current one."""
+        i = data.draw(self.store_index())
+        name = data.draw(st.sampled_from(sorted(self.schedules)))
+        entry = self.schedules[name]
+        due = entry[1] - 10.0 if stale else entry[1]
+        run = Run("k", {"schedule": name}) if with_run else None
+        store = self.stores[i]
+        if self.closed[i]:
+            with pytest.raises(QueueClosed):
+                store.claim_due(name, due, due + 10.0, run)
+            return
+        if not stale and with_run and len(self.queue) >= MAX_QUEUED:
+            with pytest.raises(QueueFull):
+                store.claim_due(name, due, due + 10.0, run)
+            return
+        next_due, task_id = store.claim_due(name, due, due + 10.0, run)
+        if stale:
+            assert (next_due, task_id) == (entry[1], None)
+            return
+        assert next_due == due + 10.0 and (task_id is None) == (not with_run)
+        entry[1] = next_due
+        if task_id is not None:
+            self.add_queued([task_id])
+            entry[2], entry[3] = due, task_id
+            entry[4] += 1
+            info = store.get(task_id)
+            assert (info.schedule, info.due_at, info.kind) == (name, due, "k")
+
+    @precondition(lambda self: self.schedules)
+    @rule(data=st.data())
+    def run_schedule_now(self, data):
+        """Run now: one task more, the next due time unchanged."""
+        i = data.draw(self.store_index())
+        name = data.draw(st.sampled_from(sorted(self.schedules)))
+        store = self.stores[i]
+        if self.closed[i]:
+            with pytest.raises(QueueClosed):
+                store.run_schedule(name, Run("k", {}))
+        elif len(self.queue) >= MAX_QUEUED:
+            with pytest.raises(QueueFull):
+                store.run_schedule(name, Run("k", {}))
+        else:
+            task_id = store.run_schedule(name, Run("k", {}))
+            self.add_queued([task_id])
+            entry = self.schedules[name]
+            entry[2], entry[3] = store.get(task_id).enqueued_at, task_id
+            entry[4] += 1
 
     # -- working ----------------------------------------------------------------
 
@@ -420,6 +493,12 @@ class StoreMachine(RuleBasedStateMachine):
         shown = sorted((w.name, w.task.id if w.task else 0, w.state, w.done)
                        for w in snap.workers)
         assert shown == expected
+        # Each schedule: its next due time, its last run and that run's state (None
+        # once forgotten), and how many runs there were.
+        kept = reader.schedule_states(self.schedules)
+        assert set(kept) == set(self.schedules)
+        for name, (_, next_due, last_due, last_task, runs) in self.schedules.items():
+            assert kept[name] == (next_due, last_due, last_task, self.state.get(last_task), runs)
 
     def teardown(self):
         try:

@@ -400,13 +400,18 @@ class MemoryStore(Store):
     def schedule_next(self, name: str, spec: str, first_due: float) -> float:
         with self._lock:
             entry = self._schedules.get(name)
-            if entry is None or entry[0] != spec:
+            if entry is None:
                 entry = self._schedules[name] = [spec, first_due, None, None, 0]
+            elif entry[0] != spec:  # the code changed: due anew; the last run stays
+                entry[0], entry[1] = spec, first_due
+                self._version += 1
             return entry[1]
 
     def claim_due(self, name: str, due: float, next_due: float,
                   run: Run | None) -> tuple[float, int | None]:
         with self._lock:
+            if self._closed:
+                raise QueueClosed()
             entry = self._schedules.get(name)
             if entry is None or entry[1] != due:
                 return (next_due if entry is None else entry[1]), None
