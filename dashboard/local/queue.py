@@ -516,6 +516,9 @@ class WorkQueue(Backend):
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             if thread is not threading.current_thread():
                 thread.join(remaining)
+        scheduler = self._scheduler  # (close() woke it: it ends at once)
+        if scheduler is not None and scheduler is not threading.current_thread():
+            scheduler.join(5.0)
         still = [t.name for t in threads if t.is_alive()]
         if still:
             logger.warning(
@@ -676,8 +679,9 @@ class WorkQueue(Backend):
         infos = []
         for schedule in schedules:
             state = states.get(schedule.name)
-            next_due = (state.next_due if state is not None
-                        else self._next_due.get(schedule.name) or schedule.next_after(now))
+            # (a schedule the store does not know yet: from now on it does, so the
+            # next due time shown is the one that runs)
+            next_due = state.next_due if state is not None else self._sync(schedule, now)
             infos.append(ScheduleInfo(
                 schedule.name, schedule.kind, dict(schedule.params), schedule.expression,
                 schedule.description, next_due,
@@ -688,8 +692,8 @@ class WorkQueue(Backend):
         """Queue a schedule's task now (the page's "Run now"): it counts as the
         schedule's last run, and its next due time stays."""
         schedule = self.registry.get_schedule(name)
-        self._next_due.setdefault(name, self.store.schedule_next(
-            name, schedule.spec, schedule.next_after(time.time())))
+        if name not in self._next_due:
+            self._sync(schedule, time.time())
         task_id = self.store.run_schedule(name, self._run_of(schedule))
         logger.info("schedule %s: run now as task %d", name, task_id)
         return task_id
@@ -716,8 +720,7 @@ class WorkQueue(Backend):
         for schedule in schedules:
             due = self._next_due.get(schedule.name)
             if due is None:
-                due = self._next_due[schedule.name] = self.store.schedule_next(
-                    schedule.name, schedule.spec, schedule.next_after(now))
+                due = self._sync(schedule, now)
             for _ in range(1000):  # (a bound: another process could keep moving it)
                 if due > now:
                     break
@@ -725,6 +728,13 @@ class WorkQueue(Backend):
             if soonest is None or due < soonest:
                 soonest = due
         return soonest
+
+    def _sync(self, schedule: Schedule, now: float) -> float:
+        """The schedule's next due time as the store keeps it (the first after ``now``
+        for one it did not know, or knew with another spec)."""
+        due = self._next_due[schedule.name] = self.store.schedule_next(
+            schedule.name, schedule.spec, schedule.next_after(now))
+        return due
 
     def _claim(self, schedule: Schedule, due: float, now: float) -> float:
         """Claim one due time of ``schedule`` (with those missed, see run_schedules);
