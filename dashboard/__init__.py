@@ -17,8 +17,9 @@ from werkzeug.exceptions import BadHost, HTTPException, SecurityError
 from .config import ConfigError
 from .ext import QueueExtension, current_queue, get_queue
 from .records import State
-from .errors import (InvalidParam, QueueClosed, QueueError, QueueFull, TaskFailed, TaskNotFound,
-                     UnknownKind)
+from .errors import (InvalidParam, QueueClosed, QueueError, QueueFull, ScheduleNotFound,
+                     TaskFailed, TaskNotFound, UnknownKind)
+from .periodic import Schedule
 from .tasks import Bool, Float, Int, Registry, Retry, Str, registry, task
 from .local import TaskContext, WorkQueue
 
@@ -34,6 +35,7 @@ __all__ = [
     "registry",
     "Registry",
     "Retry",
+    "Schedule",
     "Int",
     "Float",
     "Str",
@@ -46,6 +48,7 @@ __all__ = [
     "UnknownKind",
     "TaskFailed",
     "TaskNotFound",
+    "ScheduleNotFound",
 ]
 
 # The shape of gunicorn's own lines, so the two read as one log.

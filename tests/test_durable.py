@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import math
 import os
 import random
 import re
@@ -232,6 +233,43 @@ def test_a_thousand_tasks_over_three_processes_each_run_exactly_once(cluster):
     assert all(view == {p: ["worker-1", "worker-2"] for p in pids} for view in views.values())
     assert sum(w["done"] for w in answers[min(pids)]["workers"]) == 1000
     assert set(cluster.task_rows().values()) == {("done", 1)}, "one attempt each"
+    assert_clean_log(server)
+
+
+# -- periodic tasks: once per due time across processes ----------------------------
+
+
+def test_a_schedule_every_second_runs_once_per_due_time_across_three_processes(cluster):
+    """Three processes, each with a scheduler thread waking at every whole second to
+    claim it in the file: over ten seconds, each due time has exactly one run, and
+    each run starts once."""
+    server = cluster.start(processes=3, FLASK_QUEUE_WORKERS="2", COUNT_EVERY="1")
+    wait_processes(server, 3, ["worker-1", "worker-2"])
+    first = math.floor(time.time()) + 2  # every process is up by now
+    seconds = range(first, first + 10)
+
+    def runs() -> list[tuple[int, float, str]]:
+        with closing(sqlite3.connect(cluster.db, timeout=10)) as conn:
+            return conn.execute("SELECT id, due_at, state FROM tasks "
+                                "WHERE schedule = 'counter' ORDER BY id").fetchall()
+
+    def ten_seconds_done() -> list | None:
+        rows = runs()
+        done = {due for _, due, state in rows if state == "done"}
+        return rows if done >= set(map(float, seconds)) else None
+
+    rows = wait_for(ten_seconds_done, 60.0, "ten due times run", 0.2)
+    per_due = Counter(due for _, due, _ in rows)
+    assert {d: per_due[float(d)] for d in seconds} == {d: 1 for d in seconds}, \
+        "a due time with no run, or with more than one"
+    doubled = {d: n for d, n in per_due.items() if n != 1}
+    assert not doubled, f"due times run more than once: {doubled}"
+    # Consecutive whole seconds from the first run on: none missed before the window.
+    dues = sorted(per_due)
+    assert dues == [dues[0] + n for n in range(len(dues))]
+    ids = [task_id for task_id, due, _ in rows if first <= due < first + 10]
+    starts = cluster.counts.count("start")
+    assert {i: starts[i] for i in ids} == {i: 1 for i in ids}, "a run started twice"
     assert_clean_log(server)
 
 

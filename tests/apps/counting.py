@@ -16,10 +16,12 @@ from __future__ import annotations
 import os
 import time
 
-from dashboard import Float, task
+from dashboard import Float, registry, task
 from dashboard import create_app as _create_app
 
 LOG_ENV = "COUNT_LOG"
+#: Seconds: with it set, ``count`` also runs periodically, as the schedule "counter".
+EVERY_ENV = "COUNT_EVERY"
 
 
 def _record(task_id: int, event: str) -> None:
@@ -38,6 +40,10 @@ def count(ctx, seconds: float = 0.0) -> None:
     while (left := deadline - time.monotonic()) > 0:
         time.sleep(min(0.05, left))
     _record(ctx.task_id, "end")
+
+
+if os.environ.get(EVERY_ENV):
+    registry.schedule("counter", "count", every=float(os.environ[EVERY_ENV]))
 
 
 def create_app():
