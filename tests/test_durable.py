@@ -12,6 +12,10 @@ What is shown:
 * exactly once across processes: 1,000 tasks submitted concurrently over
   HTTP to three worker processes each start once and end once, spread over
   all three, and every process then answers the same counts;
+* periodic tasks: a schedule every second, three processes each with a
+  scheduler claiming due times in the file: each due time runs once, none
+  missed; a unique key submitted 30 times at once through the three queues one
+  task, and delayed tasks run once each, after their due time;
 * ``kill -9`` of every process while tasks run and wait: after a restart on
   the same file every task ends; those cut off ran again (attempt 2) and no
   task was lost;
@@ -270,6 +274,38 @@ def test_a_schedule_every_second_runs_once_per_due_time_across_three_processes(c
     ids = [task_id for task_id, due, _ in rows if first <= due < first + 10]
     starts = cluster.counts.count("start")
     assert {i: starts[i] for i in ids} == {i: 1 for i in ids}, "a run started twice"
+    assert_clean_log(server)
+
+
+def test_a_key_and_delayed_tasks_hold_across_three_processes(cluster):
+    """One key submitted 30 times at once through three processes queues one task,
+    and every answer names it; 20 tasks delayed 2 s are scheduled in the file, and
+    each runs once, after its due time, in whichever process takes it."""
+    server = cluster.start(processes=3, FLASK_QUEUE_WORKERS="2")
+    wait_processes(server, 3, ["worker-1", "worker-2"])
+    keyed = {"kind": "count", "params": {"seconds": 1.0}, "key": "report-42"}
+    with ThreadPoolExecutor(max_workers=10) as pool:
+        replies = list(pool.map(lambda _: server.request("POST", "/api/tasks", keyed),
+                                range(30)))
+    assert sorted(r.status for r in replies) == [200] * 29 + [202], replies
+    (held,) = {r.body["ids"][0] for r in replies}
+    assert [r.body["created"] for r in replies].count(True) == 1
+
+    reply = server.request("POST", "/api/tasks", {"kind": "count", "count": 20, "delay": 2,
+                                                  "params": {"seconds": 0.0}})
+    assert reply.status == 202, reply
+    delayed = reply.body["ids"]
+    assert {task_info(server, i)["state"] for i in delayed} <= {"scheduled", "queued",
+                                                                "running", "done"}
+    cluster.counts.wait_ended([held, *delayed])
+    starts = cluster.counts.count("start")
+    assert {i: starts[i] for i in [held, *delayed]} == {i: 1 for i in [held, *delayed]}
+    with closing(sqlite3.connect(cluster.db, timeout=10)) as conn:
+        rows = conn.execute(
+            f"SELECT id, started_at >= due_at FROM tasks WHERE id IN "
+            f"({','.join(map(str, delayed))})").fetchall()
+    assert dict(rows) == {i: 1 for i in delayed}, "a delayed task started before it was due"
+    assert server.request("POST", "/api/tasks", keyed).status == 202  # the key is free again
     assert_clean_log(server)
 
 
