@@ -434,6 +434,25 @@ def test_close_wakes_idle_workers_and_they_exit(registry, make_queue):
     assert {w.state for w in q.stats().workers} == {"stopped"}
 
 
+def test_after_close_the_supervisor_replaces_no_worker(registry, make_queue):
+    """Regression: the supervisor read "not closed", close() came, the idle workers
+    exited, and the supervisor then took them for dead and started replacements
+    (and shutdown() could list one not yet started, and fail joining it)."""
+    @registry.task("noop")
+    def noop(ctx):
+        pass
+
+    q = make_queue(workers=2)
+    q.start()
+    threads = dict(q._threads)
+    q.close()
+    for t in threads.values():
+        t.join(30)
+    q._keep_workers()  # the supervisor's step, as if it had read "not closed" before close()
+    assert q._threads == threads
+    assert not any(t.is_alive() for t in q._threads.values())
+
+
 # -- processes -------------------------------------------------------------------
 
 

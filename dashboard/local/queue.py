@@ -511,7 +511,8 @@ class WorkQueue(Backend):
                         "ever" if timeout is None else f"{timeout:g}s", len(running))
         deadline = None if timeout is None else (self._closed_at or time.monotonic()) + timeout
         self._wake.set()
-        threads = list(self._threads.values()) if started else []
+        with self._start_lock:  # (not while the supervisor is starting one)
+            threads = list(self._threads.values()) if started else []
         for thread in threads:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             if thread is not threading.current_thread():
@@ -1082,6 +1083,11 @@ class WorkQueue(Backend):
         """Replace dead workers (backing off one that keeps dying), start missing
         ones, and let go of retired ones whose thread is over."""
         with self._start_lock:
+            if self.closed:
+                # Closing ends every worker: none of them died. (The supervisor may
+                # have read "not closed" just before close(): this is read again
+                # under the lock that shutdown() lists the threads under.)
+                return
             now = time.monotonic()
             for name, thread in list(self._threads.items()):
                 if name in self._retiring:
