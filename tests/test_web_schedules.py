@@ -319,3 +319,33 @@ def test_the_poll_is_304_until_a_run_then_shows_it(make):
     changed = client.get("/live", headers={**HTMX, "HX-PTag": tag})
     assert changed.status_code == 200 and changed.headers["HX-PTag"] != tag
     assert f'href="/tasks/{task_id}"' in row(changed.text, "yearly")
+
+
+# -- the seam ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("store", ["memory", "sqlite"])
+def test_the_schedule_views_use_only_the_backend_seam(make_app, monkeypatch, store):
+    """As test_backend_seam does for the other views: the demo's nightly schedule
+    listed, run from the page and from the API, through a queue that answers only
+    the seam's names."""
+    from test_backend_seam import SeamOnly
+
+    from dashboard.ext import QueueExtension
+
+    app = make_app(store=store)
+    real = QueueExtension.queue_for
+    queue = real(app.extensions["dashboard"], app)
+    monkeypatch.setattr(QueueExtension, "queue_for", lambda self, a: SeamOnly(real(self, a)))
+    client = app.test_client()
+    assert "nightly-cleanup" in region(client.get("/").text)
+    assert client.get("/live/schedules", headers=HTMX).status_code == 200
+    assert client.get("/api/schedules").json["schedules"][0]["name"] == "nightly-cleanup"
+    assert client.post("/schedules/nightly-cleanup/run", data={}, headers=HTMX).status_code == 200
+    assert client.post("/schedules/nightly-cleanup/run", data={}).status_code == 303
+    ran = client.post("/api/schedules/nightly-cleanup/run")
+    assert ran.status_code == 202
+    assert client.post("/api/schedules/weekly/run").status_code == 404
+    assert f"#{ran.json['id']}" in client.get(f"/tasks/{ran.json['id']}").text
+    monkeypatch.undo()  # before make_app shuts the real queue down
+    assert [t.schedule for t in queued(queue)] == ["nightly-cleanup"] * 3
