@@ -3,7 +3,7 @@
 They are also the examples of how to write a task of your own: register a
 function with :func:`~dashboard.tasks.task`, declare each parameter a request
 may set, report progress through ``ctx`` and return early when
-``ctx.cancelled`` is set.
+``ctx.cancelled`` is set; and of a periodic one, with ``registry.schedule``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import time
 
 from flask import current_app, has_app_context
 
-from .tasks import Float, Int, Retry, task
+from .tasks import Float, Int, Retry, registry, task
 
 STEP = 0.1  # seconds between progress reports: ten moves a second look smooth
 
@@ -42,6 +42,11 @@ def _sleep_with_progress(ctx, seconds: float, label: str) -> bool:
 def pretend(ctx, seconds: float | None = None) -> None:
     """Pretends to work for ``seconds`` (default QUEUE_WORK_TIME), reporting progress."""
     _sleep_with_progress(ctx, _work_time(seconds), "working")
+
+
+# A periodic task, to show schedules on the page (listed below the history, with
+# "Run now"): once a night, when nobody watches the burn-down it would add to.
+registry.schedule("nightly-cleanup", "pretend", cron="0 3 * * *", params={"seconds": 2})
 
 
 @task("flaky", params={"seconds": Float(0, 600), "fail_rate": Float(0, 1)})

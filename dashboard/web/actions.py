@@ -1,5 +1,6 @@
 """What a request may do to the queue, checked and charged, for the page's forms
-and the JSON API alike: add work, retry a task, set the worker count."""
+and the JSON API alike: add work, retry a task, run a schedule now, set the
+worker count."""
 
 from __future__ import annotations
 
@@ -92,6 +93,21 @@ def retry(task_id: str) -> tuple[Retried, TaskId]:
     retried = security.spend_submit(1, lambda: current_queue.retry(info.id),
                                     queued=lambda done: int(done.created))
     return retried, info.id
+
+
+def run_schedule(name: str) -> TaskId:
+    """Queue a schedule's task now (its "Run now"), charged to the client as one task
+    like any other it adds; the schedule's next due time stays.
+
+    An unknown name is a 404 naming the known schedules, and a backend that does
+    not run schedules a 400 saying so: both before the limit, so neither costs
+    the client anything.
+    """
+    if not current_queue.capabilities.schedules:
+        raise InvalidParam("schedules", f"are not run by this backend (the queue "
+                           f"{current_queue.description})")
+    schedule = current_queue.registry.get_schedule(name)
+    return security.spend_submit(1, lambda: current_queue.run_schedule(schedule.name))
 
 #: One change of the worker count at a time in this process: a ``delta`` reads the
 #: count and sets it, and two clicks at once must not both start from the same count.

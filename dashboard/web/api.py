@@ -17,7 +17,7 @@ from ..errors import QueueError, StoreUnavailable
 from ..ext import current_queue
 from ..records import Retried, Submitted, TaskInfo
 from . import security
-from .actions import retry, set_workers, submit, submit_keyed
+from .actions import retry, run_schedule, set_workers, submit, submit_keyed
 from .answers import (TASK_ID_RULE, default_kind, error_status, json_error, parse_task_id,
                       printable_id, read_task_id)
 from .blueprint import bp
@@ -176,6 +176,26 @@ def api_retry(task_id: str) -> Response:
         return response
 
     return _json_action(lambda: retry(task_id), ok)
+
+
+@bp.get("/api/schedules")
+def api_schedules() -> Response:
+    """``{"schedules": [...]}``: each periodic schedule, by name, with its next and
+    last runs (the same objects as the ``"schedules"`` of ``/api/stats``)."""
+    return jsonify(schedules=[s.to_dict() for s in current_queue.schedules()])
+
+
+@bp.post("/api/schedules/<name>/run")
+def api_run_schedule(name: str) -> Response:
+    """Queue the schedule's task now: 202 ``{"id": task id, "schedule": name}``; an
+    unknown name is a 404 that names the schedules there are."""
+
+    def ok(task_id: TaskId) -> Response:
+        response = jsonify(id=task_id, schedule=name)
+        response.status_code = 202
+        return response
+
+    return _json_action(lambda: run_schedule(name), ok)
 
 
 @bp.post("/api/pause")

@@ -17,7 +17,7 @@ from ..errors import QueueError
 from ..ext import current_queue
 from ..tasks import TaskKind
 from . import notices, security
-from .actions import retry, set_workers, submit
+from .actions import retry, run_schedule, set_workers, submit
 from .answers import (default_kind, error_status, home, is_htmx, parse_task_id, presenting,
                       read_task_id, see_other)
 from .blueprint import bp
@@ -45,10 +45,12 @@ def _form_action(action: Callable[[], Any], back: Callable[[Any], str]) -> Respo
             return make_response(render_template("dashboard/_error.html", error=message), status, headers)
         return see_other(_refused_location(exc, message))
     if is_htmx():
-        if request.form.get("view") == "task" and request.view_args:
+        task_id = (request.view_args or {}).get("task_id")
+        if request.form.get("view") == "task" and task_id is not None:
             # From a task's page: show that task again (now cancelled, or
-            # linking to its retry), not the dashboard's regions.
-            return render_task(parse_task_id(request.view_args["task_id"]), current_queue.tag)
+            # linking to its retry), not the dashboard's regions. A form
+            # about no task (Run now) gets the regions whatever it sends.
+            return render_task(parse_task_id(task_id), current_queue.tag)
         return render_live("dashboard/_live_after_post.html", snapshot())
     return see_other(back(result))
 
@@ -137,3 +139,9 @@ def cancel_task(task_id: str) -> Response:
 def retry_task(task_id: str) -> Response:
     """Retry from a form; a second click answers like the first, and queues nothing."""
     return _form_action(lambda: retry(task_id), lambda answer: _back_to_task(answer[0].id))
+
+
+@bp.post("/schedules/<name>/run")
+def run_schedule_now(name: str) -> Response:
+    """A schedule's "Run now": its task is queued now, and its next due time stays."""
+    return _form_action(lambda: run_schedule(name), lambda _: home())

@@ -32,8 +32,10 @@ UPCOMING = 10
 #: Tasks the page's batch button adds, unless QUEUE_MAX_BATCH or QUEUE_SUBMIT_LIMIT allow fewer.
 BATCH = 10
 
-#: The live regions: each is a template ``_<name>.html`` of its own.
-REGIONS = ("counts", "controls", "chart", "workers", "scheduled", "upcoming", "history")
+#: The live regions: each is a template ``_<name>.html`` of its own. The periodic
+#: schedules come last: most pages have none, and the burn-down comes first.
+REGIONS = ("counts", "controls", "chart", "workers", "scheduled", "upcoming", "history",
+           "schedules")
 
 
 def snapshot() -> Snapshot:
@@ -134,6 +136,9 @@ def page_data(snap: Snapshot, **extra: Any) -> dict[str, Any]:
         "queue_description": queue.description,
         "can_scale": capabilities.scale_workers,
         "can_delay": capabilities.delays,
+        "can_schedule": capabilities.schedules,
+        # Declared in code, whether or not this backend runs them (it lists none then).
+        "has_schedules": queue.registry.has_schedules,
         "can_act": can_act,
         "pids": sorted({w.pid for w in snap.workers}),
         "stall": queue.stall(snap),
