@@ -135,15 +135,22 @@ SETTINGS: tuple[Setting, ...] = (
             "may add, like `600 per minute` or `20/second`; empty for no limit. Per process."),
     Setting("QUEUE_HANDLE_SIGNALS", True, Bool(), "Close the queue on SIGTERM/SIGINT before the "
             "server's own handler runs, so no new work is taken while stopping."),
+    Setting("QUEUE_SCHEDULES", True, Bool(), "Run a scheduler thread in each process, which "
+            "queues the runs of the [periodic tasks](#periodic-tasks) as they fall due. Off: "
+            "this process queues none (the page still lists them; another process sharing "
+            "the store must run them)."),
 )
 
 DEFAULTS = {s.key: s.default for s in SETTINGS}
 
 
+#: Settings that never had another name.
+_BORN_PREFIXED = frozenset({"QUEUE_URL", "QUEUE_MAX_RESULT_BYTES", "QUEUE_SCHEDULES"})
+
 #: What each setting was called before it took the ``QUEUE_`` prefix (Flask's
 #: convention for an extension's settings, so they cannot collide with an app's own).
 OLD_NAMES = {s.key: s.key.removeprefix("QUEUE_") for s in SETTINGS
-             if s.key.startswith("QUEUE_") and s.key != "QUEUE_URL"}
+             if s.key.startswith("QUEUE_") and s.key not in _BORN_PREFIXED}
 
 
 def old_names_in(environ: Mapping[str, str]) -> list[str]:

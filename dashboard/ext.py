@@ -85,6 +85,7 @@ class QueueExtension:
             shutdown_timeout=app.config["QUEUE_SHUTDOWN_TIMEOUT"],
             max_workers=app.config["QUEUE_MAX_WORKERS"],
             max_result_bytes=app.config["QUEUE_MAX_RESULT_BYTES"],
+            scheduler=app.config["QUEUE_SCHEDULES"],
             name=f"{app.name}-queue",
         )
         for line in old_names_in(os.environ):

@@ -34,6 +34,9 @@ def standard_environ(monkeypatch):
     for key in list(os.environ):
         if key.startswith(_APP_ENV_PREFIXES):
             monkeypatch.delenv(key)
+    # No scheduler thread unless a test asks for one: the demo's nightly schedule
+    # must not add a task to whatever test spans 03:00 UTC.
+    monkeypatch.setenv("FLASK_QUEUE_SCHEDULES", "false")
     yield
     for key in list(os.environ):
         if key.startswith(_APP_ENV_PREFIXES):
@@ -48,7 +51,8 @@ def no_leaked_threads():
     def leaked():
         return [
             t for t in threading.enumerate()
-            if t not in before and t.is_alive() and ("worker-" in t.name or "supervisor" in t.name)
+            if t not in before and t.is_alive() and ("worker-" in t.name or "supervisor" in t.name
+                                                     or "scheduler" in t.name)
         ]
     # Threads finishing a shutdown may need a moment to end: wait, with a deadline.
     deadline = time.monotonic() + 5

@@ -100,6 +100,7 @@ def server_env(settings: Mapping[str, str]) -> dict[str, str]:
         if not key.startswith(_ENV_DROP_PREFIXES) and key not in _ENV_DROP
     }
     env["PYTHONUNBUFFERED"] = "1"
+    env["FLASK_QUEUE_SCHEDULES"] = "false"  # (as in conftest: a test asks for schedules)
     env.update(settings)
     return env
 

@@ -247,7 +247,8 @@ def test_a_schedule_every_second_runs_once_per_due_time_across_three_processes(c
     """Three processes, each with a scheduler thread waking at every whole second to
     claim it in the file: over ten seconds, each due time has exactly one run, and
     each run starts once."""
-    server = cluster.start(processes=3, FLASK_QUEUE_WORKERS="2", COUNT_EVERY="1")
+    server = cluster.start(processes=3, FLASK_QUEUE_WORKERS="2", COUNT_EVERY="1",
+                           FLASK_QUEUE_SCHEDULES="true")
     wait_processes(server, 3, ["worker-1", "worker-2"])
     first = math.floor(time.time()) + 2  # every process is up by now
     seconds = range(first, first + 10)

@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 from cronsim import CronSim
 
+from dashboard import create_app, get_queue
 from dashboard.errors import ScheduleNotFound
 from dashboard.local.memory import MemoryStore
 from dashboard.local.queue import WorkQueue
@@ -318,6 +319,22 @@ def test_the_scheduler_thread_runs_each_due_time_once_as_it_comes():
     assert all(b.enqueued_at >= b.due_at and b.started_at >= b.due_at for b in beats)
     assert not any(t.name.endswith("-scheduler") and t.is_alive()
                    for t in threading.enumerate() if t.name.startswith(queue.name))
+
+
+def test_with_schedules_off_a_process_runs_no_scheduler_and_still_lists_them():
+    registry = periodic_registry()
+    queue = WorkQueue(workers=1, registry=registry, scheduler=False)
+    queue.start()
+    try:
+        assert not [t for t in threading.enumerate() if t.name == f"{queue.name}-scheduler"]
+        assert [s.name for s in queue.schedules()] == ["nightly", "tick"]
+    finally:
+        queue.shutdown()
+    app = create_app({"TESTING": True, "QUEUE_WORKERS": 0, "QUEUE_HANDLE_SIGNALS": False,
+                      "QUEUE_SCHEDULES": True})
+    assert get_queue(app).scheduler is True
+    app = create_app({"TESTING": True, "QUEUE_WORKERS": 0, "QUEUE_HANDLE_SIGNALS": False})
+    assert get_queue(app).scheduler is False  # FLASK_QUEUE_SCHEDULES=false, as conftest sets
 
 
 def test_a_schema_3_file_is_upgraded_and_runs_schedules(tmp_path):

@@ -264,6 +264,7 @@ class WorkQueue(Backend):
         max_workers: int = 64,
         stall_after: float = STALL_AFTER,
         max_result_bytes: int = MAX_RESULT_BYTES,
+        scheduler: bool = True,
     ):
         if not 0 <= workers <= max_workers:
             raise ValueError(f"workers must be from 0 to {max_workers}")
@@ -275,6 +276,8 @@ class WorkQueue(Backend):
         self.shutdown_timeout = shutdown_timeout
         self.stall_after = stall_after
         self.max_result_bytes = max_result_bytes
+        #: Whether start() runs the scheduler thread (the periodic schedules' runs).
+        self.scheduler = scheduler
         self._runner: Runner = runner or _run_plain
         self._init_threads()
         self._pid: int | None = None  # the process whose threads run, once started
@@ -395,7 +398,7 @@ class WorkQueue(Backend):
                     self._start_error = f"could not start: {type(exc).__name__}: {exc}"
                     logger.error("%s; the next request tries again", self._start_error)
                     return
-            if self.registry.schedules():
+            if self.scheduler and self.registry.has_schedules:
                 try:
                     self._start_scheduler()
                 except Exception as exc:  # noqa: BLE001 - start() is called again
