@@ -913,7 +913,11 @@ class SqliteStore(Store):
                 "INSERT INTO schedules (name, spec, next_due) VALUES (?, ?, ?) "
                 "ON CONFLICT (name) DO UPDATE SET spec = excluded.spec, "
                 "next_due = excluded.next_due", (name, spec, first_due))
-            conn.execute("UPDATE meta SET version = version + 1")
+            if row is not None:
+                # Due anew: pages show it. (A schedule new to the file shows nothing new:
+                # a page listed it with this due time already, and a poll must not
+                # find the tag moved under the page it was rendered with.)
+                conn.execute("UPDATE meta SET version = version + 1")
         return first_due
 
     def claim_due(self, name: str, due: float, next_due: float,
