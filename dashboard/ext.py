@@ -98,6 +98,9 @@ class QueueExtension:
             )
         self._queues[app] = queue
         app.extensions[EXTENSION_KEY] = self
+        from .cli import queue_cli  # (it reads the queue through this module)
+
+        app.cli.add_command(queue_cli)
         # The cheapest correct place to start: the first request this process serves.
         app.before_request(queue.start)
         if app.config["QUEUE_HANDLE_SIGNALS"]:

@@ -198,6 +198,12 @@ def api_run_schedule(name: str) -> Response:
     return _json_action(lambda: run_schedule(name), ok)
 
 
+@bp.post("/api/history/clear")
+def api_clear_history() -> Response:
+    """Forget the finished tasks: ``{"forgotten": n}`` (the counters keep their totals)."""
+    return _json_action(current_queue.clear_history, lambda n: jsonify(forgotten=n))
+
+
 @bp.post("/api/pause")
 def api_pause() -> Response:
     return _json_action(current_queue.pause, lambda _: jsonify(paused=True))

@@ -1,0 +1,386 @@
+"""``flask queue ...``: see and steer the queue from a terminal.
+
+The extension registers this group on every app it is given (``app.cli``), so
+``flask --app yourapp queue status`` works wherever ``flask run`` does.
+
+With a shared store (the SQLite file) the commands act on the store itself,
+as any process sharing it does. The in-memory store lives inside the server
+process, where no command can reach it: the commands say so in one line, and
+``--server URL`` acts through that server's JSON API instead (with the access
+token when one is set). The messages are the API's: a refused submit names
+the field and what is allowed, in the same words.
+
+Exit status: 0 done, 1 refused (the message says why), 2 usage. ``wait``: 0
+once nothing is queued or running, 1 when the timeout came first.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any, Callable
+
+import click
+from flask import current_app
+from flask.cli import AppGroup
+
+from .errors import InvalidParam, QueueError
+from .ext import current_queue
+from .tasks import Int, check_key
+
+queue_cli = AppGroup("queue", help="See and steer the work queue (the same controls as the "
+                                   "dashboard).")
+
+#: Seconds a --server request waits for an answer.
+HTTP_TIMEOUT = 10.0
+
+
+class Refused(click.ClickException):
+    """Nothing was done: the message says why. Exit status 1."""
+
+    exit_code = 1
+
+
+# -- where the queue is -----------------------------------------------------------
+
+
+class _Local:
+    """The queue's store, opened by this process (a file every process shares)."""
+
+    def __init__(self) -> None:
+        self.queue = current_queue._get_current_object()  # type: ignore[attr-defined]
+        self.where = self.queue.description
+
+    def _do(self, action: Callable[[], Any]) -> Any:
+        try:
+            return action()
+        except QueueError as exc:
+            raise Refused(str(exc)) from None
+
+    def stats(self) -> dict[str, Any]:
+        return self._do(lambda: self.queue.stats(recent=5).to_dict())
+
+    def submit(self, kind: str, params: dict[str, str], count: int, delay: float | None,
+               key: str | None) -> dict[str, Any]:
+        def submit() -> dict[str, Any]:
+            task_kind = self.queue.registry.get(kind)
+            checked = task_kind.check_params(params)
+            number = Int(1, current_app.config["QUEUE_MAX_BATCH"]).parse("count", count)
+            if key is not None:
+                if number != 1:
+                    raise InvalidParam("count", "must be 1 with a key: a key names one task")
+                done = self.queue.enqueue(kind, checked, key=check_key(key), delay=delay)
+                return {"ids": [done.id], "created": done.created}
+            return {"ids": self.queue.submit_many(kind, number, checked, delay=delay),
+                    "created": True}
+
+        return self._do(submit)
+
+    def pause(self) -> None:
+        self._do(self.queue.pause)
+
+    def resume(self) -> None:
+        self._do(self.queue.resume)
+
+    def set_workers(self, count: int) -> int:
+        top = current_app.config["QUEUE_MAX_WORKERS"]
+        return self._do(lambda: self.queue.set_workers(Int(1, top).parse("count", count)))
+
+    def cancel(self, task_id: str) -> str:
+        def cancel() -> str:
+            return self.queue.cancel(_task_id(task_id)).value
+
+        return self._do(cancel)
+
+    def retry(self, task_id: str) -> dict[str, Any]:
+        def retry() -> dict[str, Any]:
+            done = self.queue.retry(_task_id(task_id))
+            return {"id": done.id, "created": done.created}
+
+        return self._do(retry)
+
+    def clear(self) -> int:
+        return self._do(self.queue.clear_history)
+
+
+class _Remote:
+    """A running server, through its JSON API."""
+
+    def __init__(self, server: str, token: str | None) -> None:
+        parsed = urllib.parse.urlsplit(server)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise click.BadParameter(f"must be a URL like http://127.0.0.1:5000, got "
+                                     f"{server!r}", param_hint="--server")
+        self.base = server.rstrip("/")
+        self.token = token
+        self.where = f"served by {self.base}"
+
+    def _call(self, method: str, path: str, body: Any = None) -> Any:
+        request = urllib.request.Request(f"{self.base}{path}", method=method)
+        request.add_header("Accept", "application/json")
+        if self.token:
+            request.add_header("Authorization", f"Bearer {self.token}")
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            request.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(request, data, timeout=HTTP_TIMEOUT) as response:
+                return json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as exc:
+            raise Refused(_api_error(exc)) from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise Refused(f"cannot reach {self.base}: {reason}") from None
+        except ValueError:
+            raise Refused(f"{self.base}{path} did not answer JSON: is it the dashboard?") \
+                from None
+
+    def stats(self) -> dict[str, Any]:
+        return self._call("GET", "/api/stats")
+
+    def submit(self, kind: str, params: dict[str, str], count: int, delay: float | None,
+               key: str | None) -> dict[str, Any]:
+        body: dict[str, Any] = {"kind": kind, "count": count, "params": params}
+        if delay is not None:
+            body["delay"] = delay
+        if key is not None:
+            body["key"] = key
+        answer = self._call("POST", "/api/tasks", body)
+        return {"ids": answer["ids"], "created": answer.get("created", True)}
+
+    def pause(self) -> None:
+        self._call("POST", "/api/pause", {})
+
+    def resume(self) -> None:
+        self._call("POST", "/api/resume", {})
+
+    def set_workers(self, count: int) -> int:
+        return self._call("POST", "/api/workers", {"count": count})["workers"]
+
+    def cancel(self, task_id: str) -> str:
+        answer = self._call("POST", f"/api/tasks/{urllib.parse.quote(task_id)}/cancel", {})
+        return answer.get("state", "cancelled") if isinstance(answer, dict) else "cancelled"
+
+    def retry(self, task_id: str) -> dict[str, Any]:
+        answer = self._call("POST", f"/api/tasks/{urllib.parse.quote(task_id)}/retry", {})
+        return {"id": answer["id"], "created": answer["created"]}
+
+    def clear(self) -> int:
+        return self._call("POST", "/api/history/clear", {})["forgotten"]
+
+
+def _api_error(exc: urllib.error.HTTPError) -> str:
+    """The API's own message for a refusal, else the status."""
+    try:
+        message = json.loads(exc.read()).get("error")
+    except (ValueError, AttributeError, OSError):
+        message = None
+    if exc.code == 401 and not message:
+        message = "the server asks for the access token: give --token"
+    return message or f"the server answered {exc.code} {exc.reason}"
+
+
+def _task_id(text: str) -> str:
+    return text.strip().lstrip("#")
+
+
+def _target(server: str | None, token: str | None) -> _Local | _Remote:
+    if server:
+        return _Remote(server, token if token is not None
+                       else current_app.config.get("QUEUE_ACCESS_TOKEN") or None)
+    local = _Local()
+    if not local.queue.capabilities.shared:
+        raise Refused(f"the queue lives {local.queue.description}, out of this command's "
+                      "reach: give --server URL (the running server), or use a shared store "
+                      "(QUEUE_URL=sqlite:///queue.db)")
+    return local
+
+
+def _reach(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``--server`` and ``--token``: act through a running server instead of the store."""
+    command = click.option(
+        "--token", metavar="SECRET", envvar="FLASK_QUEUE_ACCESS_TOKEN", show_envvar=True,
+        help="The server's QUEUE_ACCESS_TOKEN (default: the app's).")(command)
+    return click.option(
+        "--server", metavar="URL", envvar="FLASK_QUEUE_SERVER", show_envvar=True,
+        help="Act through this running server's JSON API, e.g. http://127.0.0.1:5000 "
+             "(needed with the in-memory store).")(command)
+
+
+# -- reading ------------------------------------------------------------------------
+
+
+@queue_cli.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Print the stats as JSON, for scripts.")
+@_reach
+def status(as_json: bool, server: str | None, token: str | None) -> None:
+    """Counts, rates, workers and whether the queue is paused."""
+    target = _target(server, token)
+    stats = target.stats()
+    if as_json:
+        click.echo(json.dumps(stats, indent=2, sort_keys=True))
+        return
+    for line in status_lines(stats, target.where):
+        click.echo(line)
+
+
+def status_lines(stats: dict[str, Any], where: str) -> list[str]:
+    """``status`` as lines of text."""
+    workers = stats.get("workers", [])
+    states: dict[str, int] = {}
+    for worker in workers:
+        states[worker["state"]] = states.get(worker["state"], 0) + 1
+    pids = sorted({w.get("pid") for w in workers if w.get("pid")})
+    by_state = ", ".join(f"{n} {state}" for state, n in sorted(states.items()))
+    eta = stats.get("eta")
+    lines = [
+        f"queue {where}{'  (PAUSED)' if stats.get('paused') else ''}",
+        f"  queued {stats['queued']}   scheduled {stats.get('scheduled', 0)}   "
+        f"running {stats['running']}",
+        f"  done {stats['done']}   failed {stats['failed']}   cancelled {stats['cancelled']}"
+        f"   submitted {stats.get('submitted', 0)}",
+        f"  workers {len(workers)}{': ' + by_state if by_state else ''}"
+        f"{f' in {len(pids)} process(es)' if len(pids) > 1 else ''}",
+        f"  {stats.get('throughput', 0):.0f} done/min   mean wait {_secs(stats.get('mean_wait'))}"
+        f"   mean run {_secs(stats.get('mean_run'))}   "
+        f"{'empty now' if eta == 0 else 'not moving' if eta is None else f'empty in ~{_secs(eta)}'}",
+    ]
+    return lines
+
+
+def _secs(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if value < 60:
+        return f"{value:.1f}s"
+    minutes, seconds = divmod(int(value), 60)
+    if minutes < 60:
+        return f"{minutes}m{seconds:02d}s"
+    return f"{minutes // 60}h{minutes % 60:02d}m"
+
+
+@queue_cli.command("wait")
+@click.option("--timeout", type=click.FloatRange(0), default=None, metavar="SECONDS",
+              help="Give up after this long (exit status 1). Default: wait for ever.")
+@_reach
+def wait(timeout: float | None, server: str | None, token: str | None) -> None:
+    """Block until nothing is queued or running (exit status 0), or the timeout (1)."""
+    target = _target(server, token)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    pause = 0.05
+    while True:
+        stats = target.stats()
+        if not stats["queued"] and not stats["running"]:
+            click.echo(f"idle: nothing queued or running ({stats['done']} done, "
+                       f"{stats['failed']} failed)")
+            return
+        if deadline is not None and time.monotonic() >= deadline:
+            raise Refused(f"still {stats['queued']} queued and {stats['running']} running "
+                          f"after {timeout:g}s")
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        time.sleep(pause if left is None else min(pause, left))
+        pause = min(0.5, pause * 1.5)
+
+
+# -- acting -------------------------------------------------------------------------
+
+
+def _param(_ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]
+           ) -> dict[str, str]:
+    params: dict[str, str] = {}
+    for value in values:
+        name, equals, text = value.partition("=")
+        if not equals or not name.strip():
+            raise click.BadParameter(f"must be NAME=VALUE, got {value!r}")
+        params[name.strip()] = text
+    return params
+
+
+@queue_cli.command("submit")
+@click.argument("kind")
+@click.option("--param", "-p", "params", multiple=True, callback=_param, metavar="NAME=VALUE",
+              help="A task parameter (repeat for more), checked as a form's field is.")
+@click.option("--count", "-n", default=1, show_default=True, type=int,
+              help="How many tasks (1..QUEUE_MAX_BATCH).")
+@click.option("--delay", type=float, default=None, metavar="SECONDS",
+              help="Schedule them this many seconds from now (at most 30 days).")
+@click.option("--key", default=None, help="A unique key: while a task with it is scheduled, "
+              "queued or running, that task is the answer and nothing is queued.")
+@_reach
+def submit(kind: str, params: dict[str, str], count: int, delay: float | None,
+           key: str | None, server: str | None, token: str | None) -> None:
+    """Add COUNT tasks of KIND, as the dashboard's form and the JSON API do."""
+    answer = _target(server, token).submit(kind, params, count, delay, key)
+    ids = answer["ids"]
+    if not answer["created"]:
+        click.echo(f"nothing queued: task #{ids[0]} holds the key {key!r}")
+        return
+    what = "scheduled" if delay else "queued"
+    shown = ", ".join(f"#{i}" for i in ids) if len(ids) <= 5 else f"#{ids[0]} … #{ids[-1]}"
+    click.echo(f"{what} {len(ids)} task(s) of {kind}: {shown}"
+               f"{f', due in {delay:g}s' if delay else ''}")
+
+
+@queue_cli.command("pause")
+@_reach
+def pause(server: str | None, token: str | None) -> None:
+    """Workers finish the task they run and take no new one until ``resume``."""
+    target = _target(server, token)
+    target.pause()
+    click.echo(f"paused: the queue {target.where} takes no new task until resumed")
+
+
+@queue_cli.command("resume")
+@_reach
+def resume(server: str | None, token: str | None) -> None:
+    """Workers take tasks again."""
+    target = _target(server, token)
+    target.resume()
+    click.echo("resumed")
+
+
+@queue_cli.command("workers")
+@click.argument("count", type=int)
+@_reach
+def workers(count: int, server: str | None, token: str | None) -> None:
+    """Run COUNT worker threads (in every process sharing the store)."""
+    target = _target(server, token)
+    now = target.set_workers(count)
+    click.echo(f"workers: {now} per process")
+
+
+@queue_cli.command("cancel")
+@click.argument("task_id", metavar="ID")
+@_reach
+def cancel(task_id: str, server: str | None, token: str | None) -> None:
+    """Cancel a scheduled or queued task, or ask a running one to stop."""
+    state = _target(server, token).cancel(task_id)
+    if state == "running":
+        click.echo(f"task {_task_id(task_id)}: asked to stop (it sees ctx.cancelled)")
+    else:
+        click.echo(f"task {_task_id(task_id)}: {state}")
+
+
+@queue_cli.command("retry")
+@click.argument("task_id", metavar="ID")
+@_reach
+def retry(task_id: str, server: str | None, token: str | None) -> None:
+    """Queue a failed or cancelled task again, as a new task linked to it."""
+    answer = _target(server, token).retry(task_id)
+    if answer["created"]:
+        click.echo(f"task {_task_id(task_id)}: retried as #{answer['id']}")
+    else:
+        click.echo(f"task {_task_id(task_id)}: retried already, as #{answer['id']}; nothing "
+                   "queued")
+
+
+@queue_cli.command("clear")
+@_reach
+def clear(server: str | None, token: str | None) -> None:
+    """Forget the finished tasks (the counters keep their totals)."""
+    forgotten = _target(server, token).clear()
+    click.echo(f"forgot {forgotten} finished task(s)")
