@@ -17,6 +17,10 @@ once nothing is queued or running, 1 when the timeout came first.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -28,7 +32,7 @@ from flask import current_app
 from flask.cli import AppGroup
 
 from .errors import InvalidParam, QueueError
-from .ext import current_queue
+from .ext import current_queue, install_signal_handlers
 from .tasks import Int, check_key
 
 queue_cli = AppGroup("queue", help="See and steer the work queue (the same controls as the "
@@ -384,3 +388,123 @@ def clear(server: str | None, token: str | None) -> None:
     """Forget the finished tasks (the counters keep their totals)."""
     forgotten = _target(server, token).clear()
     click.echo(f"forgot {forgotten} finished task(s)")
+
+
+# -- a process that only works --------------------------------------------------------
+
+
+@queue_cli.command("worker")
+@click.option("--workers", "-w", "count", type=click.IntRange(1, 64), default=None,
+              help="Worker threads to start with (default QUEUE_WORKERS). The shared count, "
+                   "once set from the page or `flask queue workers`, is followed as every "
+                   "process follows it.")
+def worker(count: int | None) -> None:
+    """Run worker threads and nothing else, until SIGTERM or Ctrl+C.
+
+    For a shared store: the web processes can then run none
+    (QUEUE_RUN_WORKERS=false). On SIGTERM the running tasks finish (up to
+    QUEUE_SHUTDOWN_TIMEOUT) and the queued ones stay in the store.
+    """
+    queue = current_queue._get_current_object()  # type: ignore[attr-defined]
+    if not queue.capabilities.shared:
+        raise Refused(f"the queue lives {queue.description}: a worker process would see "
+                      "none of its tasks. Use a shared store (QUEUE_URL=sqlite:///queue.db)")
+    queue.run_workers = True
+    if count is not None:
+        queue.workers = min(count, queue.max_workers)
+    install_signal_handlers(force=True)  # SIGTERM closes the queue, then exits cleanly
+    queue.start()
+    click.echo(f"worker process {os.getpid()}: {queue.workers} worker thread(s), the queue "
+               f"{queue.description}; SIGTERM or Ctrl+C stops it")
+    idle = threading.Event()
+    try:
+        while not queue.closed:
+            idle.wait(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        queue.shutdown()
+        click.echo(f"worker process {os.getpid()}: stopped")
+
+
+# -- watching ------------------------------------------------------------------------
+
+
+@queue_cli.command("watch")
+@click.option("--interval", type=click.FloatRange(0.1, 60), default=0.5, show_default=True,
+              metavar="SECONDS", help="How often to look.")
+@click.option("--count", "times", type=click.IntRange(1), default=None,
+              help="Stop after this many looks (default: until Ctrl+C).")
+@_reach
+def watch(interval: float, times: int | None, server: str | None, token: str | None) -> None:
+    """The queue burning down, live: depth, a bar per running task, the last finished.
+
+    In a terminal the view is redrawn in place until Ctrl+C; piped, it prints a
+    line whenever the counts change.
+    """
+    target = _target(server, token)
+    terminal = sys.stdout.isatty()
+    last = None
+    looks = 0
+    peak = 1  # the depth bar is out of the deepest the queue was while watched
+    try:
+        while times is None or looks < times:
+            stats = target.stats()
+            looks += 1
+            peak = max(peak, stats["queued"])
+            if terminal:
+                width = shutil.get_terminal_size((80, 24)).columns
+                lines = watch_lines(stats, target.where, width, peak)
+                # Home, each line cleared to its end, then what is left below cleared.
+                click.echo("\x1b[H" + "".join(f"{line}\x1b[K\n" for line in lines) + "\x1b[J",
+                           nl=False)
+            else:
+                line = watch_line(stats)
+                if line != last:
+                    click.echo(f"{time.strftime('%H:%M:%S')} {line}")
+                    last = line
+            if times is None or looks < times:
+                time.sleep(interval)
+    except KeyboardInterrupt:
+        pass
+
+
+def watch_line(stats: dict[str, Any]) -> str:
+    """One line of counts: what ``watch`` prints when stdout is not a terminal."""
+    return (f"queued={stats['queued']} scheduled={stats.get('scheduled', 0)} "
+            f"running={stats['running']} done={stats['done']} failed={stats['failed']} "
+            f"cancelled={stats['cancelled']}{' paused' if stats.get('paused') else ''}")
+
+
+def watch_lines(stats: dict[str, Any], where: str, width: int = 80, peak: int = 1
+                ) -> list[str]:
+    """The terminal view: the counts, the depth as a bar (out of ``peak``), a bar per
+    running task, and the last finished tasks."""
+    width = max(40, width)
+    queued = stats["queued"]
+    depth_bar = _bar(queued / max(peak, queued, 1), width - 22)
+    lines = [
+        f"queue {where}"[:width],
+        watch_line(stats)[:width],
+        f"depth {queued:>6} {depth_bar}",
+        "",
+    ]
+    running = [w for w in stats.get("workers", []) if w.get("task")]
+    for worker_info in running:
+        task = worker_info["task"]
+        label = f"#{task['id']} {task['kind']}"[:20]
+        lines.append(f"{label:<20} {_bar(task.get('progress') or 0.0, width - 28)} "
+                     f"{int((task.get('progress') or 0) * 100):>3}%")
+    if not running:
+        lines.append("no task running")
+    lines.append("")
+    for task in stats.get("recent", [])[:5]:
+        error = f"  {task['error']}" if task.get("error") else ""
+        lines.append(f"{task['state']:<9} #{task['id']} {task['kind']}{error}"[:width])
+    return lines
+
+
+def _bar(fraction: float, width: int) -> str:
+    width = max(10, width)
+    filled = round(max(0.0, min(1.0, fraction)) * width)
+    return "[" + "#" * filled + "." * (width - filled) + "]"

@@ -135,6 +135,9 @@ SETTINGS: tuple[Setting, ...] = (
             "may add, like `600 per minute` or `20/second`; empty for no limit. Per process."),
     Setting("QUEUE_HANDLE_SIGNALS", True, Bool(), "Close the queue on SIGTERM/SIGINT before the "
             "server's own handler runs, so no new work is taken while stopping."),
+    Setting("QUEUE_RUN_WORKERS", True, Bool(), "Run worker threads in the web processes. Off: "
+            "they run none, whatever the worker count (it is passed on to the store), and the "
+            "work runs in `flask queue worker` processes sharing a SQLite store."),
     Setting("QUEUE_SCHEDULES", True, Bool(), "Run a scheduler thread in each process, which "
             "queues the runs of the [periodic tasks](#periodic-tasks) as they fall due. Off: "
             "this process queues none (the page still lists them; another process sharing "
@@ -145,7 +148,8 @@ DEFAULTS = {s.key: s.default for s in SETTINGS}
 
 
 #: Settings that never had another name.
-_BORN_PREFIXED = frozenset({"QUEUE_URL", "QUEUE_MAX_RESULT_BYTES", "QUEUE_SCHEDULES"})
+_BORN_PREFIXED = frozenset({"QUEUE_URL", "QUEUE_MAX_RESULT_BYTES", "QUEUE_SCHEDULES",
+                            "QUEUE_RUN_WORKERS"})
 
 #: What each setting was called before it took the ``QUEUE_`` prefix (Flask's
 #: convention for an extension's settings, so they cannot collide with an app's own).

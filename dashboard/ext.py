@@ -86,6 +86,7 @@ class QueueExtension:
             max_workers=app.config["QUEUE_MAX_WORKERS"],
             max_result_bytes=app.config["QUEUE_MAX_RESULT_BYTES"],
             scheduler=app.config["QUEUE_SCHEDULES"],
+            run_workers=app.config["QUEUE_RUN_WORKERS"],
             name=f"{app.name}-queue",
         )
         for line in old_names_in(os.environ):

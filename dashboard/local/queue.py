@@ -265,6 +265,7 @@ class WorkQueue(Backend):
         stall_after: float = STALL_AFTER,
         max_result_bytes: int = MAX_RESULT_BYTES,
         scheduler: bool = True,
+        run_workers: bool = True,
     ):
         if not 0 <= workers <= max_workers:
             raise ValueError(f"workers must be from 0 to {max_workers}")
@@ -278,6 +279,10 @@ class WorkQueue(Backend):
         self.max_result_bytes = max_result_bytes
         #: Whether start() runs the scheduler thread (the periodic schedules' runs).
         self.scheduler = scheduler
+        #: Whether this process runs worker threads at all. Off (a web process whose
+        #: work runs in ``flask queue worker`` processes on the same store), the worker
+        #: count is only passed on to the store, and nothing here takes a task.
+        self.run_workers = run_workers
         self._runner: Runner = runner or _run_plain
         self._init_threads()
         self._pid: int | None = None  # the process whose threads run, once started
@@ -380,10 +385,11 @@ class WorkQueue(Backend):
                 target = self.store.workers_target()
                 if target is not None and 0 < target:
                     self.workers = min(target, self.max_workers)
+
             except Exception as exc:  # noqa: BLE001 - the supervisor tries again
                 problem = str(exc)
             started = 0
-            for i in range(1, self.workers + 1):
+            for i in range(1, (self.workers if self.run_workers else 0) + 1):
                 if problem is not None:
                     break
                 try:
@@ -584,7 +590,8 @@ class WorkQueue(Backend):
                 return "the supervisor thread is not running"
             dead = sorted(n for n, t in self._threads.items()
                           if n not in self._retiring and (n in self._dead or not t.is_alive()))
-            missing = self.workers - sum(1 for n in self._threads if n not in self._retiring)
+            missing = (self.workers - sum(1 for n in self._threads if n not in self._retiring)
+                       if self.run_workers else 0)
         if dead:
             return f"worker thread(s) not running: {', '.join(dead)}"
         if missing > 0:
@@ -851,7 +858,7 @@ class WorkQueue(Backend):
             self.store.set_workers_target(count)
         with self._start_lock:
             self.workers = count
-            if not self.started or self._shut_down:
+            if not self.started or self._shut_down or not self.run_workers:
                 return count
             active = [n for n in self._threads if n not in self._retiring]
             # Keep the live workers with the lowest numbers; retire the rest.
@@ -1074,6 +1081,9 @@ class WorkQueue(Backend):
         if target is None:
             return
         wanted = min(target, self.max_workers)
+        if not self.run_workers:
+            self.workers = wanted  # (what the page shows; the worker processes run them)
+            return
         if wanted != target and self._followed != target:
             self._followed = target
             logger.warning("the shared worker count is %d, more than this process's "
@@ -1086,8 +1096,9 @@ class WorkQueue(Backend):
         """Replace dead workers (backing off one that keeps dying), start missing
         ones, and let go of retired ones whose thread is over."""
         with self._start_lock:
-            if self.closed:
-                # Closing ends every worker: none of them died. (The supervisor may
+            if self.closed or not self.run_workers:
+                # Closing ends every worker: none of them died. (And a process that
+                # runs no workers has none to keep.) (The supervisor may
                 # have read "not closed" just before close(): this is read again
                 # under the lock that shutdown() lists the threads under.)
                 return
