@@ -29,7 +29,6 @@ from typing import Iterator
 import pytest
 
 from dashboard import create_app, get_queue
-from dashboard.records import State
 from servers import BIN, HOST, ROOT, CountLog, Server, free_port, server_env
 from support import wait_for
 
