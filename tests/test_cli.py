@@ -269,6 +269,8 @@ def test_server_acts_through_the_api_of_a_server_with_the_memory_store(tmp_path)
         assert waited.returncode == 0, waited.stderr
         stats = json.loads(flask("status", "--json", "--server", url, "--token", TOKEN).stdout)
         assert stats["done"] == 4
+        cleared = flask("clear", "--server", url, "--token", TOKEN)
+        assert cleared.stdout.strip() == "forgot 4 finished task(s)", cleared.stderr
         assert flask("pause", "--server", url, "--token", TOKEN).returncode == 0
         assert server.request("GET", "/api/stats",
                               headers={"Authorization": f"Bearer {TOKEN}"}).body["paused"]
