@@ -2,7 +2,8 @@
 
 ``create_app`` builds the demo app. To use the queue in your own app, see
 :class:`~dashboard.ext.QueueExtension`, :func:`~dashboard.tasks.task` and
-:data:`~dashboard.ext.current_queue`.
+:data:`~dashboard.ext.current_queue`; to act on what happens to tasks (send
+failures to an error tracker), the signals of :mod:`dashboard.signals`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from .records import State
 from .errors import (InvalidParam, QueueClosed, QueueError, QueueFull, ScheduleNotFound,
                      TaskFailed, TaskNotFound, UnknownKind)
 from .periodic import Schedule
+from .signals import (task_cancelled, task_failed, task_retried, task_started, task_submitted,
+                      task_succeeded)
 from .tasks import Bool, Float, Int, Registry, Retry, Str, registry, task
 from .local import TaskContext, WorkQueue
 
@@ -49,6 +52,12 @@ __all__ = [
     "TaskFailed",
     "TaskNotFound",
     "ScheduleNotFound",
+    "task_submitted",
+    "task_started",
+    "task_succeeded",
+    "task_failed",
+    "task_retried",
+    "task_cancelled",
 ]
 
 # The shape of gunicorn's own lines, so the two read as one log.

@@ -34,9 +34,10 @@ import signal
 import threading
 import time
 import weakref
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Callable, Mapping
 
-from flask import Flask, current_app
+from flask import Flask, current_app, has_app_context
 from werkzeug.local import LocalProxy
 
 
@@ -64,7 +65,8 @@ class QueueExtension:
             return app
 
     and submit work from a view with ``current_queue.submit("kind", **params)``.
-    Every task runs inside ``app.app_context()``, torn down after each task.
+    Every task runs inside ``app.app_context()``, torn down after each task. The
+    queue's signals (:mod:`dashboard.signals`) are sent with the app as sender.
     """
 
     def __init__(self, app: Flask | None = None, *, registry: Registry | None = None):
@@ -89,6 +91,9 @@ class QueueExtension:
             run_workers=app.config["QUEUE_RUN_WORKERS"],
             name=f"{app.name}-queue",
         )
+        # The signals are the app's, as Flask's own are: a handler connected with
+        # sender=app hears this app's tasks only, and reads its config.
+        queue.send_signals_as(app, _app_context_for(app))
         for line in old_names_in(os.environ):
             logger.warning("%s", line)
         if app.config["QUEUE_DEFAULT_KIND"] and app.config["QUEUE_DEFAULT_KIND"] not in queue.registry:
@@ -217,6 +222,21 @@ def _app_context_runner(app: Flask) -> Callable[..., Any]:
             return fn(ctx, **params)
 
     return run
+
+
+def _app_context_for(app: Flask) -> Callable[[], AbstractContextManager[Any]]:
+    """The context a signal's handlers run in: ``app``'s app context, pushed unless it
+    is the current one already (a submit from a view sends inside its request)."""
+    app_ref = weakref.ref(app)  # (weak, as in _app_context_runner)
+
+    def context() -> AbstractContextManager[Any]:
+        app = app_ref()
+        if app is None or (has_app_context()
+                           and current_app._get_current_object() is app):  # type: ignore[attr-defined]
+            return nullcontext()
+        return app.app_context()
+
+    return context
 
 
 def start_serving(app: Any) -> bool:

@@ -15,6 +15,8 @@ import threading
 import time
 import traceback
 import weakref
+from contextlib import AbstractContextManager, nullcontext
+from functools import partial
 from typing import Any, Callable, Mapping
 
 from ..backend import Backend, Capabilities
@@ -22,6 +24,8 @@ from ..records import (Retried, ScheduleInfo, Snapshot, State, Submitted, TaskIn
                        TaskRecord)
 from ..errors import QueueClosed, QueueFull, StoreUnavailable, TaskNotFound
 from ..periodic import CATCH_UP, Schedule
+from ..signals import (send as _send_signal, task_cancelled, task_failed, task_retried,
+                       task_started, task_submitted, task_succeeded)
 from .memory import MemoryStore
 from . import tasklog
 from .tasklog import ensure_installed as _capture_task_logs
@@ -118,6 +122,53 @@ _FAILED = State.FAILED
 _SCHEDULED = State.SCHEDULED  # an attempt failed and is to be tried again
 _DONE_RESULT = (State.DONE, None, None)
 _CANCELLED_RESULT = (State.CANCELLED, "cancelled while running", None)
+
+#: The signal each end of an attempt sends.
+_ENDS = {State.DONE: task_succeeded, State.FAILED: task_failed, State.SCHEDULED: task_retried,
+         State.CANCELLED: task_cancelled}
+
+
+class _Raised(tuple):
+    """An attempt's end ``(state, error, traceback)`` with the exception the task raised,
+    for the signals' ``exception``; the store takes it as the plain triple. Made only
+    while a failure handler is connected: the exception's frames hold the task's locals."""
+
+    exception: BaseException
+
+    def __new__(cls, ending: tuple[State, str | None, str | None],
+                exception: BaseException) -> _Raised:
+        self = super().__new__(cls, ending)
+        self.exception = exception
+        return self
+
+
+def _raised(ending: tuple[State, str | None, str | None],
+            exc: BaseException) -> tuple[State, str | None, str | None]:
+    if task_failed.receivers or task_retried.receivers:
+        return _Raised(ending, exc)
+    return ending
+
+
+def _as_ended(record: TaskRecord, attempts: int, state: State, error: str | None,
+              trace: str | None) -> TaskInfo:
+    """The task as its attempt ended, for the signals. A shared store writes the end to
+    its file, not to the record, so the outcome fills in what it wrote; a record
+    scheduled again (a retry) may already be another worker's, so that attempt's own
+    fields are kept."""
+    info = record.info()
+    if state is _SCHEDULED:
+        return info._replace(state=state, error=error, traceback=trace, attempts=attempts,
+                             worker=None, progress=0.0, message=None, finished_at=None,
+                             due_at=time.time() + record.retry_in)
+    return info._replace(state=state, error=error, traceback=trace,
+                         progress=1.0 if state is State.DONE else info.progress)
+
+
+def _as_submitted(task_id: int, kind: str, params: Mapping[str, Any]) -> TaskInfo:
+    """A task the store no longer has (``history=0``, and a worker ended it already),
+    as it was submitted."""
+    return TaskInfo(task_id, kind, dict(params), State.QUEUED, time.time(), None, None, 0.0,
+                    None, None, None, None)
 
 
 #: Bytes of a task's result (as JSON) kept by default: QUEUE_MAX_RESULT_BYTES.
@@ -284,6 +335,10 @@ class WorkQueue(Backend):
         #: count is only passed on to the store, and nothing here takes a task.
         self.run_workers = run_workers
         self._runner: Runner = runner or _run_plain
+        # What the signals are sent as, held weakly (see send_signals_as), and the
+        # context their handlers run in.
+        self._sender: Callable[[], Any] = weakref.ref(self)
+        self._signal_context: Callable[[], AbstractContextManager[Any]] = nullcontext
         self._init_threads()
         self._pid: int | None = None  # the process whose threads run, once started
         self._shut_down = False
@@ -335,6 +390,54 @@ class WorkQueue(Backend):
 
     def stall(self, snapshot: Snapshot) -> str | None:
         return stall_reason(snapshot, self.stall_after)
+
+    # -- signals (see dashboard.signals) ------------------------------------
+
+    @property
+    def signal_sender(self) -> Any:
+        """What this queue's signals are sent as: the Flask app it belongs to, so
+        ``task_failed.connect(handler, sender=app)`` hears only that app's tasks; the
+        queue itself when it belongs to none."""
+        sender = self._sender()
+        return self if sender is None else sender
+
+    def send_signals_as(self, sender: Any,
+                        context: Callable[[], AbstractContextManager[Any]] | None = None) -> None:
+        """Send this queue's signals as ``sender``, their handlers inside ``context()``:
+        how the Flask glue makes them the app's, sent in its app context.
+
+        ``sender`` is held weakly: the app owns its queue, and the queue must not keep
+        the app alive. Once it is gone the queue sends as itself again.
+        """
+        self._sender = weakref.ref(sender)
+        self._signal_context = context or nullcontext
+
+    def _send(self, signal: Any, task: Callable[[], TaskInfo | None], **extra: Any) -> None:
+        """Send ``signal`` about ``task()`` (made only if a handler hears it). Callers
+        look at ``signal.receivers`` first, so a queue nobody listens to pays nothing."""
+        _send_signal(signal, self.signal_sender, task, self._signal_context, **extra)
+
+    def _submitted(self, task_id: int, kind: str, params: Mapping[str, Any]) -> None:
+        store = self.store
+        self._send(task_submitted,
+                   lambda: store.get(task_id) or _as_submitted(task_id, kind, params))
+
+    def _finish_and_send(self, record: TaskRecord,
+                         outcome: tuple[State, str | None, str | None]) -> None:
+        """Give the store an attempt's end, then send the signal it calls for: once the
+        store has it, so a handler that reads the task sees it ended."""
+        state, error, trace = outcome
+        attempts = record.attempts
+        self.store.finish(record, state, error, trace)
+        if record.state is State.RUNNING and record.attempts == attempts:
+            # Not kept: another process took the task back (its run there counts and
+            # sends there), or the file could not be written yet (see README, Signals).
+            return
+        extra = {}
+        if state is _FAILED or state is _SCHEDULED:
+            extra = {"error": error, "exception": getattr(outcome, "exception", None)}
+        self._send(_ENDS[state], partial(_as_ended, record, attempts, state, error, trace),
+                   **extra)
 
     # -- lifecycle -------------------------------------------------------
 
@@ -628,7 +731,10 @@ class WorkQueue(Backend):
                                 time_limit=time_limit).id
         task_kind = self.registry.get(kind)
         checked = task_kind.check_params(params)
-        return self.store.add_one(kind, checked, task_kind.time_limit)
+        task_id = self.store.add_one(kind, checked, task_kind.time_limit)
+        if task_submitted.receivers:
+            self._submitted(task_id, kind, checked)
+        return task_id
 
     def enqueue(self, kind: str, params: Mapping[str, Any] | None = None, *,
                 key: str | None = None, delay: Any = None, at: Any = None,
@@ -641,11 +747,15 @@ class WorkQueue(Backend):
         due_in = check_delay(delay, at)
         limit = task_kind.time_limit if time_limit is None else check_time_limit(time_limit)
         if key is not None:
-            return self.store.add_keyed(kind, checked, check_key(key), due_in, limit)
-        if due_in is None:
-            return Submitted(self.store.add_one(kind, checked, limit), True)
-        return Submitted(self.store.add(kind, checked, 1, delay=due_in, time_limit=limit)[0],
-                         True)
+            submitted = self.store.add_keyed(kind, checked, check_key(key), due_in, limit)
+        elif due_in is None:
+            submitted = Submitted(self.store.add_one(kind, checked, limit), True)
+        else:
+            submitted = Submitted(
+                self.store.add(kind, checked, 1, delay=due_in, time_limit=limit)[0], True)
+        if submitted.created and task_submitted.receivers:
+            self._submitted(submitted.id, kind, checked)
+        return submitted
 
     def submit_many(
         self, kind: str, count: int, params: Mapping[str, Any] | None = None, *,
@@ -658,7 +768,11 @@ class WorkQueue(Backend):
         task_kind = self.registry.get(kind)
         checked = task_kind.check_params(params or {})
         limit = task_kind.time_limit if time_limit is None else check_time_limit(time_limit)
-        return self.store.add(kind, checked, count, delay=check_delay(delay), time_limit=limit)
+        ids = self.store.add(kind, checked, count, delay=check_delay(delay), time_limit=limit)
+        if task_submitted.receivers:
+            for task_id in ids:
+                self._submitted(task_id, kind, checked)
+        return ids
 
     # -- reading ---------------------------------------------------------
 
@@ -705,8 +819,11 @@ class WorkQueue(Backend):
         schedule = self.registry.get_schedule(name)
         if name not in self._next_due:
             self._sync(schedule, time.time())
-        task_id = self.store.run_schedule(name, self._run_of(schedule))
+        run = self._run_of(schedule)
+        task_id = self.store.run_schedule(name, run)
         logger.info("schedule %s: run now as task %d", name, task_id)
+        if task_submitted.receivers:
+            self._submitted(task_id, run.kind, run.params)
         return task_id
 
     def _run_of(self, schedule: Schedule) -> Run:
@@ -754,8 +871,9 @@ class WorkQueue(Backend):
         # Missed ones: one run for all of them, then each due time from the window on.
         after = schedule.next_after(now - CATCH_UP) if late else schedule.next_after(due)
         name = schedule.name
+        run = self._run_of(schedule)
         try:
-            stored, task_id = self.store.claim_due(name, due, after, self._run_of(schedule))
+            stored, task_id = self.store.claim_due(name, due, after, run)
         except QueueFull as exc:
             stored, task_id = self.store.claim_due(name, due, after, None)
             if stored == after:
@@ -769,6 +887,8 @@ class WorkQueue(Backend):
             else:
                 logger.debug("schedule %s: queued task %d, due at %s", name, task_id,
                              _when(due))
+            if task_submitted.receivers:
+                self._submitted(task_id, run.kind, run.params)
         self._next_due[name] = stored
         return stored
 
@@ -827,14 +947,27 @@ class WorkQueue(Backend):
 
     def cancel(self, task_id: int | str) -> State:
         """Cancel a queued task, or ask a running one to stop (see :meth:`Store.cancel`)."""
-        return self.store.cancel(_known(task_id))
+        number = _known(task_id)
+        if not task_cancelled.receivers:
+            return self.store.cancel(number)
+        # Read first: a store keeping no history forgets the task as it cancels it.
+        before = self.store.get(number)
+        state = self.store.cancel(number)
+        if state is State.CANCELLED:
+            # (a running task sends it where it runs, once it stops)
+            self._send(task_cancelled, lambda: self.store.get(number) or (
+                None if before is None else before._replace(state=state)))
+        return state
 
     def retry(self, task_id: int | str) -> Retried:
         """Queue a failed or cancelled task again, linked to it: ``(the new id, True)``.
 
         A task retried before is not queued again: ``(the id of its retry, False)``.
         """
-        return self.store.retry(_known(task_id))
+        retried = self.store.retry(_known(task_id))
+        if retried.created and task_submitted.receivers:
+            self._send(task_submitted, partial(self.store.get, retried.id))
+        return retried
 
     def clear_history(self) -> int:
         """Forget finished tasks; the counters keep their totals."""
@@ -920,30 +1053,54 @@ class WorkQueue(Backend):
             record = self.store.claim(None, block=False)
             if record is None:
                 break
+            if task_started.receivers:
+                self._send(task_started, record.info)
             running.task = TaskContext(record, self.store)  # what this thread logs is its
             try:
                 outcome = self._execute(record)
             finally:
                 running.task = None
-            self.store.finish(record, *outcome)
+            if (task_succeeded.receivers if outcome is _DONE_RESULT
+                    else _ENDS[outcome[0]].receivers):
+                self._finish_and_send(record, outcome)
+            else:
+                self.store.finish(record, *outcome)
             ran += 1
         return ran
 
     def _worker_main(self, name: str) -> None:
         error = None
         current = self._current
+        dying: TaskRecord | None = None  # the task it held as it died, if running
         try:
             execute, finish_and_claim = self._execute, self.store.finish_and_claim
             record = current[name] = self.store.claim(name)
             while record is not None:
-                # The end of one task and the start of the next take the lock once.
-                record = current[name] = finish_and_claim(record, *execute(record))
+                if task_started.receivers:
+                    self._send(task_started, record.info)
+                outcome = execute(record)
+                if (task_succeeded.receivers if outcome is _DONE_RESULT
+                        else _ENDS[outcome[0]].receivers):
+                    # The handlers run between two tasks, once the store has this end.
+                    self._finish_and_send(record, outcome)
+                    outcome = None  # (what a task raised holds its frames: let it go)
+                    record = current[name] = self.store.claim(name)
+                else:
+                    # The end of one task and the start of the next take the lock once.
+                    record = current[name] = finish_and_claim(record, *outcome)
         except BaseException as exc:  # noqa: BLE001 - a dying worker must still be accounted for
             error = f"worker thread died: {type(exc).__name__}: {exc}"
             logger.critical("%s %s; its task is failed and the thread replaced", name, error)
+            held = current.get(name)
+            if held is not None and held.state is State.RUNNING and task_failed.receivers:
+                dying, died, attempts = held, exc, held.attempts
         finally:
             try:
                 self.store.worker_exited(name, error)
+                if dying is not None and dying.state is State.FAILED:
+                    self._send(task_failed, partial(_as_ended, dying, attempts, _FAILED,
+                                                    error, None),
+                               error=error, exception=died)
             except Exception:  # noqa: BLE001 - never a traceback on stderr from a thread
                 logger.exception("%s: could not record its exit", name)
             with self._start_lock:
@@ -973,8 +1130,8 @@ class WorkQueue(Backend):
         except Exception as exc:
             message = f"{type(exc).__name__}: {exc}"[:1000]
             if record.deadline and time.monotonic() > record.deadline:
-                return self._timed_out(record, f" (it then raised {message})",
-                                       traceback.format_exc())
+                return _raised(self._timed_out(record, f" (it then raised {message})",
+                                               traceback.format_exc()), exc)
             policy = None if kind is None else kind.retry
             if (policy is not None and policy.retries(exc, record.attempts)
                     and not record.cancel_requested and not record.cancel_seen):
@@ -983,7 +1140,7 @@ class WorkQueue(Backend):
                     "task %d (%s) attempt %d of %d failed: %s; trying again in %.1fs "
                     "[pid %d %s]", record.id, record.kind, record.attempts, policy.attempts,
                     message, record.retry_in, os.getpid(), record.worker or "caller")
-                return _SCHEDULED, message, traceback.format_exc()
+                return _raised((_SCHEDULED, message, traceback.format_exc()), exc)
             logger.error(
                 "task %d (%s) failed: %s [pid %d %s]",
                 record.id,
@@ -993,7 +1150,7 @@ class WorkQueue(Backend):
                 record.worker or "caller",
                 exc_info=True,
             )
-            return _FAILED, message, traceback.format_exc()
+            return _raised((_FAILED, message, traceback.format_exc()), exc)
         if record.deadline and time.monotonic() > record.deadline:
             return self._timed_out(record, "", None)
         if value is None and not record.cancel_seen:
