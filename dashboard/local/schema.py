@@ -1,8 +1,9 @@
 """The SQLite store's schema: its tables and triggers, the upgrade from the first
 version, and how a row of ``tasks`` becomes a task.
 
-The triggers keep the counters and the per-second record in the same
-transaction as the write that changes a task, so no writer can forget them.
+The triggers keep the counters (in all and per kind) and the per-second record in
+the same transaction as the write that changes a task, so no writer can forget
+them, and every process sharing the file reads the same totals.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import json
 import sqlite3
 from typing import Iterator
 
-from ..records import State, TaskInfo, TaskRecord
+from ..records import DURATION_BUCKETS, Histogram, KindStats, State, TaskInfo, TaskRecord
 
 #: The schema this code reads and writes; kept in ``PRAGMA user_version``.
 #: 2: times that are compared (leases, heartbeats, the per-second record, the
@@ -19,7 +20,8 @@ from ..records import State, TaskInfo, TaskRecord
 #: 3: a task's result, its unique key, delayed (scheduled) tasks, automatic retries,
 #: time limits, what it logged.
 #: 4: periodic schedules, and which schedule queued a task.
-SCHEMA_VERSION = 4
+#: 5: each kind's totals and wait and run time histograms (for /metrics).
+SCHEMA_VERSION = 5
 
 #: A state as the tasks table spells it → the State.
 STATES = {s.value: s for s in State}
@@ -233,7 +235,107 @@ END;
 """.format(flush_on_insert=_FLUSH_LAST_SECOND.format(clock="queued_clock"),
            flush_on_change=_FLUSH_LAST_SECOND.format(clock="clock"))
 
-SCHEMA = TABLES + PROCESS_TABLES + TRIGGERS
+
+def _observe(name: str, value: str) -> str:
+    """The SET terms adding one duration ``value`` (an SQL expression, NULL when there is
+    none to add) to the histogram ``name`` of a kinds row."""
+    terms = [f"{name}_count = {name}_count + ({value} IS NOT NULL)",
+             f"{name}_sum = {name}_sum + ifnull({value}, 0)"]
+    terms += [f"{name}_{i} = {name}_{i} + ifnull({value} <= {bound!r}, 0)"
+              for i, bound in enumerate(DURATION_BUCKETS)]
+    return ",\n        ".join(terms)
+
+
+def _histogram_columns(name: str) -> str:
+    return "".join(f"    {name}_{i} INTEGER NOT NULL DEFAULT 0,\n"
+                   for i in range(len(DURATION_BUCKETS)))
+
+
+#: Each kind's totals since the last reset, for /metrics: kept by the triggers
+#: below as its tasks change state, so a scrape reads a few rows and counts
+#: nothing. A histogram is a count and a sum, and a column per bound of
+#: DURATION_BUCKETS counting the durations up to it (cumulative, as Prometheus
+#: reads them): ``wait_3`` is how many waits were at most DURATION_BUCKETS[3].
+#: A row stays while its kind has a task not yet finished (reset keeps it): the
+#: triggers update it, and only the insert makes one.
+KINDS = f"""
+CREATE TABLE kinds (
+    kind      TEXT PRIMARY KEY,
+    submitted INTEGER NOT NULL DEFAULT 0,
+    done      INTEGER NOT NULL DEFAULT 0,
+    failed    INTEGER NOT NULL DEFAULT 0,
+    cancelled INTEGER NOT NULL DEFAULT 0,
+    retried   INTEGER NOT NULL DEFAULT 0,   -- failed attempts its retry policy scheduled again
+    wait_count INTEGER NOT NULL DEFAULT 0,  -- queued (or due) to each start
+    wait_sum  REAL NOT NULL DEFAULT 0,
+{_histogram_columns("wait")}    run_count INTEGER NOT NULL DEFAULT 0,   -- each start to the end of that attempt
+    run_sum   REAL NOT NULL DEFAULT 0,
+{_histogram_columns("run").rstrip().rstrip(",")}
+) WITHOUT ROWID;
+"""
+
+# One statement per change of a task, on the kind's row (one page: the kinds are
+# few). A wait is observed at each start; a run at the end of each attempt, its
+# outcome counted then. A task given back to the queue (its process died under
+# it) counts nothing then: its next start and end do.
+KIND_TRIGGERS = f"""
+CREATE TRIGGER tasks_kind_added AFTER INSERT ON tasks
+BEGIN
+    INSERT INTO kinds (kind, submitted) VALUES (NEW.kind, 1)
+        ON CONFLICT (kind) DO UPDATE SET submitted = submitted + 1;
+END;
+CREATE TRIGGER tasks_kind_started AFTER UPDATE OF state ON tasks
+WHEN NEW.state = 'running' AND OLD.state != 'running'
+BEGIN
+    UPDATE kinds SET
+        {_observe("wait", "d.waited")}
+    FROM (SELECT max(0, NEW.started_clock - NEW.queued_clock) AS waited) AS d
+    WHERE kind = NEW.kind;
+END;
+CREATE TRIGGER tasks_kind_ended AFTER UPDATE OF state ON tasks
+WHEN OLD.state != NEW.state AND NEW.state IN ('done', 'failed', 'cancelled', 'scheduled')
+BEGIN
+    UPDATE kinds SET
+        done = done + (NEW.state = 'done'),
+        failed = failed + (NEW.state = 'failed'),
+        cancelled = cancelled + (NEW.state = 'cancelled'),
+        retried = retried + (NEW.state = 'scheduled'),
+        {_observe("run", "d.ran")}
+    FROM (SELECT CASE WHEN OLD.state = 'running' THEN
+                 max(0, ifnull(NEW.finished_clock, NEW.clock) - NEW.started_clock) END AS ran) AS d
+    WHERE kind = NEW.kind;
+END;
+"""
+
+#: The columns of a kinds row, in the order :func:`kind_stats` reads them.
+KIND_COLUMNS = ", ".join(
+    ["kind", "submitted", "done", "failed", "cancelled", "retried"]
+    + [f"{name}_{part}" for name in ("wait", "run")
+       for part in ("count", "sum", *range(len(DURATION_BUCKETS)))])
+
+
+#: Reset: the finished tasks are gone; each kind with a task left keeps its row, its
+#: queued and running tasks counted as submitted (as in meta), the rest zeroed.
+RESET_KINDS = ("DELETE FROM kinds WHERE kind NOT IN (SELECT kind FROM tasks)",
+               "UPDATE kinds SET submitted = (SELECT count(*) FROM tasks t WHERE t.kind = "
+               "kinds.kind AND t.state IN ('queued', 'running')), "
+               + ", ".join(f"{c} = 0" for c in KIND_COLUMNS.split(", ")[2:]))
+
+
+def kind_stats(row: tuple) -> KindStats:
+    size = 2 + len(DURATION_BUCKETS)
+    wait, run = row[6:6 + size], row[6 + size:]
+    return KindStats(*row[:6], Histogram(tuple(wait[2:]), wait[0], wait[1]),
+                     Histogram(tuple(run[2:]), run[0], run[1]))
+
+
+SCHEMA = TABLES + KINDS + PROCESS_TABLES + TRIGGERS + KIND_TRIGGERS
+
+# Version 4 kept totals only. Each kind counts from the upgrade on; the kinds of
+# tasks not yet finished get their rows now (the triggers only update those).
+UPGRADE_FROM_4 = KINDS + KIND_TRIGGERS + """
+INSERT INTO kinds (kind) SELECT DISTINCT kind FROM tasks WHERE finished_at IS NULL;
+"""
 
 # Version 3 had no periodic schedules.
 UPGRADE_FROM_3 = """
