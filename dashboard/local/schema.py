@@ -161,8 +161,9 @@ CREATE TABLE workers (
 
 # The counters, the version, the queue head and the per-second record follow
 # the tasks table in triggers: they change in the same statement as the task,
-# so they never disagree with it, and a submit is one INSERT that touches two
-# pages (the task's and meta's). The `seconds` table is written once a second.
+# so they never disagree with it, and a submit is one INSERT that touches three
+# pages (the task's, meta's and its kind's row, below). The `seconds` table is
+# written once a second.
 TRIGGERS = """
 CREATE TRIGGER tasks_refuse_when_full BEFORE INSERT ON tasks
 WHEN NEW.state = 'queued' AND (SELECT queued >= max_queued FROM meta)
