@@ -12,7 +12,7 @@ What is shown, on the in-memory store and on SQLite:
   the store says; it is behind the access token (Bearer or Basic) unless
   ``QUEUE_METRICS_PUBLIC`` (or ``QUEUE_PUBLIC_READ``) opens it;
 * a schema 4 file (``tests/data/queue-v4.db``) is upgraded and counts per kind
-  from then on.
+  from then on, and so are the files of schemas 1 to 3, upgraded all the way.
 
 Two gunicorn processes on one SQLite file giving the same scrape: in
 test_durable.py, with the other real-server tests.
@@ -42,7 +42,8 @@ from dashboard.records import DURATION_BUCKETS, KindStats, State
 from dashboard.tasks import Float, Int, Retry
 
 SECRET = "metrics-secret-0123456789"
-V4_FILE = Path(__file__).parent / "data" / "queue-v4.db"
+DATA = Path(__file__).parent / "data"
+V4_FILE = DATA / "queue-v4.db"
 
 
 @pytest.fixture(params=["memory", "sqlite"])
@@ -240,6 +241,32 @@ def test_a_schema_4_file_is_upgraded_and_counts_by_kind_from_then_on(tmp_path, r
     q.reset()
     assert q.metrics().kinds == ()
     SqliteStore(str(path))  # opening again changes nothing
+
+
+@pytest.mark.parametrize("version", [1, 2, 3])
+def test_files_of_the_first_schemas_are_upgraded_all_the_way_and_count_by_kind(
+        tmp_path, registry, queues, version):
+    """The files the upgrade tests of test_sqlite_store.py and test_periodic.py open: the
+    kind of their unfinished tasks gets its row, and their runs count in it."""
+    @registry.task("pretend", params={"seconds": Int(0, 10)})
+    def pretend(ctx, seconds=0):
+        pass
+
+    path = tmp_path / "queue.db"
+    shutil.copyfile(DATA / f"queue-v{version}.db", path)
+    store = SqliteStore(str(path))
+    q = queues(store)
+    assert q.metrics().kinds == (KindStats("pretend"),)
+    store.maintain()  # (schema 1: a task left running by a process long gone is queued again)
+    cancelled = 0
+    for task_id in range(1, 10):  # (each file holds a few tasks, numbered from 1)
+        info = q.get(task_id)
+        if info is not None and info.state is State.SCHEDULED:  # due whenever: not here
+            q.cancel(task_id)
+            cancelled += 1
+    ran = q.run_pending()
+    assert ran >= 1
+    assert totals(q.metrics()) == {"pretend": (0, ran, 0, cancelled, 0, ran, ran)}
 
 
 # -- GET /metrics -----------------------------------------------------------------------
