@@ -213,11 +213,34 @@ def test_reset_zeroes_each_kind_and_keeps_one_with_work_to_come(make_store, regi
     assert totals(q.metrics()) == {"step": (1, 1, 0, 0, 0, 1, 1)}
 
 
+def test_a_task_given_back_by_a_stopping_process_is_submitted_once(db):
+    """SQLite: a task whose process stopped under it is queued again, and started again
+    elsewhere: one task submitted, two starts, one end, across a reset too."""
+    store, other = SqliteStore(db), SqliteStore(db)  # two processes on one file
+    try:
+        store.add_one("step", {})
+        record = store.claim(None, block=False)
+        assert store.release([record]) == 1  # stopping: queued again, attempt 1 done
+        assert store.get(record.id).state is State.QUEUED
+        assert totals(other.metrics()) == {"step": (1, 0, 0, 0, 0, 1, 0)}
+        other.reset()  # queued and running tasks count as submitted: this one, once
+        assert other.snapshot().submitted == 1
+        assert totals(store.metrics()) == {"step": (1, 0, 0, 0, 0, 0, 0)}
+        again = other.claim(None, block=False)
+        other.finish(again, State.DONE)
+        assert totals(store.metrics()) == {"step": (1, 1, 0, 0, 0, 1, 1)}
+    finally:
+        for each in (store, other):
+            each.close()
+            each.detach()
+
+
 def test_a_schema_4_file_is_upgraded_and_counts_by_kind_from_then_on(tmp_path, registry,
                                                                      queues):
     """queue-v4.db was written by the release before /metrics (SCHEMA_VERSION 4): task 1
     (pretend) done, 2 (flaky) failed, 3 (pretend) queued, 4 (pretend) scheduled 30 days
-    on. Its totals stay; each kind counts from the upgrade."""
+    on. Its totals stay; each kind counts from the upgrade, the tasks waiting then
+    counted as submitted."""
     @registry.task("pretend", params={"seconds": Int(0, 10)})
     def pretend(ctx, seconds=0):
         return {"slept": seconds}
@@ -229,13 +252,12 @@ def test_a_schema_4_file_is_upgraded_and_counts_by_kind_from_then_on(tmp_path, r
         assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
     assert [q.get(i).state for i in (1, 2, 3, 4)] == [State.DONE, State.FAILED, State.QUEUED,
                                                       State.SCHEDULED]
-    # The kind of the tasks still to come has its row, zeroed; nothing else yet.
-    assert q.metrics().kinds == (KindStats("pretend"),)
+    assert q.metrics().kinds == (KindStats("pretend", submitted=2),)  # 3 and 4, waiting
     assert q.cancel(4) is State.CANCELLED
     assert q.run_pending() == 1 and q.get(3).result == {"slept": 2}
     assert q.submit("pretend", seconds=1) == 5  # ids go on where they were
     assert q.run_pending() == 1
-    assert totals(q.metrics()) == {"pretend": (1, 2, 0, 1, 0, 2, 2)}
+    assert totals(q.metrics()) == {"pretend": (3, 2, 0, 1, 0, 2, 2)}
     snap = q.stats()
     assert (snap.submitted, snap.done, snap.failed, snap.cancelled) == (5, 3, 1, 1)
     q.reset()
@@ -247,7 +269,7 @@ def test_a_schema_4_file_is_upgraded_and_counts_by_kind_from_then_on(tmp_path, r
 def test_files_of_the_first_schemas_are_upgraded_all_the_way_and_count_by_kind(
         tmp_path, registry, queues, version):
     """The files the upgrade tests of test_sqlite_store.py and test_periodic.py open: the
-    kind of their unfinished tasks gets its row, and their runs count in it."""
+    tasks waiting for a start count as submitted, and their runs count."""
     @registry.task("pretend", params={"seconds": Int(0, 10)})
     def pretend(ctx, seconds=0):
         pass
@@ -256,17 +278,16 @@ def test_files_of_the_first_schemas_are_upgraded_all_the_way_and_count_by_kind(
     shutil.copyfile(DATA / f"queue-v{version}.db", path)
     store = SqliteStore(str(path))
     q = queues(store)
-    assert q.metrics().kinds == (KindStats("pretend"),)
+    tasks = [info for i in range(1, 10) if (info := q.get(i)) is not None]  # (a few, from 1)
+    waiting = [t for t in tasks if t.state in (State.QUEUED, State.SCHEDULED)
+               and not t.attempts]
+    assert waiting and q.metrics().kinds == (KindStats("pretend", submitted=len(waiting)),)
     store.maintain()  # (schema 1: a task left running by a process long gone is queued again)
-    cancelled = 0
-    for task_id in range(1, 10):  # (each file holds a few tasks, numbered from 1)
-        info = q.get(task_id)
-        if info is not None and info.state is State.SCHEDULED:  # due whenever: not here
-            q.cancel(task_id)
-            cancelled += 1
+    cancelled = [q.cancel(t.id) for t in tasks if t.state is State.SCHEDULED]  # due whenever
     ran = q.run_pending()
     assert ran >= 1
-    assert totals(q.metrics()) == {"pretend": (0, ran, 0, cancelled, 0, ran, ran)}
+    assert totals(q.metrics()) == {
+        "pretend": (len(waiting), ran, 0, len(cancelled), 0, ran, ran)}
 
 
 # -- GET /metrics -----------------------------------------------------------------------

@@ -47,13 +47,13 @@ from urllib.parse import quote
 
 from .clock import ALIVE, BOOT_ID, DEAD, Identity, clock, identity, process_alive
 from ..errors import QueueClosed, QueueFull, StoreError, StoreUnavailable, TaskNotFound, WrongState
-from ..records import (CANNOT_CANCEL, CANNOT_RETRY, RETRYABLE_STATES, SERIES_SECONDS, Metrics,
-                       Retried, ScheduleState, Snapshot, State, Submitted, TaskInfo, TaskRecord,
-                       WorkerInfo, WorkerState, progress_changed)
+from ..records import (CANNOT_CANCEL, CANNOT_RETRY, RETRYABLE_STATES, SERIES_SECONDS,
+                       KindStats, Metrics, Retried, ScheduleState, Snapshot, State, Submitted,
+                       TaskInfo, TaskRecord, WorkerInfo, WorkerState, progress_changed)
 from .schema import (INSERT, INSERT_SCHEDULED, KIND_COLUMNS, RESET_KINDS, SCHEMA, SCHEMA_VERSION,
                      STATES, T_COLUMNS, TASK_COLUMNS, UPGRADE_FROM_1, UPGRADE_FROM_2,
-                     UPGRADE_FROM_3, UPGRADE_FROM_4, kind_stats, statements, task_info,
-                     task_record)
+                     UPGRADE_FROM_3, UPGRADE_FROM_4, WAITING_BY_KIND, kind_stats, statements,
+                     task_info, task_record)
 from .store import MAX_ERRORS, RATE_WINDOW, Run, Store, keep_line, rates
 
 logger = logging.getLogger("dashboard.sqlite")
@@ -1401,8 +1401,11 @@ class SqliteStore(Store):
                 "ORDER BY id LIMIT 1) UNION ALL SELECT * FROM (SELECT queued_clock AS c FROM "
                 "tasks WHERE state = 'queued' AND due_clock IS NOT NULL ORDER BY due_clock "
                 "LIMIT 1))").fetchone() if queued else (None,)
-            kinds = tuple(kind_stats(row) for row in conn.execute(
-                f"SELECT {KIND_COLUMNS} FROM kinds ORDER BY kind"))
+            kinds = {row[0]: kind_stats(row) for row in conn.execute(
+                f"SELECT {KIND_COLUMNS} FROM kinds")}
+            for kind, waiting in conn.execute(WAITING_BY_KIND):
+                stats = kinds.get(kind) or KindStats(kind)
+                kinds[kind] = stats._replace(submitted=stats.submitted + waiting)
         return Metrics(
             queued=queued,
             scheduled=scheduled,
@@ -1410,7 +1413,7 @@ class SqliteStore(Store):
             workers=workers,
             paused=bool(paused),
             oldest_wait=None if oldest is None else max(0.0, now - oldest),
-            kinds=kinds,
+            kinds=tuple(kinds[kind] for kind in sorted(kinds)),
             taken_at=time.time(),
             pid=os.getpid(),
         )
