@@ -286,7 +286,9 @@ class Store:
 
         The per-kind totals are kept as tasks change state, in the same step as the
         change (under the lock, or in the same transaction), and :meth:`reset`
-        zeroes them with the other counters; a scrape copies them and counts nothing.
+        zeroes them with the other counters: a scrape copies them and reads no
+        history. (The SQLite store counts a task as submitted when it first starts,
+        and adds the tasks still waiting for that, read from the queue's own lanes.)
         """
         raise NotImplementedError
 

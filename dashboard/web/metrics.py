@@ -4,8 +4,8 @@ Written with the official client library, ``prometheus_client``, on a registry
 made for each scrape: never the library's global one, which an app may fill
 with metrics of its own (and which would add this process's own numbers to a
 queue's). Its one collector turns one :meth:`~dashboard.backend.Backend.metrics`
-read into the metric families, so the numbers of a scrape agree with each other;
-nothing is counted at scrape time.
+read into the metric families, so the numbers of a scrape agree with each other
+(the stores keep the totals as tasks change state: a scrape reads no history).
 
 With the SQLite store every process reads the one shared queue: a scrape of any
 process of a server gives the same totals, so scrape one address and add
