@@ -252,8 +252,8 @@ def _histogram_columns(name: str) -> str:
 
 
 #: Each kind's totals since the last reset, for /metrics: kept by the triggers
-#: below as its tasks change state, so a scrape reads a few rows and counts
-#: nothing it could have counted before. A histogram is a count and a sum, and a
+#: below as its tasks change state, so a scrape reads a few rows and never the
+#: history. A histogram is a count and a sum, and a
 #: column per bound of DURATION_BUCKETS counting the durations up to it
 #: (cumulative, as Prometheus reads them): ``wait_3`` is how many waits were at
 #: most DURATION_BUCKETS[3].
