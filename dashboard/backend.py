@@ -1,10 +1,10 @@
 """The seam every backend plugs into: what the web layer (and a CLI) may ask of a queue.
 
 The dashboard's views and its JSON API use this and nothing else: submit,
-read a task, a snapshot and its tag, cancel, retry, pause and resume, the
-worker count, clear and reset, health, and what this backend can do
-(:class:`Capabilities`), so the page can leave out a control that would not
-work here instead of pretending.
+read a task, a snapshot and its tag, the metrics a monitoring scrape reads,
+cancel, retry, pause and resume, the worker count, clear and reset, health,
+and what this backend can do (:class:`Capabilities`), so the page can leave
+out a control that would not work here instead of pretending.
 
 How work is claimed, renewed and finished is the backend's own business: the
 in-process backend (:class:`~dashboard.local.WorkQueue`, over the memory
@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import InvalidParam, TaskFailed
-from .records import Retried, ScheduleInfo, Snapshot, State, Submitted, TaskId, TaskInfo
+from .records import (Metrics, Retried, ScheduleInfo, Snapshot, State, Submitted, TaskId,
+                      TaskInfo)
 from .tasks import Registry
 
 
@@ -84,6 +85,12 @@ class Backend(ABC):
     def stats(self, recent: int = 20, upcoming: int = 0) -> Snapshot:
         """One consistent snapshot, with the ``recent`` last finished and the next
         ``upcoming`` queued tasks."""
+
+    @abstractmethod
+    def metrics(self) -> Metrics:
+        """What a monitoring scrape shows (``GET /metrics``), in one consistent read: the
+        counts, the live workers, and each kind's totals and wait and run times since the
+        last reset. With a shared store, every process gives the same numbers."""
 
     @abstractmethod
     def get(self, task_id: TaskId) -> TaskInfo | None: ...

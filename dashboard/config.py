@@ -125,6 +125,10 @@ SETTINGS: tuple[Setting, ...] = (
             "password, or `Authorization: Bearer`); empty: no secret. At least 12 characters."),
     Setting("QUEUE_PUBLIC_READ", False, Bool(), "With `QUEUE_ACCESS_TOKEN`: leave the pages and polls "
             "open (a projector), and ask for the secret only for actions."),
+    Setting("QUEUE_METRICS_PUBLIC", False, Bool(), "With `QUEUE_ACCESS_TOKEN`: leave `GET "
+            "/metrics` open, for a Prometheus scraper on a private network that cannot send "
+            "the secret (one that can sends it as `Authorization: Bearer`). See "
+            "[Monitoring](#monitoring)."),
     Setting("TRUSTED_HOSTS", None, Hosts(), "Flask's own: the names the dashboard answers "
             "to, like `dash.example.com, localhost` (a leading dot: every subdomain; `[]`: any "
             "name). Unset: on loopback only loopback names (`localhost`, `127.0.0.1`, `[::1]`), "
@@ -149,7 +153,7 @@ DEFAULTS = {s.key: s.default for s in SETTINGS}
 
 #: Settings that never had another name.
 _BORN_PREFIXED = frozenset({"QUEUE_URL", "QUEUE_MAX_RESULT_BYTES", "QUEUE_SCHEDULES",
-                            "QUEUE_RUN_WORKERS"})
+                            "QUEUE_RUN_WORKERS", "QUEUE_METRICS_PUBLIC"})
 
 #: What each setting was called before it took the ``QUEUE_`` prefix (Flask's
 #: convention for an extension's settings, so they cannot collide with an app's own).

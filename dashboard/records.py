@@ -500,3 +500,68 @@ class Snapshot(NamedTuple):
             "eta": self.eta,
             "schedules": [s.to_dict() for s in self.schedules],
         }
+
+
+# -- metrics: what a monitoring scrape reads -------------------------------------------
+
+#: The upper bounds (seconds) of the wait and run time histograms' buckets, as
+#: Prometheus counts them (each bucket holds every duration up to its bound, a last
+#: one, +Inf, all of them): from 5 ms, a hand-off to an idle worker, to 10 minutes.
+#: The SQLite store keeps a column per bound: changing them is a new schema version.
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                    60.0, 120.0, 300.0, 600.0)
+
+
+class Histogram(NamedTuple):
+    """Durations observed, as Prometheus counts them: ``buckets[i]`` is how many were at
+    most ``DURATION_BUCKETS[i]`` seconds (cumulative), ``count`` how many in all (the
+    +Inf bucket), ``sum`` their total in seconds."""
+
+    buckets: tuple[int, ...]
+    count: int
+    sum: float
+
+
+#: A histogram with nothing observed yet.
+NO_DURATIONS = Histogram((0,) * len(DURATION_BUCKETS), 0, 0.0)
+
+
+class KindStats(NamedTuple):
+    """One task kind's totals since the last reset, kept by the store as tasks change
+    state (never counted from the history, which forgets).
+
+    ``retried``: failed attempts that the kind's retry policy scheduled again (a
+    task retried from the page is a new task, counted in ``submitted``). ``wait``:
+    from being queued (or falling due) to each start; ``run``: from each start to
+    the end of that attempt (done, failed, cancelled, or scheduled again)."""
+
+    kind: str
+    submitted: int = 0
+    done: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    retried: int = 0
+    wait: Histogram = NO_DURATIONS
+    run: Histogram = NO_DURATIONS
+
+
+class Metrics(NamedTuple):
+    """What a monitoring scrape reads, taken in one read (one lock, or one transaction
+    of the shared file), so its numbers agree with each other.
+
+    With a shared store every process gives the same values: the counts and the
+    per-kind totals are the file's, and ``workers`` counts the live worker threads
+    of every live process using it."""
+
+    queued: int
+    scheduled: int
+    running: int
+    #: Worker threads alive (those finishing a task while stopping included).
+    workers: int
+    paused: bool
+    #: Seconds the oldest queued task has waited; None when nothing is queued.
+    oldest_wait: float | None
+    #: One entry per kind seen since the last reset, by name.
+    kinds: tuple[KindStats, ...]
+    taken_at: float
+    pid: int

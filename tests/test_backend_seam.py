@@ -48,7 +48,7 @@ def test_every_view_uses_only_the_seam(seam_client):
     waiting = queue.submit("pretend", seconds=0)
     for path in ("/", "/?present=1", "/live", "/live/counts", "/live/workers", "/healthz",
                  f"/tasks/{failed}", f"/tasks/{waiting}/live", "/tasks/lookup?id=1",
-                 "/api/stats", f"/api/tasks/{failed}"):
+                 "/api/stats", f"/api/tasks/{failed}", "/metrics"):
         assert ok(client.get(path, headers=HTMX)), path
         assert ok(client.get(path)), path
     posts = [

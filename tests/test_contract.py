@@ -9,7 +9,10 @@ reset, add, stop, kill and remove workers, upkeep, close. After every step
 the store must agree with the model:
 
 * the counters equal the number of tasks in each state, and ``submitted``
-  counts what was accepted since the last reset;
+  counts what was accepted since the last reset; the per-kind totals of
+  :meth:`metrics` (every task here is of kind ``k``) say the same, with the
+  attempts scheduled again by a retry policy, and a wait observed at each
+  start and a run at each end of an attempt;
 * every task the model knows is in exactly the state the model says (so no
   task is in two states), and every forgotten one is gone;
 * the queued tasks are listed in the order they were queued (FIFO), and a
@@ -74,6 +77,8 @@ class StoreMachine(RuleBasedStateMachine):
         self.cancel_asked: set[int] = set()
         self.paused = False
         self.done = self.failed = self.cancelled = self.submitted = 0
+        # Since the last reset: attempts scheduled again, starts, ends of an attempt.
+        self.retried_later = self.starts = self.ends = 0
         self.claims: Counter[int] = Counter()
         # Periodic schedules: name -> [spec, next due, last due, last task, runs], as
         # the store must keep them (one model for stores sharing a file).
@@ -106,6 +111,7 @@ class StoreMachine(RuleBasedStateMachine):
         _, _, worker = self.held.pop(task_id)
         self.state[task_id] = state
         self.count(state)
+        self.ends += 1
         for (_, name), slot in self.workers.items():
             if slot["task"] == task_id:
                 slot["task"] = None
@@ -282,6 +288,7 @@ class StoreMachine(RuleBasedStateMachine):
         self.state[record.id] = State.RUNNING
         self.held[record.id] = (i, record, worker)
         self.claims[record.id] += 1
+        self.starts += 1
         if slot is not None:
             slot["task"] = record.id
 
@@ -307,6 +314,8 @@ class StoreMachine(RuleBasedStateMachine):
         self.stores[i].finish(record, State.SCHEDULED, f"attempt {record.attempts} failed")
         self.state[task_id] = State.SCHEDULED
         self.scheduled.append(task_id)
+        self.retried_later += 1
+        self.ends += 1
         for slot in self.workers.values():
             if slot["task"] == task_id:
                 slot["task"] = None
@@ -398,6 +407,7 @@ class StoreMachine(RuleBasedStateMachine):
         self.stores[data.draw(self.store_index())].reset()
         self.forget(self.finished_ids())
         self.done = self.failed = self.cancelled = 0
+        self.retried_later = self.starts = self.ends = 0
         self.submitted = len(self.queue) + len(self.held)
         for slot in self.workers.values():
             slot["done"] = 0
@@ -475,6 +485,24 @@ class StoreMachine(RuleBasedStateMachine):
             len(self.queue), len(self.held), self.done, self.failed, self.cancelled,
             self.submitted, self.paused)
         assert [t.id for t in snap.upcoming] == self.queue  # FIFO
+        metrics = reader.metrics()
+        assert (metrics.queued, metrics.scheduled, metrics.running, metrics.paused) == (
+            len(self.queue), len(self.scheduled), len(self.held), self.paused)
+        assert metrics.workers == sum(slot["alive"] for slot in self.workers.values())
+        # One kind, "k": listed while it has counted anything since the last reset, or
+        # has a task still to come.
+        totals = (self.submitted, self.done, self.failed, self.cancelled, self.retried_later,
+                  self.starts, self.ends)
+        listed = {k.kind: (k.submitted, k.done, k.failed, k.cancelled, k.retried, k.wait.count,
+                           k.run.count) for k in metrics.kinds}
+        if any(totals) or self.queue or self.held or self.scheduled:
+            assert listed == {"k": totals}
+        else:
+            assert listed in ({}, {"k": totals})
+        for k in metrics.kinds:
+            for histogram in (k.wait, k.run):
+                assert list(histogram.buckets) == sorted(histogram.buckets)
+                assert histogram.buckets[-1] <= histogram.count and histogram.sum >= 0
         assert snap.scheduled == len(self.scheduled)
         assert sorted(t.id for t in snap.soon) == sorted(self.scheduled)  # all due together
         # Every known task in the one state the model says; no forgotten one left.

@@ -24,6 +24,8 @@ What is shown:
 * one view: whichever process answers, the same workers of all live
   processes; a killed process drops out, its replacement comes in; pause and
   the worker count set through one process hold in all;
+* one scrape: ``GET /metrics`` from either of two processes gives the same
+  totals, the right ones, read by ``prometheus_client``'s own parser;
 * a file that cannot be used (garbage, a damaged page, a schema from the
   future, a directory, a read-only directory) stops ``flask run`` and
   gunicorn at start with one line naming it, no traceback, and the file
@@ -53,6 +55,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from servers import (BIN, HOST, ROOT, CountLog, Server, free_port, group_members, parent_pid, run_to_exit,
                      server_env)
@@ -482,6 +485,89 @@ def test_every_process_shows_one_view_and_follows_one_control(cluster):
         server, live, lambda s: counts(s) == (0, 0, 6, 0, 0, 6, False), "six done"
     )
     assert "Traceback" not in server.log()
+
+
+# -- one scrape, whichever process answers ---------------------------------------------
+
+
+def scrape(server: Server) -> tuple[int, dict[tuple[str, tuple], float]] | None:
+    """GET /metrics on a new connection, then GET /api/stats on the same one: the pid of
+    the process that answered (a connection stays with the process that accepted it)
+    and every sample of the scrape, read by prometheus_client's parser; or None."""
+    conn = server.connect()
+    try:
+        conn.request("GET", "/metrics")
+        response = conn.getresponse()
+        text = response.read().decode()
+        if response.status != 200 or response.will_close:
+            return None
+        stats = server.request("GET", "/api/stats", conn=conn)
+    except (OSError, http.client.HTTPException):
+        return None
+    finally:
+        conn.close()
+    if stats.status != 200:
+        return None
+    return stats.body["pid"], {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_metrics_from_two_processes_on_one_file_give_the_same_totals(cluster):
+    server = cluster.start(processes=2, FLASK_QUEUE_WORKERS="2")
+    pids = wait_processes(server, 2, ["worker-1", "worker-2"])
+
+    # Work of every outcome, each request on a new connection (through both processes):
+    # 20 done, 4 failed, 2 failed after two automatic retries each, 3 cancelled.
+    for _ in range(20):
+        submit(server, 1, 0.01)
+    for kind, count in (("flaky", 4), ("shaky", 2)):
+        reply = server.request("POST", "/api/tasks", {
+            "kind": kind, "count": count, "params": {"seconds": 0, "fail_rate": 1}})
+        assert reply.status == 202, reply
+    later = server.request("POST", "/api/tasks", {"kind": "count", "count": 3, "delay": 3600})
+    for task_id in later.body["ids"]:
+        assert server.request("POST", f"/api/tasks/{task_id}/cancel").status == 200
+    answers_from_every_process(
+        server, pids, lambda s: (counts(s), s["scheduled"]) == ((0, 0, 20, 6, 3, 29, False), 0),
+        "every task ended")
+
+    scrapes: dict[int, dict[tuple[str, tuple], float]] = {}
+
+    def each_answered() -> bool:
+        answer = scrape(server)
+        if answer is not None and answer[0] in pids:
+            scrapes[answer[0]] = answer[1]
+        return set(scrapes) == pids
+
+    wait_for(each_answered, 60, f"a scrape answered by each of {sorted(pids)}")
+    first, second = scrapes.values()
+    assert first == second, "the two processes disagree"  # every sample, sums too
+
+    def kind(name: str) -> tuple:
+        return (("kind", name),)
+
+    expected = {
+        # kind: submitted, done, failed, cancelled, retried, starts (= attempts)
+        "count": (23, 20, 0, 3, 0, 20),
+        "flaky": (4, 0, 4, 0, 0, 4),
+        "shaky": (2, 0, 2, 0, 4, 6),
+    }
+    got = {name: tuple(first[(f"queue_tasks_{field}_total", kind(name))]
+                       for field in ("submitted", "done", "failed", "cancelled", "retried"))
+           + (first[("queue_task_wait_seconds_count", kind(name))],)
+           for name in expected}
+    assert got == expected
+    for name, (*_, starts) in expected.items():
+        assert first[("queue_task_run_seconds_count", kind(name))] == starts
+        assert first[("queue_task_run_seconds_bucket", (*kind(name), ("le", "+Inf")))] == starts
+    # Every process's workers, counted once: two processes of two.
+    assert first[("queue_workers", ())] == 4
+    assert [first[(g, ())] for g in ("queue_tasks_queued", "queue_tasks_scheduled",
+                                     "queue_tasks_running", "queue_paused",
+                                     "queue_oldest_queued_seconds")] == [0, 0, 0, 0, 0]
+    log = server.log()  # (the failed tasks' tracebacks are there, as they should be)
+    assert "Exception on" not in log and "lease lost" not in log, log
 
 
 # -- files that cannot be used ------------------------------------------------------

@@ -33,7 +33,7 @@ PATHS = [
     "/resume", "/workers", "/history/clear", "/reset", "/api/stats", "/api/tasks",
     "/api/tasks/{id}", "/api/tasks/{id}/cancel", "/api/tasks/{id}/retry", "/api/pause",
     "/api/resume", "/api/workers", "/healthz", "/live/schedules", "/schedules/{text}/run",
-    "/api/schedules", "/api/schedules/{text}/run",
+    "/api/schedules", "/api/schedules/{text}/run", "/metrics",
 ]
 # (Not the demo schedule's own run URLs: each run that passes is a 2 s task to run
 # here; test_web_schedules.py sends those its bad and good requests.)

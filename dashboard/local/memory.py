@@ -14,13 +14,16 @@ import os
 import secrets
 import threading
 import time
+from bisect import bisect_left
 from collections import deque
-from itertools import islice, takewhile
+from itertools import accumulate, islice, takewhile
 from typing import Any, Iterable
 
 from ..errors import QueueClosed, QueueFull, TaskNotFound, WrongState
-from ..records import (CANNOT_CANCEL, CANNOT_RETRY, RETRYABLE_STATES, SERIES_SECONDS, Retried,
-                       ScheduleState, Snapshot, State, Submitted, TaskInfo, TaskRecord, WorkerInfo, WorkerState, progress_changed)
+from ..records import (CANNOT_CANCEL, CANNOT_RETRY, DURATION_BUCKETS, RETRYABLE_STATES,
+                       SERIES_SECONDS, Histogram, KindStats, Metrics, Retried, ScheduleState,
+                       Snapshot, State, Submitted, TaskInfo, TaskRecord, WorkerInfo, WorkerState,
+                       progress_changed)
 from .store import MAX_ERRORS, RATE_WINDOW, Run, Store, keep_line, rates
 
 # Enum member lookups cost a class attribute access each time; the hot paths
@@ -62,6 +65,32 @@ class _Slot:
         self.task: TaskRecord | None = None
         self.done = 0
         self.alive = True
+
+
+class _Kind:
+    """One task kind's totals (see :class:`~dashboard.records.KindStats`). A histogram is
+    a count per bucket here, the last one past every bound: an observation is one
+    increment, and a scrape adds them up into Prometheus's cumulative counts."""
+
+    __slots__ = ("submitted", "done", "failed", "cancelled", "retried", "waits", "wait_sum",
+                 "runs", "run_sum")
+
+    def __init__(self) -> None:
+        self.submitted = self.done = self.failed = self.cancelled = self.retried = 0
+        self.waits = [0] * (len(DURATION_BUCKETS) + 1)
+        self.wait_sum = 0.0
+        self.runs = [0] * (len(DURATION_BUCKETS) + 1)
+        self.run_sum = 0.0
+
+    def stats(self, kind: str) -> KindStats:
+        return KindStats(kind, self.submitted, self.done, self.failed, self.cancelled,
+                         self.retried, _histogram(self.waits, self.wait_sum),
+                         _histogram(self.runs, self.run_sum))
+
+
+def _histogram(counts: list[int], total: float) -> Histogram:
+    cumulative = tuple(accumulate(counts))
+    return Histogram(cumulative[:-1], cumulative[-1], total)
 
 
 class _Second:
@@ -180,6 +209,14 @@ class MemoryStore(Store):
 
     def _zero_counters(self) -> None:
         self._submitted = self._queued + self._running
+        # Each kind with a task still to come keeps its entry (the shared store keeps
+        # its row); those queued or running count as submitted, as in the total.
+        self._kinds: dict[str, _Kind] = {}
+        for record in self._tasks.values():
+            if record.finished_at is None:
+                kind = self._kind(record.kind)
+                if record.state is QUEUED or record.state is RUNNING:
+                    kind.submitted += 1
         self._done = 0
         self._failed = 0
         self._cancelled = 0
@@ -199,6 +236,13 @@ class MemoryStore(Store):
         bucket = _Second(second, self._queued)
         series.append(bucket)
         return bucket
+
+    def _kind(self, kind: str) -> _Kind:
+        """The totals of ``kind``, started if need be. Call under the lock."""
+        stats = self._kinds.get(kind)
+        if stats is None:
+            stats = self._kinds[kind] = _Kind()
+        return stats
 
     def _grew(self, now: float) -> None:
         bucket = self._second(now)
@@ -280,6 +324,25 @@ class MemoryStore(Store):
                 **measured,
             )
 
+    def metrics(self) -> Metrics:
+        with self._lock:
+            now = time.monotonic()
+            if self._due:
+                self._promote_locked(now)
+            oldest = next((r for r in self._queue if r.state is QUEUED), None) \
+                if self._queued else None
+            return Metrics(
+                queued=self._queued,
+                scheduled=self._scheduled,
+                running=self._running,
+                workers=sum(1 for s in self._slots.values() if s.alive),
+                paused=self._paused,
+                oldest_wait=None if oldest is None else now - oldest.queued_clock,
+                kinds=tuple(stats.stats(kind) for kind, stats in sorted(self._kinds.items())),
+                taken_at=time.time(),
+                pid=os.getpid(),
+            )
+
     def get(self, task_id: int) -> TaskInfo | None:
         with self._lock:
             record = self._tasks.get(task_id)
@@ -313,6 +376,7 @@ class MemoryStore(Store):
             self._tasks[task_id] = record
             self._queued = depth = depth + 1
             self._submitted += 1
+            (self._kinds.get(kind) or self._kind(kind)).submitted += 1
             series = self._series
             bucket = series[-1] if series else None
             if bucket is None or bucket.second != int(now):
@@ -359,6 +423,7 @@ class MemoryStore(Store):
             heapq.heappush(self._due, (record.due_clock, task_id, record))
         self._scheduled += count
         self._submitted += count
+        self._kind(kind).submitted += count
         self._version += 1
         if self._waiting:
             self._work.notify_all()  # a waiting worker now waits until the first is due
@@ -502,6 +567,7 @@ class MemoryStore(Store):
             tasks[task_id] = record
         self._queued += count
         self._submitted += count
+        self._kind(kind).submitted += count
         self._grew(now)
         self._version += 1
         if self._waiting and not self._paused:
@@ -555,6 +621,10 @@ class MemoryStore(Store):
                 record.started_clock = self._last_claim = now
                 record.worker = worker
                 record.attempts += 1
+                waited = now - record.queued_clock
+                stats = self._kinds.get(record.kind) or self._kind(record.kind)
+                stats.waits[bisect_left(DURATION_BUCKETS, waited)] += 1
+                stats.wait_sum += waited
                 self._queued = depth = self._queued - 1
                 self._running += 1
                 if slot is not None:
@@ -620,26 +690,33 @@ class MemoryStore(Store):
         now = time.monotonic()
         record.state = state
         record.finished_at = time.time()
+        stats = self._kinds.get(record.kind) or self._kind(record.kind)
         if state is DONE:
             record.progress = 1.0
             self._done += 1
+            stats.done += 1
         elif state is FAILED:
             record.error = error
             record.traceback = traceback
             self._failed += 1
+            stats.failed += 1
         elif state is CANCELLED:
             record.error = error
             self._cancelled += 1
+            stats.cancelled += 1
         else:
             raise ValueError(f"{state} is not a finished state")
         self._running -= 1
         started = record.started_clock or now
+        ran = now - started
+        stats.runs[bisect_left(DURATION_BUCKETS, ran)] += 1
+        stats.run_sum += ran
         series = self._series
         bucket = series[-1] if series else None
         if bucket is None or bucket.second != int(now):
             bucket = self._second(now)
         bucket.finished += 1
-        bucket.run_sum += now - started
+        bucket.run_sum += ran
         bucket.wait_sum += started - record.queued_clock
         worker = record.worker
         if worker is not None:
@@ -675,6 +752,11 @@ class MemoryStore(Store):
         record.due_clock, record.due_at = now + record.retry_in, wall + record.retry_in
         record.progress, record.message = 0.0, None
         heapq.heappush(self._due, (record.due_clock, record.id, record))
+        stats = self._kind(record.kind)
+        stats.retried += 1
+        ran = now - (record.started_clock or now)
+        stats.runs[bisect_left(DURATION_BUCKETS, ran)] += 1
+        stats.run_sum += ran
         self._running -= 1
         self._scheduled += 1
         slot = self._slots.get(record.worker) if record.worker is not None else None
@@ -707,6 +789,7 @@ class MemoryStore(Store):
                 record.error = "cancelled before it was due"
                 self._scheduled -= 1
                 self._cancelled += 1
+                self._kind(record.kind).cancelled += 1
                 self._remember(record)
                 if len(self._due) > 2 * self._scheduled + 64:
                     self._due = [e for e in self._due if e[2].state is SCHEDULED]
@@ -720,6 +803,7 @@ class MemoryStore(Store):
                 record.error = "cancelled before it started"
                 self._queued -= 1
                 self._cancelled += 1
+                self._kind(record.kind).cancelled += 1
                 self._second(now).depth = self._queued
                 self._remember(record)
                 self._compact_queue()

@@ -20,7 +20,7 @@ from functools import partial
 from typing import Any, Callable, Mapping
 
 from ..backend import Backend, Capabilities
-from ..records import (Retried, ScheduleInfo, Snapshot, State, Submitted, TaskInfo,
+from ..records import (Metrics, Retried, ScheduleInfo, Snapshot, State, Submitted, TaskInfo,
                        TaskRecord)
 from ..errors import QueueClosed, QueueFull, StoreUnavailable, TaskNotFound
 from ..periodic import CATCH_UP, Schedule
@@ -793,6 +793,10 @@ class WorkQueue(Backend):
         if self.registry.has_schedules:
             snap = snap._replace(schedules=tuple(self.schedules()))
         return snap
+
+    def metrics(self) -> Metrics:
+        """The counts, the live workers and each kind's totals, in one read of the store."""
+        return self.store.metrics()
 
     # -- periodic schedules ------------------------------------------------
 

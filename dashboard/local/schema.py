@@ -1,8 +1,9 @@
 """The SQLite store's schema: its tables and triggers, the upgrade from the first
 version, and how a row of ``tasks`` becomes a task.
 
-The triggers keep the counters and the per-second record in the same
-transaction as the write that changes a task, so no writer can forget them.
+The triggers keep the counters (in all and per kind) and the per-second record in
+the same transaction as the write that changes a task, so no writer can forget
+them, and every process sharing the file reads the same totals.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import json
 import sqlite3
 from typing import Iterator
 
-from ..records import State, TaskInfo, TaskRecord
+from ..records import DURATION_BUCKETS, Histogram, KindStats, State, TaskInfo, TaskRecord
 
 #: The schema this code reads and writes; kept in ``PRAGMA user_version``.
 #: 2: times that are compared (leases, heartbeats, the per-second record, the
@@ -19,7 +20,8 @@ from ..records import State, TaskInfo, TaskRecord
 #: 3: a task's result, its unique key, delayed (scheduled) tasks, automatic retries,
 #: time limits, what it logged.
 #: 4: periodic schedules, and which schedule queued a task.
-SCHEMA_VERSION = 4
+#: 5: each kind's totals and wait and run time histograms (for /metrics).
+SCHEMA_VERSION = 5
 
 #: A state as the tasks table spells it → the State.
 STATES = {s.value: s for s in State}
@@ -233,7 +235,132 @@ END;
 """.format(flush_on_insert=_FLUSH_LAST_SECOND.format(clock="queued_clock"),
            flush_on_change=_FLUSH_LAST_SECOND.format(clock="clock"))
 
-SCHEMA = TABLES + PROCESS_TABLES + TRIGGERS
+
+def _observe(name: str, value: str) -> str:
+    """The SET terms adding one duration ``value`` (an SQL expression, NULL when there is
+    none to add) to the histogram ``name`` of a kinds row."""
+    terms = [f"{name}_count = {name}_count + ({value} IS NOT NULL)",
+             f"{name}_sum = {name}_sum + ifnull({value}, 0)"]
+    terms += [f"{name}_{i} = {name}_{i} + ifnull({value} <= {bound!r}, 0)"
+              for i, bound in enumerate(DURATION_BUCKETS)]
+    return ",\n        ".join(terms)
+
+
+def _histogram_columns(name: str) -> str:
+    return "".join(f"    {name}_{i} INTEGER NOT NULL DEFAULT 0,\n"
+                   for i in range(len(DURATION_BUCKETS)))
+
+
+#: Each kind's totals since the last reset, for /metrics: kept by the triggers
+#: below as its tasks change state, so a scrape reads a few rows and never the
+#: history. A histogram is a count and a sum, and a
+#: column per bound of DURATION_BUCKETS counting the durations up to it
+#: (cumulative, as Prometheus reads them): ``wait_3`` is how many waits were at
+#: most DURATION_BUCKETS[3].
+#:
+#: ``submitted`` leaves out the tasks still waiting for their first start (queued
+#: or scheduled, never started): a scrape adds those (WAITING_BY_KIND), and a
+#: task is counted here when it first leaves them, started or cancelled, in a
+#: write that updates its kind's row anyway. So a submit writes what it did
+#: before (its row and meta's), not a third page: the path the benchmarks hold
+#: to a bare INSERT.
+KINDS = f"""
+CREATE TABLE kinds (
+    kind      TEXT PRIMARY KEY,
+    submitted INTEGER NOT NULL DEFAULT 0,   -- less those waiting for their first start
+    done      INTEGER NOT NULL DEFAULT 0,
+    failed    INTEGER NOT NULL DEFAULT 0,
+    cancelled INTEGER NOT NULL DEFAULT 0,
+    retried   INTEGER NOT NULL DEFAULT 0,   -- failed attempts its retry policy scheduled again
+    wait_count INTEGER NOT NULL DEFAULT 0,  -- queued (or due) to each start
+    wait_sum  REAL NOT NULL DEFAULT 0,
+{_histogram_columns("wait")}    run_count INTEGER NOT NULL DEFAULT 0,   -- each start to the end of that attempt
+    run_sum   REAL NOT NULL DEFAULT 0,
+{_histogram_columns("run").rstrip().rstrip(",")}
+) WITHOUT ROWID;
+"""
+
+# The kind's row (one page: the kinds are few), made when first needed, then one
+# update per change of a task. A wait is observed at each start; a run at the end
+# of each attempt, its outcome counted then. A task given back to the queue (its
+# process died under it) counts nothing then: its next start and end do. A task
+# that never started has no attempts: it counts as submitted when it leaves the
+# waiting states (not when it falls due: queued, it still waits).
+KIND_TRIGGERS = f"""
+CREATE TRIGGER tasks_kind_started AFTER UPDATE OF state ON tasks
+WHEN NEW.state = 'running' AND OLD.state != 'running'
+BEGIN
+    INSERT OR IGNORE INTO kinds (kind) VALUES (NEW.kind);
+    UPDATE kinds SET
+        submitted = submitted + (OLD.attempts = 0),
+        {_observe("wait", "d.waited")}
+    FROM (SELECT max(0, NEW.started_clock - NEW.queued_clock) AS waited) AS d
+    WHERE kind = NEW.kind;
+END;
+CREATE TRIGGER tasks_kind_ended AFTER UPDATE OF state ON tasks
+WHEN OLD.state != NEW.state AND NEW.state IN ('done', 'failed', 'cancelled', 'scheduled')
+BEGIN
+    INSERT OR IGNORE INTO kinds (kind) VALUES (NEW.kind);
+    UPDATE kinds SET
+        submitted = submitted + (OLD.state != 'running' AND OLD.attempts = 0),
+        done = done + (NEW.state = 'done'),
+        failed = failed + (NEW.state = 'failed'),
+        cancelled = cancelled + (NEW.state = 'cancelled'),
+        retried = retried + (NEW.state = 'scheduled'),
+        {_observe("run", "d.ran")}
+    FROM (SELECT CASE WHEN OLD.state = 'running' THEN
+                 max(0, ifnull(NEW.finished_clock, NEW.clock) - NEW.started_clock) END AS ran) AS d
+    WHERE kind = NEW.kind;
+END;
+"""
+
+#: The columns of a kinds row, in the order :func:`kind_stats` reads them.
+KIND_COLUMNS = ", ".join(
+    ["kind", "submitted", "done", "failed", "cancelled", "retried"]
+    + [f"{name}_{part}" for name in ("wait", "run")
+       for part in ("count", "sum", *range(len(DURATION_BUCKETS)))])
+
+
+#: The tasks waiting for their first start, by kind: what a scrape adds to each kind's
+#: ``submitted``. Read where the queue's own reads look (the two lanes of queued
+#: tasks, from meta's head and on tasks_late; scheduled ones on tasks_due), so it
+#: reads the waiting tasks, never the history.
+WAITING_BY_KIND = """
+SELECT kind, count(*) FROM (
+    SELECT kind FROM tasks WHERE id >= (SELECT head FROM meta) AND state = 'queued'
+        AND due_clock IS NULL AND attempts = 0
+    UNION ALL
+    SELECT kind FROM tasks WHERE state = 'queued'
+        AND due_clock IS NOT NULL AND attempts = 0
+    UNION ALL
+    SELECT kind FROM tasks WHERE state = 'scheduled'
+        AND due_clock IS NOT NULL AND attempts = 0)
+GROUP BY kind"""
+
+#: Reset, once the finished tasks are gone: every kind with a task left gets a
+#: zeroed row, whose ``submitted`` makes its total (with the waiting ones a scrape
+#: adds) its queued and running tasks, as meta's total counts them: those running,
+#: plus those queued again after a start, less those scheduled and never started.
+RESET_KINDS = (
+    "DELETE FROM kinds",
+    "INSERT INTO kinds (kind, submitted) SELECT kind, sum((state = 'running') + "
+    "(state = 'queued' AND attempts > 0) - (state = 'scheduled' AND attempts = 0)) "
+    "FROM tasks GROUP BY kind",
+)
+
+
+def kind_stats(row: tuple) -> KindStats:
+    size = 2 + len(DURATION_BUCKETS)
+    wait, run = row[6:6 + size], row[6 + size:]
+    return KindStats(*row[:6], Histogram(tuple(wait[2:]), wait[0], wait[1]),
+                     Histogram(tuple(run[2:]), run[0], run[1]))
+
+
+SCHEMA = TABLES + KINDS + PROCESS_TABLES + TRIGGERS + KIND_TRIGGERS
+
+# Version 4 kept totals only. Each kind counts from the upgrade on (the tasks still
+# waiting then count as submitted: they are, until they start).
+UPGRADE_FROM_4 = KINDS + KIND_TRIGGERS
 
 # Version 3 had no periodic schedules.
 UPGRADE_FROM_3 = """

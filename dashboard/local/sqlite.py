@@ -47,12 +47,13 @@ from urllib.parse import quote
 
 from .clock import ALIVE, BOOT_ID, DEAD, Identity, clock, identity, process_alive
 from ..errors import QueueClosed, QueueFull, StoreError, StoreUnavailable, TaskNotFound, WrongState
-from ..records import (CANNOT_CANCEL, CANNOT_RETRY, RETRYABLE_STATES, SERIES_SECONDS, Retried,
-                       ScheduleState, Snapshot, State, Submitted, TaskInfo, TaskRecord, WorkerInfo, WorkerState,
-                       progress_changed)
-from .schema import (INSERT, INSERT_SCHEDULED, SCHEMA, SCHEMA_VERSION, STATES, T_COLUMNS, TASK_COLUMNS,
-                     UPGRADE_FROM_1, UPGRADE_FROM_2, UPGRADE_FROM_3, statements, task_info,
-                     task_record)
+from ..records import (CANNOT_CANCEL, CANNOT_RETRY, RETRYABLE_STATES, SERIES_SECONDS,
+                       KindStats, Metrics, Retried, ScheduleState, Snapshot, State, Submitted,
+                       TaskInfo, TaskRecord, WorkerInfo, WorkerState, progress_changed)
+from .schema import (INSERT, INSERT_SCHEDULED, KIND_COLUMNS, RESET_KINDS, SCHEMA, SCHEMA_VERSION,
+                     STATES, T_COLUMNS, TASK_COLUMNS, UPGRADE_FROM_1, UPGRADE_FROM_2,
+                     UPGRADE_FROM_3, UPGRADE_FROM_4, WAITING_BY_KIND, kind_stats, statements,
+                     task_info, task_record)
 from .store import MAX_ERRORS, RATE_WINDOW, Run, Store, keep_line, rates
 
 logger = logging.getLogger("dashboard.sqlite")
@@ -277,6 +278,9 @@ class SqliteStore(Store):
                                 conn.execute(statement)
                         if version <= 3:
                             for statement in statements(UPGRADE_FROM_3):
+                                conn.execute(statement)
+                        if version <= 4:
+                            for statement in statements(UPGRADE_FROM_4):
                                 conn.execute(statement)
                         logger.info("upgraded the queue database %s from schema %d to %d",
                                     self.path, version, SCHEMA_VERSION)
@@ -1210,6 +1214,8 @@ class SqliteStore(Store):
                 "sec_finished = 0, sec_wait = 0, sec_run = 0"
             )
             conn.execute("UPDATE workers SET done = 0")
+            for statement in RESET_KINDS:
+                conn.execute(statement)
 
     # -- workers ----------------------------------------------------------
 
@@ -1377,6 +1383,39 @@ class SqliteStore(Store):
             scheduled=scheduled,
             soon=soon,
             **measured,
+        )
+
+    def metrics(self) -> Metrics:
+        with self._read() as conn:
+            now = clock()
+            queued, scheduled, running, paused = conn.execute(
+                "SELECT queued, scheduled, running, paused FROM meta").fetchone()
+            # Workers as the snapshot lists them: of the processes still registered.
+            (workers,) = conn.execute(
+                "SELECT count(*) FROM workers w JOIN processes p ON p.token = w.process "
+                "WHERE w.alive").fetchone()
+            # The head of each lane of the queue (see _claim_locked): the older waited longest.
+            (oldest,) = conn.execute(
+                "SELECT min(c) FROM (SELECT * FROM (SELECT queued_clock AS c FROM tasks "
+                "WHERE id >= (SELECT head FROM meta) AND state = 'queued' AND due_clock IS NULL "
+                "ORDER BY id LIMIT 1) UNION ALL SELECT * FROM (SELECT queued_clock AS c FROM "
+                "tasks WHERE state = 'queued' AND due_clock IS NOT NULL ORDER BY due_clock "
+                "LIMIT 1))").fetchone() if queued else (None,)
+            kinds = {row[0]: kind_stats(row) for row in conn.execute(
+                f"SELECT {KIND_COLUMNS} FROM kinds")}
+            for kind, waiting in conn.execute(WAITING_BY_KIND):
+                stats = kinds.get(kind) or KindStats(kind)
+                kinds[kind] = stats._replace(submitted=stats.submitted + waiting)
+        return Metrics(
+            queued=queued,
+            scheduled=scheduled,
+            running=running,
+            workers=workers,
+            paused=bool(paused),
+            oldest_wait=None if oldest is None else max(0.0, now - oldest),
+            kinds=tuple(kinds[kind] for kind in sorted(kinds)),
+            taken_at=time.time(),
+            pid=os.getpid(),
         )
 
     def get(self, task_id: int) -> TaskInfo | None:

@@ -2,10 +2,11 @@
 views of the queue need of the place where tasks live.
 
 A store owns every piece of queue state a dashboard shows: the tasks (queued,
-running and a bounded history of finished ones), cumulative counters, the
-worker slots and what each one runs, the paused and closed flags, a rolling
-per-second record of the last few minutes, and a version number that changes
-whenever any of that changes. The :class:`~dashboard.local.queue.WorkQueue` on
+running and a bounded history of finished ones), cumulative counters (in all,
+and per task kind with wait and run time histograms), the worker slots and
+what each one runs, the paused and closed flags, a rolling per-second record
+of the last few minutes, and a version number that changes whenever any of
+that changes. The :class:`~dashboard.local.queue.WorkQueue` on
 top of it owns only threads.
 
 Two stores implement it: :class:`~dashboard.local.memory.MemoryStore` (this
@@ -21,8 +22,8 @@ from __future__ import annotations
 import time
 from typing import Any, Iterable, NamedTuple
 
-from ..records import (SERIES_SECONDS, Retried, ScheduleState, Snapshot, State, Submitted,
-                       TaskInfo, TaskRecord)
+from ..records import (SERIES_SECONDS, Metrics, Retried, ScheduleState, Snapshot, State,
+                       Submitted, TaskInfo, TaskRecord)
 
 __all__ = ["MAX_ERRORS", "MAX_LOG_LINES", "RATE_WINDOW", "SERIES_SECONDS", "Run", "Store",
            "keep_line", "rates"]
@@ -277,6 +278,17 @@ class Store:
 
         With the ``recent`` last finished tasks (newest first) and the next
         ``upcoming`` queued ones (oldest first).
+        """
+        raise NotImplementedError
+
+    def metrics(self) -> Metrics:
+        """The counts and each kind's totals and durations, in one consistent read.
+
+        The per-kind totals are kept as tasks change state, in the same step as the
+        change (under the lock, or in the same transaction), and :meth:`reset`
+        zeroes them with the other counters: a scrape copies them and reads no
+        history. (The SQLite store counts a task as submitted when it first starts,
+        and adds the tasks still waiting for that, read from the queue's own lanes.)
         """
         raise NotImplementedError
 

@@ -3,7 +3,7 @@ cross-site, the access token, the body size), the security headers, the answer
 to a refusal no view caught, and the template filters.
 
 The routes themselves register on :data:`bp` from :mod:`.pages`, :mod:`.live`,
-:mod:`.controls` and :mod:`.api`. Nothing here touches an app's own routes:
+:mod:`.controls`, :mod:`.api` and :mod:`.metrics`. Nothing here touches an app's own routes:
 the guard and the headers are the blueprint's, and the filters carry the
 ``queue_`` prefix so they cannot replace an app's own.
 """

@@ -15,7 +15,9 @@
 * **An optional secret.** With ``QUEUE_ACCESS_TOKEN`` set, every request needs it,
   as HTTP Basic auth (any user name, the secret as password: browsers ask
   once) or as ``Authorization: Bearer <secret>``. ``QUEUE_PUBLIC_READ`` leaves the
-  pages and polls open for a projector, and only the actions need the secret.
+  pages and polls open for a projector, and only the actions need the secret;
+  ``QUEUE_METRICS_PUBLIC`` leaves ``/metrics`` open for a scraper on a private
+  network.
 * **Browser hardening.** A Content-Security-Policy that allows our own
   scripts and styles only (no inline code, no eval), no framing, no sniffing,
   no referrer to other sites.
@@ -295,6 +297,8 @@ def access_refusal() -> Response | None:
     config = current_app.config
     if not config["QUEUE_ACCESS_TOKEN"] or request.endpoint == "dashboard.healthz":
         return None
+    if config["QUEUE_METRICS_PUBLIC"] and request.endpoint == "dashboard.metrics":
+        return None  # counts, kinds and durations only: nothing to act on, no task's data
     if config["QUEUE_PUBLIC_READ"] and request.method in ("GET", "HEAD", "OPTIONS"):
         return None
     if is_authorised():
