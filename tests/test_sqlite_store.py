@@ -498,3 +498,27 @@ def test_processes_creating_the_file_at_the_same_moment_all_start(tmp_path):
         for child in children:
             _, err = child.communicate(timeout=60)
             assert child.returncode == 0, err
+
+
+@pytest.mark.parametrize("old_clock", ["behind", "ahead"])
+def test_after_a_reboot_a_delayed_task_is_due_when_it_was(tmp_path, registry, queues, old_clock):
+    """Regression: after a reboot the clock values in the file count from the old boot,
+    and a delayed task's due time was not restated with the others: it fell due at
+    once (the old clock was behind ours) or days late (it was ahead)."""
+    @registry.task("pretend")
+    def pretend(ctx):
+        pass
+
+    path = tmp_path / "queue.db"
+    task_id = queues(SqliteStore(str(path))).submit("pretend", delay=120)
+    with closing(sqlite3.connect(path)) as conn, conn:  # as the last boot left the file
+        conn.execute("UPDATE meta SET boot = 'the-boot-before'")
+        conn.execute("UPDATE tasks SET due_clock = due_clock + ?",
+                     (-1e6 if old_clock == "behind" else 1e6,))
+    q = queues(SqliteStore(str(path)))  # this boot takes the file over
+    assert q.run_pending() == 0
+    assert q.get(task_id).state is State.SCHEDULED
+    with closing(sqlite3.connect(path)) as conn:
+        (due_clock,) = conn.execute("SELECT due_clock FROM tasks WHERE id = ?",
+                                    (task_id,)).fetchone()
+    assert abs(due_clock - clock() - 120) < 10

@@ -340,6 +340,11 @@ class SqliteStore(Store):
             "started_clock = CASE WHEN started_at IS NULL THEN NULL "
             "ELSE ? - max(0, ? - started_at) END, lease_until = 0 "
             "WHERE state IN ('queued', 'running')", (now, wall, now, wall))
+        # Delayed tasks (waiting, or queued when due in their own lane) are due when
+        # they were, on the wall clock: restated on ours, in the same order.
+        conn.execute("UPDATE tasks SET due_clock = ? + (due_at - ?) "
+                     "WHERE state IN ('scheduled', 'queued') AND due_clock IS NOT NULL "
+                     "AND due_at IS NOT NULL", (now, wall))
         if boot is not None:
             logger.info("the queue database %s was last used before a reboot: leases of "
                         "that boot are over", self.path)
