@@ -500,16 +500,14 @@ class WorkQueue(Backend):
                     started += 1
                 except Exception as exc:  # noqa: BLE001 - the supervisor starts it later
                     problem = str(exc)
+            helpers = []
             if self.workers or self.store.durable:
-                try:
-                    self._start_supervisor()
-                except Exception as exc:  # noqa: BLE001 - start() is called again
-                    self._start_error = f"could not start: {type(exc).__name__}: {exc}"
-                    logger.error("%s; the next request tries again", self._start_error)
-                    return
+                helpers.append(self._start_supervisor)
             if self.scheduler and self.registry.has_schedules:
+                helpers.append(self._start_scheduler)
+            for start_helper in helpers:
                 try:
-                    self._start_scheduler()
+                    start_helper()
                 except Exception as exc:  # noqa: BLE001 - start() is called again
                     self._start_error = f"could not start: {type(exc).__name__}: {exc}"
                     logger.error("%s; the next request tries again", self._start_error)
