@@ -398,14 +398,36 @@ def clear(server: str | None, token: str | None) -> None:
               help="Worker threads to start with (default QUEUE_WORKERS). The shared count, "
                    "once set from the page or `flask queue workers`, is followed as every "
                    "process follows it.")
-def worker(count: int | None) -> None:
+@click.option("--no-fork", is_flag=True,
+              help="RQ backend: run each job in this process instead of a forked work "
+                   "horse (faster; but a task that crashes takes the worker down, and a "
+                   "running job cannot be stopped by force).")
+@click.option("--burst", is_flag=True,
+              help="RQ backend: quit once the queue is empty.")
+def worker(count: int | None, no_fork: bool, burst: bool) -> None:
     """Run worker threads and nothing else, until SIGTERM or Ctrl+C.
 
     For a shared store: the web processes can then run none
     (QUEUE_RUN_WORKERS=false). On SIGTERM the running tasks finish (up to
     QUEUE_SHUTDOWN_TIMEOUT) and the queued ones stay in the store.
+
+    With QUEUE_URL=redis://...: an RQ worker for this app's queue (one per
+    process; run more processes for more). Each job runs in the app's
+    context. SIGTERM lets the running job finish (RQ's warm shutdown).
     """
     queue = current_queue._get_current_object()  # type: ignore[attr-defined]
+    if hasattr(queue, "worker") and hasattr(queue, "rq_queue"):  # the RQ backend
+        if count not in (None, 1):
+            raise Refused("an RQ worker process runs one job at a time: start more "
+                          "`flask queue worker` processes for more")
+        from flask import current_app
+
+        rq_worker = queue.worker(current_app._get_current_object(),  # type: ignore[attr-defined]
+                                 fork=not no_fork)
+        click.echo(f"worker {rq_worker.name}: RQ worker for queue {queue.name!r}, the queue "
+                   f"{queue.description}; SIGTERM or Ctrl+C stops it")
+        rq_worker.work(burst=burst, with_scheduler=True, logging_level="INFO")
+        return
     if not queue.capabilities.shared:
         raise Refused(f"the queue lives {queue.description}: a worker process would see "
                       "none of its tasks. Use a shared store (QUEUE_URL=sqlite:///queue.db)")

@@ -111,7 +111,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("QUEUE_URL", "memory://", Str(1000), "Where tasks live: `memory://` (this "
             "process, lost on restart) or `sqlite:///path/to/queue.db` (one file shared by "
             "every process on the machine, kept across restarts; a relative path is under "
-            "the app's instance folder)."),
+            "the app's instance folder), or `redis://host:6379/0` (also `rediss://`, "
+            "`unix:///path/to/redis.sock`): RQ jobs on Redis, run by `flask queue worker` "
+            "processes on any machine (see [Scaling out with RQ](#scaling-out-with-rq))."),
     Setting("QUEUE_LEASE_TIME", 30.0, Float(1, 3600), "SQLite store: seconds a running task's claim "
             "lasts without its process renewing it, where no process can tell whether that "
             "one still runs (another container sharing the file); then the task is queued "
@@ -194,10 +196,11 @@ def check_config(config: MutableMapping[str, Any]) -> None:
             "python -c 'import secrets; print(secrets.token_urlsafe())'"
         )
     url = config["QUEUE_URL"]
-    if url != "memory://" and not (url.startswith("sqlite:///") and len(url) > len("sqlite:///")):
+    if url != "memory://" and not (url.startswith("sqlite:///") and len(url) > len("sqlite:///")) \
+            and not url.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError(
-            "invalid configuration: QUEUE_URL must be memory:// or sqlite:///path/to/queue.db,"
-            f" got {url!r}"
+            "invalid configuration: QUEUE_URL must be memory://, sqlite:///path/to/queue.db or "
+            f"redis://host:6379/0 (also rediss:// and unix:///path/to/redis.sock), got {url!r}"
         )
     if config["QUEUE_MAX_BATCH"] > config["QUEUE_MAX_QUEUED"]:
         raise ConfigError(

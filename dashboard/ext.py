@@ -46,6 +46,10 @@ from .errors import StoreError
 from .local import MemoryStore, SqliteStore, Store, TaskContext, WorkQueue
 from .local.queue import live_queues
 from .tasks import Registry
+from .tasks import registry as default_registry
+
+#: The QUEUE_URL schemes of the RQ backend (dashboard.rq, imported only when asked for).
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 logger = logging.getLogger("dashboard.ext")
 
@@ -79,6 +83,9 @@ class QueueExtension:
         for key, value in DEFAULTS.items():
             app.config.setdefault(key, value)
         check_config(app.config)
+        if app.config["QUEUE_URL"].startswith(REDIS_SCHEMES):
+            self._init_rq(app)
+            return
         queue = WorkQueue(
             workers=app.config["QUEUE_WORKERS"],
             store=make_store(app),
@@ -96,12 +103,7 @@ class QueueExtension:
         queue.send_signals_as(app, _app_context_for(app))
         for line in old_names_in(os.environ):
             logger.warning("%s", line)
-        if app.config["QUEUE_DEFAULT_KIND"] and app.config["QUEUE_DEFAULT_KIND"] not in queue.registry:
-            raise ConfigError(
-                "invalid configuration: QUEUE_DEFAULT_KIND must be one of: "
-                f"{', '.join(queue.registry.names()) or '(none registered)'}; "
-                f"got {app.config['QUEUE_DEFAULT_KIND']!r}"
-            )
+        self._check_default_kind(app, queue.registry)
         self._queues[app] = queue
         app.extensions[EXTENSION_KEY] = self
         from .cli import queue_cli  # (it reads the queue through this module)
@@ -113,6 +115,39 @@ class QueueExtension:
             install_signal_handlers()
         _register_atexit()
         _start_under_uwsgi(app)
+
+    def _init_rq(self, app: Flask) -> None:
+        """``QUEUE_URL=redis://...``: the tasks are RQ jobs, run by ``flask queue worker``
+        processes; this process only submits and reads, and starts nothing."""
+        try:
+            from .rq import RQBackend, redis_url_problem
+        except ImportError as exc:
+            raise ConfigError(
+                f"QUEUE_URL: {app.config['QUEUE_URL'].split(':')[0]}:// needs RQ and the Redis "
+                f"client: pip install 'flask-live-queue[redis]' ({exc})") from None
+        url = app.config["QUEUE_URL"]
+        problem = redis_url_problem(url)
+        if problem is not None:
+            raise ConfigError(f"invalid configuration: QUEUE_URL: {problem}")
+        backend = RQBackend(
+            url, self.registry if self.registry is not None else default_registry,
+            name=app.name, max_queued=app.config["QUEUE_MAX_QUEUED"],
+            history=app.config["QUEUE_HISTORY"], retention=app.config["QUEUE_RETENTION"],
+            max_result_bytes=app.config["QUEUE_MAX_RESULT_BYTES"])
+        self._check_default_kind(app, backend.registry)
+        self._queues[app] = backend  # type: ignore[assignment]
+        app.extensions[EXTENSION_KEY] = self
+        from .cli import queue_cli
+
+        app.cli.add_command(queue_cli)
+
+    def _check_default_kind(self, app: Flask, registry: Registry) -> None:
+        if app.config["QUEUE_DEFAULT_KIND"] and app.config["QUEUE_DEFAULT_KIND"] not in registry:
+            raise ConfigError(
+                "invalid configuration: QUEUE_DEFAULT_KIND must be one of: "
+                f"{', '.join(registry.names()) or '(none registered)'}; "
+                f"got {app.config['QUEUE_DEFAULT_KIND']!r}"
+            )
 
     def default_kind(self, app: Flask) -> str | None:
         """The kind "Add work" and a submit without one use: ``QUEUE_DEFAULT_KIND``,
