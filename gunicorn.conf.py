@@ -69,7 +69,7 @@ def on_starting(server):
     # one, build their store without touching it, so a file that is busy at
     # that moment cannot make a replacement fail to boot (which halts gunicorn).
     vouch_for_store(app)
-    if server.cfg.max_requests > 0 and not queue.store.durable:
+    if server.cfg.max_requests > 0 and not queue.capabilities.durable:
         log.warning(
             "\n"
             "  ************************************************************************\n"
@@ -97,7 +97,7 @@ def _queue_of(app):
 
 def _settings_problem(cfg, queue):
     """What makes these settings unable to keep the queue's promises, or None."""
-    shutdown_timeout = queue.shutdown_timeout
+    shutdown_timeout = getattr(queue, "shutdown_timeout", 0.0)  # (RQ: no task runs here)
     if cfg.graceful_timeout < shutdown_timeout + 1:
         # On a stop, the master kills each worker graceful_timeout after the
         # signal, whatever the worker is doing: the running tasks would be cut
@@ -159,7 +159,7 @@ def post_worker_init(worker):
         if callable(current):
             signal.signal(signum, quit_safely(worker, current))
     if start_serving(worker.wsgi) and worker.cfg.workers > 1:
-        if not get_queue(worker.wsgi).store.durable:
+        if not get_queue(worker.wsgi).capabilities.shared:
             log.warning(
                 "%d worker processes each have their own in-memory queue: a dashboard "
                 "shows whichever process answers its poll. Use one process (the default) "

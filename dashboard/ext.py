@@ -216,9 +216,9 @@ def vouch_for_store(app: Any) -> bool:
     ext = getattr(app, "extensions", {}).get(EXTENSION_KEY)
     if not isinstance(ext, QueueExtension):
         return False
-    store = ext.queue_for(app).store
+    store = getattr(ext.queue_for(app), "store", None)  # (an RQ backend has none)
     path = getattr(store, "path", None)
-    if not store.durable or not path:
+    if store is None or not store.durable or not path:
         return False
     paths = _checked_paths()
     if path not in paths:

@@ -61,8 +61,8 @@ from rq.timeouts import JobTimeoutException, TimerDeathPenalty
 from rq.worker import SimpleWorker, WorkerStatus
 
 from .backend import Backend, Capabilities
-from .errors import (QueueError, QueueFull, ScheduleNotFound, TaskNotFound,
-                     WrongState)
+from .errors import (QueueError, QueueFull, ScheduleNotFound, StoreUnavailable,
+                     TaskNotFound, WrongState)
 from .local import tasklog
 from .local.queue import encode_result
 from .local.store import MAX_LOG_LINES
@@ -557,6 +557,7 @@ class RQBackend(Backend):
         text = str(task_id)
         if not text or len(text) > 64:
             return None
+        self.sweep()  # (a task page polls only this: its abandoned task must show)
         found = self._load([text])
         return found[0] if found else None
 
@@ -811,6 +812,34 @@ class RQBackend(Backend):
         cls = QueueWorker if fork else SimpleQueueWorker
         return cls([self.rq_queue], connection=self.connection, app=app, backend=self,
                    name=name, **kwargs)
+
+
+def _unavailable_when_redis_fails(cls: type) -> type:
+    """Each method of the seam answers a Redis that does not answer (down, unreachable,
+    refusing our password) with StoreUnavailable, a 503 that says so, never a 500."""
+    import functools
+
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def call(self: RQBackend, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(self, *args, **kwargs)
+            except RedisError as exc:
+                raise StoreUnavailable(f"Redis at {self._where} does not answer ({exc})") \
+                    from None
+        return call
+
+    for name in ("enqueue", "submit_many", "submit", "get", "wait", "stats", "metrics",
+                 "cancel", "force_stop", "retry", "pause", "resume", "clear_history",
+                 "reset"):
+        setattr(cls, name, wrap(getattr(cls, name)))
+    for name in ("tag", "identity"):
+        prop = getattr(cls, name)
+        setattr(cls, name, property(wrap(prop.fget)))
+    return cls
+
+
+RQBackend = _unavailable_when_redis_fails(RQBackend)
 
 
 def _hint(text: str) -> dict[str, str]:
