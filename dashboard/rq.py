@@ -965,7 +965,7 @@ class _Ours:
                  backend: RQBackend | None = None, **kwargs: Any):
         if app is None:
             from flask.cli import ScriptInfo  # `rq worker -w dashboard.rq.QueueWorker`
-            app = ScriptInfo().load_app()
+            app = ScriptInfo(app_import_path=os.environ.get("FLASK_APP")).load_app()
         if backend is None:
             from .ext import get_queue
             backend = get_queue(app)

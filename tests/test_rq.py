@@ -366,3 +366,25 @@ def test_two_web_and_two_worker_processes_run_500_tasks_once_and_agree(rq_cluste
     assert len(names) == 2, names
     for worker in workers:
         assert worker.members(), worker.log_tail()
+
+
+def test_the_plain_rq_worker_line_in_the_readme_runs_our_tasks(redis_url, tmp_path):
+    """The README's `rq worker ...` line, run as written (with --burst): a task of ours runs."""
+    import re
+    import subprocess
+
+    readme = (ROOT / "README.md").read_text()
+    line = re.search(r"FLASK_APP='yourapp:create_app\(\)' rq worker (.+?)\n```", readme, re.S)
+    assert line, "the README's rq worker line"
+    args = line.group(1).replace("\\\n", " ").split()
+    args = [redis_url if a == "redis://localhost:6379/0" else a for a in args]
+    assert args[-1] == "yourapp"
+    queue = _backend(redis_url)
+    task_id = queue.submit("count", seconds=0)
+    env = server_env({"FLASK_APP": "counting:create_app()", "FLASK_QUEUE_URL": redis_url,
+                      "PYTHONPATH": os.pathsep.join([str(APPS), str(ROOT)]),
+                      "COUNT_LOG": str(tmp_path / "count.log")})
+    done = subprocess.run([str(BIN / "rq"), "worker", *args[:-1], "--burst", queue.name],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert queue.get(task_id).state is State.DONE
