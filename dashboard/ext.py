@@ -135,6 +135,7 @@ class QueueExtension:
             history=app.config["QUEUE_HISTORY"], retention=app.config["QUEUE_RETENTION"],
             max_result_bytes=app.config["QUEUE_MAX_RESULT_BYTES"])
         self._check_default_kind(app, backend.registry)
+        backend.send_signals_as(app, _app_context_for(app))
         self._queues[app] = backend  # type: ignore[assignment]
         app.extensions[EXTENSION_KEY] = self
         from .cli import queue_cli

@@ -44,6 +44,7 @@ import threading
 import time
 import traceback
 import weakref
+from contextlib import nullcontext
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, Mapping
 from urllib.parse import urlsplit
@@ -70,6 +71,8 @@ from .records import (CANNOT_CANCEL, CANNOT_RETRY, DURATION_BUCKETS, SERIES_SECO
                       CANCELLABLE_STATES, RETRYABLE_STATES, Histogram, KindStats, Metrics,
                       NO_DURATIONS, Retried, ScheduleInfo, Snapshot, State, Submitted, TaskId,
                       TaskInfo, WorkerInfo, WorkerState, progress_changed)
+from .signals import (send as send_signal, task_cancelled, task_failed, task_retried,
+                      task_started, task_submitted, task_succeeded)
 from .tasks import Registry, check_delay, check_key, check_time_limit
 
 logger = logging.getLogger("dashboard.rq")
@@ -292,6 +295,8 @@ class RQBackend(Backend):
         self._swept = 0.0
         self._sweep_lock = threading.Lock()
         self._closed = False
+        self._sender: Callable[[], Any] = lambda: self
+        self._signal_context: Callable[[], Any] = nullcontext
         parts = urlsplit(url)
         where = parts.path if parts.scheme == "unix" else f"{parts.hostname}:{parts.port or 6379}"
         self._where = where
@@ -332,6 +337,28 @@ class RQBackend(Backend):
 
     def shutdown(self, timeout: float | None = None) -> None:
         self._closed = True
+
+    # -- signals -----------------------------------------------------------------
+
+    def send_signals_as(self, sender: Any, context: Callable[[], Any] | None = None) -> None:
+        """Send the task signals as ``sender`` (held weakly), handlers inside ``context()``.
+        Each is sent where its event happens: ``task_submitted`` in the process that
+        submitted, the start and the end in the worker (or its work horse) that ran the
+        task, an abandoned task's failure in the process whose sweep found it."""
+        ref = weakref.ref(sender)
+        self._sender = lambda: ref() or self
+        self._signal_context = context or nullcontext
+
+    def _send(self, signal: Any, task: Callable[[], TaskInfo | None], **extra: Any) -> None:
+        if signal.receivers:
+            send_signal(signal, self._sender(), task, self._signal_context, **extra)
+
+    def _send_end(self, state: str, task_id: str, error: str | None,
+                  exception: BaseException | None = None) -> None:
+        signal = {"done": task_succeeded, "failed": task_failed, "retry": task_retried,
+                  "cancelled": task_cancelled}[state]
+        extra = {"error": error, "exception": exception} if state in ("failed", "retry") else {}
+        self._send(signal, lambda: self.get(task_id), **extra)
 
     # -- ids -------------------------------------------------------------------
 
@@ -467,6 +494,9 @@ class RQBackend(Backend):
                     pipe.hset(self._job_prefix + job_id, mapping=extra)
             self._record_submitted(pipe, kind, len(ids))
             pipe.execute()
+        if task_submitted.receivers:
+            for task_id in ids:
+                self._send(task_submitted, lambda t=task_id: self.get(t))
 
     def run_schedule(self, name: str) -> TaskId:
         raise ScheduleNotFound(name, [])
@@ -689,8 +719,9 @@ class RQBackend(Backend):
             job.cancel(pipeline=pipe)
             pipe.execute()
         why = "was due" if info.state is State.SCHEDULED else "started"
-        self._record_end(job_id, info.kind, "cancelled", attempt=None, run=None,
-                         error=f"cancelled before it {why}", key=info.key)
+        if self._record_end(job_id, info.kind, "cancelled", attempt=None, run=None,
+                            error=f"cancelled before it {why}", key=info.key):
+            self._send_end("cancelled", job_id, None)
         return State.CANCELLED
 
     def force_stop(self, task_id: TaskId) -> None:
@@ -793,9 +824,11 @@ class RQBackend(Backend):
                 if info.state is State.FAILED:
                     error = (f"abandoned: its worker stopped answering (no heartbeat for "
                              f"{WORKER_TIMEOUT}s; killed, or its machine went away)")
-                    self._record_end(str(info.id), info.kind, "failed", attempt=info.attempts,
-                                     run=None, error=error, key=info.key)
-                    logger.warning("task %s (%s) %s", info.id, info.kind, error)
+                    if self._record_end(str(info.id), info.kind, "failed",
+                                        attempt=info.attempts, run=None, error=error,
+                                        key=info.key):
+                        logger.warning("task %s (%s) %s", info.id, info.kind, error)
+                        self._send_end("failed", str(info.id), error)
                 elif info.state in (State.QUEUED, State.SCHEDULED):
                     self._record_end(str(info.id), info.kind, "retry", attempt=info.attempts,
                                      run=None, error="abandoned: its worker stopped answering")
@@ -1053,8 +1086,9 @@ class _Ours:
         super().handle_job_success(job, queue, started_job_registry)  # type: ignore[misc]
         outcome = getattr(job, "_flq_outcome", None) or ("done", None, None, None)
         state, error, result, run = outcome
-        self.backend._record_end(job.id, _kind_of(job), state, attempt=_attempt(job),
-                                 run=run, error=error, result=result, key=_key_of(job))
+        if self.backend._record_end(job.id, _kind_of(job), state, attempt=_attempt(job),
+                                    run=run, error=error, result=result, key=_key_of(job)):
+            self.backend._send_end(state, job.id, error)
 
     def handle_job_failure(self, job: Job, queue: Queue, started_job_registry: Any = None,
                            exc_string: str = "") -> None:
@@ -1073,8 +1107,9 @@ class _Ours:
         if run is None and job.started_at is not None:
             run = max(0.0, time.time() - (_ts(job.started_at) or time.time()))
         state = "retry" if retry else "cancelled" if stopped else "failed"
-        self.backend._record_end(job.id, _kind_of(job), state, attempt=_attempt(job), run=run,
-                                 error=error, trace=trace, key=_key_of(job))
+        if self.backend._record_end(job.id, _kind_of(job), state, attempt=_attempt(job),
+                                    run=run, error=error, trace=trace, key=_key_of(job)):
+            self.backend._send_end(state, job.id, error, getattr(job, "_flq_exception", None))
 
 
 def _kind_of(job: Job) -> str:
@@ -1193,6 +1228,7 @@ def run_task(kind: str, params: dict[str, Any]) -> Any:
     task_kind = backend.registry.get(kind)  # a kind no longer registered fails here
     checked = task_kind.check_params(params)
     attempt = job._flq_attempt = backend._record_start(job, kind)
+    backend._send(task_started, lambda: backend.get(job.id))
     raw_limit = job.connection.hget(job.key, "flq_limit")
     limit = float(raw_limit) if raw_limit else None
     ctx = RQTaskContext(job, backend, kind, limit)
@@ -1204,6 +1240,8 @@ def run_task(kind: str, params: dict[str, Any]) -> Any:
             value = task_kind.fn(ctx, **checked)
     except BaseException as exc:
         job._flq_run = time.monotonic() - started
+        if task_failed.receivers or task_retried.receivers:
+            job._flq_exception = exc  # (for the signals' handlers: it holds the task's locals)
         message = f"{type(exc).__name__}: {exc}"[:1000]
         job._flq_trace = traceback.format_exc()
         policy = task_kind.retry

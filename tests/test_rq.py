@@ -388,3 +388,33 @@ def test_the_plain_rq_worker_line_in_the_readme_runs_our_tasks(redis_url, tmp_pa
                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr[-2000:]
     assert queue.get(task_id).state is State.DONE
+
+
+def test_the_task_signals_are_sent_as_the_app_where_each_event_happens(rq_app):
+    from dashboard import (get_queue, task_cancelled, task_failed, task_started,
+                           task_submitted, task_succeeded)
+
+    heard: list[tuple[str, Any, str]] = []
+
+    def listen(name):
+        def handler(sender, task, **extra):
+            heard.append((name, task.id, task.state.value))
+        return handler
+
+    handlers = {name: listen(name) for name in ("submitted", "started", "succeeded",
+                                                "failed", "cancelled")}
+    for signal, name in ((task_submitted, "submitted"), (task_started, "started"),
+                         (task_succeeded, "succeeded"), (task_failed, "failed"),
+                         (task_cancelled, "cancelled")):
+        signal.connect(handlers[name], sender=rq_app)
+    queue = get_queue(rq_app)
+    ok = queue.submit("pretend", seconds=0)
+    bad = queue.submit("flaky", seconds=0, fail_rate=1)
+    gone = queue.submit("pretend", seconds=0)
+    queue.cancel(gone)
+    _worker(rq_app).work(burst=True, logging_level="WARNING")
+    assert ("submitted", ok, "queued") in heard and ("submitted", bad, "queued") in heard
+    assert ("cancelled", gone, "cancelled") in heard
+    assert ("started", ok, "running") in heard and ("started", bad, "running") in heard
+    assert ("succeeded", ok, "done") in heard and ("failed", bad, "failed") in heard
+    assert len(heard) == 8  # each once
