@@ -170,6 +170,14 @@ class Backend(ABC):
     @abstractmethod
     def cancel(self, task_id: TaskId) -> State: ...
 
+    def force_stop(self, task_id: TaskId) -> None:
+        """Stop a running task now, killing the process that runs it, where the backend
+        can (the RQ backend, on a forking worker); the task ends cancelled. Elsewhere a
+        400 saying so: a thread cannot be killed, and :meth:`cancel` asks a running task
+        to stop (it sees ``ctx.cancelled``)."""
+        raise InvalidParam("stop", f"is not available with this backend (the queue "
+                           f"{self.description}): cancel asks a running task to stop")
+
     @abstractmethod
     def retry(self, task_id: TaskId) -> Retried:
         """Queue a failed or cancelled task again: ``(its retry's id, True)``. A task

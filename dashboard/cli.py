@@ -99,6 +99,9 @@ class _Local:
 
         return self._do(cancel)
 
+    def stop(self, task_id: str) -> None:
+        self._do(lambda: self.queue.force_stop(_task_id(task_id)))
+
     def retry(self, task_id: str) -> dict[str, Any]:
         def retry() -> dict[str, Any]:
             done = self.queue.retry(_task_id(task_id))
@@ -168,6 +171,9 @@ class _Remote:
     def cancel(self, task_id: str) -> str:
         answer = self._call("POST", f"/api/tasks/{urllib.parse.quote(task_id)}/cancel", {})
         return answer.get("state", "cancelled") if isinstance(answer, dict) else "cancelled"
+
+    def stop(self, task_id: str) -> None:
+        self._call("POST", f"/api/tasks/{urllib.parse.quote(task_id)}/stop", {})
 
     def retry(self, task_id: str) -> dict[str, Any]:
         answer = self._call("POST", f"/api/tasks/{urllib.parse.quote(task_id)}/retry", {})
@@ -367,6 +373,15 @@ def cancel(task_id: str, server: str | None, token: str | None) -> None:
         click.echo(f"task {_task_id(task_id)}: asked to stop (it sees ctx.cancelled)")
     else:
         click.echo(f"task {_task_id(task_id)}: {state}")
+
+
+@queue_cli.command("stop")
+@click.argument("task_id", metavar="ID")
+@_reach
+def stop(task_id: str, server: str | None, token: str | None) -> None:
+    """Stop a running task now, killing the process that runs it (RQ, forking workers)."""
+    _target(server, token).stop(task_id)
+    click.echo(f"task {_task_id(task_id)}: stopping (it ends cancelled)")
 
 
 @queue_cli.command("retry")

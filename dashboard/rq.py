@@ -1082,19 +1082,23 @@ class _Ours:
             pipe.execute()
         self.backend._record_end(job.id, "?", "failed", attempt=1, run=None, error=why)
 
+    # Our end is recorded before RQ's: a reader never sees RQ's end without ours (the
+    # task's error, result, state), and the signals go once both are written.
+
     def handle_job_success(self, job: Job, queue: Queue, started_job_registry: Any) -> None:
-        super().handle_job_success(job, queue, started_job_registry)  # type: ignore[misc]
         outcome = getattr(job, "_flq_outcome", None) or ("done", None, None, None)
         state, error, result, run = outcome
-        if self.backend._record_end(job.id, _kind_of(job), state, attempt=_attempt(job),
-                                    run=run, error=error, result=result, key=_key_of(job)):
+        recorded = self.backend._record_end(job.id, _kind_of(job), state, attempt=_attempt(job),
+                                            run=run, error=error, result=result,
+                                            key=_key_of(job))
+        super().handle_job_success(job, queue, started_job_registry)  # type: ignore[misc]
+        if recorded:
             self.backend._send_end(state, job.id, error)
 
     def handle_job_failure(self, job: Job, queue: Queue, started_job_registry: Any = None,
                            exc_string: str = "") -> None:
         stopped = getattr(self, "_stopped_job_id", None) == job.id
         retry = job.should_retry and not stopped
-        super().handle_job_failure(job, queue, started_job_registry, exc_string)  # type: ignore[misc]
         error, trace = getattr(job, "_flq_error", None), getattr(job, "_flq_trace", None)
         if error is None:
             lines = [line for line in (exc_string or "").strip().splitlines() if line.strip()]
@@ -1107,8 +1111,10 @@ class _Ours:
         if run is None and job.started_at is not None:
             run = max(0.0, time.time() - (_ts(job.started_at) or time.time()))
         state = "retry" if retry else "cancelled" if stopped else "failed"
-        if self.backend._record_end(job.id, _kind_of(job), state, attempt=_attempt(job),
-                                    run=run, error=error, trace=trace, key=_key_of(job)):
+        recorded = self.backend._record_end(job.id, _kind_of(job), state, attempt=_attempt(job),
+                                            run=run, error=error, trace=trace, key=_key_of(job))
+        super().handle_job_failure(job, queue, started_job_registry, exc_string)  # type: ignore[misc]
+        if recorded:
             self.backend._send_end(state, job.id, error, getattr(job, "_flq_exception", None))
 
 

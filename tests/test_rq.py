@@ -308,13 +308,16 @@ def test_a_task_whose_work_horse_is_killed_fails_at_once_and_the_worker_goes_on(
     wait_for(lambda: queue.get(after).state is State.DONE, 60, "the next task to run")
 
 
-def test_force_stop_kills_a_running_task_and_it_ends_cancelled(rq_cluster, redis_url):
+def test_stop_kills_a_running_task_and_it_ends_cancelled(rq_cluster, redis_url):
     queue = _backend(redis_url)
     rq_cluster.worker()
     _live_workers(queue, 1, "idle")
     task_id = queue.submit("count", seconds=60)
     wait_for(lambda: rq_cluster.counts.count("start").get(task_id), 60, "the task to start")
-    queue.force_stop(task_id)
+    reply = rq_cluster.web().wait_ready() and None
+    web = rq_cluster.started[-1]
+    reply = web.request("POST", f"/api/tasks/{task_id}/stop")
+    assert reply.status == 202 and reply.body == {"id": str(task_id), "stopping": True}
     info = wait_for(lambda: (i := queue.get(task_id)) and i.finished and i, 60,
                     "the task to stop")
     assert info.state is State.CANCELLED and "stopped by force" in info.error
@@ -418,3 +421,10 @@ def test_the_task_signals_are_sent_as_the_app_where_each_event_happens(rq_app):
     assert ("started", ok, "running") in heard and ("started", bad, "running") in heard
     assert ("succeeded", ok, "done") in heard and ("failed", bad, "failed") in heard
     assert len(heard) == 8  # each once
+
+
+def test_stop_is_refused_naming_why_where_a_backend_cannot(client):
+    task_id = client.post("/api/tasks", json={"kind": "pretend"}).get_json()["ids"][0]
+    reply = client.post(f"/api/tasks/{task_id}/stop")
+    assert reply.status_code == 400
+    assert reply.get_json()["error"].startswith("stop is not available with this backend")

@@ -163,6 +163,24 @@ def api_cancel(task_id: str) -> Response:
     return _json_action(cancel, lambda info: jsonify(info.to_dict() if info else {}))
 
 
+@bp.post("/api/tasks/<task_id>/stop")
+def api_stop(task_id: str) -> Response:
+    """``202 {"id": ..., "stopping": true}``: a running task is being stopped by force (the
+    RQ backend, on a forking worker); it ends cancelled. 400 where the backend cannot."""
+
+    def stop() -> str:
+        checked = parse_task_id(task_id)
+        current_queue.force_stop(checked)
+        return checked
+
+    def ok(checked: str) -> Response:
+        response = jsonify(id=checked, stopping=True)
+        response.status_code = 202
+        return response
+
+    return _json_action(stop, ok)
+
+
 @bp.post("/api/tasks/<task_id>/retry")
 def api_retry(task_id: str) -> Response:
     """``202 {"id": new, "retry_of": old, "created": true}`` when this request queued the
