@@ -406,10 +406,10 @@ def test_the_task_signals_are_sent_as_the_app_where_each_event_happens(rq_app):
 
     handlers = {name: listen(name) for name in ("submitted", "started", "succeeded",
                                                 "failed", "cancelled")}
-    for signal, name in ((task_submitted, "submitted"), (task_started, "started"),
+    for sent, name in ((task_submitted, "submitted"), (task_started, "started"),
                          (task_succeeded, "succeeded"), (task_failed, "failed"),
                          (task_cancelled, "cancelled")):
-        signal.connect(handlers[name], sender=rq_app)
+        sent.connect(handlers[name], sender=rq_app)
     queue = get_queue(rq_app)
     ok = queue.submit("pretend", seconds=0)
     bad = queue.submit("flaky", seconds=0, fail_rate=1)
