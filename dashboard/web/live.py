@@ -135,6 +135,7 @@ def page_data(snap: Snapshot, **extra: Any) -> dict[str, Any]:
         "shared_store": capabilities.shared,
         "queue_description": queue.description,
         "can_scale": capabilities.scale_workers,
+        "scale_hint": capabilities.scale_hint,
         "can_delay": capabilities.delays,
         "can_schedule": capabilities.schedules,
         # Declared in code, whether or not this backend runs them (it lists none then).
