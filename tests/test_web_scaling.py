@@ -1,6 +1,7 @@
 """A backend whose workers are separate processes (RQ's): the page shows − and +
-disabled with its one line saying how to scale, and the form and the API refuse a
-new count with a 409 saying the same. The in-process queue keeps its working − and +."""
+disabled with its one line saying how to scale, the form and the API refuse a new
+count with a 409 saying the same, and a worker on another machine is shown as
+host:pid. The in-process queue keeps its working − and +."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 
 from dashboard.backend import Capabilities
 from dashboard.ext import QueueExtension
+from dashboard.records import WorkerInfo, WorkerState
 
 HTMX = {"HX-Request": "true"}
 HINT = "Workers are separate processes: scale them with your process manager."
@@ -34,6 +36,15 @@ class SeparateWorkers(Proxy):
 
     def set_workers(self, count):
         raise AssertionError(f"set_workers({count!r}) was called on a backend that cannot scale")
+
+
+class RemoteWorker(Proxy):
+    """A backend with one worker, on the machine box-1."""
+
+    def stats(self, *args, **kwargs):
+        snap = self._backend.stats(*args, **kwargs)
+        return snap._replace(workers=(
+            WorkerInfo("rq-worker-a", WorkerState.IDLE, None, 3, pid=4321, host="box-1"),))
 
 
 @pytest.fixture
@@ -108,3 +119,12 @@ def test_the_in_process_queue_keeps_its_working_minus_and_plus(make_app):
     assert client.post("/workers", data={"delta": "1"}, headers=HTMX).status_code == 200
     assert client.post("/api/workers", json={"delta": -1}).json == {"workers": 2}
 
+
+def test_a_worker_on_another_machine_is_shown_as_host_and_pid(proxied):
+    client, _ = proxied(RemoteWorker)
+    region = client.get("/live/workers").text
+    assert '<span class="pid">box-1:4321</span> rq-worker-a' in region
+    assert "in process box-1:4321" in region
+    worker = client.get("/api/stats").json["workers"]
+    assert worker == [{"name": "rq-worker-a", "state": "idle", "task": None, "done": 3,
+                       "pid": 4321, "host": "box-1"}]
