@@ -7,7 +7,7 @@ PORT   ?= 5000
 HTMX_VERSION ?= 4.0.1
 AXE_VERSION ?= 4.14.1
 
-.PHONY: demo test bench browser wrk clean vendor-htmx vendor-axe
+.PHONY: demo test bench browser redis wrk clean vendor-htmx vendor-axe
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +28,7 @@ demo: $(VENV)/.run-deps
 	@echo ""
 	BIND=$(HOST):$(PORT) $(BIN)/gunicorn -c gunicorn.conf.py
 
-test: $(VENV)/.dev-deps browser
+test: $(VENV)/.dev-deps browser redis
 	$(BIN)/python -m pytest
 
 bench: $(VENV)/.dev-deps wrk
@@ -54,6 +54,17 @@ browser:
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1 || \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }; \
 	else echo "chromium not found and cannot install it here: browser tests will be skipped (install Debian's chromium package)"; fi
+
+# Debian's redis-server for the Redis tests, which start a private one of their
+# own (the package's daemon is not used). Installed when we can (root with
+# apt-get, as in CI); otherwise the Redis tests say how to get it.
+redis:
+	@if command -v redis-server >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing redis-server with apt-get"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null 2>&1 || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; }; \
+	else echo "redis-server not found and cannot install it here: Redis tests will be skipped (install Debian's redis-server package)"; fi
 
 # Maintainers only: fetch a pinned htmx from the npm registry and record its hashes.
 vendor-htmx:

@@ -41,6 +41,9 @@ class Capabilities:
     time_limits: bool = True
     #: Periodic schedules are run (each due time once) and listed, with "run now".
     schedules: bool = True
+    #: When scale_workers is False: one line saying how to change the worker count
+    #: instead (the page shows it beside the disabled − and +, and the API's 409 says it).
+    scale_hint: str = ""
 
     def check(self, feature: str, asked: bool, where: str) -> None:
         """Refuse (a 400 naming the field) a submit that asks for what this backend lacks."""

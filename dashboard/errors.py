@@ -92,6 +92,16 @@ class WrongState(QueueError):
         super().__init__(f"task {task_id} is {state}; {wanted}")
 
 
+class CannotScale(QueueError):
+    """The worker count cannot be changed from here: this backend's workers are
+    separate processes. The message says how to change it instead."""
+
+    status = 409
+
+    def __init__(self, hint: str = ""):
+        super().__init__(hint or "the worker count is set where the workers run, not here")
+
+
 class RateLimited(QueueError):
     """This client added more tasks than ``QUEUE_SUBMIT_LIMIT`` allows.
 
@@ -179,6 +189,7 @@ class TaskFailed(Exception):
 
 
 __all__ = [
+    "CannotScale",
     "InvalidParam",
     "QueueClosed",
     "QueueError",

@@ -362,6 +362,9 @@ class WorkerInfo(NamedTuple):
     task: TaskInfo | None
     done: int
     pid: int = 0
+    #: The machine it runs on, for a backend whose workers run elsewhere; empty for
+    #: the in-process threads.
+    host: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -370,6 +373,7 @@ class WorkerInfo(NamedTuple):
             "task": None if self.task is None else self.task.to_dict(),
             "done": self.done,
             "pid": self.pid,
+            "host": self.host,
         }
 
 

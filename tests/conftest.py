@@ -13,6 +13,8 @@ from dashboard import create_app, get_queue
 from dashboard.tasks import Registry
 from dashboard.local.queue import WorkQueue
 
+from redis_server import RedisServer, unavailable as redis_unavailable
+
 # The browser fixtures are a plugin, so the session-wide Chromium (and its one
 # Playwright loop) is shared by every module instead of started once per module
 # that imports it: a second sync Playwright in the same thread fails.
@@ -124,3 +126,27 @@ def queues(registry):
     yield make
     for q in made:
         q.shutdown(timeout=5)
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    """One private ``redis-server`` (tests/redis_server.py) for the session. Without
+    redis-server or the redis and rq packages: fail under CI=true (CI must run the
+    Redis tests), else skip, saying how to get them."""
+    from browser import is_ci  # (the plugin above: imported here, after pytest loaded it)
+
+    missing = redis_unavailable()
+    if missing is not None:
+        if is_ci():
+            pytest.fail(f"CI=true and {missing}", pytrace=False)
+        pytest.skip(missing)
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture
+def redis_url(redis_server):
+    """The session's Redis, emptied (FLUSHALL) for this test: its URL."""
+    with redis_server.client() as redis:
+        redis.flushall()
+    return redis_server.url

@@ -80,13 +80,14 @@ def test_the_in_process_backend_is_one_and_says_what_it_can_do(make_app):
     assert sqlite.description == "in a SQLite file shared by every process"
 
 
-def test_a_backend_that_cannot_scale_gets_no_minus_and_plus(make_app, monkeypatch):
+def test_a_backend_that_cannot_scale_shows_minus_and_plus_disabled(make_app, monkeypatch):
     app = make_app()
     monkeypatch.setattr(WorkQueue, "capabilities", property(
         lambda self: Capabilities(scale_workers=False)))
     page = app.test_client().get("/").data
-    assert b'aria-label="More workers"' not in page and b'id="workers-target"' in page
-    assert b"set where the workers run, not here" in page
+    assert b'aria-label="More workers" disabled' in page and b'id="workers-target"' in page
+    assert b'aria-label="Fewer workers" disabled' in page
+    assert b"set where the workers run, not here" in page  # (it gave no scale_hint)
 
 
 class StringIds:

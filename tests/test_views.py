@@ -311,7 +311,8 @@ def test_api_stats_workers_show_name_state_and_task():
         workers = client.get("/api/stats").json["workers"]  # the first request started them
         pid = queue.stats().pid
         assert workers == [
-            {"name": "worker-1", "state": "paused", "task": None, "done": 0, "pid": pid}
+            {"name": "worker-1", "state": "paused", "task": None, "done": 0, "pid": pid,
+             "host": ""}
         ]
     finally:
         queue.shutdown()

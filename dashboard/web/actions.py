@@ -11,7 +11,7 @@ from flask import current_app
 
 from ..backend import TaskId
 from ..records import Retried, Submitted
-from ..errors import InvalidParam, TaskNotFound
+from ..errors import CannotScale, InvalidParam, TaskNotFound
 from ..ext import current_queue
 from ..tasks import Int, check_delay, check_key, check_time_limit
 from . import security
@@ -121,8 +121,12 @@ def set_workers(data: Mapping[str, Any]) -> int:
     The page's − and + post ``delta``: a click more than the range allows (a
     double click at 2 workers, twenty clicks on +) stops at the end and is
     no error. A ``delta`` never moves the count against its sign (from 0
-    workers, − stays at 0).
+    workers, − stays at 0). A backend whose workers are separate processes
+    refuses it (a 409 with its ``scale_hint``), having changed nothing.
     """
+    capabilities = current_queue.capabilities
+    if not capabilities.scale_workers:
+        raise CannotScale(capabilities.scale_hint)
     top = current_app.config["QUEUE_MAX_WORKERS"]
     if data.get("count") not in (None, ""):
         return current_queue.set_workers(Int(1, top).parse("count", data["count"]))

@@ -135,12 +135,15 @@ def page_data(snap: Snapshot, **extra: Any) -> dict[str, Any]:
         "shared_store": capabilities.shared,
         "queue_description": queue.description,
         "can_scale": capabilities.scale_workers,
+        "scale_hint": capabilities.scale_hint,
         "can_delay": capabilities.delays,
         "can_schedule": capabilities.schedules,
         # Declared in code, whether or not this backend runs them (it lists none then).
         "has_schedules": queue.registry.has_schedules,
         "can_act": can_act,
-        "pids": sorted({w.pid for w in snap.workers}),
+        # The workers' processes: a pid, or host:pid where they run on other machines.
+        "pids": sorted({f"{w.host}:{w.pid}" if w.host else w.pid for w in snap.workers},
+                       key=str),
         "stall": queue.stall(snap),
         "queue_id": queue.identity,
         **extra,
