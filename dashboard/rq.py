@@ -62,7 +62,7 @@ from rq.timeouts import JobTimeoutException, TimerDeathPenalty
 from rq.worker import SimpleWorker, WorkerStatus
 
 from .backend import Backend, Capabilities
-from .errors import (QueueError, QueueFull, ScheduleNotFound, StoreUnavailable,
+from .errors import (CannotScale, QueueError, QueueFull, ScheduleNotFound, StoreUnavailable,
                      TaskNotFound, WrongState)
 from .local import tasklog
 from .local.queue import encode_result
@@ -93,14 +93,7 @@ SWEEP_EVERY = 2.0
 CANCEL_CHECK_EVERY = 0.1
 
 SCALE_HINT = ("Workers are separate processes here: change their number where they run "
-              "(your process manager, e.g. `heroku ps:scale worker=3`, or start another "
-              "`flask queue worker`).")
-
-
-class CannotScale(QueueError):
-    """The worker count of this backend is not the page's to change."""
-
-    status = 409
+              "(with your process manager, or start another: flask queue worker).")
 
 
 # -- the Lua scripts: each one atomic, so the counters, the series and the job agree -------
@@ -211,6 +204,25 @@ return #ids
 """
 
 
+# A job a worker took while paused goes back where it was: before the first of the next
+# hundred queued jobs that was queued after it (RQ writes enqueued_at at a fixed width, so
+# the text compares as the time does). KEYS: queue, intermediate queue. ARGV: job id, job
+# key prefix.
+_PUT_BACK = """
+redis.call('LREM', KEYS[2], 1, ARGV[1])
+local mine = redis.call('HGET', ARGV[2] .. ARGV[1], 'enqueued_at') or ''
+local head = redis.call('LRANGE', KEYS[1], 0, 99)
+for i, id in ipairs(head) do
+  local at = redis.call('HGET', ARGV[2] .. id, 'enqueued_at')
+  if at and at > mine then
+    return redis.call('LINSERT', KEYS[1], 'BEFORE', id, ARGV[1])
+  end
+end
+if #head < 100 then return redis.call('RPUSH', KEYS[1], ARGV[1]) end
+return redis.call('LINSERT', KEYS[1], 'AFTER', head[#head], ARGV[1])
+"""
+
+
 def _bucket(seconds: float) -> int:
     """The index of the first histogram bound at or above ``seconds`` (the last: +Inf)."""
     for index, bound in enumerate(DURATION_BUCKETS):
@@ -289,6 +301,7 @@ class RQBackend(Backend):
         self._started = self.connection.register_script(_STARTED)
         self._ended = self.connection.register_script(_ENDED)
         self._clear = self.connection.register_script(_CLEAR)
+        self._put_back = self.connection.register_script(_PUT_BACK)
         self._ids: list[int] = []
         self._ids_lock = threading.Lock()
         self._identity: str | None = None
@@ -1059,12 +1072,10 @@ class _Ours:
             return
         if is_suspended(self.connection):
             # rq#526: a worker blocked on the queue when the pause came took this job
-            # after it; it goes back to the front, untouched, until resumed.
-            with self.connection.pipeline() as pipe:
-                pipe.lrem(queue.intermediate_queue_key, 1, job.id)
-                pipe.lpush(queue.key, job.id)
-                pipe.execute()
-            self.log.info("Worker %s: paused: job %s put back at the front", self.name, job.id)
+            # after it; it goes back in its place, untouched, until resumed.
+            self.backend._put_back(keys=[queue.key, queue.intermediate_queue_key],
+                                   args=[job.id, Job.redis_job_namespace_prefix])
+            self.log.info("Worker %s: paused: job %s put back in its place", self.name, job.id)
             return
         if job.get_status(refresh=True) != JobStatus.QUEUED:
             self.connection.lrem(queue.intermediate_queue_key, 1, job.id)
