@@ -28,6 +28,23 @@ demo: $(VENV)/.run-deps
 	@echo ""
 	BIND=$(HOST):$(PORT) $(BIN)/gunicorn -c gunicorn.conf.py
 
+# The same dashboard on Redis, for a talk about scale-out: a private redis-server (on a
+# socket in a fresh directory, gone with it), two RQ worker processes, and the web app.
+# Ctrl+C stops all four (the workers finish their tasks first, while Redis still runs).
+demo-redis: $(VENV)/.run-deps redis
+	@command -v redis-server >/dev/null 2>&1 || { echo "demo-redis needs Debian's redis-server"; exit 1; }
+	@dir=$$(mktemp -d /tmp/queue-demo-redis.XXXXXX); sock=$$dir/redis.sock; \
+	setsid redis-server --port 0 --unixsocket $$sock --unixsocketperm 700 --save '' \
+	  --appendonly no --dir $$dir --loglevel warning & redis=$$!; \
+	trap ':' INT TERM; \
+	for i in $$(seq 100); do [ -S $$sock ] && break; sleep 0.1; done; \
+	export FLASK_QUEUE_URL=unix://$$sock; \
+	$(BIN)/flask --app dashboard queue worker & w1=$$!; \
+	$(BIN)/flask --app dashboard queue worker & w2=$$!; \
+	echo ""; echo "  Dashboard on Redis: http://$(HOST):$(PORT)   two RQ workers   (Ctrl+C stops it)"; echo ""; \
+	BIND=$(HOST):$(PORT) $(BIN)/gunicorn -c gunicorn.conf.py; \
+	wait $$w1 $$w2; kill $$redis; wait $$redis; rm -rf $$dir
+
 test: $(VENV)/.dev-deps browser redis
 	$(BIN)/python -m pytest
 

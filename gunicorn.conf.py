@@ -97,7 +97,7 @@ def _queue_of(app):
 
 def _settings_problem(cfg, queue):
     """What makes these settings unable to keep the queue's promises, or None."""
-    shutdown_timeout = getattr(queue, "shutdown_timeout", 0.0)  # (RQ: no task runs here)
+    shutdown_timeout = queue.shutdown_timeout
     if cfg.graceful_timeout < shutdown_timeout + 1:
         # On a stop, the master kills each worker graceful_timeout after the
         # signal, whatever the worker is doing: the running tasks would be cut

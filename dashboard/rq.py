@@ -287,9 +287,9 @@ class RQBackend(Backend):
         self.retention = int(retention)
         self.max_result_bytes = max_result_bytes
         self.connection = connection if connection is not None else connect(url)
+        self.shutdown_timeout = 0.0  # (a server process waits for no task: none runs here)
         self.rq_queue = Queue(name, connection=self.connection, serializer=JSONSerializer,
                               default_timeout=-1)
-        self.workers = 0  # the page's count: set from the live workers at each snapshot
         self._prefix = f"flq:{name}:"
         self._stats = self._prefix + "stats"
         self._sec = self._prefix + "sec"
@@ -337,6 +337,14 @@ class RQBackend(Backend):
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def workers(self) -> int:  # type: ignore[override]
+        """The RQ workers of this queue that Redis knows (their processes say how many)."""
+        try:
+            return int(self.connection.scard(f"rq:workers:{self.name}"))
+        except RedisError:
+            return 0
 
     @property
     def started(self) -> bool:
@@ -655,7 +663,6 @@ class RQBackend(Backend):
                        if paused or state == WorkerStatus.SUSPENDED else WorkerState.IDLE),
                 task=task, done=w.successful_job_count + w.failed_job_count, pid=w.pid or 0,
                 **_host(w.hostname)))
-        self.workers = len(worker_infos)
         series, throughput, mean_wait, mean_run = _series(seconds, now)
         oldest = head_tasks[0].enqueued_at if head_tasks else None
         return Snapshot(
