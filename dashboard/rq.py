@@ -542,8 +542,9 @@ class RQBackend(Backend):
             version, paused, workers = pipe.execute()
         return f"{self.identity}.{_text(version or 0)}.{paused}.{workers}"
 
-    def _load(self, ids: Iterable[Any]) -> list[TaskInfo]:
-        """The tasks with these ids that still exist, in order: one round trip."""
+    def _load(self, ids: Iterable[Any], logs: bool = False) -> list[TaskInfo]:
+        """The tasks with these ids that still exist, in order, in one round trip; with
+        their log lines only when asked (a task's page), never for a poll's lists."""
         ids = [_text(i) for i in ids]
         if not ids:
             return []
@@ -551,15 +552,17 @@ class RQBackend(Backend):
             for job_id in ids:
                 pipe.hgetall(self._job_prefix + job_id)
             for job_id in ids:
-                pipe.lrange(self._prefix + "log:" + job_id, 0, -1)
-            for job_id in ids:
                 pipe.zscore(self.rq_queue.scheduled_job_registry.key, job_id)
+            if logs:
+                for job_id in ids:
+                    pipe.lrange(self._prefix + "log:" + job_id, 0, -1)
             rows = pipe.execute()
         n = len(ids)
-        return [self._info(job_id, raw, logs, due) for job_id, raw, logs, due
-                in zip(ids, rows[:n], rows[n:2 * n], rows[2 * n:]) if raw]
+        lines = rows[2 * n:] if logs else [None] * n
+        return [self._info(job_id, raw, log, due) for job_id, raw, due, log
+                in zip(ids, rows[:n], rows[n:2 * n], lines) if raw]
 
-    def _info(self, job_id: str, raw: dict[bytes, bytes], logs: list[bytes] = (),
+    def _info(self, job_id: str, raw: dict[bytes, bytes], logs: list[bytes] | None = None,
               due_score: float | None = None) -> TaskInfo:
         job = Job(job_id, connection=self.connection, serializer=JSONSerializer)
         job.restore(raw)
@@ -583,7 +586,8 @@ class RQBackend(Backend):
             error = errors[-1]["error"]  # the attempt that failed, until the next one ends
         due = mine.get("due") or due_score  # (a retry's: when RQ's scheduler queues it)
         limit = mine.get("limit")
-        lines = tuple(_text(line) for line in reversed(logs))
+        lines = tuple(_text(line) for line in reversed(logs or ()))
+        dropped = 0 if logs is None else max(0, int(mine.get("logs", 0) or 0) - len(lines))
         return TaskInfo(
             id=int(job_id) if job_id.isdigit() else job_id,
             kind=str(kind), params=params, state=state,
@@ -602,14 +606,14 @@ class RQBackend(Backend):
             due_at=float(due) if due else None, errors=errors,
             time_limit=float(limit) if limit else None,
             logs=lines[-MAX_LOG_LINES:],
-            logs_dropped=max(0, int(mine.get("logs", 0) or 0) - len(lines)))
+            logs_dropped=dropped)
 
     def get(self, task_id: TaskId) -> TaskInfo | None:
         text = str(task_id)
         if not text or len(text) > 64:
             return None
         self.sweep()  # (a task page polls only this: its abandoned task must show)
-        found = self._load([text])
+        found = self._load([text], logs=True)
         return found[0] if found else None
 
     def wait(self, task_id: TaskId, timeout: float | None = None) -> TaskInfo:
@@ -835,6 +839,7 @@ class RQBackend(Backend):
             return
         try:
             self._swept = now
+            self._workers()  # RQ forgets the workers whose key expired (the tag counts them)
             registry = self.rq_queue.started_job_registry
             expired = registry.get_expired_job_ids(time.time())
             if not expired:
