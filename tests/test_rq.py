@@ -428,3 +428,22 @@ def test_stop_is_refused_naming_why_where_a_backend_cannot(client):
     reply = client.post(f"/api/tasks/{task_id}/stop")
     assert reply.status_code == 400
     assert reply.get_json()["error"].startswith("stop is not available with this backend")
+
+
+def test_the_cli_and_metrics_read_the_same_queue(rq_app):
+    import json
+
+    from dashboard import get_queue
+
+    queue = get_queue(rq_app)
+    runner = rq_app.test_cli_runner()
+    added = runner.invoke(args=["queue", "submit", "pretend", "--count", "3", "-p", "seconds=0"])
+    assert added.exit_code == 0, added.output
+    _worker(rq_app).work(burst=True, logging_level="WARNING")
+    status = runner.invoke(args=["queue", "status", "--json"])
+    assert status.exit_code == 0 and json.loads(status.output)["done"] == 3
+    refused = runner.invoke(args=["queue", "workers", "3"])
+    assert refused.exit_code == 1 and "process manager" in refused.output
+    scrape = rq_app.test_client().get("/metrics").get_data(as_text=True)
+    assert 'queue_tasks_done_total{kind="pretend"} 3.0' in scrape, scrape[:2000]
+    assert queue.metrics().kinds[0].run.count == 3
