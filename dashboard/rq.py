@@ -320,7 +320,7 @@ class RQBackend(Backend):
     def capabilities(self) -> Capabilities:
         return Capabilities(scale_workers=False, shared=True, durable=True, delays=True,
                             keys=True, time_limits=True, schedules=False,
-                            **_hint(SCALE_HINT))
+                            scale_hint=SCALE_HINT)
 
     @property
     def description(self) -> str:
@@ -666,7 +666,7 @@ class RQBackend(Backend):
                 state=(WorkerState.RUNNING if task is not None else WorkerState.PAUSED
                        if paused or state == WorkerStatus.SUSPENDED else WorkerState.IDLE),
                 task=task, done=w.successful_job_count + w.failed_job_count, pid=w.pid or 0,
-                **_host(w.hostname)))
+                host=w.hostname or ""))
         series, throughput, mean_wait, mean_run = _series(seconds, now)
         oldest = head_tasks[0].enqueued_at if head_tasks else None
         return Snapshot(
@@ -900,17 +900,6 @@ def _unavailable_when_redis_fails(cls: type) -> type:
 RQBackend = _unavailable_when_redis_fails(RQBackend)
 
 
-def _hint(text: str) -> dict[str, str]:
-    """``scale_hint`` where Capabilities has it."""
-    fields = getattr(Capabilities, "__dataclass_fields__", {})
-    return {"scale_hint": text} if "scale_hint" in fields else {}
-
-
-def _host(hostname: str | None) -> dict[str, str]:
-    fields = getattr(WorkerInfo, "_fields", ())
-    return {"host": hostname or ""} if "host" in fields else {}
-
-
 def _fresh(worker: Worker) -> bool:
     beat = _ts(worker.last_heartbeat)
     return beat is not None and time.time() - beat <= WORKER_TIMEOUT
@@ -984,10 +973,6 @@ def _kind_stats(stats: Mapping[str, str], kind: str) -> KindStats:
 
 #: The backend (and app) of this worker process, for run_task in it and its work horses.
 _RUNTIME: dict[str, Any] = {}
-
-
-class RefusedJob(Exception):
-    """A job that is not one of ours: it is failed, and nothing of it runs."""
 
 
 def refusal(job: Job) -> str | None:
