@@ -262,6 +262,9 @@ def _wait_ready(server: Server, timeout: float) -> None:
                 if response.status == 200:
                     return
                 last = response.status
+        except urllib.error.HTTPError as exc:
+            exc.close()  # (it holds the connection: a 503 while an RQ worker comes up)
+            last = f"HTTP {exc.code}"
         except (OSError, urllib.error.URLError) as exc:
             last = exc
         time.sleep(0.05)

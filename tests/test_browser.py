@@ -923,18 +923,20 @@ def test_presenter_mode_shows_big_numbers_and_the_controls_only(fresh_tab: Tab):
     page, server = fresh_tab.page, fresh_tab.server
     fresh_tab.expect_aborted_polls()
     page.set_viewport_size({"width": 1280, "height": 900})
-    depth_size = (
-        "() => parseFloat(getComputedStyle(document.getElementById('queue-depth')).fontSize)"
-    )
+    # (through a locator, which waits for the element: a poll may be swapping its region
+    # in at that moment, and document.getElementById then found nothing)
+    def depth_size() -> float:
+        return page.locator("#queue-depth").evaluate(
+            "el => parseFloat(getComputedStyle(el).fontSize)")
     page.goto("/")
     expect(page.locator("#history")).to_be_visible()
     expect(page.locator("#upcoming")).to_be_visible()
-    normal = page.evaluate(depth_size)
+    normal = depth_size()
 
     with page.expect_navigation():
         page.get_by_role("link", name="Presenter mode").click()
     assert page.url.endswith("/?present=1")
-    presented = page.evaluate(depth_size)
+    presented = depth_size()
     assert presented >= 2 * normal, (normal, presented)
     expect(page.locator("#history")).to_have_count(0)
     expect(page.locator("#upcoming")).to_have_count(0)
@@ -965,7 +967,7 @@ def test_presenter_mode_shows_big_numbers_and_the_controls_only(fresh_tab: Tab):
         page.get_by_role("link", name="Exit presenter mode").click()
     assert urlsplit(page.url).path == "/" and not urlsplit(page.url).query
     expect(page.locator("#history")).to_be_visible()
-    assert page.evaluate(depth_size) == normal
+    assert depth_size() == normal
 
 
 # -- q. reset --------------------------------------------------------------------------------------

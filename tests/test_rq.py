@@ -216,18 +216,20 @@ def rq_cluster(tmp_path, redis_url) -> Iterator[RQCluster]:
 
 
 def _backend(redis_url: str):
-    """The counting app's queue, read from this process (as a web process would)."""
-    import sys
+    """The counting app's queue, read from this process as a web process would: its RQ
+    queue, with a registry that checks the count kind's params (the kind itself runs in
+    the worker processes; importing tests/apps/counting here would add it to the
+    registry every other test shares)."""
+    from dashboard import Float, Registry
+    from dashboard.rq import RQBackend
 
-    sys.path.insert(0, str(APPS))
-    try:
-        import counting  # noqa: F401  registers the count kind
-        from dashboard import create_app, get_queue
+    registry = Registry()
 
-        return get_queue(create_app({"TESTING": True, "QUEUE_URL": redis_url,
-                                     "QUEUE_HANDLE_SIGNALS": False}))
-    finally:
-        sys.path.remove(str(APPS))
+    @registry.task("count", params={"seconds": Float(0, 60)})
+    def count(ctx, seconds=0.0):
+        raise AssertionError("runs in the worker processes only")
+
+    return RQBackend(redis_url, registry, name="dashboard")  # (counting's app.name)
 
 
 def _live_workers(queue, count: int, state: str | None = None) -> list:
