@@ -13,7 +13,10 @@ rows are those of issue 6, plus the poll's render time after many tasks:
 6. the server's CPU time with 50 dashboards polling;
 7. a changed poll's render after 10,000 tasks against after 20;
 8. delayed tasks: how late one starts after its due time, the bytes a
-   scheduled task holds, and the plain engine's rate while 1,000 wait.
+   scheduled task holds, and the plain engine's rate while 1,000 wait;
+9. the RQ backend on a private redis-server: its submit against RQ's own
+   ``Queue.enqueue``, no-op tasks drained by 2 worker processes against 1,
+   and a changed poll's render with many finished jobs in Redis against 100.
 
 HTTP load comes from wrk when it is installed (``make bench`` installs
 Debian's package when it can), else from :mod:`bench.load`'s Python client.
@@ -31,7 +34,7 @@ from typing import Callable
 from . import engine, sqlite, web
 from .load import LoadGenerator
 
-ROWS = ("1", "2", "3", "4", "5", "6", "7", "8")
+ROWS = ("1", "2", "3", "4", "5", "6", "7", "8", "9")
 
 
 @dataclass
@@ -203,6 +206,50 @@ def delay_rows(n: int, rounds: int, tries: int) -> list[Row]:
     ]
 
 
+def rq_rows(n: int, rounds: int, tasks: int, finished: int) -> tuple[list[Row], str]:
+    try:
+        from . import rq
+    except ImportError as exc:
+        return [], f"skipped: the RQ backend needs rq and redis ({exc})"
+    if not rq.redis_available():
+        return [], "skipped: no redis-server (Debian: apt-get install redis-server)"
+    with rq.redis_server() as url:
+        progress("  9a submit ...")
+        ours, base = compare(lambda k: rq.submit_rate(url, k),
+                             lambda k: rq.rq_enqueue_rate(url, k), n, rounds)
+        drain_rounds = min(rounds, 2)
+        progress(f"  9b {tasks:,} tasks, 1 and 2 worker processes ...")
+        one, two = rq.scaling(url, tasks, drain_rounds, fork=True)
+        one_simple, two_simple = rq.scaling(url, tasks, drain_rounds, fork=False)
+        progress(f"  9c fill {finished:,} finished jobs ...")
+        render = rq.poll_render_seconds(url, (100, finished))
+    few, many = render["render"][100], render["render"][finished]
+    (few_fill, _), (many_fill, many_bytes) = render["fill"][100], render["fill"][finished]
+    filled_few, filled_many = render["as_filled"][100], render["as_filled"][finished]
+    series = render["series"]
+    rows = [
+        Row("9a", f"RQ backend submit, {n:,} no-op tasks vs RQ's Queue.enqueue (same Redis)",
+            rate(ours), rate(base), ours / base, *at_least(ours / base, 0.8)),
+        Row("9b", f"RQ end to end, {tasks:,} no-op tasks: 2 forking worker processes vs 1",
+            rate(two), rate(one), two / one),
+        Row("9c", f"RQ changed poll render, {finished:,} finished jobs in Redis vs 100",
+            micros(many), micros(few), many / few, "<= 1.2x", many / few <= 1.2),
+    ]
+    note = (f"private redis-server on a unix socket; 9a: {rounds} rounds each, FLUSHDB "
+            f"between; 9b: median of {drain_rounds} rounds, workers started and idle "
+            f"before the submit, timed from its end to the last done; no fork "
+            f"(SimpleQueueWorker): 1 process {rate(one_simple)}, 2 processes "
+            f"{rate(two_simple)}, {two_simple / one_simple:.2f}x; 9c: QUEUE_HISTORY "
+            f"{rq.HISTORY:,}, each poll after a submit; {finished:,} filled by "
+            f"{render['workers']} worker processes (no fork) in {many_fill:.0f}s "
+            f"({finished / many_fill:,.0f}/s, 100 in {few_fill:.1f}s), Redis "
+            f"{many_bytes / finished:,.0f} B per finished job; timed with the fills' "
+            f"per-second record dropped from both; as filled ({series[finished]} s of it "
+            f"vs {series[100]} s): {micros(filled_many)} vs {micros(filled_few)}, "
+            f"{filled_many / filled_few:.2f}x")
+    return rows, note
+
+
 def progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -235,6 +282,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tries", type=int, default=2000, help="dispatch latency samples")
     parser.add_argument("--tasks", type=int, default=1_000_000,
                         help="tasks run through the history for the RSS row")
+    parser.add_argument("--rq-tasks", type=int, default=300,
+                        help="no-op tasks per round of the RQ end-to-end row (9b)")
+    parser.add_argument("--rq-finished", type=int, default=15_000,
+                        help="finished jobs in Redis for the RQ poll-render row (9c)")
     parser.add_argument("--load", choices=("auto", "wrk", "python"), default="auto",
                         help="HTTP load generator (auto: wrk if installed)")
     parser.add_argument("--only", default=",".join(ROWS),
@@ -257,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
         ("6", "polling cost", lambda: polling_rows(args.dashboards, args.poll_seconds)),
         ("7", "poll render", render_rows),
         ("8", "delayed tasks", lambda: delay_rows(args.n, args.rounds, min(1000, args.tries))),
+        ("9", "RQ backend", lambda: rq_rows(max(200, args.n // 10), args.rounds,
+                                            args.rq_tasks, args.rq_finished)),
     ]
     for key, title, run in sections:
         if key not in only:
@@ -271,7 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"python -m bench: Python {sys.version.split()[0]}, {args.rounds} rounds in process, "
           f"{args.http_rounds} x {args.http_seconds:g}s per HTTP route; HTTP load: "
           f"{load.name if '4' in only else '-'}")
-    print_table(rows)
+    if rows:
+        print_table(rows)
     for note in notes:
         print(note)
     print(f"took {time.monotonic() - started:.0f}s")

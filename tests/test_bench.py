@@ -3,6 +3,7 @@ the numbers belong to `python -m bench`, where each is a ratio to a baseline."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -37,3 +38,14 @@ def test_http_rows_run_under_gunicorn_with_the_python_load_client():
     assert rows(table) == {"4a", "4b", "4c", "4d", "4e", "4f", "4g", "6a", "6b"}
     assert "bench.load.python_load" in table
     assert "all 2xx/3xx" in table
+
+
+@pytest.mark.redis
+@pytest.mark.skipif(not (shutil.which("redis-server") or Path("/usr/bin/redis-server").exists()),
+                    reason="needs redis-server")
+def test_rq_rows_run_on_a_private_redis():
+    pytest.importorskip("rq")
+    table = run_bench("--only", "9", "-n", "2000", "--rounds", "1", "--rq-tasks", "40",
+                      "--rq-finished", "300")
+    assert rows(table) == {"9a", "9b", "9c"}
+    assert "QUEUE_HISTORY 1,000,000" in table
