@@ -50,7 +50,7 @@ from typing import Any, Callable, Iterable, Mapping
 from urllib.parse import urlsplit
 
 from redis import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 from rq import Queue, Worker
 from rq.command import send_stop_job_command
 from rq.job import Job, JobStatus, get_current_job
@@ -122,6 +122,30 @@ redis.call('HINCRBY', KEYS[1], 'k:' .. ARGV[3] .. ':submitted', ARGV[2])
 redis.call('SADD', KEYS[1] .. ':kinds', ARGV[3])
 touch(tonumber(ARGV[1]), redis.call('LLEN', KEYS[4]))
 return 1
+"""
+
+# The submit of tasks due now, in one round trip: the room check, RQ's own job hashes
+# (made by RQ: Job.to_dict()) and its push, and our bookkeeping, all or none.
+# KEYS: stats, sec, secs, queue, RQ's set of queues. ARGV: second, count, kind, max queued,
+# job key prefix, then per job: id, field count, fields and values...
+_ENQUEUED = _TOUCH + """
+local depth = redis.call('LLEN', KEYS[4])
+local count = tonumber(ARGV[2])
+if depth + count > tonumber(ARGV[4]) then return {0, depth} end
+local i = 6
+while i <= #ARGV do
+  local id, n = ARGV[i], tonumber(ARGV[i + 1])
+  redis.call('HSET', ARGV[5] .. id, unpack(ARGV, i + 2, i + 1 + n))
+  redis.call('RPUSH', KEYS[4], id)
+  i = i + 2 + n
+end
+redis.call('SADD', KEYS[5], KEYS[4])
+redis.call('HINCRBY', KEYS[1], 'version', 1)
+redis.call('HINCRBY', KEYS[1], 'submitted', count)
+redis.call('HINCRBY', KEYS[1], 'k:' .. ARGV[3] .. ':submitted', count)
+redis.call('SADD', KEYS[1] .. ':kinds', ARGV[3])
+touch(tonumber(ARGV[1]), depth + count)
+return {1, depth + count}
 """
 
 # KEYS: stats, sec, secs, queue, job. ARGV: second, wait, kind, wait bucket.
@@ -302,6 +326,7 @@ class RQBackend(Backend):
         self._ended = self.connection.register_script(_ENDED)
         self._clear = self.connection.register_script(_CLEAR)
         self._put_back = self.connection.register_script(_PUT_BACK)
+        self._shas: dict[str, str] = {}
         self._ids: list[int] = []
         self._ids_lock = threading.Lock()
         self._identity: str | None = None
@@ -406,11 +431,6 @@ class RQBackend(Backend):
         return {"timeout": math.ceil(limit) if limit else -1, "result_ttl": self.retention,
                 "failure_ttl": self.retention, "retry": retry}
 
-    def _check_room(self, count: int) -> None:
-        depth = self.connection.llen(self.rq_queue.key)
-        if depth + count > self.max_queued:
-            raise QueueFull(depth, self.max_queued, count)
-
     def _record_submitted(self, pipe: Any, kind: str, count: int) -> None:
         self._submitted(keys=[self._stats, self._sec, self._secs, self.rq_queue.key],
                         args=[int(time.time()), count, kind], client=pipe)
@@ -480,10 +500,8 @@ class RQBackend(Backend):
         return list(ids)
 
     def _push(self, kind: str, params: dict[str, Any], ids: list[int], limit: float | None,
-              due_in: float | None, key: str | None = None, retry_of: TaskId | None = None,
-              pipe_before: Callable[[Any], None] | None = None) -> None:
-        if due_in is None:
-            self._check_room(len(ids))
+              due_in: float | None, key: str | None = None,
+              retry_of: TaskId | None = None) -> None:
         options = self._job_options(kind, limit)
         description = f"{kind} {json.dumps(params, separators=(',', ':'))[:200]}"
         extra = {}
@@ -493,31 +511,60 @@ class RQBackend(Backend):
             extra["flq_retry_of"] = str(retry_of)
         if limit:
             extra["flq_limit"] = repr(float(limit))
-        with self.connection.pipeline() as pipe:
-            if pipe_before is not None:
-                pipe_before(pipe)
-            for task_id in ids:
-                job_id = str(task_id)
-                if due_in is None:
-                    self.rq_queue.enqueue_call(
-                        run_task, args=(kind, params), job_id=job_id, pipeline=pipe,
-                        description=description, **options)
-                else:
-                    # RQ's scheduler keeps whole seconds: the next one, never before.
-                    due = datetime.fromtimestamp(math.ceil(time.time() + due_in),
-                                                 timezone.utc)
-                    job = self.rq_queue.create_job(
-                        run_task, args=(kind, params), job_id=job_id,
-                        description=description, **options)
-                    self.rq_queue.schedule_job(job, due, pipeline=pipe)
-                    extra["flq_due"] = repr(due.timestamp())
-                if extra:
-                    pipe.hset(self._job_prefix + job_id, mapping=extra)
-            self._record_submitted(pipe, kind, len(ids))
-            pipe.execute()
+        if due_in is None:
+            self._push_now(kind, params, ids, options, description, extra)
+        else:
+            self._push_later(kind, params, ids, options, description, extra, due_in)
         if task_submitted.receivers:
             for task_id in ids:
                 self._send(task_submitted, lambda t=task_id: self.get(t))
+
+    def _push_now(self, kind: str, params: dict[str, Any], ids: list[int],
+                  options: dict[str, Any], description: str, extra: dict[str, str]) -> None:
+        """RQ's jobs, made by RQ, written and queued by one script with the room check."""
+        args: list[Any] = [int(time.time()), len(ids), kind, self.max_queued, self._job_prefix]
+        for task_id in ids:
+            job = self.rq_queue.create_job(run_task, args=(kind, params), job_id=str(task_id),
+                                           description=description, **options)
+            self.rq_queue._prepare_for_queue(job)  # (what Queue.enqueue_job sets: rq 2.12)
+            mapping = job.to_dict()
+            mapping.update(extra)
+            args += [job.id, 2 * len(mapping)]
+            for field, value in mapping.items():
+                args += [field, value]
+        depth_ok, depth = self._eval(_ENQUEUED, [self._stats, self._sec, self._secs,
+                                                  self.rq_queue.key, self.rq_queue.redis_queues_keys],
+                                     args)
+        if not depth_ok:
+            raise QueueFull(int(depth), self.max_queued, len(ids))
+
+    def _eval(self, source: str, keys: list[str], args: list[Any]) -> Any:
+        """Run a script by its hash (loaded once per process, again after a Redis restart):
+        one round trip, where a registered script in a pipeline costs two."""
+        sha = self._shas.get(source)
+        if sha is None:
+            sha = self._shas[source] = self.connection.script_load(source)
+        try:
+            return self.connection.evalsha(sha, len(keys), *keys, *args)
+        except NoScriptError:
+            self._shas[source] = self.connection.script_load(source)
+            return self.connection.evalsha(self._shas[source], len(keys), *keys, *args)
+
+    def _push_later(self, kind: str, params: dict[str, Any], ids: list[int],
+                    options: dict[str, Any], description: str, extra: dict[str, str],
+                    due_in: float) -> None:
+        # RQ's scheduler keeps whole seconds: the next one, never before.
+        due = datetime.fromtimestamp(math.ceil(time.time() + due_in), timezone.utc)
+        extra = {**extra, "flq_due": repr(due.timestamp())}
+        with self.connection.pipeline() as pipe:
+            for task_id in ids:
+                job = self.rq_queue.create_job(run_task, args=(kind, params),
+                                               job_id=str(task_id), description=description,
+                                               **options)
+                self.rq_queue.schedule_job(job, due, pipeline=pipe)
+                pipe.hset(self._job_prefix + job.id, mapping=extra)
+            self._record_submitted(pipe, kind, len(ids))
+            pipe.execute()
 
     def run_schedule(self, name: str) -> TaskId:
         raise ScheduleNotFound(name, [])
