@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import InvalidParam, TaskFailed
-from .records import (Metrics, Retried, ScheduleInfo, Snapshot, State, Submitted, TaskId,
-                      TaskInfo)
+from .records import (BulkResult, KindHealth, Metrics, Retried, ScheduleInfo, Snapshot, State,
+                      Submitted, TaskFilter, TaskId, TaskInfo, TaskPage)
 from .tasks import Registry
 
 
@@ -41,9 +41,25 @@ class Capabilities:
     time_limits: bool = True
     #: Periodic schedules are run (each due time once) and listed, with "run now".
     schedules: bool = True
+    #: The operator's view: every task it holds can be listed by state and kind
+    #: (``find``), counted, acted on in bulk, and each kind's last hour shown.
+    search: bool = True
+    #: ``find`` and the bulk actions can also look for text in params and errors.
+    text_search: bool = True
+    #: Each kind's health (``kind_health``) is kept.
+    kind_health: bool = True
     #: When scale_workers is False: one line saying how to change the worker count
     #: instead (the page shows it beside the disabled − and +, and the API's 409 says it).
     scale_hint: str = ""
+
+    def check_filter(self, query: TaskFilter, where: str) -> None:
+        """Refuse (a 400 naming the field) a search this backend cannot do."""
+        if not self.search:
+            raise InvalidParam("search", f"is not available with this backend (the queue "
+                               f"{where})")
+        if query.text and not self.text_search:
+            raise InvalidParam("text", f"search is not available with this backend (the "
+                               f"queue {where}): filter by state and kind")
 
     def check(self, feature: str, asked: bool, where: str) -> None:
         """Refuse (a 400 naming the field) a submit that asks for what this backend lacks."""
@@ -188,6 +204,30 @@ class Backend(ABC):
         where the queue lives, so of two processes retrying at once one is told
         it queued the retry."""
 
+    # -- the operator's view ------------------------------------------------------
+
+    @abstractmethod
+    def find(self, query: TaskFilter, *, limit: int = 50, cursor: str | None = None,
+             oldest_first: bool = False) -> TaskPage:
+        """One page of the tasks this queue holds that match ``query``, newest first (or
+        oldest), from ``cursor`` (a page's ``newer`` or ``older``; None: the first page).
+        A cursor this queue did not give out is refused (InvalidParam, a 400)."""
+
+    @abstractmethod
+    def count(self, query: TaskFilter) -> int:
+        """How many tasks match ``query`` now (what a bulk action's confirmation says)."""
+
+    @abstractmethod
+    def bulk(self, action: str, query: TaskFilter) -> BulkResult:
+        """Do ``action`` (``retry``, ``cancel`` or ``purge``: :data:`BULK_ACTIONS`) to every
+        task that matches ``query`` and that the action applies to, in batches of
+        :data:`BULK_BATCH` (each its own short lock or transaction, so workers and submits
+        go on meanwhile). Tasks that change meanwhile are taken as they are then."""
+
+    @abstractmethod
+    def kind_health(self) -> tuple[KindHealth, ...]:
+        """Each registered kind's health (:class:`KindHealth`), by name."""
+
     @abstractmethod
     def pause(self) -> None: ...
 
@@ -204,9 +244,26 @@ class Backend(ABC):
     def reset(self) -> None: ...
 
 
+def encode_cursor(after: bool, task_id: TaskId) -> str:
+    """A page cursor: continue ``after`` the task (in the list's order), or before it."""
+    return f"{'a' if after else 'b'}{task_id}"
+
+
+def decode_cursor(cursor: str | None) -> tuple[bool, str] | None:
+    """``(after, task id as text)`` from a cursor :func:`encode_cursor` made; None for
+    none; a 400 naming the field for anything else."""
+    if cursor is None or cursor == "":
+        return None
+    if (not isinstance(cursor, str) or len(cursor) < 2 or len(cursor) > 65
+            or cursor[0] not in "ab" or not all(c.isalnum() or c in "-_" for c in cursor[1:])):
+        raise InvalidParam("cursor", "is not one this list gave out (use a page's newer "
+                           "or older link)")
+    return cursor[0] == "a", cursor[1:]
+
+
 #: The names the web layer may use: tests hold the views to these.
 SEAM = frozenset(
     name for name in dir(Backend) if not name.startswith("_")
 ) | {"registry", "workers"}
 
-__all__ = ["SEAM", "Backend", "Capabilities", "TaskId"]
+__all__ = ["SEAM", "Backend", "Capabilities", "TaskId", "decode_cursor", "encode_cursor"]

@@ -569,3 +569,149 @@ class Metrics(NamedTuple):
     kinds: tuple[KindStats, ...]
     taken_at: float
     pid: int
+
+
+# -- the operator's view: finding tasks, acting on many, each kind's health ------------
+
+
+#: What a bulk action may do, and the states of the tasks it acts on.
+BULK_ACTIONS = {
+    "retry": RETRYABLE_STATES,  # queued again as new tasks, linked (each once)
+    "cancel": frozenset({State.SCHEDULED, State.QUEUED}),  # never run
+    "purge": FINISHED_STATES,  # forgotten (the counters keep their totals)
+}
+#: Tasks a bulk action handles per batch: each batch is one short lock or transaction,
+#: so workers and submits go on between them.
+BULK_BATCH = 200
+#: Characters of text a search may ask for.
+MAX_SEARCH_TEXT = 200
+
+
+class TaskFilter(NamedTuple):
+    """Which tasks a search, a count or a bulk action means: those that match every part
+    given. ``text`` is looked for, in any case, in the task's params (as JSON) and in its
+    error."""
+
+    states: frozenset[State] = frozenset()  # empty: every state
+    kind: str | None = None
+    text: str | None = None
+    #: Only tasks not retried yet (what a bulk retry acts on).
+    not_retried: bool = False
+
+    def matches(self, info: TaskInfo) -> bool:
+        """The rule every backend keeps (the memory store applies it as written)."""
+        if self.states and info.state not in self.states:
+            return False
+        if self.not_retried and info.retried_as is not None:
+            return False
+        if self.kind is not None and info.kind != self.kind:
+            return False
+        if self.text:
+            needle = self.text.casefold()
+            return (needle in params_text(info.params).casefold()
+                    or needle in (info.error or "").casefold())
+        return True
+
+    def for_action(self, action: str) -> TaskFilter:
+        """This filter narrowed to the tasks ``action`` acts on (``retry``: the failed and
+        cancelled ones that match, and so on)."""
+        acts_on = BULK_ACTIONS[action]
+        states = acts_on & self.states if self.states else acts_on
+        return self._replace(states=frozenset(states), not_retried=action == "retry")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"states": sorted(s.value for s in self.states), "kind": self.kind,
+                "text": self.text}
+
+
+def params_text(params: dict[str, Any]) -> str:
+    """A task's params as the text a search looks in (and the SQLite store keeps)."""
+    return json.dumps(params, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+class TaskPage(NamedTuple):
+    """One page of a search, in the order asked for, and where the pages beside it start.
+
+    The cursors are opaque text: ``older`` continues the list past the last task,
+    ``newer`` goes back before the first; None where there is nothing more. A page
+    is found from its cursor's task on an index (keyset paging), so the thousandth
+    page costs what the first does, and a page does not shift when tasks are added
+    before it."""
+
+    tasks: tuple[TaskInfo, ...]
+    newer: str | None = None
+    older: str | None = None
+
+
+class BulkResult(NamedTuple):
+    """What a bulk action did: how many tasks, and which (for a retry: the new tasks)."""
+
+    action: str
+    count: int
+    ids: tuple[TaskId, ...] = ()
+
+    def line(self) -> str:
+        """One line for people: "312 failed tasks retried as #5001–#5312"."""
+        noun = "task" if self.count == 1 else "tasks"
+        if self.action == "retry":
+            if not self.count:
+                return "no task to retry"
+            return f"{self.count} {noun} retried as {_id_range(self.ids)}"
+        done = {"cancel": "cancelled", "purge": "purged"}[self.action]
+        return f"{self.count} {noun} {done}" if self.count else f"no task to {self.action}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"action": self.action, "count": self.count, "ids": list(self.ids),
+                "line": self.line()}
+
+
+def _id_range(ids: tuple[TaskId, ...]) -> str:
+    if len(ids) == 1:
+        return f"#{ids[0]}"
+    numbers = [i for i in ids if isinstance(i, int)]
+    if len(numbers) == len(ids) and max(numbers) - min(numbers) == len(ids) - 1:
+        return f"#{min(numbers)}–#{max(numbers)}"
+    return f"#{ids[0]} … #{ids[-1]}"
+
+
+#: The window of each kind's health (seconds): the last hour, kept by the minute.
+HEALTH_WINDOW = 3600
+
+
+class KindHealth(NamedTuple):
+    """How one kind is doing: queued and running now; done and failed, and the run and
+    wait times of what ended, over the last hour (kept by the minute as tasks end, never
+    counted from the history). Times are histogram estimates (the bucket bound at the
+    percentile), None when nothing ended."""
+
+    kind: str
+    queued: int = 0
+    running: int = 0
+    done: int = 0
+    failed: int = 0
+    run_p50: float | None = None
+    run_p95: float | None = None
+    wait_p95: float | None = None
+
+    @property
+    def failure_rate(self) -> float | None:
+        ended = self.done + self.failed
+        return self.failed / ended if ended else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self._asdict(), "failure_rate": self.failure_rate}
+
+
+def percentile(buckets: tuple[int, ...] | list[int], fraction: float) -> float | None:
+    """The upper bound of the histogram bucket holding the ``fraction`` percentile of what
+    ``buckets`` counted (per bucket, not cumulative; one count per DURATION_BUCKETS bound
+    and a last one past them: then the last bound, "at least"). None when empty."""
+    total = sum(buckets)
+    if not total:
+        return None
+    rank, seen = fraction * total, 0
+    for bound, count in zip((*DURATION_BUCKETS, DURATION_BUCKETS[-1]), buckets):
+        seen += count
+        if seen >= rank:
+            return bound
+    return DURATION_BUCKETS[-1]

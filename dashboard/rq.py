@@ -62,11 +62,12 @@ from rq.timeouts import JobTimeoutException, TimerDeathPenalty
 from rq.worker import SimpleWorker, WorkerStatus
 
 from .backend import Backend, Capabilities
-from .errors import (CannotScale, QueueError, QueueFull, ScheduleNotFound, StoreUnavailable,
+from .errors import (CannotScale, InvalidParam, QueueError, QueueFull, ScheduleNotFound, StoreUnavailable,
                      TaskNotFound, WrongState)
 from .local import tasklog
 from .local.queue import encode_result
 from .local.store import MAX_LOG_LINES
+from .records import (BulkResult, KindHealth, TaskFilter, TaskPage)
 from .records import (CANNOT_CANCEL, CANNOT_RETRY, DURATION_BUCKETS, SERIES_SECONDS,
                       CANCELLABLE_STATES, RETRYABLE_STATES, Histogram, KindStats, Metrics,
                       NO_DURATIONS, Retried, ScheduleInfo, Snapshot, State, Submitted, TaskId,
@@ -345,7 +346,8 @@ class RQBackend(Backend):
     def capabilities(self) -> Capabilities:
         return Capabilities(scale_workers=False, shared=True, durable=True, delays=True,
                             keys=True, time_limits=True, schedules=False,
-                            scale_hint=SCALE_HINT)
+                            scale_hint=SCALE_HINT, search=False, text_search=False,
+                            kind_health=False)
 
     @property
     def description(self) -> str:
@@ -827,6 +829,26 @@ class RQBackend(Backend):
             self.connection.hdel(self._job_prefix + str(info.id), "flq_retried_as")
             raise
         return Retried(new_id, True)
+
+    # -- the operator's view: not on this backend yet -------------------------------
+
+    def _no_search(self) -> QueueError:
+        return InvalidParam("search", f"is not available with this backend (the queue "
+                            f"{self.description})")
+
+    def find(self, query: TaskFilter, *, limit: int = 50, cursor: str | None = None,
+             oldest_first: bool = False) -> TaskPage:
+        raise self._no_search()
+
+    def count(self, query: TaskFilter) -> int:
+        raise self._no_search()
+
+    def bulk(self, action: str, query: TaskFilter) -> BulkResult:
+        raise InvalidParam("action", f"bulk actions are not available with this backend "
+                           f"(the queue {self.description})")
+
+    def kind_health(self) -> tuple[KindHealth, ...]:
+        return ()
 
     def pause(self) -> None:
         rq_suspend(self.connection)

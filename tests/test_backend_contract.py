@@ -537,3 +537,147 @@ def test_a_tasks_log_keeps_its_last_lines(backend):
     info = queue.get(task_id)
     assert len(info.logs) == MAX_LOG_LINES and info.logs_dropped == 300 + 2 - MAX_LOG_LINES
     assert info.logs[-1].endswith("looked it up (KeyError: 'missing')")
+
+
+# -- the operator's view: finding tasks, acting on many, each kind's health ------------------
+
+
+def searchable(queue):
+    if not queue.capabilities.search:
+        pytest.skip(f"the queue {queue.description} says search is not available")
+
+
+def filled(queue, drain, ok: int = 7, bad: int = 5) -> tuple[list, list]:
+    """``ok`` tasks done and ``bad`` failed, interleaved, oldest first."""
+    done, failed = [], []
+    for n in range(max(ok, bad)):
+        if n < ok:
+            done.append(queue.submit("add", a=n, b=1))
+        if n < bad:
+            failed.append(queue.submit("fails_first", times=5, error="bug"))
+    drain()
+    return done, failed
+
+
+def test_find_pages_through_every_match_newest_first_and_back(backend):
+    from dashboard.records import TaskFilter
+
+    queue, drain = backend
+    searchable(queue)
+    done, failed = filled(queue, drain)
+    everything = list(reversed([*sorted(done + failed, key=lambda i: int(i))]))
+    seen, cursor, pages = [], None, []
+    while True:
+        page = queue.find(TaskFilter(), limit=5, cursor=cursor)
+        pages.append(page)
+        seen += [t.id for t in page.tasks]
+        if page.older is None:
+            break
+        cursor = page.older
+    assert seen == everything and [len(p.tasks) for p in pages] == [5, 5, 2]
+    assert pages[0].newer is None and pages[1].newer is not None
+    back = queue.find(TaskFilter(), limit=5, cursor=pages[2].newer)
+    assert [t.id for t in back.tasks] == [t.id for t in pages[1].tasks]
+    oldest = queue.find(TaskFilter(), limit=100, oldest_first=True)
+    assert [t.id for t in oldest.tasks] == list(reversed(everything)) and oldest.older is None
+
+
+def test_a_page_stays_put_when_tasks_are_added_before_it(backend):
+    from dashboard.records import TaskFilter
+
+    queue, drain = backend
+    searchable(queue)
+    filled(queue, drain)
+    first = queue.find(TaskFilter(), limit=4)
+    second = queue.find(TaskFilter(), limit=4, cursor=first.older)
+    queue.submit_many("add", 3, {})
+    assert queue.find(TaskFilter(), limit=4, cursor=first.older).tasks == second.tasks
+
+
+def test_find_filters_by_state_kind_and_text(backend):
+    from dashboard.records import TaskFilter
+
+    queue, drain = backend
+    searchable(queue)
+    done, failed = filled(queue, drain)
+    queued = queue.submit("add", a=42, b=0)
+    by_state = queue.find(TaskFilter(states=frozenset({State.FAILED})))
+    assert sorted(t.id for t in by_state.tasks) == sorted(failed)
+    assert [t.id for t in queue.find(TaskFilter(states=frozenset({State.QUEUED}))).tasks] == [queued]
+    assert {t.kind for t in queue.find(TaskFilter(kind="add")).tasks} == {"add"}
+    assert queue.count(TaskFilter(kind="add")) == len(done) + 1
+    if queue.capabilities.text_search:
+        assert [t.id for t in queue.find(TaskFilter(text='"A":42')).tasks] == [queued]  # any case
+        assert queue.count(TaskFilter(text="KeyError")) == len(failed)  # in the error
+        assert queue.count(TaskFilter(text="100%_")) == 0  # no wildcards
+    assert queue.count(TaskFilter(kind="nope")) == 0
+
+
+def test_a_cursor_not_given_out_is_refused_naming_it(backend):
+    from dashboard.records import TaskFilter
+
+    queue, _ = backend
+    searchable(queue)
+    for bad in ("x1", "a", "a1;drop", "a" * 80):
+        with pytest.raises(InvalidParam, match="^cursor "):
+            queue.find(TaskFilter(), cursor=bad)
+
+
+def test_bulk_retry_retries_each_matching_failed_task_once(backend):
+    from dashboard.records import TaskFilter
+
+    queue, drain = backend
+    searchable(queue)
+    _, failed = filled(queue, drain)
+    query = TaskFilter(states=frozenset({State.FAILED}), kind="fails_first")
+    assert queue.count(query.for_action("retry")) == len(failed)
+    result = queue.bulk("retry", query)
+    assert result.count == len(failed) and len(result.ids) == len(failed)
+    assert result.line().startswith(f"{len(failed)} tasks retried as #")
+    assert {queue.get(t).retry_of for t in result.ids} == set(failed)
+    assert queue.count(query.for_action("retry")) == 0
+    assert queue.bulk("retry", query).count == 0  # nothing retried twice
+    assert queue.stats().queued == len(failed)
+
+
+def test_bulk_cancel_takes_back_what_has_not_started_and_purge_forgets_the_finished(backend):
+    from dashboard.records import TaskFilter
+
+    queue, drain = backend
+    searchable(queue)
+    done, failed = filled(queue, drain)
+    waiting = queue.submit_many("add", 4, {})
+    later = queue.submit("add", delay=3600)
+    cancelled = queue.bulk("cancel", TaskFilter(kind="add"))
+    assert sorted(cancelled.ids, key=int) == sorted([*waiting, later], key=int)
+    assert queue.stats().queued == 0 and queue.stats().scheduled == 0
+    assert all(queue.get(t).state is State.CANCELLED for t in waiting)
+    total = queue.stats().done
+    purged = queue.bulk("purge", TaskFilter(states=frozenset({State.DONE})))
+    assert purged.count == len(done) and purged.line() == f"{len(done)} tasks purged"
+    assert all(queue.get(t) is None for t in done) and queue.get(failed[0]) is not None
+    assert queue.stats().done == total  # the counters keep their totals
+
+
+def test_a_bulk_action_that_is_not_one_is_refused(backend):
+    from dashboard.records import TaskFilter
+
+    queue, _ = backend
+    searchable(queue)
+    with pytest.raises(InvalidParam, match="^action must be one of: retry, cancel, purge"):
+        queue.bulk("delete", TaskFilter())
+
+
+def test_each_kinds_health_counts_the_last_hour_as_tasks_end(backend):
+    queue, drain = backend
+    if not queue.capabilities.kind_health:
+        pytest.skip("this backend keeps no per-kind health")
+    filled(queue, drain, ok=4, bad=2)
+    queue.submit("add")
+    health = {h.kind: h for h in queue.kind_health()}
+    assert set(health) == set(contract_registry().names())
+    add, bad = health["add"], health["fails_first"]
+    assert (add.queued, add.running, add.done, add.failed) == (1, 0, 4, 0)
+    assert (bad.done, bad.failed, bad.failure_rate) == (0, 2, 1.0)
+    assert add.failure_rate == 0.0 and add.run_p50 is not None and add.wait_p95 is not None
+    assert health["chatty"].failure_rate is None and health["chatty"].run_p95 is None

@@ -20,6 +20,8 @@ from itertools import accumulate, islice, takewhile
 from typing import Any, Iterable
 
 from ..errors import QueueClosed, QueueFull, TaskNotFound, WrongState
+from ..records import (FINISHED_STATES, HEALTH_WINDOW, KindHealth, TaskFilter, params_text,
+                       percentile)
 from ..records import (CANNOT_CANCEL, CANNOT_RETRY, DURATION_BUCKETS, RETRYABLE_STATES,
                        SERIES_SECONDS, Histogram, KindStats, Metrics, Retried, ScheduleState,
                        Snapshot, State, Submitted, TaskInfo, TaskRecord, WorkerInfo, WorkerState,
@@ -73,7 +75,7 @@ class _Kind:
     increment, and a scrape adds them up into Prometheus's cumulative counts."""
 
     __slots__ = ("submitted", "done", "failed", "cancelled", "retried", "waits", "wait_sum",
-                 "runs", "run_sum")
+                 "runs", "run_sum", "hour")
 
     def __init__(self) -> None:
         self.submitted = self.done = self.failed = self.cancelled = self.retried = 0
@@ -81,11 +83,46 @@ class _Kind:
         self.wait_sum = 0.0
         self.runs = [0] * (len(DURATION_BUCKETS) + 1)
         self.run_sum = 0.0
+        self.hour: deque[_Minute] = deque()  # the last hour, a minute at a time
 
     def stats(self, kind: str) -> KindStats:
         return KindStats(kind, self.submitted, self.done, self.failed, self.cancelled,
                          self.retried, _histogram(self.waits, self.wait_sum),
                          _histogram(self.runs, self.run_sum))
+
+    def minute(self, wall: float) -> _Minute:
+        """The current minute's counts (kept for HEALTH_WINDOW); call under the lock."""
+        number = int(wall // 60)
+        hour = self.hour
+        if hour and hour[-1].number == number:
+            return hour[-1]
+        while hour and hour[0].number <= number - HEALTH_WINDOW // 60:
+            hour.popleft()
+        minute = _Minute(number)
+        hour.append(minute)
+        return minute
+
+    def health(self, kind: str, queued: int, running: int, wall: float) -> KindHealth:
+        oldest = int(wall // 60) - HEALTH_WINDOW // 60
+        minutes = [m for m in self.hour if m.number > oldest]
+        runs = [sum(column) for column in zip(*(m.runs for m in minutes))] or []
+        waits = [sum(column) for column in zip(*(m.waits for m in minutes))] or []
+        return KindHealth(kind, queued, running, sum(m.done for m in minutes),
+                          sum(m.failed for m in minutes), percentile(runs, 0.5),
+                          percentile(runs, 0.95), percentile(waits, 0.95))
+
+
+class _Minute:
+    """One minute of one kind: tasks done and failed, and the run and wait times of the
+    attempts that ended and started in it (a count per histogram bucket)."""
+
+    __slots__ = ("number", "done", "failed", "runs", "waits")
+
+    def __init__(self, number: int):
+        self.number = number
+        self.done = self.failed = 0
+        self.runs = [0] * (len(DURATION_BUCKETS) + 1)
+        self.waits = [0] * (len(DURATION_BUCKETS) + 1)
 
 
 def _histogram(counts: list[int], total: float) -> Histogram:
@@ -623,8 +660,10 @@ class MemoryStore(Store):
                 record.attempts += 1
                 waited = now - record.queued_clock
                 stats = self._kinds.get(record.kind) or self._kind(record.kind)
-                stats.waits[bisect_left(DURATION_BUCKETS, waited)] += 1
+                bucket_index = bisect_left(DURATION_BUCKETS, waited)
+                stats.waits[bucket_index] += 1
                 stats.wait_sum += waited
+                stats.minute(record.started_at).waits[bucket_index] += 1
                 self._queued = depth = self._queued - 1
                 self._running += 1
                 if slot is not None:
@@ -709,8 +748,16 @@ class MemoryStore(Store):
         self._running -= 1
         started = record.started_clock or now
         ran = now - started
-        stats.runs[bisect_left(DURATION_BUCKETS, ran)] += 1
+        bucket_index = bisect_left(DURATION_BUCKETS, ran)
+        stats.runs[bucket_index] += 1
         stats.run_sum += ran
+        if state is DONE or state is FAILED:
+            minute = stats.minute(record.finished_at)
+            minute.runs[bucket_index] += 1
+            if state is DONE:
+                minute.done += 1
+            else:
+                minute.failed += 1
         series = self._series
         bucket = series[-1] if series else None
         if bucket is None or bucket.second != int(now):
@@ -855,6 +902,65 @@ class MemoryStore(Store):
         self._history.clear()
         self._version += 1
         return forgotten
+
+    # -- the operator's view ----------------------------------------------
+
+    def _matching(self, query: TaskFilter, after: int | None,
+                  ascending: bool) -> Iterable[TaskRecord]:
+        """The records that match, by id (the table keeps them in the order of their ids:
+        each is added with the next one), past ``after``. Call under the lock."""
+        states, kind, text = query.states, query.kind, query.text
+        needle = text.casefold() if text else None
+        records = self._tasks.values() if ascending else reversed(self._tasks.values())
+        for record in records:
+            if after is not None and (record.id <= after if ascending else record.id >= after):
+                continue
+            if states and record.state not in states:
+                continue
+            if query.not_retried and record.retried_as is not None:
+                continue
+            if kind is not None and record.kind != kind:
+                continue
+            if needle is not None and needle not in params_text(record.params).casefold() \
+                    and needle not in (record.error or "").casefold():
+                continue
+            yield record
+
+    def find(self, query: TaskFilter, limit: int, after: int | None = None,
+             ascending: bool = False) -> list[TaskInfo]:
+        with self._lock:
+            return [r.info() for r in islice(self._matching(query, after, ascending), limit)]
+
+    def count(self, query: TaskFilter) -> int:
+        with self._lock:
+            return sum(1 for _ in self._matching(query, None, True))
+
+    def purge(self, ids: list[int]) -> int:
+        with self._lock:
+            gone = set()
+            for task_id in ids:
+                record = self._tasks.get(task_id)
+                if record is not None and record.state in FINISHED_STATES \
+                        and record.finished_at is not None:
+                    gone.add(task_id)
+            if gone:
+                for task_id in gone:
+                    del self._tasks[task_id]
+                self._history = deque(r for r in self._history if r.id not in gone)
+                self._version += 1
+            return len(gone)
+
+    def kind_health(self, kinds: Iterable[str]) -> list[KindHealth]:
+        wall = time.time()
+        with self._lock:
+            now: dict[str, list[int]] = {}
+            for record in self._tasks.values():
+                if record.state is QUEUED or record.state is RUNNING:
+                    counts = now.setdefault(record.kind, [0, 0])
+                    counts[record.state is RUNNING] += 1
+            empty = _Kind()
+            return [(self._kinds.get(kind) or empty).health(kind, *now.get(kind, (0, 0)), wall)
+                    for kind in kinds]
 
     def reset(self) -> None:
         with self._lock:

@@ -19,10 +19,11 @@ from contextlib import AbstractContextManager, nullcontext
 from functools import partial
 from typing import Any, Callable, Mapping
 
-from ..backend import Backend, Capabilities
-from ..records import (Metrics, Retried, ScheduleInfo, Snapshot, State, Submitted, TaskInfo,
+from ..backend import Backend, Capabilities, decode_cursor, encode_cursor
+from ..records import (BULK_ACTIONS, BULK_BATCH, BulkResult, KindHealth, TaskFilter, TaskPage,
+                       Metrics, Retried, ScheduleInfo, Snapshot, State, Submitted, TaskInfo,
                        TaskRecord)
-from ..errors import QueueClosed, QueueFull, StoreUnavailable, TaskNotFound
+from ..errors import InvalidParam, QueueClosed, QueueFull, StoreUnavailable, TaskNotFound
 from ..periodic import CATCH_UP, Schedule
 from ..signals import (send as _send_signal, task_cancelled, task_failed, task_retried,
                        task_started, task_submitted, task_succeeded)
@@ -173,6 +174,64 @@ def _as_submitted(task_id: int, kind: str, params: Mapping[str, Any]) -> TaskInf
 
 #: Bytes of a task's result (as JSON) kept by default: QUEUE_MAX_RESULT_BYTES.
 MAX_RESULT_BYTES = 64 * 1024
+
+
+def page_of(find: Callable[..., list[TaskInfo]], query: TaskFilter, limit: int,
+            cursor: str | None, oldest_first: bool,
+            number: Callable[[Any], int | None]) -> TaskPage:
+    """A :class:`TaskPage` from a store's keyset ``find(query, limit, after, ascending)``:
+    the cursor says from which task, and whether to go on past it or back before it."""
+    if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 500:
+        raise InvalidParam("limit", f"must be an integer from 1 to 500, got {limit!r}")
+    decoded = decode_cursor(cursor)
+    anchor = None
+    if decoded is not None:
+        anchor = number(decoded[1])
+        if anchor is None:
+            raise InvalidParam("cursor", "is not one this list gave out (use a page's newer "
+                               "or older link)")
+    forward = decoded is None or decoded[0]
+    rows = find(query, limit + 1, anchor, oldest_first == forward)
+    more = len(rows) > limit
+    rows = rows[:limit]
+    if not forward:
+        rows.reverse()
+        if not rows:  # nothing newer any more (deleted meanwhile): the first page
+            return page_of(find, query, limit, None, oldest_first, number)
+    before, after = (more, True) if not forward else (anchor is not None, more)
+    return TaskPage(tuple(rows),
+                    newer=encode_cursor(False, rows[0].id) if rows and before else None,
+                    older=encode_cursor(True, rows[-1].id) if rows and after else None)
+
+
+def bulk_in_batches(store: Store, action: str, query: TaskFilter,
+                    sent: Callable[[str, list[int]], None] | None = None) -> BulkResult:
+    """Do a bulk action through a store's keyset ``find`` and its ``*_many`` methods,
+    BULK_BATCH tasks at a time, oldest first."""
+    if action not in BULK_ACTIONS:
+        raise InvalidParam("action", f"must be one of: {', '.join(BULK_ACTIONS)}; got "
+                           f"{str(action)[:40]!r}")
+    target = query.for_action(action)
+    if not target.states:
+        return BulkResult(action, 0)
+    act = {"retry": store.retry_many, "cancel": store.cancel_many,
+           "purge": lambda ids: ids[:store.purge(ids)]}[action]
+    touched: list[int] = []
+    after = None
+    while True:
+        rows = store.find(target, BULK_BATCH, after, True)
+        if not rows:
+            break
+        after = rows[-1].id
+        done = act([row.id for row in rows])
+        touched.extend(done)
+        if sent is not None and done:
+            sent(action, done)
+        if len(rows) < BULK_BATCH:
+            break
+    if action == "purge":
+        return BulkResult(action, len(touched))
+    return BulkResult(action, len(touched), tuple(touched))
 
 
 def encode_result(value: Any, limit: int) -> tuple[str | None, str | None]:
@@ -380,7 +439,10 @@ class WorkQueue(Backend):
     @property
     def capabilities(self) -> Capabilities:
         durable = self.store.durable
-        return Capabilities(scale_workers=True, shared=durable, durable=durable)
+        # (a store that cannot search yet says so: the operator's view is left out)
+        searches = type(self.store).find is not Store.find
+        return Capabilities(scale_workers=True, shared=durable, durable=durable,
+                            search=searches, text_search=searches, kind_health=searches)
 
     @property
     def description(self) -> str:
@@ -974,6 +1036,30 @@ class WorkQueue(Backend):
     def clear_history(self) -> int:
         """Forget finished tasks; the counters keep their totals."""
         return self.store.clear_history()
+
+    # -- the operator's view ------------------------------------------------------
+
+    def find(self, query: TaskFilter, *, limit: int = 50, cursor: str | None = None,
+             oldest_first: bool = False) -> TaskPage:
+        """One page of the tasks that match ``query`` (see :meth:`Backend.find`)."""
+        return page_of(self.store.find, query, limit, cursor, oldest_first, _number)
+
+    def count(self, query: TaskFilter) -> int:
+        return self.store.count(query)
+
+    def bulk(self, action: str, query: TaskFilter) -> BulkResult:
+        """Retry, cancel or purge every task that matches, in batches (see
+        :meth:`Backend.bulk`)."""
+        return bulk_in_batches(self.store, action, query, self._bulk_signals)
+
+    def _bulk_signals(self, action: str, ids: list[int]) -> None:
+        signal = {"retry": task_submitted, "cancel": task_cancelled}.get(action)
+        if signal is not None and signal.receivers:
+            for task_id in ids:
+                self._send(signal, partial(self.store.get, task_id))
+
+    def kind_health(self) -> tuple[KindHealth, ...]:
+        return tuple(self.store.kind_health(self.registry.names()))
 
     def reset(self) -> None:
         """Clear history, counters and the per-second record, for the next run."""

@@ -22,8 +22,9 @@ from __future__ import annotations
 import time
 from typing import Any, Iterable, NamedTuple
 
-from ..records import (SERIES_SECONDS, Metrics, Retried, ScheduleState, Snapshot, State,
-                       Submitted, TaskInfo, TaskRecord)
+from ..errors import TaskNotFound, WrongState
+from ..records import (SERIES_SECONDS, KindHealth, Metrics, Retried, ScheduleState, Snapshot,
+                       State, Submitted, TaskFilter, TaskInfo, TaskRecord)
 
 __all__ = ["MAX_ERRORS", "MAX_LOG_LINES", "RATE_WINDOW", "SERIES_SECONDS", "Run", "Store",
            "keep_line", "rates"]
@@ -240,6 +241,57 @@ class Store:
 
     def clear_history(self) -> int:
         """Forget the finished tasks (counters stay); return how many were forgotten."""
+        raise NotImplementedError
+
+    # -- the operator's view --------------------------------------------------------------
+
+    def find(self, query: TaskFilter, limit: int, after: int | None = None,
+             ascending: bool = False) -> list[TaskInfo]:
+        """Up to ``limit`` tasks it holds that match ``query``, by id, descending (newest
+        first) or ``ascending``, past ``after`` (exclusive) in that order. Keyset: a seek
+        on an index, whatever the page; never an offset."""
+        raise NotImplementedError
+
+    def count(self, query: TaskFilter) -> int:
+        """How many tasks it holds match ``query``."""
+        raise NotImplementedError
+
+    def retry_many(self, ids: list[int]) -> list[int]:
+        """Retry each of ``ids`` that can be (failed or cancelled, not retried yet), as
+        :meth:`retry` does; the new tasks' ids, in order. Others are skipped. A store
+        may do it in one lock or transaction; this default retries them one by one."""
+        created = []
+        for task_id in ids:
+            try:
+                retried = self.retry(task_id)
+            except (TaskNotFound, WrongState):
+                continue
+            if retried.created:
+                created.append(retried.id)
+        return created
+
+    def cancel_many(self, ids: list[int]) -> list[int]:
+        """Cancel each of ``ids`` that is scheduled or queued (never a running one: a bulk
+        cancel takes back what has not started); the ids cancelled. Default: one by one."""
+        cancelled = []
+        for task_id in ids:
+            info = self.get(task_id)
+            if info is None or info.state not in (State.SCHEDULED, State.QUEUED):
+                continue
+            try:
+                if self.cancel(task_id) is State.CANCELLED:
+                    cancelled.append(task_id)
+            except (TaskNotFound, WrongState):
+                continue
+        return cancelled
+
+    def purge(self, ids: list[int]) -> int:
+        """Forget each of ``ids`` that has finished (the counters keep their totals);
+        how many were forgotten."""
+        raise NotImplementedError
+
+    def kind_health(self, kinds: Iterable[str]) -> list[KindHealth]:
+        """Each of ``kinds``' health over the last hour (:class:`KindHealth`), in order."""
         raise NotImplementedError
 
     def reset(self) -> None:
