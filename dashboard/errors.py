@@ -136,6 +136,20 @@ class QueueFull(QueueError):
         )
 
 
+class BulkStopped(QueueError):
+    """A bulk action stopped part way (a full queue while retrying): ``ids`` were done,
+    the rest was not. The message says how many and why; nothing done is undone."""
+
+    status = 503
+
+    def __init__(self, action: str, ids: list, reason: QueueError):
+        self.action = action
+        self.ids = list(ids)
+        self.reason = reason
+        self.retry_after = reason.retry_after
+        super().__init__(f"{action} stopped after {len(self.ids)} task(s): {reason}")
+
+
 class QueueClosed(QueueError):
     """The queue is shutting down and takes no new work."""
 
@@ -189,6 +203,7 @@ class TaskFailed(Exception):
 
 
 __all__ = [
+    "BulkStopped",
     "CannotScale",
     "InvalidParam",
     "QueueClosed",

@@ -681,3 +681,41 @@ def test_each_kinds_health_counts_the_last_hour_as_tasks_end(backend):
     assert (bad.done, bad.failed, bad.failure_rate) == (0, 2, 1.0)
     assert add.failure_rate == 0.0 and add.run_p50 is not None and add.wait_p95 is not None
     assert health["chatty"].failure_rate is None and health["chatty"].run_p95 is None
+
+
+def test_a_bulk_retry_stopped_by_a_full_queue_says_how_far_it_got(backend):
+    from dashboard.errors import BulkStopped
+    from dashboard.records import TaskFilter
+
+    queue, drain = backend
+    searchable(queue)
+    failed = [queue.submit("boom") for _ in range(8)]
+    drain()
+    queue.submit_many("add", MAX_QUEUED - 3, {})  # room for 3 retries
+    with pytest.raises(BulkStopped, match=r"^retry stopped after 3 task\(s\): queue is full") \
+            as stopped:
+        queue.bulk("retry", TaskFilter(states=frozenset({State.FAILED})))
+    assert stopped.value.status == 503 and len(stopped.value.ids) == 3
+    assert {queue.get(t).retry_of for t in stopped.value.ids} == set(failed[:3])
+    assert queue.count(TaskFilter(states=frozenset({State.FAILED})).for_action("retry")) == 5
+
+
+def test_a_bulk_cancel_never_stops_a_running_task(backend):
+    from dashboard.records import TaskFilter
+
+    queue, drain = backend
+    searchable(queue)
+    HOLD.clear()
+    running = queue.submit("hold")
+    runner = threading.Thread(target=drain)
+    runner.start()
+    try:
+        wait_for(lambda: queue.get(running).state is State.RUNNING, 30, "the task to start")
+        waiting = queue.submit("add")
+        result = queue.bulk("cancel", TaskFilter())
+        assert list(result.ids) == [waiting]
+        assert not queue.get(running).cancel_requested
+    finally:
+        HOLD.set()
+        runner.join(30)
+    assert queue.get(running).state is State.DONE

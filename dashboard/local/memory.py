@@ -19,7 +19,7 @@ from collections import deque
 from itertools import accumulate, islice, takewhile
 from typing import Any, Iterable
 
-from ..errors import QueueClosed, QueueFull, TaskNotFound, WrongState
+from ..errors import BulkStopped, QueueClosed, QueueFull, TaskNotFound, WrongState
 from ..records import (FINISHED_STATES, HEALTH_WINDOW, KindHealth, TaskFilter, params_text,
                        percentile)
 from ..records import (CANNOT_CANCEL, CANNOT_RETRY, DURATION_BUCKETS, RETRYABLE_STATES,
@@ -827,43 +827,71 @@ class MemoryStore(Store):
 
     def cancel(self, task_id: int) -> State:
         with self._lock:
-            record = self._tasks.get(task_id)
-            if record is None:
-                raise TaskNotFound(task_id)
-            if record.state is SCHEDULED:
-                record.state = CANCELLED
-                record.finished_at = time.time()
-                record.error = "cancelled before it was due"
-                self._scheduled -= 1
-                self._cancelled += 1
-                self._kind(record.kind).cancelled += 1
-                self._remember(record)
-                if len(self._due) > 2 * self._scheduled + 64:
-                    self._due = [e for e in self._due if e[2].state is SCHEDULED]
-                    heapq.heapify(self._due)
+            return self._cancel_locked(task_id)
+
+    def cancel_many(self, ids: list[int]) -> list[int]:
+        """Cancel those of ``ids`` still scheduled or queued, under one hold of the lock (a
+        task a worker took meanwhile is left to run: a bulk cancel never stops one)."""
+        with self._lock:
+            return [task_id for task_id in ids
+                    if (record := self._tasks.get(task_id)) is not None
+                    and record.state in (SCHEDULED, QUEUED)
+                    and self._cancel_locked(task_id) is CANCELLED]
+
+    def retry_many(self, ids: list[int]) -> list[int]:
+        """Retry those of ``ids`` that can be, under one hold of the lock; the new ids. A full
+        queue stops it: BulkStopped, with the ids retried before."""
+        created = []
+        with self._lock:
+            for task_id in ids:
+                record = self._tasks.get(task_id)
+                if record is None or record.state not in RETRYABLE_STATES \
+                        or record.retried_as is not None:
+                    continue
+                try:
+                    created.append(self._retry_locked(task_id).id)
+                except (QueueFull, QueueClosed) as exc:
+                    raise BulkStopped("retry", created, exc) from None
+        return created
+
+    def _cancel_locked(self, task_id: int) -> State:
+        record = self._tasks.get(task_id)
+        if record is None:
+            raise TaskNotFound(task_id)
+        if record.state is SCHEDULED:
+            record.state = CANCELLED
+            record.finished_at = time.time()
+            record.error = "cancelled before it was due"
+            self._scheduled -= 1
+            self._cancelled += 1
+            self._kind(record.kind).cancelled += 1
+            self._remember(record)
+            if len(self._due) > 2 * self._scheduled + 64:
+                self._due = [e for e in self._due if e[2].state is SCHEDULED]
+                heapq.heapify(self._due)
+            self._version += 1
+            return CANCELLED
+        if record.state is QUEUED:
+            now = time.monotonic()
+            record.state = CANCELLED
+            record.finished_at = time.time()
+            record.error = "cancelled before it started"
+            self._queued -= 1
+            self._cancelled += 1
+            self._kind(record.kind).cancelled += 1
+            self._second(now).depth = self._queued
+            self._remember(record)
+            self._compact_queue()
+            self._version += 1
+            if self._joiners and not self._queued and not self._running:
+                self._idle.notify_all()
+            return CANCELLED
+        if record.state is RUNNING:
+            if not record.cancel_requested:
+                record.cancel_requested = True
                 self._version += 1
-                return CANCELLED
-            if record.state is QUEUED:
-                now = time.monotonic()
-                record.state = CANCELLED
-                record.finished_at = time.time()
-                record.error = "cancelled before it started"
-                self._queued -= 1
-                self._cancelled += 1
-                self._kind(record.kind).cancelled += 1
-                self._second(now).depth = self._queued
-                self._remember(record)
-                self._compact_queue()
-                self._version += 1
-                if self._joiners and not self._queued and not self._running:
-                    self._idle.notify_all()
-                return CANCELLED
-            if record.state is RUNNING:
-                if not record.cancel_requested:
-                    record.cancel_requested = True
-                    self._version += 1
-                return RUNNING
-            raise WrongState(task_id, record.state, CANNOT_CANCEL)
+            return RUNNING
+        raise WrongState(task_id, record.state, CANNOT_CANCEL)
 
     def _compact_queue(self) -> None:
         # Cancelled records stay in the deque until a worker skips them; when
@@ -879,17 +907,20 @@ class MemoryStore(Store):
 
     def retry(self, task_id: int) -> Retried:
         with self._lock:
-            record = self._tasks.get(task_id)
-            if record is None:
-                raise TaskNotFound(task_id)
-            if record.state not in RETRYABLE_STATES:
-                raise WrongState(task_id, record.state, CANNOT_RETRY)
-            if record.retried_as is not None:
-                return Retried(record.retried_as, False)
-            (new_id,) = self._add_locked(record.kind, dict(record.params), 1, record.id)
-            self._tasks[new_id].time_limit = record.time_limit
-            record.retried_as = new_id
-            return Retried(new_id, True)
+            return self._retry_locked(task_id)
+
+    def _retry_locked(self, task_id: int) -> Retried:
+        record = self._tasks.get(task_id)
+        if record is None:
+            raise TaskNotFound(task_id)
+        if record.state not in RETRYABLE_STATES:
+            raise WrongState(task_id, record.state, CANNOT_RETRY)
+        if record.retried_as is not None:
+            return Retried(record.retried_as, False)
+        (new_id,) = self._add_locked(record.kind, dict(record.params), 1, record.id)
+        self._tasks[new_id].time_limit = record.time_limit
+        record.retried_as = new_id
+        return Retried(new_id, True)
 
     def clear_history(self) -> int:
         with self._lock:

@@ -23,7 +23,7 @@ from ..backend import Backend, Capabilities, decode_cursor, encode_cursor
 from ..records import (BULK_ACTIONS, BULK_BATCH, BulkResult, KindHealth, TaskFilter, TaskPage,
                        Metrics, Retried, ScheduleInfo, Snapshot, State, Submitted, TaskInfo,
                        TaskRecord)
-from ..errors import InvalidParam, QueueClosed, QueueFull, StoreUnavailable, TaskNotFound
+from ..errors import BulkStopped, InvalidParam, QueueClosed, QueueFull, StoreUnavailable, TaskNotFound
 from ..periodic import CATCH_UP, Schedule
 from ..signals import (send as _send_signal, task_cancelled, task_failed, task_retried,
                        task_started, task_submitted, task_succeeded)
@@ -223,7 +223,13 @@ def bulk_in_batches(store: Store, action: str, query: TaskFilter,
         if not rows:
             break
         after = rows[-1].id
-        done = act([row.id for row in rows])
+        try:
+            done = act([row.id for row in rows])
+        except BulkStopped as stopped:  # (a full queue): say how far it got, undo nothing
+            touched.extend(stopped.ids)
+            if sent is not None and stopped.ids:
+                sent(action, stopped.ids)
+            raise BulkStopped(action, touched, stopped.reason) from None
         touched.extend(done)
         if sent is not None and done:
             sent(action, done)

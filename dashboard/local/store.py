@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 from typing import Any, Iterable, NamedTuple
 
-from ..errors import TaskNotFound, WrongState
+from ..errors import BulkStopped, QueueClosed, QueueFull, TaskNotFound, WrongState
 from ..records import (SERIES_SECONDS, KindHealth, Metrics, Retried, ScheduleState, Snapshot,
                        State, Submitted, TaskFilter, TaskInfo, TaskRecord)
 
@@ -258,14 +258,17 @@ class Store:
 
     def retry_many(self, ids: list[int]) -> list[int]:
         """Retry each of ``ids`` that can be (failed or cancelled, not retried yet), as
-        :meth:`retry` does; the new tasks' ids, in order. Others are skipped. A store
-        may do it in one lock or transaction; this default retries them one by one."""
+        :meth:`retry` does; the new tasks' ids, in order. Others are skipped. A full queue
+        stops it: BulkStopped, with the ids retried before. A store may do it in one lock
+        or transaction; this default retries them one by one."""
         created = []
         for task_id in ids:
             try:
                 retried = self.retry(task_id)
             except (TaskNotFound, WrongState):
                 continue
+            except (QueueFull, QueueClosed) as exc:
+                raise BulkStopped("retry", created, exc) from None
             if retried.created:
                 created.append(retried.id)
         return created
