@@ -68,7 +68,8 @@ class FormValues(NamedTuple):
         states = frozenset(part.strip().lower()[:40] for value in values.getlist("state")
                            for part in value.split(","))
         return cls(states, values.get("kind", "")[:100], values.get("text", "")[:1000],
-                   values.get("order", "newest")[:20], values.get("limit", "")[:20])
+                   (values.get("order") or "newest")[:20],
+                   (values.get("limit") or str(View().limit))[:20])
 
 
 def _partial() -> bool:

@@ -17,8 +17,6 @@ import hashlib
 import time
 from typing import Any, Iterable, Mapping, NamedTuple
 
-from flask import current_app
-
 from ..backend import decode_cursor
 from ..errors import InvalidParam, QueueError
 from ..ext import current_queue
@@ -280,7 +278,7 @@ def quick_tag(view: View | None, can_act: bool) -> str:
     last hour slides by the minute). While it holds, nothing shown can have changed."""
     queue = current_queue
     key = (queue.tag, queue.identity, None if view is None else view.args(), can_act,
-           int(time.time() // 60), current_app.config["QUEUE_POLL_INTERVAL"])
+           int(time.time() // 60))
     return _hash(repr(key))
 
 
