@@ -25,14 +25,15 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import click
 from flask import current_app
 from flask.cli import AppGroup
 
-from .errors import InvalidParam, QueueError
+from .errors import InvalidParam, QueueError, QueueFull
 from .ext import current_queue, install_signal_handlers
+from .records import BULK_ACTIONS, FINISHED_STATES, MAX_SEARCH_TEXT, State, TaskFilter
 from .tasks import Int, check_key
 
 queue_cli = AppGroup("queue", help="See and steer the work queue (the same controls as the "
@@ -112,6 +113,55 @@ class _Local:
     def clear(self) -> int:
         return self._do(self.queue.clear_history)
 
+    # -- the operator's view: the API's checks and answers, on the store itself --------
+
+    def _filter(self, search: Search) -> TaskFilter:
+        if search.kind:
+            self.queue.registry.get(search.kind)  # unknown: the API's words
+        if search.text and len(search.text) > MAX_SEARCH_TEXT:
+            raise InvalidParam("text", f"must be at most {MAX_SEARCH_TEXT} characters, got "
+                               f"{len(search.text)}")
+        query = TaskFilter(frozenset(State(s) for s in search.states), search.kind or None,
+                           search.text or None)
+        self.queue.capabilities.check_filter(query, self.queue.description)
+        return query
+
+    def find(self, search: Search, oldest: bool, limit: int, cursor: str | None,
+             action: str | None = None) -> dict[str, Any]:
+        def find() -> dict[str, Any]:
+            query = self._filter(search)
+            if action is not None:
+                query = query.for_action(action)
+                if not query.states:
+                    return {"tasks": [], "newer": None, "older": None, "count": 0}
+            page = self.queue.find(query, limit=limit, cursor=cursor, oldest_first=oldest)
+            return {"tasks": [t.to_dict() for t in page.tasks], "newer": page.newer,
+                    "older": page.older, "count": self.queue.count(query)}
+
+        return self._do(find)
+
+    def bulk(self, action: str, search: Search, expected: int | None) -> dict[str, Any]:
+        def bulk() -> dict[str, Any]:
+            query = self._filter(search)
+            target = query.for_action(action)
+            count = self.queue.count(target) if target.states else 0
+            if expected is not None and count > expected:
+                raise Refused(f"the filter now matches {count} tasks to {action}, not the "
+                              f"{expected} confirmed: nothing was done")
+            if action == "retry" and count:
+                snap = self.queue.stats(0)  # done whole or not at all
+                if count > snap.max_queued - snap.queued:
+                    raise QueueFull(snap.queued, snap.max_queued, count)
+            return self.queue.bulk(action, query).to_dict()
+
+        return self._do(bulk)
+
+    def kinds(self) -> list[dict[str, Any]]:
+        if not self.queue.capabilities.kind_health:
+            raise Refused(f"each kind's health is not available with this backend (the "
+                          f"queue {self.where})")
+        return self._do(lambda: [k.to_dict() for k in self.queue.kind_health()])
+
 
 class _Remote:
     """A running server, through its JSON API."""
@@ -182,6 +232,26 @@ class _Remote:
     def clear(self) -> int:
         return self._call("POST", "/api/history/clear", {})["forgotten"]
 
+    def find(self, search: Search, oldest: bool, limit: int, cursor: str | None,
+             action: str | None = None) -> dict[str, Any]:
+        params: list[tuple[str, Any]] = [("state", s) for s in search.states]
+        for name, value in (("kind", search.kind), ("text", search.text),
+                            ("order", "oldest" if oldest else None), ("limit", limit),
+                            ("cursor", cursor), ("action", action)):
+            if value:
+                params.append((name, value))
+        return self._call("GET", f"/api/tasks?{urllib.parse.urlencode(params)}")
+
+    def bulk(self, action: str, search: Search, expected: int | None) -> dict[str, Any]:
+        body: dict[str, Any] = {"action": action, "state": list(search.states),
+                                "kind": search.kind, "text": search.text}
+        if expected is not None:
+            body["expected"] = expected
+        return self._call("POST", "/api/tasks/bulk", body)
+
+    def kinds(self) -> list[dict[str, Any]]:
+        return self._call("GET", "/api/kinds")["kinds"]
+
 
 def _api_error(exc: urllib.error.HTTPError) -> str:
     """The API's own message for a refusal, else the status."""
@@ -219,6 +289,36 @@ def _reach(command: Callable[..., Any]) -> Callable[..., Any]:
         "--server", metavar="URL", envvar="FLASK_QUEUE_SERVER", show_envvar=True,
         help="Act through this running server's JSON API, e.g. http://127.0.0.1:5000 "
              "(needed with the in-memory store).")(command)
+
+
+class Search(NamedTuple):
+    """The filter a command was given: the same as the list page's and the API's."""
+
+    states: tuple[str, ...] = ()
+    kind: str | None = None
+    text: str | None = None
+
+    def words(self) -> str:
+        """The filter in words: "failed, of kind flaky, matching 'timeout'"."""
+        parts = [" or ".join(self.states)] if self.states else []
+        if self.kind:
+            parts.append(f"of kind {self.kind}")
+        if self.text:
+            parts.append(f"matching {self.text!r}")
+        return ", ".join(parts) or "every task"
+
+
+def _search(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``--state`` (repeat for more), ``--kind``, ``--text``: which tasks."""
+    command = click.option("--text", default=None, metavar="TEXT",
+                           help="Only tasks with this text in their params or error (any "
+                                "case).")(command)
+    command = click.option("--kind", default=None, metavar="KIND",
+                           help="Only tasks of this kind.")(command)
+    return click.option("--state", "states", multiple=True,
+                        type=click.Choice([s.value for s in State]),
+                        help="Only tasks in this state (repeat for several; none: any)."
+                        )(command)
 
 
 # -- reading ------------------------------------------------------------------------
@@ -403,6 +503,128 @@ def clear(server: str | None, token: str | None) -> None:
     """Forget the finished tasks (the counters keep their totals)."""
     forgotten = _target(server, token).clear()
     click.echo(f"forgot {forgotten} finished task(s)")
+
+
+# -- the operator's view ---------------------------------------------------------------
+
+
+@queue_cli.command("find")
+@_search
+@click.option("--oldest", is_flag=True, help="Oldest first (default: newest first).")
+@click.option("--limit", "-n", type=click.IntRange(1, 500), default=20, show_default=True,
+              help="Tasks per page.")
+@click.option("--cursor", default=None, metavar="CURSOR",
+              help="Start from a page's cursor (what the last line gives for the next).")
+@click.option("--json", "as_json", is_flag=True, help="Print the API's answer, for scripts.")
+@_reach
+def find(states: tuple[str, ...], kind: str | None, text: str | None, oldest: bool,
+         limit: int, cursor: str | None, as_json: bool, server: str | None,
+         token: str | None) -> None:
+    """List the tasks that match a filter, a page at a time (every task the queue holds:
+    the dashboard's "Find tasks")."""
+    search = Search(states, kind, text)
+    answer = _target(server, token).find(search, oldest, limit, cursor)
+    if as_json:
+        click.echo(json.dumps(answer, indent=2, sort_keys=True))
+        return
+    for line in find_lines(answer, search, oldest):
+        click.echo(line)
+
+
+def find_lines(answer: dict[str, Any], search: Search, oldest: bool = False) -> list[str]:
+    """``find`` as lines: a task per line, then how many match and the next page's cursor."""
+    lines = []
+    for task in answer["tasks"]:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(task["enqueued_at"]))
+        error = f"  {_cut(task['error'], 80)}" if task.get("error") else ""
+        retried = f"  retried as #{task['retried_as']}" if task.get("retried_as") else ""
+        lines.append(f"#{task['id']:<8} {task['kind']:<12} {task['state']:<9} {when}"
+                     f"{retried}{error}")
+    shown, count = len(answer["tasks"]), answer["count"]
+    lines.append(f"{shown} of {count} shown ({search.words()}, "
+                 f"{'oldest' if oldest else 'newest'} first)" if count else
+                 f"no task matches ({search.words()})")
+    if answer.get("older"):
+        lines.append(f"more: --cursor {answer['older']}")
+    return lines
+
+
+def _cut(text: str, limit: int) -> str:
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    return line if len(line) <= limit and line == text.strip() else line[:limit] + "…"
+
+
+@queue_cli.command("bulk")
+@click.argument("action", type=click.Choice(list(BULK_ACTIONS)))
+@_search
+@click.option("--yes", "-y", is_flag=True, help="Do it without asking.")
+@_reach
+def bulk(action: str, states: tuple[str, ...], kind: str | None, text: str | None, yes: bool,
+         server: str | None, token: str | None) -> None:
+    """Retry (failed or cancelled, not retried yet), cancel (scheduled or queued) or purge
+    (finished) every task that matches the filter. Without --yes it says how many and
+    asks first; more matching by the time it acts: nothing is done."""
+    target = _target(server, token)
+    search = Search(states, kind, text)
+    count = target.find(search, False, 1, None, action=action)["count"]
+    if not count:
+        click.echo(f"no task to {action} ({search.words()})")
+        return
+    if not yes and not click.confirm(bulk_question(action, search, count, target.where),
+                                     default=False):
+        raise Refused("nothing done")
+    result = target.bulk(action, search, count)
+    click.echo(result["line"])
+
+
+def bulk_question(action: str, search: Search, count: int, where: str) -> str:
+    """"Retry 312 failed tasks of kind flaky matching 'timeout' (the queue ...)?": the
+    page's confirmation, in the same words."""
+    acts_on = TaskFilter(frozenset(State(s) for s in search.states)).for_action(action).states
+    states = ("finished" if acts_on == FINISHED_STATES else
+              " or ".join(s.value for s in (State.FAILED, State.CANCELLED, State.QUEUED,
+                                            State.SCHEDULED, State.DONE) if s in acts_on))
+    words = [action.capitalize(), str(count), states, "task" if count == 1 else "tasks"]
+    if search.kind:
+        words.append(f"of kind {search.kind}")
+    if search.text:
+        words.append(f"matching {search.text!r}")
+    return f"{' '.join(words)} (the queue {where})?"
+
+
+@queue_cli.command("kinds")
+@click.option("--json", "as_json", is_flag=True, help="Print the API's answer, for scripts.")
+@_reach
+def kinds(as_json: bool, server: str | None, token: str | None) -> None:
+    """Each kind's health: queued and running now, done and failed in the last hour,
+    the failure rate, run time (p50, p95) and wait (p95)."""
+    answer = _target(server, token).kinds()
+    if as_json:
+        click.echo(json.dumps({"kinds": answer}, indent=2, sort_keys=True))
+        return
+    for line in kinds_lines(answer):
+        click.echo(line)
+
+
+def kinds_lines(kinds: list[dict[str, Any]]) -> list[str]:
+    """``kinds`` as a table: a kind per line."""
+    lines = [f"{'kind':<14} {'queued':>7} {'running':>7} {'done/h':>7} {'failed/h':>8} "
+             f"{'fail%':>6} {'run p50':>8} {'run p95':>8} {'wait p95':>8}"]
+    for kind in kinds:
+        rate = kind.get("failure_rate")
+        lines.append(
+            f"{kind['kind']:<14} {kind['queued']:>7} {kind['running']:>7} {kind['done']:>7} "
+            f"{kind['failed']:>8} {'-' if rate is None else f'{rate:.0%}':>6} "
+            f"{_brief(kind.get('run_p50')):>8} {_brief(kind.get('run_p95')):>8} "
+            f"{_brief(kind.get('wait_p95')):>8}")
+    return lines
+
+
+def _brief(value: float | None) -> str:
+    """A duration that may be a few milliseconds: 5ms, 250ms, 2.5s, 3m05s."""
+    if value is not None and value < 1:
+        return f"{value * 1000:.0f}ms"
+    return _secs(value)
 
 
 # -- a process that only works --------------------------------------------------------

@@ -4,6 +4,7 @@
 // What it does, in order below:
 // - the Add work form shows the fields of the kind chosen;
 // - scheduled tasks count down to when they are due;
+// - a bulk action's confirmation takes the keyboard when it appears;
 // - keyboard shortcuts;
 // - no polling while the tab is hidden;
 // - a click wins over a poll: a poll sent before a click never shows its older
@@ -70,6 +71,14 @@
   setInterval(countDown, 1000);
   document.addEventListener("htmx:after:swap", countDown);
   window.addEventListener("DOMContentLoaded", countDown);
+
+  // -- a bulk action's confirmation ---------------------------------------------
+
+  // It appears above the list of tasks: take the keyboard to it (Confirm, Back beside).
+  document.addEventListener("htmx:after:swap", (event) => {
+    const box = document.getElementById("bulk-confirm");
+    if (box && event.detail.ctx?.target === box) box.querySelector("button, a")?.focus();
+  });
 
   // -- keys -------------------------------------------------------------------
 

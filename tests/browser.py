@@ -292,8 +292,8 @@ def _stop(proc: subprocess.Popen, grace: float = 15.0) -> None:
 
 # -- a watched page ---------------------------------------------------------------
 
-#: The paths pages poll: the dashboard's regions and a task's detail.
-POLL_PATH = re.compile(r"/live(/[a-z]+)?|/tasks/\d+/live")
+#: The paths pages poll: the dashboard's regions, a task's detail, the list of tasks.
+POLL_PATH = re.compile(r"/live(/[a-z]+)?|/tasks/\d+/live|/tasks/live")
 
 
 #: How a request fails when the server is gone or the network is off (or when

@@ -48,7 +48,12 @@ def test_every_view_uses_only_the_seam(seam_client):
     waiting = queue.submit("pretend", seconds=0)
     for path in ("/", "/?present=1", "/live", "/live/counts", "/live/workers", "/healthz",
                  f"/tasks/{failed}", f"/tasks/{waiting}/live", "/tasks/lookup?id=1",
-                 "/api/stats", f"/api/tasks/{failed}", "/metrics"):
+                 "/api/stats", f"/api/tasks/{failed}", "/metrics",
+                 # the operator's view (a store that cannot search yet says so)
+                 "/tasks", "/tasks?state=failed&kind=flaky&text=gave&order=oldest&limit=5",
+                 "/tasks/live?state=failed", "/tasks/bulk?action=retry&state=failed",
+                 "/api/tasks?state=failed&kind=flaky", "/api/tasks?action=retry",
+                 "/api/kinds"):
         assert ok(client.get(path, headers=HTMX)), path
         assert ok(client.get(path)), path
     posts = [
@@ -62,6 +67,10 @@ def test_every_view_uses_only_the_seam(seam_client):
         ("/workers", {"data": {"delta": "1"}, "headers": HTMX}),
         ("/api/workers", {"json": {"count": 1}}),
         ("/history/clear", {"data": {}}), ("/reset", {"data": {}, "headers": HTMX}),
+        ("/tasks/bulk", {"data": {"action": "cancel", "state": "queued", "expected": "9"},
+                         "headers": HTMX}),
+        ("/api/tasks/bulk", {"json": {"action": "retry", "kind": "flaky"}}),
+        ("/api/tasks/bulk", {"json": {"action": "purge", "state": ["done"]}}),
     ]
     for path, kwargs in posts:
         response = client.post(path, **kwargs)

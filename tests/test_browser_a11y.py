@@ -11,6 +11,9 @@ light and dark, and presenter mode (in both schemes) for the dashboard.
 * The read-only view a projector gets (``QUEUE_ACCESS_TOKEN`` with
   ``QUEUE_PUBLIC_READ``): the dashboard and a failed task's page.
 * A message page: the 400 for a task id that is not one.
+* The list of tasks with each kind's health (wide and on a phone), a bulk action's
+  confirmation (above the list, and as a page of its own), the list with a refused
+  filter (400), and the read-only list.
 * The dashboard once its server is gone: the lost-server banner, and the
   error a click then gets. The regions it greys out on purpose (old news) are
   left out of that check.
@@ -267,6 +270,42 @@ def test_task_pages_and_a_message_page_pass_wcag_21_aa(chromium_browser, busy, m
 
 
 @pytest.mark.browser
+@pytest.mark.parametrize("mode, scheme", SCHEMES, ids=[m[0] for m in SCHEMES])
+def test_the_list_of_tasks_a_confirmation_and_a_refused_filter_pass_wcag_21_aa(
+    chromium_browser, busy, mode: str, scheme: str
+):
+    server, ids = busy
+    found: dict[str, str] = {}
+    with a11y_tab(chromium_browser, server, scheme) as tab:
+        page = tab.page
+        tab.expect_aborted_polls()  # leaving a page that polls leaves its poll behind
+        tab.expect_http_error(400, "/tasks")
+
+        page.goto("/tasks")
+        expect(page.locator(f"#task-{ids['failed']} .badge")).to_have_text("failed")
+        expect(page.locator(f"#task-{ids['running']} .pct")).to_be_visible()
+        expect(page.locator("#kind-flaky")).to_be_visible()
+        check(tab, f"the list of tasks and each kind's health ({mode})", found)
+        page.set_viewport_size(PHONE)
+        check(tab, f"the list of tasks on a phone ({mode})", found)
+        page.set_viewport_size(WIDE)
+
+        page.locator("#bulk-retry").click()  # asks; nothing is done until Confirm
+        expect(page.locator("#bulk-question")).to_contain_text("Retry 2 failed or cancelled")
+        check(tab, f"a bulk action's confirmation ({mode})", found)
+
+        response = page.goto("/tasks?state=failed&kind=nope")
+        assert response is not None and response.status == 400
+        expect(page.locator("#form-errors .error")).to_contain_text("kind must be one of")
+        check(tab, f"the list with a refused filter, HTTP 400 ({mode})", found)
+
+        page.goto("/tasks/bulk?action=purge&state=done")
+        expect(page.locator("#bulk-question")).to_have_text("Purge 1 done task?")
+        check(tab, f"a bulk action's confirmation as a page ({mode})", found)
+    assert_none(found)
+
+
+@pytest.mark.browser
 @pytest.mark.parametrize("mode, scheme, present", DASHBOARD_MODES, ids=[m[0] for m in DASHBOARD_MODES])
 def test_the_read_only_view_passes_wcag_21_aa(
     chromium_browser, read_only, mode: str, scheme: str, present: bool
@@ -283,6 +322,10 @@ def test_the_read_only_view_passes_wcag_21_aa(
             expect(page.locator("#task-state")).to_have_text("failed")
             expect(page.locator("#task-detail p.hint")).to_contain_text("access token")
             check(tab, f"a failed task's read-only page ({mode})", found)
+            page.goto("/tasks")
+            expect(page.locator("#read-only")).to_contain_text("access token")
+            expect(page.locator(f"#task-{ids['failed']}")).to_be_visible()
+            check(tab, f"the read-only list of tasks ({mode})", found)
     assert_none(found)
 
 

@@ -163,6 +163,105 @@ def test_watch_piped_prints_a_line_per_change(app, cli):
     assert lines[0].endswith("queued=1 scheduled=0 running=0 done=0 failed=0 cancelled=0")
 
 
+# -- the operator's view: find, bulk, kinds ----------------------------------------------
+
+
+@pytest.fixture
+def shared_memory(monkeypatch):
+    """An in-memory queue the commands may act on, as they do on a shared store: the
+    operator's commands against a store that can search (``cli`` and the queue)."""
+    from dataclasses import replace
+
+    from dashboard.local.queue import WorkQueue
+
+    app = create_app({"TESTING": True, "QUEUE_WORKERS": 0, "QUEUE_HANDLE_SIGNALS": False,
+                      "QUEUE_WORK_TIME": 0})
+    real = WorkQueue.capabilities
+    monkeypatch.setattr(WorkQueue, "capabilities",
+                        property(lambda self: replace(real.fget(self), shared=True)))
+    runner = app.test_cli_runner()
+    try:
+        yield (lambda *args, input=None: runner.invoke(args=["queue", *args], input=input)), \
+            get_queue(app)
+    finally:
+        get_queue(app).shutdown(timeout=5)
+
+
+def test_find_lists_what_the_filter_matches_a_page_at_a_time(shared_memory):
+    cli, queue = shared_memory
+    failed = queue.submit_many("flaky", 3, {"seconds": 0, "fail_rate": 1})
+    done = queue.submit_many("pretend", 2, {"seconds": 0})
+    queue.run_pending()
+    result = cli("find", "--state", "failed", "--kind", "flaky", "--limit", "2")
+    assert result.exit_code == 0, result.output
+    lines = result.output.strip().splitlines()
+    assert [int(line.split()[0][1:]) for line in lines[:2]] == sorted(failed, reverse=True)[:2]
+    assert "flaky task gave up" in lines[0]
+    assert lines[2] == "2 of 3 shown (failed, of kind flaky, newest first)"
+    cursor = lines[3].removeprefix("more: --cursor ")
+    rest = cli("find", "--state", "failed", "--kind", "flaky", "--cursor", cursor)
+    assert int(rest.output.split()[0][1:]) == min(failed)
+    data = json.loads(cli("find", "--text", "GAVE", "--oldest", "--json").output)
+    assert [t["id"] for t in data["tasks"]] == failed and data["count"] == 3
+    assert [t["id"] for t in json.loads(cli("find", "--state", "done", "--json").output)[
+        "tasks"]] == sorted(done, reverse=True)
+    assert cli("find", "--state", "running").output.strip() == "no task matches (running)"
+    # Refused with the API's words (exit 1); a state that is none is a usage mistake (2).
+    for args, says in [(("--kind", "nope"), "kind must be one of: flaky, pretend"),
+                       (("--text", "x" * 201), "text must be at most 200 characters"),
+                       (("--cursor", "zz"), "cursor is not one this list gave out")]:
+        refused = cli("find", *args)
+        assert refused.exit_code == 1 and says in refused.output, (args, refused.output)
+    assert cli("find", "--state", "nope").exit_code == 2
+
+
+def test_bulk_asks_first_says_what_it_did_and_kinds_shows_each_kinds_health(shared_memory):
+    cli, queue = shared_memory
+    failed = queue.submit_many("flaky", 3, {"seconds": 0, "fail_rate": 1})
+    queue.run_pending()
+    declined = cli("bulk", "retry", "--kind", "flaky", input="n\n")
+    assert declined.exit_code == 1 and "nothing done" in declined.output
+    assert ("Retry 3 failed or cancelled tasks of kind flaky (the queue in this process's "
+            "memory)? [y/N]") in declined.output
+    assert all(queue.get(i).retried_as is None for i in failed)
+    retried = cli("bulk", "retry", "--kind", "flaky", input="y\n")
+    assert retried.exit_code == 0, retried.output
+    assert retried.output.strip().splitlines()[-1].startswith("3 tasks retried as #")
+    assert all(queue.get(i).retried_as is not None for i in failed)
+    assert cli("bulk", "retry", "--kind", "flaky").output.strip() == \
+        "no task to retry (of kind flaky)"
+    cancelled = cli("bulk", "cancel", "--yes")
+    assert cancelled.output.strip() == "3 tasks cancelled" and queue.stats().queued == 0
+    assert cli("bulk", "explode").exit_code == 2
+
+    kinds = cli("kinds")
+    assert kinds.exit_code == 0, kinds.output
+    lines = kinds.output.strip().splitlines()
+    assert lines[0].split() == ["kind", "queued", "running", "done/h", "failed/h", "fail%",
+                                "run", "p50", "run", "p95", "wait", "p95"]
+    flaky = next(line for line in lines if line.startswith("flaky "))
+    assert flaky.split()[1:6] == ["0", "0", "0", "3", "100%"]
+    data = json.loads(cli("kinds", "--json").output)
+    assert [k["kind"] for k in data["kinds"]] == ["flaky", "pretend", "primes", "shaky"]
+
+
+def test_the_operators_commands_say_when_the_store_cannot_search(app, cli, monkeypatch):
+    from dataclasses import replace
+
+    from dashboard.local.queue import WorkQueue
+
+    real = WorkQueue.capabilities
+    monkeypatch.setattr(WorkQueue, "capabilities", property(lambda self: replace(
+        real.fget(self), search=False, text_search=False, kind_health=False)))
+    for args in (("find",), ("bulk", "purge", "--yes")):
+        refused = cli(*args)
+        assert refused.exit_code == 1
+        assert "search is not available with this backend (the queue in a SQLite file" \
+            in refused.output
+    refused = cli("kinds")
+    assert refused.exit_code == 1 and "each kind's health is not available" in refused.output
+
+
 # -- for real: subprocesses and servers ------------------------------------------------
 
 
@@ -276,6 +375,48 @@ def test_server_acts_through_the_api_of_a_server_with_the_memory_store(tmp_path)
                               headers={"Authorization": f"Bearer {TOKEN}"}).body["paused"]
         gone = flask("status", "--server", f"http://{HOST}:{free_port()}")
         assert gone.returncode == 1 and "cannot reach" in gone.stderr
+    finally:
+        server.stop()
+
+
+@pytest.mark.server
+def test_find_bulk_and_kinds_act_through_the_api_of_a_server(tmp_path):
+    port = free_port()
+    args = [str(BIN / "gunicorn"), "-c", str(ROOT / "gunicorn.conf.py")]
+    env = server_env({"BIND": f"{HOST}:{port}", "WEB_CONCURRENCY": "1",
+                      "FLASK_QUEUE_ACCESS_TOKEN": TOKEN, "FLASK_QUEUE_WORKERS": "2"})
+    server = Server("gunicorn", args, tmp_path / "gunicorn.log", env, port)
+    server.start()
+    try:
+        url = f"http://{HOST}:{port}"
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+
+        def flask(*words: str, input: str | None = None) -> subprocess.CompletedProcess:
+            return subprocess.run([str(BIN / "flask"), "--app", "dashboard", "queue", *words,
+                                   "--server", url, "--token", TOKEN], cwd=ROOT,
+                                  env=server_env({}), text=True, capture_output=True,
+                                  timeout=60, input=input)
+
+        wait_for(lambda: flask("status").returncode == 0, 60.0, "the server answers")
+        body = {"kind": "flaky", "count": 4, "params": {"seconds": 0, "fail_rate": 1}}
+        assert server.request("POST", "/api/tasks", body, headers=auth).status == 202
+        assert flask("wait", "--timeout", "60").returncode == 0
+        found = flask("find", "--state", "failed", "--json")
+        assert found.returncode == 0, found.stderr
+        failed = [t["id"] for t in json.loads(found.stdout)["tasks"]]
+        assert len(failed) == 4
+        declined = flask("bulk", "retry", "--state", "failed", input="n\n")
+        assert declined.returncode == 1
+        assert f"Retry 4 failed tasks (the queue served by {url})? [y/N]" in declined.stdout
+        retried = flask("bulk", "retry", "--state", "failed", input="y\n")
+        assert retried.returncode == 0, retried.stderr
+        assert "? [y/N]: 4 tasks retried as #" in retried.stdout  # (no echo: not a terminal)
+        assert flask("wait", "--timeout", "60").returncode == 0
+        kinds = flask("kinds", "--json")
+        flaky = next(k for k in json.loads(kinds.stdout)["kinds"] if k["kind"] == "flaky")
+        assert flaky["failed"] == 8 and flaky["failure_rate"] == 1.0
+        refused = flask("find", "--kind", "nope")
+        assert refused.returncode == 1 and "kind must be one of" in refused.stderr
     finally:
         server.stop()
 

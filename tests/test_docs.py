@@ -96,3 +96,20 @@ def test_files_the_readme_links_to_exist():
     assert "docs/screenshot.png" in targets
     for target in targets:
         assert (root / target).exists(), target
+
+
+def test_the_readme_documents_the_operators_view_where_people_look():
+    """"Finding and fixing tasks" follows "Using the dashboard", shows its screenshot
+    (docs/operator.png, made by tests/test_browser_operator.py), and every route and
+    command of it is in the HTTP table and the terminal's table."""
+    using, finding = README.index("## Using the dashboard"), README.index(
+        "## Finding and fixing tasks")
+    assert using < finding < README.index("## How it works")
+    assert "](docs/operator.png)" in README[finding:README.index("## How it works")]
+    http = README[README.index("## HTTP"):README.index("## Choosing a store")]
+    for route in ("`GET /tasks`", "`GET /tasks/live`", "`GET /tasks/bulk`, `POST /tasks/bulk`",
+                  "`GET /api/tasks`", "`POST /api/tasks/bulk`", "`GET /api/kinds`"):
+        assert f"| {route} |" in http, route
+    terminal = README[README.index("## From the terminal"):README.index("## Task features")]
+    for command in ("| `find [", "| `bulk {retry,cancel,purge}", "| `kinds [--json]` |"):
+        assert command in terminal, command

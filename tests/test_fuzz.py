@@ -34,12 +34,20 @@ PATHS = [
     "/api/tasks/{id}", "/api/tasks/{id}/cancel", "/api/tasks/{id}/retry", "/api/pause",
     "/api/resume", "/api/workers", "/healthz", "/live/schedules", "/schedules/{text}/run",
     "/api/schedules", "/api/schedules/{text}/run", "/metrics",
+    # the operator's view: the list's poll, a bulk action's confirmation and post, each
+    # kind's health ("/tasks" and "/api/tasks" above are the list and its API)
+    "/tasks/live", "/tasks/bulk", "/api/tasks/bulk", "/api/kinds",
 ]
 # (Not the demo schedule's own run URLs: each run that passes is a 2 s task to run
 # here; test_web_schedules.py sends those its bad and good requests.)
 
 FIELDS = ["kind", "count", "seconds", "fail_rate", "limit", "delta", "present", "view", "id",
-          "params", "extra"]
+          "params", "extra", "state", "text", "order", "cursor", "action", "expected"]
+
+#: Values the operator's view takes (states, an order, actions, a cursor's form), so the
+#: examples reach its answers as well as its refusals.
+SEARCH_VALUES = ["failed", "queued,done", "flaky", "oldest", "retry", "purge", "cancel",
+                 "a1", "b99", "50", "gave"]
 
 scalars = st.one_of(
     st.none(), st.booleans(), st.integers(-10**12, 10**12),
@@ -104,13 +112,13 @@ def requests(draw, path_template):
     method = "POST" if kind == "hostile" else draw(
         st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]))
     request = {"method": method, "headers": dict(draw(headers)),
-               "query_string": draw(st.dictionaries(st.sampled_from(FIELDS),
-                                                    st.text(max_size=12), max_size=3))}
+               "query_string": draw(st.dictionaries(st.sampled_from(FIELDS), st.text(
+                   max_size=12) | st.sampled_from(SEARCH_VALUES), max_size=3))}
     if kind == "form":
         request["data"] = draw(st.dictionaries(st.sampled_from(FIELDS),
                                                st.text(max_size=20) | st.sampled_from(
                                                    ["1", "10", "0", "pretend", "0.5", "x",
-                                                    "9" * 5_000]),
+                                                    "9" * 5_000, *SEARCH_VALUES]),
                                                max_size=6))
     elif kind == "json":
         request["data"] = json.dumps(draw(json_values))

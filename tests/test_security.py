@@ -191,6 +191,8 @@ def test_every_html_response_carries_the_policy_and_hardening_headers(make_app):
         client.post("/tasks", data={"count": "0"}),
         client.post("/tasks", data={"count": "0"}, headers={"HX-Request": "true"}),
         client.post("/tasks", headers={"Sec-Fetch-Site": "cross-site"}),
+        client.get("/tasks"), client.get("/tasks?state=nope"), client.get("/tasks/live"),
+        client.get("/tasks/bulk?action=purge"), client.post("/tasks/bulk", data={}),
     ]
     for response in responses:
         assert response.headers["Content-Security-Policy"] == CONTENT_SECURITY_POLICY

@@ -10,12 +10,13 @@ from typing import Any, Mapping
 from flask import current_app
 
 from ..backend import TaskId
-from ..records import Retried, Submitted
-from ..errors import CannotScale, InvalidParam, TaskNotFound
+from ..records import BulkResult, Retried, Submitted, TaskFilter
+from ..errors import CannotScale, InvalidParam, QueueError, QueueFull, TaskNotFound
 from ..ext import current_queue
 from ..tasks import Int, check_delay, check_key, check_time_limit
 from . import security
 from .answers import parse_task_id
+from .search import acted_on, check_search, question
 
 
 def count_spec() -> Int:
@@ -108,6 +109,78 @@ def run_schedule(name: str) -> TaskId:
                            f"{current_queue.description})")
     schedule = current_queue.registry.get_schedule(name)
     return security.spend_submit(1, lambda: current_queue.run_schedule(schedule.name))
+
+class CountChanged(QueueError):
+    """A bulk action confirmed for ``expected`` tasks now finds more: nothing was done."""
+
+    status = 409
+
+    def __init__(self, action: str, query: TaskFilter, count: int, expected: int):
+        self.count = count
+        super().__init__(
+            f"the filter now matches {count} tasks to {action}, not the {expected} you "
+            f"confirmed: nothing was done. {question(action, query, count)}")
+
+
+class TooManyAtOnce(QueueError):
+    """A bulk retry would queue more tasks at once than ``QUEUE_SUBMIT_LIMIT`` ever allows
+    one client: waiting would not help, a narrower filter would (429)."""
+
+    status = 429
+
+    def __init__(self, count: int, limit: str, amount: int):
+        super().__init__(
+            f"retrying {count} tasks at once is refused: QUEUE_SUBMIT_LIMIT allows {limit} "
+            f"from one client, and a retry queues a new task for each; nothing was retried. "
+            f"Narrow the filter (a kind, a text) to at most {amount} tasks, or raise the limit")
+
+
+class PartlyDone(QueueError):
+    """The queue filled up while a bulk retry ran: some were retried, the rest not (503)."""
+
+    status = 503
+    retry_after = 5
+
+    def __init__(self, done: int, count: int, reason: str):
+        super().__init__(f"the queue filled up part way: {done} of {count} tasks were "
+                         f"retried, the other {count - done} were not ({reason}); retry the "
+                         f"rest once the queue has room")
+
+
+def bulk(action: str, query: TaskFilter, expected: int | None = None) -> BulkResult:
+    """Do a bulk action to every task ``query`` matches that it applies to.
+
+    ``expected`` is the count the person confirmed: when more match now, nothing is
+    done (409). A retry queues a task for each, so it is charged to the client like a
+    submit of that many, checked first against ``QUEUE_SUBMIT_LIMIT`` (more than it
+    ever allows at once: a 429 saying so) and the room in the queue (503): it is done
+    whole or not at all, never half without a word.
+    """
+    check_search(query)
+    target = acted_on(query, action)
+    count = 0 if target is None else current_queue.count(target)
+    if expected is not None and count > expected:
+        raise CountChanged(action, query, count, expected)
+    if not count:
+        return BulkResult(action, 0)
+    if action != "retry":
+        return current_queue.bulk(action, query)
+    allowance = security.submit_allowance()
+    if allowance is not None and count > allowance:
+        raise TooManyAtOnce(count, security.submit_limit_words(), allowance)
+    snap = current_queue.stats(0)
+    if count > snap.max_queued - snap.queued:
+        raise QueueFull(snap.queued, snap.max_queued, count)
+
+    def retry_all() -> BulkResult:
+        try:
+            return current_queue.bulk("retry", query)
+        except QueueFull as exc:  # others filled the queue meanwhile: say how far it got
+            left = current_queue.count(target)  # type: ignore[arg-type]
+            raise PartlyDone(max(0, count - left), count, str(exc)) from None
+
+    return security.spend_submit(count, retry_all, queued=lambda done: done.count)
+
 
 #: One change of the worker count at a time in this process: a ``delta`` reads the
 #: count and sets it, and two clicks at once must not both start from the same count.

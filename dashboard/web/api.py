@@ -15,13 +15,15 @@ from flask import Response, current_app, jsonify, make_response, request
 from ..backend import TaskId
 from ..errors import QueueError, StoreUnavailable
 from ..ext import current_queue
-from ..records import Retried, Submitted, TaskInfo
+from ..records import Retried, Submitted, TaskFilter, TaskInfo
+from ..tasks import Int
 from . import security
-from .actions import retry, run_schedule, set_workers, submit, submit_keyed
+from .actions import bulk, retry, run_schedule, set_workers, submit, submit_keyed
 from .answers import (TASK_ID_RULE, default_kind, error_status, json_error, parse_task_id,
                       printable_id, read_task_id)
 from .blueprint import bp
 from .live import RECENT
+from .search import BULK_FIELDS, acted_on, check_search, read_action, read_filter, read_view
 
 
 API_TASK_KEYS = frozenset({"kind", "count", "params", "key", "delay", "time_limit"})
@@ -140,6 +142,13 @@ def api_add_tasks() -> Response:
     )
 
 
+def _task_dict(info: TaskInfo, can_act: bool) -> dict[str, Any]:
+    data = info.to_dict()
+    if not can_act:  # QUEUE_PUBLIC_READ: like a traceback, for the token only
+        del data["result"], data["logs"]
+    return data
+
+
 @bp.get("/api/tasks/<task_id>")
 def api_task(task_id: str) -> Response:
     if read_task_id(task_id) is None:
@@ -147,10 +156,76 @@ def api_task(task_id: str) -> Response:
     info = current_queue.get(task_id)
     if info is None:
         return json_error(f"no task {task_id}: unknown, or no longer in the history", 404)
-    data = info.to_dict()
-    if not security.may_act():  # QUEUE_PUBLIC_READ: like a traceback, for the token only
-        del data["result"], data["logs"]
-    return jsonify(data)
+    return jsonify(_task_dict(info, security.may_act()))
+
+
+@bp.get("/api/tasks")
+def api_find() -> Response:
+    """``?state=failed&state=queued&kind=...&text=...&order=oldest&cursor=...&limit=...``
+    → ``{"tasks": [...], "newer": cursor or null, "older": cursor or null, "count": n}``:
+    one page of the tasks that match, newest first unless ``order=oldest``, ``limit`` per
+    page (1 to 500, default 50), and how many match in all. Give a page's ``older`` (or
+    ``newer``) as ``cursor`` for the next (or the one before). With ``action`` (retry,
+    cancel, purge): only the tasks that bulk action would act on now. A bad or unknown
+    parameter is a 400 naming it; a backend that cannot search says so (400)."""
+
+    def find() -> Response:
+        view = read_view(request.args, strict=("action",))
+        check_search(view.query)
+        query: TaskFilter | None = view.query
+        if request.args.get("action") is not None:
+            query = acted_on(view.query, read_action(request.args["action"]))
+        if query is None:  # the action acts on none of the states asked for
+            return jsonify(tasks=[], newer=None, older=None, count=0)
+        page = current_queue.find(query, limit=view.limit, cursor=view.cursor,
+                                  oldest_first=view.oldest_first)
+        can_act = security.may_act()
+        return jsonify(tasks=[_task_dict(t, can_act) for t in page.tasks], newer=page.newer,
+                       older=page.older, count=current_queue.count(query))
+
+    return _json_action(find, lambda response: response)
+
+
+@bp.post("/api/tasks/bulk")
+def api_bulk() -> Response:
+    """``{"action": "retry", "state": [...], "kind": ..., "text": ...}`` → 200
+    ``{"action", "count", "ids", "line"}``: every task the filter matches that the action
+    applies to (retry: failed or cancelled, not retried yet; cancel: scheduled or queued;
+    purge: finished). ``"expected"``: the count a person confirmed; more matching now is
+    a 409 and nothing done. A retry is charged to QUEUE_SUBMIT_LIMIT as a submit of that
+    many (more than it ever allows at once: 429) and needs the room in the queue (503)."""
+    data = _json_body(BULK_FIELDS)
+    if isinstance(data, Response):
+        return data
+
+    def act() -> Any:
+        action = read_action(data.get("action"))
+        query = read_filter(data)
+        expected = data.get("expected")
+        if expected is not None:
+            expected = Int(0, 10**9).parse("expected", expected)
+        result = bulk(action, query, expected)
+        current_app.logger.info("bulk %s by %s (%s): %s", action,
+                                security.printable(request.remote_addr or "unknown", 60),
+                                security.printable(repr(query.to_dict()), 300), result.line())
+        return result
+
+    return _json_action(act, lambda result: jsonify(result.to_dict()))
+
+
+@bp.get("/api/kinds")
+def api_kinds() -> Response:
+    """``{"kinds": [{"kind", "queued", "running", "done", "failed", "failure_rate",
+    "run_p50", "run_p95", "wait_p95"}]}``: each registered kind, by name; done, failed
+    and the times over the last hour. A backend that does not keep them says so (400)."""
+
+    def kinds() -> Response:
+        if not current_queue.capabilities.kind_health:
+            raise QueueError(f"each kind's health is not available with this backend (the "
+                             f"queue {current_queue.description})")
+        return jsonify(kinds=[k.to_dict() for k in current_queue.kind_health()])
+
+    return _json_action(kinds, lambda response: response)
 
 
 @bp.post("/api/tasks/<task_id>/cancel")

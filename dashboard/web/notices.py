@@ -35,6 +35,9 @@ logger = logging.getLogger("dashboard.notices")
 
 #: The query parameter that carries a signed refusal.
 PARAM = "refused"
+#: The query parameter that carries what a plain form post did ("312 tasks retried as
+#: #5001–#5312"), signed the same way under a salt of its own.
+DONE = "done"
 #: Seconds a signed refusal is shown for: a reload soon after shows it again,
 #: a bookmark or an old tab later shows nothing.
 MAX_AGE = 300
@@ -58,14 +61,29 @@ def _serializer() -> URLSafeTimedSerializer:
     return URLSafeTimedSerializer(key, salt=_SALT)
 
 
-def _client_salt() -> str:
-    """Binds a message to the client it was written for: another cannot be shown it."""
-    return f"{_SALT} {request.remote_addr or ''}"
+def _client_salt(param: str = PARAM) -> str:
+    """Binds a message to the client it was written for (another cannot be shown it) and
+    to the parameter it is for (a refusal cannot be shown as what was done)."""
+    salt = _SALT if param == PARAM else f"{_SALT}.{param}"
+    return f"{salt} {request.remote_addr or ''}"
 
 
-def sign(message: str) -> str:
-    """``message`` as a token for :data:`PARAM`, for this client."""
-    return _serializer().dumps(printable(message, MAX_CHARS), salt=_client_salt())
+def sign(message: str, param: str = PARAM) -> str:
+    """``message`` as a token for ``param`` (:data:`PARAM` or :data:`DONE`), for this
+    client."""
+    return _serializer().dumps(printable(message, MAX_CHARS), salt=_client_salt(param))
+
+
+def read_done(token: str | None) -> str | None:
+    """What a plain form post did, from :data:`DONE`: only a line this app signed for this
+    client in the last :data:`MAX_AGE` seconds; nothing otherwise."""
+    if not token:
+        return None
+    try:
+        message = _serializer().loads(token, max_age=MAX_AGE, salt=_client_salt(DONE))
+    except BadData:
+        return None
+    return message if isinstance(message, str) else None
 
 
 def read(token: str | None) -> str | None:

@@ -480,6 +480,12 @@ def submit_allowance() -> int | None:
     return limiter.amount
 
 
+def submit_limit_words() -> str:
+    """``QUEUE_SUBMIT_LIMIT`` in words ("600 tasks per minute"); empty when there is none."""
+    limiter: SubmitLimiter = current_app.extensions["dashboard.limiter"]
+    return limiter.described
+
+
 def init_app(app: Flask) -> None:
     """Set up the limiter for ``app`` (the checks themselves run in the blueprint)."""
     try:
@@ -519,5 +525,6 @@ __all__ = [
     "served_address",
     "spend_submit",
     "submit_allowance",
+    "submit_limit_words",
     "warn_if_exposed",
 ]
