@@ -614,7 +614,10 @@ class TaskFilter(NamedTuple):
 
     def for_action(self, action: str) -> TaskFilter:
         """This filter narrowed to the tasks ``action`` acts on (``retry``: the failed and
-        cancelled ones that match, and so on)."""
+        cancelled ones that match, and so on). When none of its states is one the action
+        acts on (a filter for queued tasks, and a retry), the result's ``states`` is
+        empty, which in a filter means *every* state: check it before using the filter
+        (``bulk`` and the web layer's ``acted_on`` do, and then act on nothing)."""
         acts_on = BULK_ACTIONS[action]
         states = acts_on & self.states if self.states else acts_on
         return self._replace(states=frozenset(states), not_retried=action == "retry")
