@@ -84,9 +84,7 @@ def test_the_in_process_backend_is_one_and_says_what_it_can_do(make_app):
     memory, sqlite = get_queue(make_app()), get_queue(make_app(store="sqlite"))
     assert isinstance(memory, Backend) and isinstance(memory, WorkQueue)
     assert memory.capabilities == Capabilities(scale_workers=True, shared=False, durable=False)
-    assert sqlite.capabilities == Capabilities(scale_workers=True, shared=True, durable=True,
-                                               search=False, text_search=False,
-                                               kind_health=False)  # (until it can search)
+    assert sqlite.capabilities == Capabilities(scale_workers=True, shared=True, durable=True)
     assert memory.description == "in this process's memory"
     assert sqlite.description == "in a SQLite file shared by every process"
 

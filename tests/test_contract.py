@@ -5,19 +5,27 @@ lists and counters with the same random operations: submit one or many,
 claim (as a named worker or the calling thread) and finish (done, failed,
 cancelled), cancel queued, running, finished and unknown tasks, retry (twice,
 too) and retry what cannot be retried, pause and resume, clear the history,
-reset, add, stop, kill and remove workers, upkeep, close. After every step
-the store must agree with the model:
+reset, add, stop, kill and remove workers, upkeep, close; and the operator's
+view: find a page (by states, kind, text, not retried yet; newest or oldest
+first, from any task), count, and retry, cancel or purge in bulk by a filter,
+in batches. After every step the store must agree with the model:
 
 * the counters equal the number of tasks in each state, and ``submitted``
   counts what was accepted since the last reset; the per-kind totals of
-  :meth:`metrics` (every task here is of kind ``k``) say the same, with the
-  attempts scheduled again by a retry policy, and a wait observed at each
-  start and a run at each end of an attempt;
+  :meth:`metrics` (tasks here are of kind ``k``, some of ``j``) say the same,
+  with the attempts scheduled again by a retry policy, and a wait observed at
+  each start and a run at each end of an attempt; each kind's health, its
+  queued and running tasks now and its done and failed ones since the reset;
 * every task the model knows is in exactly the state the model says (so no
   task is in two states), and every forgotten one is gone;
 * the queued tasks are listed in the order they were queued (FIFO), and a
   claim takes the oldest;
 * each worker shows the task it holds and the state it is in;
+* a page of a search is the model's matching tasks in id order, from the
+  cursor's task on, and a count all of them (text is matched by the rule
+  every backend keeps, :meth:`TaskFilter.matches`, on the task as the store
+  has it); a bulk action acts on exactly the model's matching tasks, oldest
+  first (a retry on as many as the queue has room for, then QueueFull);
 
 and at the end, once resumed, every task still queued runs exactly once.
 
@@ -41,7 +49,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 
 from dashboard.errors import QueueClosed, QueueFull, TaskNotFound, WrongState
-from dashboard.records import State, WorkerState
+from dashboard.records import BULK_ACTIONS, State, TaskFilter, WorkerState
+from dashboard.local import queue as local_queue
 from dashboard.local.sqlite import SqliteStore
 from dashboard.local.memory import MemoryStore
 from dashboard.local.store import Run
@@ -53,6 +62,28 @@ NAMES = ("worker-1", "worker-2")
 SCHEDULES = ("nightly", "often")
 SPECS = ("every 10", "every 10 (changed)")
 FINISHED = (State.DONE, State.FAILED, State.CANCELLED)
+KINDS = ("k", "j")
+#: Words in the params of submitted tasks, and texts a search looks for: some in any
+#: case, some with what LIKE would take for wildcards, some in errors.
+WORDS = ("x", "A_b", "50%", "Zz\\")
+TEXTS = ('"n":1', "a_b", "A_", "50%", "%", "_", "zZ\\", "\\", "ENDED", "before it",
+         "attempt", '"w":"x"')
+#: Tasks per batch of a bulk action here (BULK_BATCH in production): a few batches.
+BATCH = 3
+#: The searches every step checks: everything, what a bulk retry, cancel and purge act
+#: on, one state of one kind, the running ones, one kind, a text in errors.
+SWEEP = (
+    TaskFilter(),
+    TaskFilter().for_action("retry"),
+    TaskFilter(kind="j").for_action("cancel"),
+    TaskFilter(frozenset({State.DONE, State.CANCELLED})).for_action("purge"),
+    TaskFilter(frozenset({State.FAILED}), kind="k"),
+    TaskFilter(frozenset({State.RUNNING})),
+    TaskFilter(kind="j"),
+    TaskFilter(text="ENDED"),
+)
+#: What each kind's totals count, in the order of KindStats.
+TOTALS = ("submitted", "done", "failed", "cancelled", "retried_later", "starts", "ends")
 
 
 class StoreMachine(RuleBasedStateMachine):
@@ -80,6 +111,9 @@ class StoreMachine(RuleBasedStateMachine):
         # Since the last reset: attempts scheduled again, starts, ends of an attempt.
         self.retried_later = self.starts = self.ends = 0
         self.claims: Counter[int] = Counter()
+        self.kind: dict[int, str] = {}  # every task's kind
+        # Per kind, since the last reset: what the totals count (see totals()).
+        self.by_kind: dict[str, Counter] = {kind: Counter() for kind in KINDS}
         # Periodic schedules: name -> [spec, next due, last due, last task, runs], as
         # the store must keep them (one model for stores sharing a file).
         self.schedules: dict[str, list] = {}
@@ -89,29 +123,37 @@ class StoreMachine(RuleBasedStateMachine):
     def store_index(self) -> st.SearchStrategy[int]:
         return st.integers(0, len(self.stores) - 1)
 
-    def add_queued(self, ids: list[int]) -> None:
+    def add_queued(self, ids: list[int], kind: str = "k") -> None:
         for task_id in ids:
             assert task_id not in self.state and task_id not in self.forgotten, task_id
             self.state[task_id] = State.QUEUED
             self.queue.append(task_id)
+            self.kind[task_id] = kind
         self.submitted += len(ids)
+        self.by_kind[kind]["submitted"] += len(ids)
+
+    def bump(self, task_id: int, what: str) -> None:
+        """Count ``what`` for the task's kind."""
+        self.by_kind[self.kind[task_id]][what] += 1
 
     def finished_ids(self, *states: State) -> list[int]:
         return [i for i, s in self.state.items() if s in (states or FINISHED)]
 
-    def count(self, state: State) -> None:
+    def count(self, task_id: int, state: State) -> None:
         if state is State.DONE:
             self.done += 1
         elif state is State.FAILED:
             self.failed += 1
         else:
             self.cancelled += 1
+        self.bump(task_id, state.value)
 
     def end(self, task_id: int, state: State) -> None:
         _, _, worker = self.held.pop(task_id)
         self.state[task_id] = state
-        self.count(state)
+        self.count(task_id, state)
         self.ends += 1
+        self.bump(task_id, "ends")
         for (_, name), slot in self.workers.items():
             if slot["task"] == task_id:
                 slot["task"] = None
@@ -119,18 +161,21 @@ class StoreMachine(RuleBasedStateMachine):
 
     # -- submitting -----------------------------------------------------------
 
-    @rule(data=st.data())
-    def submit(self, data):
+    @rule(data=st.data(), kind=st.sampled_from(KINDS), word=st.sampled_from(WORDS))
+    def submit(self, data, kind, word):
         i = data.draw(self.store_index())
         store = self.stores[i]
         if self.closed[i]:
             with pytest.raises(QueueClosed):
-                store.add_one("k", {})
+                store.add_one(kind, {})
         elif len(self.queue) >= MAX_QUEUED:
             with pytest.raises(QueueFull):
-                store.add_one("k", {})
+                store.add_one(kind, {})
         else:
-            self.add_queued([store.add_one("k", {"n": len(self.state)})])
+            params = {"n": len(self.state), "w": word}
+            task_id = store.add_one(kind, params)
+            self.add_queued([task_id], kind)
+            assert store.get(task_id).params == params
 
     @rule(data=st.data(), key=st.sampled_from(["a", "b", "c"]))
     def submit_keyed(self, data, key):
@@ -172,7 +217,9 @@ class StoreMachine(RuleBasedStateMachine):
                 assert task_id not in self.state and task_id not in self.forgotten, task_id
                 self.state[task_id] = State.SCHEDULED
                 self.scheduled.append(task_id)
+                self.kind[task_id] = "k"
             self.submitted += count
+            self.by_kind["k"]["submitted"] += count
 
     @precondition(lambda self: self.scheduled)
     @rule(data=st.data())
@@ -183,22 +230,23 @@ class StoreMachine(RuleBasedStateMachine):
         self.scheduled.remove(task_id)
         self.state[task_id] = State.CANCELLED
         self.cancelled += 1
+        self.bump(task_id, "cancelled")
         assert self.stores[i].get(task_id).error == "cancelled before it was due"
 
-    @rule(data=st.data(), count=st.integers(1, 5))
-    def submit_many(self, data, count):
+    @rule(data=st.data(), count=st.integers(1, 5), kind=st.sampled_from(KINDS))
+    def submit_many(self, data, count, kind):
         i = data.draw(self.store_index())
         store = self.stores[i]
         if self.closed[i]:
             with pytest.raises(QueueClosed):
-                store.add("k", {}, count)
+                store.add(kind, {}, count)
         elif len(self.queue) + count > MAX_QUEUED:
             with pytest.raises(QueueFull):
-                store.add("k", {}, count)
+                store.add(kind, {}, count)
         else:
-            ids = store.add("k", {}, count)
+            ids = store.add(kind, {"w": "many"}, count)
             assert ids == sorted(ids) and len(set(ids)) == count
-            self.add_queued(ids)
+            self.add_queued(ids, kind)
 
     # -- periodic schedules -------------------------------------------------------
 
@@ -289,6 +337,7 @@ class StoreMachine(RuleBasedStateMachine):
         self.held[record.id] = (i, record, worker)
         self.claims[record.id] += 1
         self.starts += 1
+        self.bump(record.id, "starts")
         if slot is not None:
             slot["task"] = record.id
 
@@ -316,6 +365,8 @@ class StoreMachine(RuleBasedStateMachine):
         self.scheduled.append(task_id)
         self.retried_later += 1
         self.ends += 1
+        self.bump(task_id, "retried_later")
+        self.bump(task_id, "ends")
         for slot in self.workers.values():
             if slot["task"] == task_id:
                 slot["task"] = None
@@ -335,6 +386,7 @@ class StoreMachine(RuleBasedStateMachine):
         self.queue.remove(task_id)
         self.state[task_id] = State.CANCELLED
         self.cancelled += 1
+        self.bump(task_id, "cancelled")
 
     @precondition(lambda self: self.held)
     @rule(data=st.data())
@@ -376,7 +428,7 @@ class StoreMachine(RuleBasedStateMachine):
         else:
             new_id, created = store.retry(task_id)
             assert created
-            self.add_queued([new_id])
+            self.add_queued([new_id], self.kind[task_id])
             self.retried[task_id] = new_id
             assert store.get(new_id).retry_of == task_id
             assert store.get(task_id).retried_as == new_id
@@ -409,6 +461,9 @@ class StoreMachine(RuleBasedStateMachine):
         self.done = self.failed = self.cancelled = 0
         self.retried_later = self.starts = self.ends = 0
         self.submitted = len(self.queue) + len(self.held)
+        self.by_kind = {kind: Counter() for kind in KINDS}
+        for task_id in [*self.queue, *self.held]:
+            self.bump(task_id, "submitted")
         for slot in self.workers.values():
             slot["done"] = 0
 
@@ -474,6 +529,98 @@ class StoreMachine(RuleBasedStateMachine):
         self.stores[i].remove_worker(name)
         del self.workers[(i, name)]
 
+    # -- the operator's view ------------------------------------------------------
+
+    def draw_filter(self, data) -> TaskFilter:
+        states = data.draw(st.frozensets(st.sampled_from(list(State)), max_size=3))
+        kind = data.draw(st.sampled_from([None, *KINDS, "nope"]))
+        text = data.draw(st.none() | st.sampled_from(TEXTS))
+        return TaskFilter(states, kind, text, data.draw(st.booleans()))
+
+    def matching(self, query: TaskFilter, reader) -> list[int]:
+        """The ids of the tasks the model knows that match ``query``, oldest first: state,
+        kind and "not retried" as the model has them; text by the rule every backend
+        keeps, on the task as the store has it (params and error)."""
+        ids = []
+        for task_id, state in sorted(self.state.items()):
+            if query.states and state not in query.states:
+                continue
+            if query.kind is not None and self.kind[task_id] != query.kind:
+                continue
+            if query.not_retried and task_id in self.retried:
+                continue
+            if query.text and not query.matches(reader.get(task_id)):
+                continue
+            ids.append(task_id)
+        return ids
+
+    @rule(data=st.data(), limit=st.integers(1, 5), ascending=st.booleans())
+    def find(self, data, limit, ascending):
+        """A page: the matching tasks in id order, past the cursor's task (any task,
+        one forgotten or never known too); the count, all of them."""
+        reader = self.stores[data.draw(self.store_index())]
+        query = self.draw_filter(data)
+        known = sorted([*self.state, *self.forgotten])
+        after = None  # the first page; else a task's id, or one beside it
+        if known and data.draw(st.booleans()):
+            after = known[data.draw(st.integers(0, 50)) % len(known)] + data.draw(
+                st.integers(-1, 1))
+        expected = self.matching(query, reader)
+        assert reader.count(query) == len(expected)
+        if not ascending:
+            expected.reverse()
+        if after is not None:
+            expected = [i for i in expected if (i > after if ascending else i < after)]
+        page = reader.find(query, limit, after, ascending)
+        assert [t.id for t in page] == expected[:limit], (query, after, ascending)
+        assert all(t.state is self.state[t.id] for t in page)
+
+    @rule(data=st.data(), action=st.sampled_from(sorted(BULK_ACTIONS)))
+    def bulk(self, data, action):
+        """A bulk action by a filter, BATCH tasks at a time: it acts on the model's
+        matching tasks the action applies to, oldest first, and on no other."""
+        i = data.draw(self.store_index())
+        store = self.stores[i]
+        query = self.draw_filter(data)
+        target = query.for_action(action)  # (no state left: nothing it acts on)
+        targets = self.matching(target, store) if target.states else []
+        if action == "retry":
+            room = MAX_QUEUED - len(self.queue)
+            refused = QueueClosed if self.closed[i] and targets else \
+                QueueFull if len(targets) > room else None
+            if refused is not None:
+                with pytest.raises(refused):
+                    local_queue.bulk_in_batches(store, action, query)
+                targets = [] if refused is QueueClosed else targets[:room]
+            else:
+                result = local_queue.bulk_in_batches(store, action, query)
+                assert result.count == len(targets)
+            new_ids = [store.get(task_id).retried_as for task_id in targets]
+            if refused is None:
+                assert list(result.ids) == new_ids
+            assert new_ids == sorted(new_ids)  # queued in the order of the tasks
+            for task_id, new_id in zip(targets, new_ids):
+                self.add_queued([new_id], self.kind[task_id])
+                self.retried[task_id] = new_id
+                assert store.get(new_id).retry_of == task_id
+            assert all(store.get(t).retried_as is None
+                       for t in (self.matching(target, store) if target.states else []))
+            return
+        result = local_queue.bulk_in_batches(store, action, query)
+        assert result.count == len(targets)
+        if action == "cancel":
+            assert list(result.ids) == targets
+            for task_id in targets:
+                if self.state[task_id] is State.QUEUED:
+                    self.queue.remove(task_id)
+                else:
+                    self.scheduled.remove(task_id)
+                self.state[task_id] = State.CANCELLED
+                self.cancelled += 1
+                self.bump(task_id, "cancelled")
+        else:
+            self.forget(targets)
+
     # -- what must hold after every step -----------------------------------------
 
     @invariant()
@@ -489,16 +636,30 @@ class StoreMachine(RuleBasedStateMachine):
         assert (metrics.queued, metrics.scheduled, metrics.running, metrics.paused) == (
             len(self.queue), len(self.scheduled), len(self.held), self.paused)
         assert metrics.workers == sum(slot["alive"] for slot in self.workers.values())
-        # One kind, "k": listed while it has counted anything since the last reset, or
-        # has a task still to come.
-        totals = (self.submitted, self.done, self.failed, self.cancelled, self.retried_later,
-                  self.starts, self.ends)
+        # Each kind listed while it has counted anything since the last reset, or has a
+        # task still to come; the totals of all of them, the snapshot's.
+        assert (self.submitted, self.done, self.failed, self.cancelled, self.retried_later,
+                self.starts, self.ends) == tuple(
+                    sum(self.by_kind[kind][what] for kind in KINDS) for what in TOTALS)
         listed = {k.kind: (k.submitted, k.done, k.failed, k.cancelled, k.retried, k.wait.count,
                            k.run.count) for k in metrics.kinds}
-        if any(totals) or self.queue or self.held or self.scheduled:
-            assert listed == {"k": totals}
-        else:
-            assert listed in ({}, {"k": totals})
+        assert set(listed) <= set(KINDS)
+        waiting = {self.kind[i] for i in [*self.queue, *self.held, *self.scheduled]}
+        for kind in KINDS:
+            totals = tuple(self.by_kind[kind][what] for what in TOTALS)
+            if any(totals) or kind in waiting:
+                assert listed.get(kind) == totals, kind
+            else:
+                assert listed.get(kind, totals) == totals, kind
+        # Each kind's health: now, and what ended since the reset (the last hour).
+        for health in reader.kind_health(KINDS):
+            counted = self.by_kind[health.kind]
+            assert (health.queued, health.running, health.done, health.failed) == (
+                sum(self.kind[i] == health.kind for i in self.queue),
+                sum(self.kind[i] == health.kind for i in self.held),
+                counted["done"], counted["failed"]), health
+            assert (health.wait_p95 is None) == (not counted["starts"])
+            assert (health.run_p50 is None) == (not counted["done"] + counted["failed"])
         for k in metrics.kinds:
             for histogram in (k.wait, k.run):
                 assert list(histogram.buckets) == sorted(histogram.buckets)
@@ -527,6 +688,22 @@ class StoreMachine(RuleBasedStateMachine):
         assert set(kept) == set(self.schedules)
         for name, (_, next_due, last_due, last_task, runs) in self.schedules.items():
             assert kept[name] == (next_due, last_due, last_task, self.state.get(last_task), runs)
+
+    @invariant()
+    def finds_what_the_model_holds(self):
+        """The filters of the operator's everyday views, after every step: each counted,
+        listed whole (newest first), and paged two at a time from the middle (oldest
+        first) as a cursor would."""
+        reader = self.stores[-1]
+        for query in SWEEP:
+            expected = self.matching(query, reader)
+            assert reader.count(query) == len(expected), query
+            page = reader.find(query, len(expected) + 1)
+            assert [t.id for t in page] == expected[::-1], query
+            if len(expected) > 2:
+                middle = expected[len(expected) // 2]
+                page = reader.find(query, 2, middle, True)
+                assert [t.id for t in page] == [i for i in expected if i > middle][:2], query
 
     def teardown(self):
         try:
@@ -584,7 +761,8 @@ class TwoProcessesMachine(StoreMachine):
 
 @pytest.mark.parametrize("machine", [MemoryMachine, SqliteMachine, TwoProcessesMachine],
                          ids=["memory", "sqlite", "sqlite-two-processes"])
-def test_the_store_contract_holds_against_the_model(machine):
+def test_the_store_contract_holds_against_the_model(machine, monkeypatch):
+    monkeypatch.setattr(local_queue, "BULK_BATCH", BATCH)
     examples = int(os.environ.get("CONTRACT_EXAMPLES", "30"))
     run_state_machine_as_test(machine, settings=settings(
         max_examples=examples, stateful_step_count=40, deadline=None, database=None,

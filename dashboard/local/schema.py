@@ -12,7 +12,8 @@ import json
 import sqlite3
 from typing import Iterator
 
-from ..records import DURATION_BUCKETS, Histogram, KindStats, State, TaskInfo, TaskRecord
+from ..records import (DURATION_BUCKETS, HEALTH_WINDOW, Histogram, KindStats, State, TaskInfo,
+                       TaskRecord)
 
 #: The schema this code reads and writes; kept in ``PRAGMA user_version``.
 #: 2: times that are compared (leases, heartbeats, the per-second record, the
@@ -21,7 +22,9 @@ from ..records import DURATION_BUCKETS, Histogram, KindStats, State, TaskInfo, T
 #: time limits, what it logged.
 #: 4: periodic schedules, and which schedule queued a task.
 #: 5: each kind's totals and wait and run time histograms (for /metrics).
-SCHEMA_VERSION = 5
+#: 6: the operator's view: tasks found by state and kind on indexes, params kept as
+#: the text a search looks in, and each kind's last hour by the minute.
+SCHEMA_VERSION = 6
 
 #: A state as the tasks table spells it → the State.
 STATES = {s.value: s for s in State}
@@ -121,9 +124,10 @@ CREATE UNIQUE INDEX tasks_key ON tasks (key) WHERE key IS NOT NULL AND finished_
 -- their own, in due order; the other queued tasks go by id). Others are not in them.
 CREATE INDEX tasks_due ON tasks (due_clock) WHERE state = 'scheduled';
 CREATE INDEX tasks_late ON tasks (due_clock) WHERE state = 'queued' AND due_clock IS NOT NULL;
--- The only index: the history, newest first, and pruning oldest first. Every
--- index is one more page written per commit, so the queue order comes from
--- the ids (from meta.head up) and the running tasks are few enough to scan.
+-- The history, newest first, and pruning oldest first. Every index is one more
+-- page written per commit, so the queue order comes from the ids (from meta.head
+-- up). (The operator's view adds the history by state and kind, and the running
+-- tasks: FIND_INDEXES, below; none of them is written by a submit.)
 CREATE INDEX tasks_finished ON tasks (finished_at) WHERE finished_at IS NOT NULL;
 {schedules}
 CREATE TABLE seconds (
@@ -356,7 +360,143 @@ def kind_stats(row: tuple) -> KindStats:
                      Histogram(tuple(run[2:]), run[0], run[1]))
 
 
-SCHEMA = TABLES + KINDS + PROCESS_TABLES + TRIGGERS + KIND_TRIGGERS
+#: The operator's view finds finished tasks by id (keyset pages, newest or oldest
+#: first) within one state, or one kind and state: a seek on one of these and a walk
+#: along it, so the thousandth page costs what the first does (``retried_as`` rides
+#: along, for a bulk retry's "not retried yet", so a count reads the index alone).
+#: They hold the finished tasks only (the history, where the hundreds of thousands
+#: are): a submit and a claim write no more pages than before, and a task's end one
+#: entry in each. The running tasks are on ``tasks_running`` (a claim adds one entry,
+#: an end removes it: upkeep's look for tasks whose process died reads it too, not the
+#: whole table). The waiting ones (at most QUEUE_MAX_QUEUED queued, as many scheduled)
+#: are found where the queue finds them: see :func:`~dashboard.local.sqlite.find_sql`.
+#: (A query names the finished states as written here, so SQLite sees it may use them
+#: and reads what it needs from the index alone.)
+FINISHED_SQL = "state IN ('cancelled', 'done', 'failed')"
+FIND_INDEXES = f"""
+CREATE INDEX tasks_state ON tasks (state, id, retried_as) WHERE {FINISHED_SQL};
+CREATE INDEX tasks_kind ON tasks (kind, state, id, retried_as) WHERE {FINISHED_SQL};
+CREATE INDEX tasks_running ON tasks (id) WHERE state = 'running';
+"""
+
+#: How many finished tasks the file holds (``meta.kept``), kept as they come and go,
+#: so pruning the history to QUEUE_HISTORY reads one number, not a count of it.
+KEPT = """
+ALTER TABLE meta ADD COLUMN kept INTEGER NOT NULL DEFAULT 0;
+UPDATE meta SET kept = (SELECT count(*) FROM tasks WHERE finished_at IS NOT NULL);
+CREATE TRIGGER tasks_kept_added AFTER INSERT ON tasks WHEN NEW.finished_at IS NOT NULL
+BEGIN
+    UPDATE meta SET kept = kept + 1;
+END;
+CREATE TRIGGER tasks_kept AFTER UPDATE OF finished_at ON tasks
+WHEN (OLD.finished_at IS NULL) != (NEW.finished_at IS NULL)
+BEGIN
+    UPDATE meta SET kept = kept + (NEW.finished_at IS NOT NULL) - (OLD.finished_at IS NOT NULL);
+END;
+CREATE TRIGGER tasks_kept_forgotten AFTER DELETE ON tasks WHEN OLD.finished_at IS NOT NULL
+BEGIN
+    UPDATE meta SET kept = kept - 1;
+END;
+"""
+
+#: Buckets of a health histogram: one per DURATION_BUCKETS bound, and one past them.
+HEALTH_BUCKETS = len(DURATION_BUCKETS) + 1
+#: Minutes in the health window.
+WINDOW_MINUTES = HEALTH_WINDOW // 60
+#: What a minute of one kind counts, as the memory store's ``_Minute``: tasks done and
+#: failed, the run times of the attempts that ended so (in the minute they ended), and
+#: the waits of every start (in the minute it started), a count per histogram bucket
+#: (``run_3``: runs above DURATION_BUCKETS[2] and up to DURATION_BUCKETS[3]; the last,
+#: past every bound), as :func:`~dashboard.records.percentile` reads them.
+MINUTE_COLUMNS = ("done", "failed", *(f"run_{i}" for i in range(HEALTH_BUCKETS)),
+                  *(f"wait_{i}" for i in range(HEALTH_BUCKETS)))
+
+#: Each kind's last hour. The minute being counted lives in the kind's row of
+#: ``kinds`` (its ``h_*`` columns: a row a start and an end update anyway, so
+#: counting writes no page more); when a start or an end falls in another minute, the
+#: kind's last one moves to ``kind_minutes`` first, as meta's current second moves to
+#: ``seconds``, and the minutes there older than HEALTH_WINDOW go: the table holds at
+#: most an hour per kind, and a read adds up an hour of rows, never the history.
+#: Minutes are on the wall clock (seconds since the epoch // 60), as people read them
+#: and the memory store counts them.
+KIND_MINUTES = "".join([
+    "\nALTER TABLE kinds ADD COLUMN h_minute INTEGER;\n",
+    *(f"ALTER TABLE kinds ADD COLUMN h_{c} INTEGER NOT NULL DEFAULT 0;\n"
+      for c in MINUTE_COLUMNS),
+    "CREATE TABLE kind_minutes (\n    minute INTEGER NOT NULL,\n    kind TEXT NOT NULL,\n",
+    *(f"    {c} INTEGER NOT NULL DEFAULT 0,\n" for c in MINUTE_COLUMNS),
+    "    PRIMARY KEY (minute, kind)\n) WITHOUT ROWID;\n",
+])
+
+
+def _in_bucket(value: str, i: int) -> str:
+    """SQL: is ``value`` (seconds) in bucket ``i``, as :func:`bisect.bisect_left` finds it
+    in the memory store (above bound i - 1, up to bound i)?"""
+    low = f"{value} > {DURATION_BUCKETS[i - 1]!r}" if i else ""
+    high = f"{value} <= {DURATION_BUCKETS[i]!r}" if i < len(DURATION_BUCKETS) else ""
+    return " AND ".join(t for t in (low, high) if t)
+
+
+def _health_trigger(name: str, when: str, minute: str, counts: dict[str, str]) -> str:
+    """A trigger counting one start or end of a task in its kind's current minute
+    (``minute``, SQL): the minute counted before, if another, moves to kind_minutes
+    first, and the minutes there over an hour before this one go (a seek on the
+    table's first rows, which mostly finds none). ``counts``: the SQL added to each of
+    MINUTE_COLUMNS it names. Plain updates of the kind's one row (a page the kinds
+    trigger writes anyway), no join: these run at every start and end."""
+    flush = ", ".join(f"h_{c}" for c in MINUTE_COLUMNS)
+    added = ", ".join(f"{c} = {c} + excluded.{c}" for c in MINUTE_COLUMNS)
+    zero = ", ".join(f"h_{c} = 0" for c in MINUTE_COLUMNS)
+    count = ",\n        ".join(f"h_{c} = h_{c} + ({sql})" for c, sql in counts.items())
+    return f"""
+CREATE TRIGGER {name} AFTER UPDATE OF state ON tasks
+WHEN {when}
+BEGIN
+    INSERT OR IGNORE INTO kinds (kind) VALUES (NEW.kind);
+    INSERT INTO kind_minutes (minute, kind, {", ".join(MINUTE_COLUMNS)})
+        SELECT h_minute, kind, {flush} FROM kinds
+        WHERE kind = NEW.kind AND h_minute IS NOT NULL AND h_minute != {minute}
+        ON CONFLICT (minute, kind) DO UPDATE SET {added};
+    DELETE FROM kind_minutes WHERE minute <= {minute} - {WINDOW_MINUTES};
+    UPDATE kinds SET h_minute = {minute}, {zero}
+    WHERE kind = NEW.kind AND h_minute IS NOT {minute};
+    UPDATE kinds SET
+        {count}
+    WHERE kind = NEW.kind;
+END;
+"""
+
+
+_WAITED = "max(0, NEW.started_clock - NEW.queued_clock)"
+_RAN = "max(0, NEW.finished_clock - NEW.started_clock)"
+KIND_MINUTE_TRIGGERS = _health_trigger(
+    "tasks_health_started", "NEW.state = 'running' AND OLD.state != 'running'",
+    "CAST(NEW.started_at / 60 AS INTEGER)",
+    {f"wait_{i}": _in_bucket(_WAITED, i) for i in range(HEALTH_BUCKETS)},
+) + _health_trigger(
+    "tasks_health_ended", "OLD.state = 'running' AND NEW.state IN ('done', 'failed')",
+    "CAST(NEW.finished_at / 60 AS INTEGER)",
+    {"done": "NEW.state = 'done'", "failed": "NEW.state = 'failed'",
+     **{f"run_{i}": _in_bucket(_RAN, i) for i in range(HEALTH_BUCKETS)}},
+)
+
+#: Each kind's minutes in the window (``minute > ?``, twice): those moved to
+#: kind_minutes and the one each kind counts now, added up.
+HEALTH_SQL = (
+    f"SELECT kind, {', '.join(f'sum({c})' for c in MINUTE_COLUMNS)} FROM ("
+    f"SELECT kind, {', '.join(MINUTE_COLUMNS)} FROM kind_minutes WHERE minute > ? "
+    f"UNION ALL SELECT kind, {', '.join(f'h_{c}' for c in MINUTE_COLUMNS)} FROM kinds "
+    f"WHERE h_minute > ?) GROUP BY kind"
+)
+
+# (A new file is made as version 5 was, then what 6 adds: one definition of each.)
+SCHEMA = (TABLES + KINDS + PROCESS_TABLES + TRIGGERS + KIND_TRIGGERS + FIND_INDEXES + KEPT
+          + KIND_MINUTES + KIND_MINUTE_TRIGGERS)
+
+# Version 5 had no operator's view, nor a count of the finished tasks. Its params were
+# json.dumps's default text: the upgrade rewrites them as params_text (see
+# SqliteStore._upgrade_params_from_5).
+UPGRADE_FROM_5 = FIND_INDEXES + KEPT + KIND_MINUTES + KIND_MINUTE_TRIGGERS
 
 # Version 4 kept totals only. Each kind counts from the upgrade on (the tasks still
 # waiting then count as submitted: they are, until they start).

@@ -36,6 +36,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import secrets
 import socket
 import sqlite3
@@ -47,13 +48,15 @@ from urllib.parse import quote
 
 from .clock import ALIVE, BOOT_ID, DEAD, Identity, clock, identity, process_alive
 from ..errors import QueueClosed, QueueFull, StoreError, StoreUnavailable, TaskNotFound, WrongState
-from ..records import (CANNOT_CANCEL, CANNOT_RETRY, RETRYABLE_STATES, SERIES_SECONDS,
-                       KindStats, Metrics, Retried, ScheduleState, Snapshot, State, Submitted,
-                       TaskInfo, TaskRecord, WorkerInfo, WorkerState, progress_changed)
-from .schema import (INSERT, INSERT_SCHEDULED, KIND_COLUMNS, RESET_KINDS, SCHEMA, SCHEMA_VERSION,
-                     STATES, T_COLUMNS, TASK_COLUMNS, UPGRADE_FROM_1, UPGRADE_FROM_2,
-                     UPGRADE_FROM_3, UPGRADE_FROM_4, WAITING_BY_KIND, kind_stats, statements,
-                     task_info, task_record)
+from ..records import (CANNOT_CANCEL, CANNOT_RETRY, FINISHED_STATES, RETRYABLE_STATES,
+                       SERIES_SECONDS, KindHealth, KindStats, Metrics, Retried, ScheduleState,
+                       Snapshot, State, Submitted, TaskFilter, TaskInfo, TaskRecord, WorkerInfo,
+                       WorkerState, percentile, progress_changed)
+from .schema import (FINISHED_SQL, HEALTH_BUCKETS, HEALTH_SQL, INSERT, INSERT_SCHEDULED,
+                     KIND_COLUMNS, RESET_KINDS, SCHEMA, SCHEMA_VERSION, STATES, T_COLUMNS,
+                     TASK_COLUMNS, UPGRADE_FROM_1, UPGRADE_FROM_2, UPGRADE_FROM_3,
+                     UPGRADE_FROM_4, UPGRADE_FROM_5, WAITING_BY_KIND, WINDOW_MINUTES,
+                     kind_stats, statements, task_info, task_record)
 from .store import MAX_ERRORS, RATE_WINDOW, Run, Store, keep_line, rates
 
 logger = logging.getLogger("dashboard.sqlite")
@@ -64,6 +67,131 @@ LEASE_TIME = 30.0
 #: Seconds the keeper waits before writing progress, so that a task reporting
 #: often costs one write for several reports.
 PROGRESS_DELAY = 0.1
+
+_PARAMS_TEXT = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode
+
+
+def params_text(params: dict[str, Any]) -> str:
+    """A task's params as the tasks table keeps them: the text a search looks in, the
+    same as :func:`dashboard.records.params_text` makes (keys sorted, no spaces, other
+    scripts as they are, so a search for "Zürich" finds it). A lone surrogate (a JSON
+    request can carry one), which no UTF-8 text holds, is kept as JSON escapes it."""
+    text = _PARAMS_TEXT(params)
+    if not text.isascii():
+        try:
+            text.encode()
+        except UnicodeEncodeError:  # (only inside a JSON string: written as JSON escapes it)
+            return text.encode("utf-8", "backslashreplace").decode()
+    return text
+
+
+_FINISHED = frozenset(s.value for s in FINISHED_STATES)
+
+#: Each kind's tasks queued and running now, read where the queue finds them: the two
+#: lanes of the queue (see SqliteStore._claim_locked) and tasks_running.
+NOW_BY_KIND = """
+SELECT kind, sum(state = 'queued'), sum(state = 'running') FROM (
+    SELECT kind, state FROM tasks WHERE id >= (SELECT head FROM meta) AND state = 'queued'
+        AND due_clock IS NULL
+    UNION ALL
+    SELECT kind, state FROM tasks INDEXED BY tasks_late WHERE state = 'queued'
+        AND due_clock IS NOT NULL
+    UNION ALL
+    SELECT kind, state FROM tasks INDEXED BY tasks_running WHERE state = 'running')
+GROUP BY kind"""
+#: Ids per statement when a batch names tasks by id.
+_IDS_PER_STATEMENT = 500
+
+
+def _lanes(query: TaskFilter) -> list[tuple[str, str, list[Any]]]:
+    """Where the tasks of each state the filter asks for are found, in order:
+    ``(source, condition, arguments)``, each a walk in id order (see :func:`find_sql`).
+    Empty: no state and no kind asked for (the table itself, by id)."""
+    if not query.states and query.kind is None:
+        return []
+    kind, kind_args = ("kind = ? AND ", [query.kind]) if query.kind is not None else ("", [])
+    lanes = []
+    for state in sorted(s.value for s in (query.states or State)):
+        if state in _FINISHED:
+            index = "tasks_kind" if query.kind is not None else "tasks_state"
+            lanes.append((f"tasks INDEXED BY {index}",
+                          f"{kind}state = ? AND {FINISHED_SQL}", [*kind_args, state]))
+        elif state == "running":
+            lanes.append(("tasks INDEXED BY tasks_running", f"{kind}state = 'running'",
+                          kind_args))
+        elif state == "queued":  # the queue's two lanes (see SqliteStore._claim_locked)
+            lanes.append(("tasks", f"{kind}id >= (SELECT head FROM meta) AND state = 'queued' "
+                          "AND due_clock IS NULL", kind_args))
+            lanes.append(("tasks INDEXED BY tasks_late", f"{kind}state = 'queued' "
+                          "AND due_clock IS NOT NULL", kind_args))
+        else:
+            lanes.append(("tasks INDEXED BY tasks_due", f"{kind}state = 'scheduled'",
+                          kind_args))
+    return lanes
+
+
+def _other_terms(query: TaskFilter) -> tuple[str, list[Any]]:
+    """The filter's conditions besides state and kind, as SQL (`` AND ...``)."""
+    terms, args = "", []
+    if query.not_retried:
+        terms += " AND retried_as IS NULL"
+    if query.text:
+        terms += r" AND (params LIKE ? ESCAPE '\' OR error LIKE ? ESCAPE '\')"
+        pattern = "%" + re.sub(r"([\\%_])", r"\\\1", query.text) + "%"
+        args += [pattern, pattern]
+    return terms, args
+
+
+def find_sql(query: TaskFilter, limit: int, after: int | None,
+             ascending: bool) -> list[tuple[str, list[Any]]]:
+    """The statements of one keyset page of :meth:`SqliteStore.find`, with their arguments.
+
+    No state and no kind asked for: one statement, a walk along the table by id from
+    the page's first id. Otherwise one statement per state asked for (every state, for
+    a kind alone), each giving at most ``limit`` ids, which :meth:`SqliteStore.find`
+    merges before it reads the page's rows. A finished state (the history, where the
+    hundreds of thousands are) is a seek on ``tasks_state`` (or ``tasks_kind``) to the
+    page's first id and a walk along it in id order; a running task is on
+    ``tasks_running``, in id order too. None of these sorts anything: a deep page costs
+    what the first does. The tasks waiting are where the queue finds them: those queued
+    as submitted from meta's head on, by id; those queued when due (on tasks_late) and
+    those scheduled (on tasks_due), by due time, so their ids are sorted, at most
+    QUEUE_MAX_QUEUED of each. A text search reads the rows the other filters leave (no
+    index can help there).
+
+    Text is looked for with ``LIKE`` (``%``, ``_`` and ``\\`` escaped: they mean
+    themselves), which ignores the case of ASCII letters only: "zürich" finds
+    "Zürich", but "ZÜRICH" does not (the memory store folds every script)."""
+    order = "ASC" if ascending else "DESC"
+    rest, rest_args = _other_terms(query)
+    bound, bound_args = "", []
+    if after is not None:
+        bound, bound_args = (" AND id > ?" if ascending else " AND id < ?"), [after]
+    lanes = _lanes(query)
+    if not lanes:
+        where = f"WHERE 1{bound}{rest} " if bound or rest else ""
+        return [(f"SELECT {TASK_COLUMNS} FROM tasks {where}ORDER BY id {order} LIMIT ?",
+                 [*bound_args, *rest_args, limit])]
+    columns = TASK_COLUMNS if len(lanes) == 1 else "id"
+    return [(f"SELECT {columns} FROM {source} WHERE {condition}{bound}{rest} "
+             f"ORDER BY id {order} LIMIT ?", [*args, *bound_args, *rest_args, limit])
+            for source, condition, args in lanes]
+
+
+def count_sql(query: TaskFilter) -> tuple[str, list[Any]]:
+    """:func:`find_sql`'s filter, counted: on the same lanes, every match read once."""
+    rest, rest_args = _other_terms(query)
+    lanes = _lanes(query)
+    if not lanes and not rest:  # every task: meta's counts say it
+        return "SELECT kept + queued + running + scheduled FROM meta", []
+    if not lanes:
+        return f"SELECT count(*) FROM tasks WHERE 1{rest}", rest_args
+    every: list[Any] = []
+    for _source, _condition, args in lanes:
+        every += [*args, *rest_args]
+    return ("SELECT " + " + ".join(f"(SELECT count(*) FROM {source} WHERE {condition}{rest})"
+                                   for source, condition, _ in lanes), every)
+
 
 def _refusal(path: str, exc: sqlite3.Error) -> StoreError:
     error = StoreError(_explain(path, exc))
@@ -282,6 +410,10 @@ class SqliteStore(Store):
                         if version <= 4:
                             for statement in statements(UPGRADE_FROM_4):
                                 conn.execute(statement)
+                        if version <= 5:
+                            for statement in statements(UPGRADE_FROM_5):
+                                conn.execute(statement)
+                            self._upgrade_params_from_5(conn)
                         logger.info("upgraded the queue database %s from schema %d to %d",
                                     self.path, version, SCHEMA_VERSION)
                     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -321,6 +453,28 @@ class SqliteStore(Store):
         # Everything measured on the clock starts again with this boot.
         conn.execute("UPDATE meta SET boot = NULL")
         logger.info("upgraded the queue database %s to schema %d", self.path, SCHEMA_VERSION)
+
+    @staticmethod
+    def _upgrade_params_from_5(conn: sqlite3.Connection, chunk: int = 10_000) -> None:
+        """Schema 5 → 6, in the caller's transaction: params kept as json.dumps wrote
+        them (``{"a": 1}``, other scripts escaped) become the text a search looks in
+        (:func:`params_text`), so one search finds old and new tasks alike."""
+        last = 0
+        while True:
+            rows = conn.execute("SELECT id, params FROM tasks WHERE id > ? ORDER BY id LIMIT ?",
+                                (last, chunk)).fetchall()
+            if not rows:
+                return
+            last = rows[-1][0]
+            changed = []
+            for task_id, text in rows:
+                try:
+                    new = params_text(json.loads(text))
+                except ValueError:
+                    continue  # not JSON (never written so): left as it is
+                if new != text:
+                    changed.append((new, task_id))
+            conn.executemany("UPDATE tasks SET params = ? WHERE id = ?", changed)
 
     def _adopt_boot(self, conn: sqlite3.Connection) -> None:
         """After a reboot (or an upgrade) the clock values in the file count from
@@ -530,7 +684,7 @@ class SqliteStore(Store):
         if self._closed:
             raise QueueClosed()
         wall = time.time()
-        text = json.dumps(params)
+        text = params_text(params)
         if delay:
             return self._schedule_locked(conn, now, wall, kind, text, count, retry_of, delay,
                                          time_limit)
@@ -985,7 +1139,7 @@ class SqliteStore(Store):
         # The path of every submit, kept short: one INSERT in one transaction.
         if self._pending:
             return self.add(kind, params, time_limit=time_limit)[0]  # what is owed goes first
-        text = json.dumps(params) if params else "{}"
+        text = params_text(params) if params else "{}"
         wall = time.time()
         if self._closed:
             raise QueueClosed()
@@ -1201,6 +1355,122 @@ class SqliteStore(Store):
         self._wake_workers(1)
         return Retried(new_id, True)
 
+    # -- the operator's view ----------------------------------------------------
+
+    def find(self, query: TaskFilter, limit: int, after: int | None = None,
+             ascending: bool = False) -> list[TaskInfo]:
+        """A keyset page (see :func:`find_sql`: text is matched in ASCII case only)."""
+        statements = find_sql(query, limit, after, ascending)
+        with self._read() as conn:
+            if len(statements) == 1:
+                return [task_info(row) for row in conn.execute(*statements[0])]
+            ids = sorted((task_id for sql, args in statements
+                          for (task_id,) in conn.execute(sql, args)),
+                         reverse=not ascending)[:limit]
+            if not ids:
+                return []
+            rows = conn.execute(f"SELECT {TASK_COLUMNS} FROM tasks WHERE id IN "
+                                f"({','.join('?' * len(ids))})", ids).fetchall()
+        place = {task_id: n for n, task_id in enumerate(ids)}
+        return [task_info(row) for row in sorted(rows, key=lambda row: place[row[0]])]
+
+    def count(self, query: TaskFilter) -> int:
+        sql, args = count_sql(query)
+        return self._read_one(sql, tuple(args))[0]
+
+    def retry_many(self, ids: list[int]) -> list[int]:
+        """:meth:`retry` for each of ``ids`` that can be retried, in one transaction: each
+        new task linked to its task both ways, none retried twice (read in the
+        transaction, so of two processes retrying at once each task is retried by one).
+        With less room in the queue than tasks to retry, those that fit are retried (in
+        the order of ``ids``) and kept, then :class:`QueueFull`: what the same retries one
+        by one do. Closed: :class:`QueueClosed`, nothing retried."""
+        created: list[int] = []
+        full = None
+        with self._write() as (conn, now):
+            rows = {}
+            for start in range(0, len(ids), _IDS_PER_STATEMENT):
+                chunk = ids[start:start + _IDS_PER_STATEMENT]
+                rows.update((row[0], row) for row in conn.execute(
+                    f"SELECT id, kind, params, time_limit FROM tasks WHERE id IN "
+                    f"({','.join('?' * len(chunk))}) AND state IN ('failed', 'cancelled') "
+                    f"AND retried_as IS NULL", chunk))
+            wanted = [rows[i] for i in dict.fromkeys(ids) if i in rows]
+            if not wanted:
+                return []
+            if self._closed:
+                raise QueueClosed()
+            queued = conn.execute("SELECT queued FROM meta").fetchone()[0]
+            room = max(0, self.max_queued - queued)
+            if len(wanted) > room:
+                full = QueueFull(queued + room, self.max_queued, 1)
+            wall = time.time()
+            for task_id, kind, text, time_limit in wanted[:room]:
+                new_id = conn.execute(INSERT, (kind, text, wall, now, task_id,
+                                               time_limit)).lastrowid
+                created.append(new_id)
+            conn.executemany("UPDATE tasks SET retried_as = ? WHERE id = ?",
+                             zip(created, (row[0] for row in wanted)))
+        if created:
+            self._wake_workers(len(created))
+        if full is not None:
+            raise full
+        return created
+
+    def cancel_many(self, ids: list[int]) -> list[int]:
+        """Cancel each of ``ids`` that is scheduled or queued, in one transaction (never a
+        running one); the ids cancelled, in the order of ``ids``."""
+        cancelled: set[int] = set()
+        with self._write() as (conn, now):
+            wall = time.time()
+            for start in range(0, len(ids), _IDS_PER_STATEMENT):
+                chunk = ids[start:start + _IDS_PER_STATEMENT]
+                cancelled.update(row[0] for row in conn.execute(
+                    "UPDATE tasks SET state = 'cancelled', finished_at = ?, finished_clock = ?, "
+                    "clock = ?, error = CASE state WHEN 'queued' THEN 'cancelled before it "
+                    "started' ELSE 'cancelled before it was due' END "
+                    f"WHERE id IN ({','.join('?' * len(chunk))}) "
+                    "AND state IN ('queued', 'scheduled') RETURNING id",
+                    (wall, now, now, *chunk)).fetchall())
+        return [task_id for task_id in dict.fromkeys(ids) if task_id in cancelled]
+
+    def purge(self, ids: list[int]) -> int:
+        removed = 0
+        with self._write() as (conn, _now):
+            for start in range(0, len(ids), _IDS_PER_STATEMENT):
+                chunk = ids[start:start + _IDS_PER_STATEMENT]
+                removed += conn.execute(
+                    f"DELETE FROM tasks WHERE id IN ({','.join('?' * len(chunk))}) "
+                    "AND finished_at IS NOT NULL AND state IN ('done', 'failed', 'cancelled')",
+                    chunk).rowcount
+            if removed:
+                conn.execute("UPDATE meta SET version = version + 1")
+        return removed
+
+    def kind_health(self, kinds: Iterable[str]) -> list[KindHealth]:
+        """Each kind's last hour, by the wall-clock minute (see
+        :data:`~dashboard.local.schema.KIND_MINUTES`: an hour of rows per kind, kept as
+        tasks start and end), and its tasks queued and running now, counted where the
+        queue finds them (never the history)."""
+        kinds = list(kinds)
+        size = HEALTH_BUCKETS
+        oldest = int(time.time() // 60) - WINDOW_MINUTES
+        with self._read() as conn:
+            hour = {row[0]: row[1:] for row in conn.execute(HEALTH_SQL, (oldest, oldest))}
+            now = {row[0]: row[1:] for row in conn.execute(NOW_BY_KIND)}
+        health = []
+        for kind in kinds:
+            queued, running = now.get(kind, (0, 0))
+            row = hour.get(kind)
+            if row is None:
+                health.append(KindHealth(kind, queued, running))
+                continue
+            done, failed, runs, waits = row[0], row[1], row[2:2 + size], row[2 + size:]
+            health.append(KindHealth(kind, queued, running, done, failed,
+                                     percentile(runs, 0.5), percentile(runs, 0.95),
+                                     percentile(waits, 0.95)))
+        return health
+
     def clear_history(self) -> int:
         with self._write() as (conn, _now):
             forgotten = conn.execute(
@@ -1221,6 +1491,7 @@ class SqliteStore(Store):
             conn.execute("UPDATE workers SET done = 0")
             for statement in RESET_KINDS:
                 conn.execute(statement)
+            conn.execute("DELETE FROM kind_minutes")
 
     # -- workers ----------------------------------------------------------
 
@@ -1540,9 +1811,7 @@ class SqliteStore(Store):
         older than ``retention``, in one short transaction; return how many."""
         wall = time.time()
         with self._write() as (conn, _now):
-            kept = conn.execute(
-                "SELECT count(*) FROM tasks WHERE finished_at IS NOT NULL"
-            ).fetchone()[0]
+            kept = conn.execute("SELECT kept FROM meta").fetchone()[0]
             excess = min(batch, max(0, kept - self.history_size))
             removed = 0
             if excess:
