@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from dashboard.errors import QueueClosed, QueueFull
+from dashboard.errors import BulkStopped, QueueClosed, QueueFull
 from dashboard.local import memory as memory_module
 from dashboard.local import sqlite as sqlite_module
 from dashboard.local.memory import MemoryStore
@@ -251,13 +251,15 @@ def test_a_bulk_action_is_one_write_transaction_per_batch(db):
 
 def test_a_bulk_retry_queues_what_fits_then_says_the_queue_is_full(store):
     """As retries one by one do: the oldest, as many as there is room for (each linked
-    both ways), then QueueFull; and once closed, nothing."""
+    both ways), then BulkStopped naming them (its reason the QueueFull); once closed,
+    nothing."""
     store.max_queued = 5
     failed = failed_tasks(store, 5)
     failed += failed_tasks(store, 3)
     store.add_one("k", {})
-    with pytest.raises(QueueFull):
+    with pytest.raises(BulkStopped) as stopped:
         bulk_in_batches(store, "retry", TaskFilter(states=frozenset({FAILED})))
+    assert isinstance(stopped.value.reason, QueueFull) and len(stopped.value.ids) == 4
     retried = [store.get(t).retried_as for t in failed]
     assert all(retried[:4]) and retried[4:] == [None] * 4
     assert all(store.get(new).retry_of == old for old, new in zip(failed, retried[:4]))

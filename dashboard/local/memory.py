@@ -850,7 +850,7 @@ class MemoryStore(Store):
                     continue
                 try:
                     created.append(self._retry_locked(task_id).id)
-                except (QueueFull, QueueClosed) as exc:
+                except QueueFull as exc:
                     raise BulkStopped("retry", created, exc) from None
         return created
 

@@ -47,7 +47,7 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple
 from urllib.parse import quote
 
 from .clock import ALIVE, BOOT_ID, DEAD, Identity, clock, identity, process_alive
-from ..errors import QueueClosed, QueueFull, StoreError, StoreUnavailable, TaskNotFound, WrongState
+from ..errors import BulkStopped, QueueClosed, QueueFull, StoreError, StoreUnavailable, TaskNotFound, WrongState
 from ..records import (CANNOT_CANCEL, CANNOT_RETRY, FINISHED_STATES, RETRYABLE_STATES,
                        SERIES_SECONDS, KindHealth, KindStats, Metrics, Retried, ScheduleState,
                        Snapshot, State, Submitted, TaskFilter, TaskInfo, TaskRecord, WorkerInfo,
@@ -1383,8 +1383,9 @@ class SqliteStore(Store):
         new task linked to its task both ways, none retried twice (read in the
         transaction, so of two processes retrying at once each task is retried by one).
         With less room in the queue than tasks to retry, those that fit are retried (in
-        the order of ``ids``) and kept, then :class:`QueueFull`: what the same retries one
-        by one do. Closed: :class:`QueueClosed`, nothing retried."""
+        the order of ``ids``) and kept, then :class:`BulkStopped` with their ids and the
+        QueueFull: what the same retries one by one do. Closed: :class:`QueueClosed`,
+        nothing retried."""
         created: list[int] = []
         full = None
         with self._write() as (conn, now):
@@ -1414,7 +1415,7 @@ class SqliteStore(Store):
         if created:
             self._wake_workers(len(created))
         if full is not None:
-            raise full
+            raise BulkStopped("retry", created, full)
         return created
 
     def cancel_many(self, ids: list[int]) -> list[int]:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 from typing import Any, Iterable, NamedTuple
 
-from ..errors import BulkStopped, QueueClosed, QueueFull, TaskNotFound, WrongState
+from ..errors import BulkStopped, QueueFull, TaskNotFound, WrongState
 from ..records import (SERIES_SECONDS, KindHealth, Metrics, Retried, ScheduleState, Snapshot,
                        State, Submitted, TaskFilter, TaskInfo, TaskRecord)
 
@@ -267,7 +267,7 @@ class Store:
                 retried = self.retry(task_id)
             except (TaskNotFound, WrongState):
                 continue
-            except (QueueFull, QueueClosed) as exc:
+            except QueueFull as exc:
                 raise BulkStopped("retry", created, exc) from None
             if retried.created:
                 created.append(retried.id)
