@@ -249,7 +249,7 @@ def test_a_schema_4_file_is_upgraded_and_counts_by_kind_from_then_on(tmp_path, r
     shutil.copyfile(V4_FILE, path)
     q = queues(SqliteStore(str(path)))
     with closing(sqlite3.connect(path)) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
     assert [q.get(i).state for i in (1, 2, 3, 4)] == [State.DONE, State.FAILED, State.QUEUED,
                                                       State.SCHEDULED]
     assert q.metrics().kinds == (KindStats("pretend", submitted=2),)  # 3 and 4, waiting
