@@ -79,6 +79,41 @@ class Hosts(Param):
 
 
 @dataclass(frozen=True)
+class OrStoreDefault(Param):
+    """``inner``'s values, or unset (``None`` or empty) for the store's own default."""
+
+    inner: Param
+
+    def describe(self) -> str:
+        return f"{self.inner.describe()}, or unset for the store's default"
+
+    def parse(self, name: str, value: object) -> Any:
+        if value is None or value == "":
+            return None
+        try:
+            return self.inner.parse(name, value)
+        except InvalidParam:
+            raise InvalidParam(name, f"must be {self.describe()}, got {value!r}") from None
+
+
+#: ``QUEUE_HISTORY`` when it is unset, by store. A SQLite file finds and pages a
+#: large history as fast as a small one (``make bench`` row 10) and keeps it on
+#: disk; memory keeps it in RAM and searches it linearly; each RQ job is a few
+#: KB of Redis's memory.
+HISTORY_DEFAULTS = {"memory": 1_000, "sqlite": 100_000, "redis": 1_000}
+
+
+def history_for(config: Mapping[str, Any]) -> int:
+    """The finished tasks the configured store keeps: ``QUEUE_HISTORY``, else its default."""
+    if config.get("QUEUE_HISTORY") is not None:
+        return int(config["QUEUE_HISTORY"])
+    url = str(config.get("QUEUE_URL") or "memory://")
+    store = ("sqlite" if url.startswith("sqlite:") else
+             "redis" if url.startswith(("redis://", "rediss://", "unix://")) else "memory")
+    return HISTORY_DEFAULTS[store]
+
+
+@dataclass(frozen=True)
 class Setting:
     key: str
     default: Any
@@ -97,8 +132,10 @@ SETTINGS: tuple[Setting, ...] = (
             "beyond it submits are refused (503 with `Retry-After`)."),
     Setting("QUEUE_MAX_BATCH", 100, Int(1, 100_000), "Most tasks one request may add (`count`). "
             "Must not be larger than `QUEUE_MAX_QUEUED` (the app refuses to start)."),
-    Setting("QUEUE_HISTORY", 1_000, Int(0, 1_000_000), "Finished tasks remembered for the "
-            "dashboard and `GET /api/tasks/<id>`; counters keep the totals beyond it."),
+    Setting("QUEUE_HISTORY", None, OrStoreDefault(Int(0, 1_000_000)), "Finished tasks kept for "
+            "the dashboard, the task list and `GET /api/tasks/<id>`; counters keep the totals "
+            "beyond it. Unset: the store's default, 1,000 in memory and on Redis, 100,000 in a "
+            "SQLite file. See [What each store keeps](#what-each-store-keeps)."),
     Setting("QUEUE_MAX_RESULT_BYTES", 64 * 1024, Int(0, 16 * 1024 * 1024), "Most bytes of a "
             "task's result (its return value, as JSON) kept with the task; a larger result "
             "fails the task, saying so."),
@@ -121,8 +158,9 @@ SETTINGS: tuple[Setting, ...] = (
             "a live process keeps its tasks and a dead one's are queued again at once."),
     Setting("QUEUE_MAX_ATTEMPTS", 3, Int(1, 100), "SQLite store: starts a task gets before it is "
             "failed for good when its process keeps dying under it."),
-    Setting("QUEUE_RETENTION", 604800.0, Float(60, 3.2e8), "SQLite store: seconds a finished task "
-            "is kept at most (QUEUE_HISTORY caps how many)."),
+    Setting("QUEUE_RETENTION", 604800.0, Float(60, 3.2e8), "SQLite and RQ: seconds a finished task "
+            "is kept at most (QUEUE_HISTORY caps how many). See [What each store keeps]"
+            "(#what-each-store-keeps)."),
     Setting("QUEUE_ACCESS_TOKEN", "", Str(500), "A secret every request must carry (HTTP Basic "
             "password, or `Authorization: Bearer`); empty: no secret. At least 12 characters."),
     Setting("QUEUE_PUBLIC_READ", False, Bool(), "With `QUEUE_ACCESS_TOKEN`: leave the pages and polls "

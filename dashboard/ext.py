@@ -41,7 +41,7 @@ from flask import Flask, current_app, has_app_context
 from werkzeug.local import LocalProxy
 
 
-from .config import DEFAULTS, ConfigError, check_config, old_names_in
+from .config import DEFAULTS, ConfigError, check_config, history_for, old_names_in
 from .errors import StoreError
 from .local import MemoryStore, SqliteStore, Store, TaskContext, WorkQueue
 from .local.queue import live_queues
@@ -132,7 +132,7 @@ class QueueExtension:
         backend = RQBackend(
             url, self.registry if self.registry is not None else default_registry,
             name=app.name, max_queued=app.config["QUEUE_MAX_QUEUED"],
-            history=app.config["QUEUE_HISTORY"], retention=app.config["QUEUE_RETENTION"],
+            history=history_for(app.config), retention=app.config["QUEUE_RETENTION"],
             max_result_bytes=app.config["QUEUE_MAX_RESULT_BYTES"])
         self._check_default_kind(app, backend.registry)
         backend.send_signals_as(app, _app_context_for(app))
@@ -182,7 +182,7 @@ def make_store(app: Flask) -> Store:
     config = app.config
     url = config["QUEUE_URL"]
     if url == "memory://":
-        return MemoryStore(config["QUEUE_MAX_QUEUED"], config["QUEUE_HISTORY"])
+        return MemoryStore(config["QUEUE_MAX_QUEUED"], history_for(config))
     path = url[len("sqlite:///"):]
     if not os.path.isabs(path):
         os.makedirs(app.instance_path, exist_ok=True)
@@ -192,7 +192,7 @@ def make_store(app: Flask) -> Store:
         return SqliteStore(
             path,
             config["QUEUE_MAX_QUEUED"],
-            config["QUEUE_HISTORY"],
+            history_for(config),
             retention=config["QUEUE_RETENTION"],
             lease_time=config["QUEUE_LEASE_TIME"],
             max_attempts=config["QUEUE_MAX_ATTEMPTS"],

@@ -444,7 +444,9 @@ def test_every_task_runs_in_an_app_context_torn_down_after_it(app, queue):
         ({"QUEUE_POLL_INTERVAL": 0}, "QUEUE_POLL_INTERVAL must be a number from 0.2 to 60"),
         ({"QUEUE_MAX_QUEUED": 0}, "QUEUE_MAX_QUEUED must be an integer from 1 to 10000000"),
         ({"QUEUE_MAX_BATCH": 50, "QUEUE_MAX_QUEUED": 10}, "QUEUE_MAX_BATCH must not be larger than QUEUE_MAX_QUEUED"),
-        ({"QUEUE_HISTORY": None}, "QUEUE_HISTORY must be an integer"),
+        ({"QUEUE_HISTORY": "lots"}, "QUEUE_HISTORY must be an integer from 0 to 1000000, or unset "
+                                    "for the store's default, got 'lots'"),
+        ({"QUEUE_HISTORY": -1}, "QUEUE_HISTORY must be an integer from 0 to 1000000"),
         ({"QUEUE_DEFAULT_KIND": "nope"}, "QUEUE_DEFAULT_KIND must be one of: flaky, pretend, primes, shaky"),
         ({"QUEUE_HANDLE_SIGNALS": "maybe"}, "QUEUE_HANDLE_SIGNALS must be true or false"),
     ],
@@ -467,6 +469,25 @@ def test_config_comes_from_flask_prefixed_environment(monkeypatch):
     monkeypatch.setenv("FLASK_QUEUE_WORKERS", "lots")
     with pytest.raises(ConfigError, match="QUEUE_WORKERS must be an integer .* FLASK_QUEUE_WORKERS"):
         create_app()
+
+
+@pytest.mark.parametrize("url,setting,kept", [
+    ("memory://", None, 1_000),
+    ("sqlite:///queue.db", None, 100_000),
+    ("sqlite:///queue.db", "", 100_000),
+    ("sqlite:///queue.db", 50, 50),
+    ("memory://", "0", 0),
+])
+def test_history_defaults_to_what_the_store_keeps_well(tmp_path, url, setting, kept):
+    """Unset, QUEUE_HISTORY is the store's default: a SQLite file pages a large history
+    as fast as a small one (bench row 10); memory searches its history linearly."""
+    url = url.replace("queue.db", f"{tmp_path}/queue.db")
+    app = create_app({"QUEUE_URL": url, "QUEUE_HISTORY": setting, "QUEUE_WORKERS": 0,
+                      "QUEUE_HANDLE_SIGNALS": False, "TESTING": True})
+    try:
+        assert get_queue(app).store.history_size == kept
+    finally:
+        get_queue(app).shutdown()
 
 
 def test_test_config_wins_over_environment(monkeypatch):
