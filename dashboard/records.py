@@ -607,10 +607,20 @@ class TaskFilter(NamedTuple):
         if self.kind is not None and info.kind != self.kind:
             return False
         if self.text:
-            needle = self.text.casefold()
-            return (needle in params_text(info.params).casefold()
-                    or needle in (info.error or "").casefold())
+            params, error = params_text(info.params).casefold(), (info.error or "").casefold()
+            return any(n.casefold() in params or n.casefold() in error for n in self.needles())
         return True
+
+    def needles(self) -> tuple[str, ...]:
+        r"""What a text search looks for, in any case: the text as typed and, where they
+        differ, as JSON writes it inside a string (a backslash doubled: ``C:\\data`` for
+        ``C:\data``; and with its quotes escaped too), so a param with a backslash or a
+        quote is found as the person typed it, and ``"path":"C:\data"`` finds it too."""
+        if not self.text:
+            return ()
+        variants = (self.text, self.text.replace("\\", "\\\\"),
+                    json.dumps(self.text, ensure_ascii=False)[1:-1])
+        return tuple(dict.fromkeys(variants))
 
     def for_action(self, action: str) -> TaskFilter:
         """This filter narrowed to the tasks ``action`` acts on (``retry``: the failed and

@@ -412,6 +412,9 @@ def test_a_failing_attempt_is_tried_again_until_it_succeeds(backend):
     assert done.state is State.DONE and done.result == 3 and done.attempts == 3
     assert [e["attempt"] for e in done.errors] == [1, 2]
     assert [e["error"] for e in done.errors] == ["ConnectionError: try 1", "ConnectionError: try 2"]
+    # Done is done: the failed attempts' errors are in ``errors``, not the task's error,
+    # so a search of errors finds it on no store.
+    assert (done.error, done.traceback) == (None, None)
     snap = queue.stats()
     assert (snap.done, snap.failed, snap.submitted) == (1, 0, 1)  # one task, not three
     assert queue.result(task_id) == 3

@@ -172,8 +172,9 @@ def test_a_search_means_its_characters_in_any_ascii_case(store):
     d = store.add_one("k", {"name": "aXb", "city": "Zürich"})
     assert texts(store, "%") == [a] and texts(store, "0%") == [a]
     assert texts(store, "_") == [b] and texts(store, "A_B") == [b]
-    # (in params as JSON: a backslash is two there, as a quote is \")
+    # In params as JSON a backslash is two, as a quote is \": found as typed either way.
     assert texts(store, "\\") == [c] and texts(store, '"c:\\\\temp"') == [c]
+    assert texts(store, "C:\\Temp") == [c] and texts(store, '"c:\\temp"') == [c]
     assert texts(store, '"NAME":"A') == [b, d]
     assert texts(store, "ZÜRICH" if isinstance(store, MemoryStore) else "zürich") == [d]
     assert texts(store, "%_%") == texts(store, "*") == []

@@ -732,6 +732,8 @@ class MemoryStore(Store):
         stats = self._kinds.get(record.kind) or self._kind(record.kind)
         if state is DONE:
             record.progress = 1.0
+            # An earlier attempt's error stays in ``errors``, not on a task that is done.
+            record.error = record.traceback = None
             self._done += 1
             stats.done += 1
         elif state is FAILED:
@@ -940,8 +942,8 @@ class MemoryStore(Store):
                   ascending: bool) -> Iterable[TaskRecord]:
         """The records that match, by id (the table keeps them in the order of their ids:
         each is added with the next one), past ``after``. Call under the lock."""
-        states, kind, text = query.states, query.kind, query.text
-        needle = text.casefold() if text else None
+        states, kind = query.states, query.kind
+        needles = [n.casefold() for n in query.needles()]
         records = self._tasks.values() if ascending else reversed(self._tasks.values())
         for record in records:
             if after is not None and (record.id <= after if ascending else record.id >= after):
@@ -952,9 +954,10 @@ class MemoryStore(Store):
                 continue
             if kind is not None and record.kind != kind:
                 continue
-            if needle is not None and needle not in params_text(record.params).casefold() \
-                    and needle not in (record.error or "").casefold():
-                continue
+            if needles:
+                found, error = params_text(record.params).casefold(), (record.error or "").casefold()
+                if not any(n in found or n in error for n in needles):
+                    continue
             yield record
 
     def find(self, query: TaskFilter, limit: int, after: int | None = None,

@@ -135,10 +135,13 @@ def _other_terms(query: TaskFilter) -> tuple[str, list[Any]]:
     terms, args = "", []
     if query.not_retried:
         terms += " AND retried_as IS NULL"
-    if query.text:
-        terms += r" AND (params LIKE ? ESCAPE '\' OR error LIKE ? ESCAPE '\')"
-        pattern = "%" + re.sub(r"([\\%_])", r"\\\1", query.text) + "%"
-        args += [pattern, pattern]
+    needles = query.needles()
+    if needles:
+        terms += " AND (" + " OR ".join(
+            r"params LIKE ? ESCAPE '\' OR error LIKE ? ESCAPE '\'" for _ in needles) + ")"
+        for needle in needles:
+            pattern = "%" + re.sub(r"([\\%_])", r"\\\1", needle) + "%"
+            args += [pattern, pattern]
     return terms, args
 
 
