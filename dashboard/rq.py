@@ -67,7 +67,7 @@ from .errors import (CannotScale, InvalidParam, QueueError, QueueFull, ScheduleN
 from .local import tasklog
 from .local.queue import encode_result
 from .local.store import MAX_LOG_LINES
-from .records import (BulkResult, KindHealth, TaskFilter, TaskPage)
+from .records import (HEALTH_WINDOW, BulkResult, KindHealth, TaskFilter, TaskPage, percentile)
 from .records import (CANNOT_CANCEL, CANNOT_RETRY, DURATION_BUCKETS, SERIES_SECONDS,
                       CANCELLABLE_STATES, RETRYABLE_STATES, Histogram, KindStats, Metrics,
                       NO_DURATIONS, Retried, ScheduleInfo, Snapshot, State, Submitted, TaskId,
@@ -113,13 +113,21 @@ local function touch(sec, depth)
     if #old > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', sec - %(keep)d) end
   end
 end
-""" % {"keep": SERIES_SECONDS + 5}
+
+-- Each kind's last hour (kind_health), a hash per wall-clock minute, gone after the hour.
+local function per_minute(sec, field)
+  local key = KEYS[1] .. ':min:' .. math.floor(sec / 60)
+  redis.call('HINCRBY', key, field, 1)
+  redis.call('EXPIRE', key, %(minute_ttl)d)
+end
+""" % {"keep": SERIES_SECONDS + 5, "minute_ttl": HEALTH_WINDOW + 120}
 
 # KEYS: stats, sec, secs, queue. ARGV: second, count, kind.
 _SUBMITTED = _TOUCH + """
 redis.call('HINCRBY', KEYS[1], 'version', 1)
 redis.call('HINCRBY', KEYS[1], 'submitted', ARGV[2])
 redis.call('HINCRBY', KEYS[1], 'k:' .. ARGV[3] .. ':submitted', ARGV[2])
+redis.call('HINCRBY', KEYS[1] .. ':waiting', ARGV[3], ARGV[2])
 redis.call('SADD', KEYS[1] .. ':kinds', ARGV[3])
 touch(tonumber(ARGV[1]), redis.call('LLEN', KEYS[4]))
 return 1
@@ -144,6 +152,7 @@ redis.call('SADD', KEYS[5], KEYS[4])
 redis.call('HINCRBY', KEYS[1], 'version', 1)
 redis.call('HINCRBY', KEYS[1], 'submitted', count)
 redis.call('HINCRBY', KEYS[1], 'k:' .. ARGV[3] .. ':submitted', count)
+redis.call('HINCRBY', KEYS[1] .. ':waiting', ARGV[3], count)
 redis.call('SADD', KEYS[1] .. ':kinds', ARGV[3])
 touch(tonumber(ARGV[1]), depth + count)
 return {1, depth + count}
@@ -161,6 +170,11 @@ if ARGV[3] ~= '' then
   redis.call('HINCRBY', KEYS[1], 'k:' .. ARGV[3] .. ':wb:' .. ARGV[4], 1)
   redis.call('HINCRBYFLOAT', KEYS[1], 'k:' .. ARGV[3] .. ':ws', ARGV[2])
   redis.call('HINCRBY', KEYS[1], 'k:' .. ARGV[3] .. ':wc', 1)
+  per_minute(sec, ARGV[3] .. ':w:' .. ARGV[4])
+end
+if redis.call('HGET', KEYS[5], 'flq_w') == '1' then
+  redis.call('HSET', KEYS[5], 'flq_w', '0')
+  redis.call('HINCRBY', KEYS[1] .. ':waiting', ARGV[3], -1)
 end
 return attempt
 """
@@ -188,8 +202,13 @@ if ARGV[4] ~= '' and kind ~= '' then
   redis.call('HINCRBYFLOAT', KEYS[1], 'k:' .. kind .. ':rs', ARGV[4])
   redis.call('HINCRBY', KEYS[1], 'k:' .. kind .. ':rc', 1)
 end
+local waiting = redis.call('HGET', KEYS[5], 'flq_w') == '1'
 if state == 'retry' then
   if kind ~= '' then redis.call('HINCRBY', KEYS[1], 'k:' .. kind .. ':retried', 1) end
+  if not waiting and kind ~= '' then
+    redis.call('HSET', KEYS[5], 'flq_w', '1')
+    redis.call('HINCRBY', KEYS[1] .. ':waiting', kind, 1)
+  end
   local errors = redis.call('HGET', KEYS[5], 'flq_errors') or ''
   local entry = cjson.encode({attempt = attempt, error = ARGV[7], at = tonumber(ARGV[12])})
   if errors == '' then errors = entry else errors = errors .. '\\n' .. entry end
@@ -198,6 +217,14 @@ if state == 'retry' then
 end
 redis.call('HINCRBY', KEYS[1], state, 1)
 if kind ~= '' then redis.call('HINCRBY', KEYS[1], 'k:' .. kind .. ':' .. state, 1) end
+if waiting then
+  redis.call('HSET', KEYS[5], 'flq_w', '0')
+  redis.call('HINCRBY', KEYS[1] .. ':waiting', kind, -1)
+end
+if kind ~= '' and (state == 'done' or state == 'failed') then
+  per_minute(sec, kind .. (state == 'done' and ':d' or ':f'))
+  if ARGV[4] ~= '' then per_minute(sec, kind .. ':r:' .. ARGV[6]) end
+end
 redis.call('HINCRBY', KEYS[2], ARGV[1] .. ':e', 1)
 if ARGV[4] ~= '' then redis.call('HINCRBYFLOAT', KEYS[2], ARGV[1] .. ':r', ARGV[4]) end
 redis.call('HSET', KEYS[5], 'flq_state', state, 'flq_finished', ARGV[12],
@@ -347,7 +374,7 @@ class RQBackend(Backend):
         return Capabilities(scale_workers=False, shared=True, durable=True, delays=True,
                             keys=True, time_limits=True, schedules=False,
                             scale_hint=SCALE_HINT, search=False, text_search=False,
-                            kind_health=False)
+                            kind_health=True)
 
     @property
     def description(self) -> str:
@@ -506,7 +533,7 @@ class RQBackend(Backend):
               retry_of: TaskId | None = None) -> None:
         options = self._job_options(kind, limit)
         description = f"{kind} {json.dumps(params, separators=(',', ':'))[:200]}"
-        extra = {}
+        extra = {"flq_w": "1"}  # waiting: counted in each kind's queued until it starts
         if key is not None:
             extra["flq_key"] = key
         if retry_of is not None:
@@ -848,7 +875,36 @@ class RQBackend(Backend):
                            f"(the queue {self.description})")
 
     def kind_health(self) -> tuple[KindHealth, ...]:
-        return ()
+        """Each registered kind's health: kept by the scripts as tasks are submitted, start
+        and end (a hash per wall-clock minute, and each kind's tasks still waiting), never
+        counted from the jobs; the running ones are the workers' current jobs."""
+        minute = int(time.time() // 60)
+        with self.connection.pipeline(transaction=False) as pipe:
+            pipe.hgetall(self._stats + ":waiting")
+            for number in range(minute - HEALTH_WINDOW // 60 + 1, minute + 1):
+                pipe.hgetall(f"{self._stats}:min:{number}")
+            waiting, *minutes = pipe.execute()
+        waiting = {_text(k): int(v) for k, v in waiting.items()}
+        hour: dict[str, int] = {}
+        for counts in minutes:
+            for field, value in counts.items():
+                name = _text(field)
+                hour[name] = hour.get(name, 0) + int(value)
+        busy = [job_id for w in self._workers() if (job_id := w.get_current_job_id())]
+        running: dict[str, int] = {}
+        for info in self._load(busy):
+            if info.state is State.RUNNING:
+                running[info.kind] = running.get(info.kind, 0) + 1
+        health = []
+        buckets = range(len(DURATION_BUCKETS) + 1)
+        for kind in self.registry.names():
+            runs = [hour.get(f"{kind}:r:{i}", 0) for i in buckets]
+            waits = [hour.get(f"{kind}:w:{i}", 0) for i in buckets]
+            health.append(KindHealth(
+                kind, max(0, waiting.get(kind, 0)), running.get(kind, 0),
+                hour.get(f"{kind}:d", 0), hour.get(f"{kind}:f", 0), percentile(runs, 0.5),
+                percentile(runs, 0.95), percentile(waits, 0.95)))
+        return tuple(health)
 
     def pause(self) -> None:
         rq_suspend(self.connection)
@@ -871,7 +927,10 @@ class RQBackend(Backend):
             pipe.hget(self._stats, "version")
             version = pipe.execute()[0]
         with self.connection.pipeline() as pipe:
-            pipe.delete(self._stats, self._stats + ":kinds", self._sec, self._secs)
+            pipe.delete(self._stats, self._stats + ":kinds", self._sec, self._secs,
+                        *(f"{self._stats}:min:{n}" for n in range(
+                            int(time.time() // 60) - HEALTH_WINDOW // 60 - 2,
+                            int(time.time() // 60) + 2)))
             pipe.hset(self._stats, "version", int(version or 0) + 1)
             pipe.execute()
         logger.info("queue %s reset (%d finished tasks forgotten)", self.name, forgotten)

@@ -72,6 +72,39 @@ def test_a_redis_url_that_cannot_be_one_is_refused_at_start_naming_it(url, says)
     assert says in str(refused.value)
 
 
+def test_each_kinds_health_is_kept_in_redis_as_tasks_come_and_go(rq_app):
+    """Queued counts what waits to start (scheduled too, and a failed attempt waiting to be
+    tried again), by a flag on the job that the scripts clear once; the hour's counts are
+    a hash per minute; Reset forgets the hour, not what still waits."""
+    from dashboard import get_queue
+
+    queue = get_queue(rq_app)
+
+    def health(kind: str):
+        return {h.kind: h for h in queue.kind_health()}[kind]
+
+    assert queue.capabilities.kind_health and not queue.capabilities.search
+    ids = [queue.submit("pretend", seconds=0) for _ in range(3)]
+    later = queue.submit("pretend", seconds=0, delay=3600)
+    assert (health("pretend").queued, health("pretend").done) == (4, 0)
+    queue.cancel(ids[0])
+    queue.cancel(later)
+    assert health("pretend").queued == 2
+    for _ in range(2):
+        queue.submit("flaky", seconds=0, fail_rate=1)
+    shaky = queue.submit("shaky", seconds=0, fail_rate=1)  # tried again after 1 s
+    _worker(rq_app).work(burst=True, logging_level="ERROR")
+    pretend, flaky = health("pretend"), health("flaky")
+    assert (pretend.queued, pretend.running, pretend.done, pretend.failed) == (0, 0, 2, 0)
+    assert pretend.run_p50 is not None and pretend.wait_p95 is not None
+    assert (flaky.queued, flaky.done, flaky.failed, flaky.failure_rate) == (0, 0, 2, 1.0)
+    assert queue.get(shaky).state is State.SCHEDULED
+    assert (health("shaky").queued, health("shaky").failed) == (1, 0)  # waits for attempt 2
+    queue.reset()
+    assert (health("pretend").done, health("flaky").failed, health("shaky").queued) == (0, 0, 1)
+    assert rq_app.test_client().get("/api/kinds").get_json()["kinds"][0]["kind"] == "flaky"
+
+
 def test_the_worker_count_is_not_the_pages_to_change(rq_app):
     client = rq_app.test_client()
     reply = client.post("/api/workers", json={"count": 3})
