@@ -54,3 +54,8 @@ def test_work_added_on_redis_burns_down_on_two_workers_and_scaling_says_how(rq_t
     names = {t["worker"] for t in stats["recent"][:10]}
     assert len(names) == 2, names  # both workers took a share
     rq_tab.screenshot("dashboard-rq.png")
+    # The task list says it cannot search on Redis; each kind's health is there, live.
+    page.goto("/tasks")
+    expect(page.locator("#search-unavailable")).to_contain_text("not available")
+    row = page.locator("#kind-pretend")
+    expect(row.locator("td").nth(2)).to_have_text("10")  # done in the last hour
