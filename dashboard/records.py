@@ -9,6 +9,7 @@ queue, all immutable, so a view can render them without holding any lock.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from enum import Enum
 from typing import Any, NamedTuple
@@ -39,6 +40,27 @@ CANCELLABLE_STATES = frozenset({State.SCHEDULED, State.QUEUED, State.RUNNING})
 RETRYABLE_STATES = frozenset({State.FAILED, State.CANCELLED})
 CANNOT_CANCEL = "only scheduled, queued or running tasks can be cancelled"
 CANNOT_RETRY = "only failed or cancelled tasks can be retried"
+
+
+def clean_progress(fraction: Any, message: Any = None) -> tuple[float, str | None]:
+    """What ``ctx.progress(fraction, message)`` records, on every backend: the fraction
+    clamped to 0..1 (a number, never NaN: that would clamp to 0 unseen), the message
+    cut to 200 characters."""
+    try:
+        value = float(fraction)
+    except (TypeError, ValueError):
+        raise TypeError(f"progress fraction must be a number, got {fraction!r}") from None
+    if value != value:
+        raise ValueError("progress fraction must be a number from 0 to 1, got nan")
+    return min(1.0, max(0.0, value)), None if message is None else str(message)[:200]
+
+
+def task_logger(kind: str) -> logging.Logger:
+    """``ctx.logger``: ``dashboard.task.<kind>``, at INFO and up unless set otherwise."""
+    logger = logging.getLogger(f"dashboard.task.{kind}")
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.INFO)
+    return logger
 
 
 def progress_changed(old: float, new: float, old_message: str | None,

@@ -71,7 +71,8 @@ from .records import (HEALTH_WINDOW, BulkResult, KindHealth, TaskFilter, TaskPag
 from .records import (CANNOT_CANCEL, CANNOT_RETRY, DURATION_BUCKETS, SERIES_SECONDS,
                       CANCELLABLE_STATES, RETRYABLE_STATES, Histogram, KindStats, Metrics,
                       NO_DURATIONS, Retried, ScheduleInfo, Snapshot, State, Submitted, TaskId,
-                      TaskInfo, WorkerInfo, WorkerState, progress_changed)
+                      TaskInfo, WorkerInfo, WorkerState, clean_progress, progress_changed,
+                      task_logger)
 from .signals import (send as send_signal, task_cancelled, task_failed, task_retried,
                       task_started, task_submitted, task_succeeded)
 from .tasks import Registry, check_delay, check_key, check_time_limit
@@ -1309,10 +1310,7 @@ class RQTaskContext:
 
     @property
     def logger(self) -> logging.Logger:
-        logger = logging.getLogger(f"dashboard.task.{self._kind}")
-        if logger.level == logging.NOTSET:
-            logger.setLevel(logging.INFO)
-        return logger
+        return task_logger(self._kind)
 
     @property
     def cancelled(self) -> bool:
@@ -1336,15 +1334,7 @@ class RQTaskContext:
             pipe.execute()
 
     def progress(self, fraction: float, message: str | None = None) -> None:
-        try:
-            value = float(fraction)
-        except (TypeError, ValueError):
-            raise TypeError(f"progress fraction must be a number, got {fraction!r}") from None
-        if value != value:
-            raise ValueError("progress fraction must be a number from 0 to 1, got nan")
-        value = min(1.0, max(0.0, value))
-        if message is not None:
-            message = str(message)[:200]
+        value, message = clean_progress(fraction, message)
         if not progress_changed(self._progress, value, self._message, message):
             self._progress = value
             return

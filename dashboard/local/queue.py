@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping
 from ..backend import Backend, Capabilities, decode_cursor, encode_cursor
 from ..records import (BULK_ACTIONS, BULK_BATCH, BulkResult, KindHealth, TaskFilter, TaskPage,
                        Metrics, Retried, ScheduleInfo, Snapshot, State, Submitted, TaskInfo,
-                       TaskRecord)
+                       TaskRecord, clean_progress, task_logger)
 from ..errors import BulkStopped, InvalidParam, QueueClosed, QueueFull, StoreUnavailable, TaskNotFound
 from ..periodic import CATCH_UP, Schedule
 from ..signals import (send as _send_signal, task_cancelled, task_failed, task_retried,
@@ -74,10 +74,7 @@ class TaskContext:
         """A logger for the task (``dashboard.task.<kind>``, at INFO and up unless set
         otherwise): what it logs shows on the task's page, as does what the task
         logs through any logger the logging configuration lets through."""
-        logger = logging.getLogger(f"dashboard.task.{self._record.kind}")
-        if logger.level == logging.NOTSET:
-            logger.setLevel(logging.INFO)
-        return logger
+        return task_logger(self._record.kind)
 
     @property
     def cancelled(self) -> bool:
@@ -107,16 +104,7 @@ class TaskContext:
 
         Values outside 0..1 are clamped; the message is cut to 200 characters.
         """
-        try:
-            value = float(fraction)
-        except (TypeError, ValueError):
-            raise TypeError(f"progress fraction must be a number, got {fraction!r}") from None
-        if value != value:  # NaN compares unequal to itself, and would clamp to 0 unseen
-            raise ValueError("progress fraction must be a number from 0 to 1, got nan")
-        fraction = min(1.0, max(0.0, value))
-        if message is not None:
-            message = str(message)[:200]
-        self._store.progress(self._record, fraction, message)
+        self._store.progress(self._record, *clean_progress(fraction, message))
 
 
 _FAILED = State.FAILED
