@@ -160,14 +160,17 @@ def _fill_rows(conn: sqlite3.Connection, tasks: int) -> None:
 # -- 10a, 10b: a filtered page, 1,000,000 finished tasks against 1,000 --------------------
 
 
-def _timed(call: Callable[[], Any], reps: int) -> float:
-    """The median seconds of ``reps`` calls."""
-    times = []
+def _timed(calls: dict[str, Callable[[], Any]], reps: int) -> dict[str, float]:
+    """The median seconds of ``reps`` calls of each of ``calls``, taken in turn (one of
+    each, then again), so that a burst of the machine's noise falls on all of them."""
+    times: dict[str, list[float]] = {key: [] for key in calls}
+    perf = time.perf_counter
     for _ in range(reps):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for key, call in calls.items():
+            start = perf()
+            call()
+            times[key].append(perf() - start)
+    return {key: statistics.median(t) for key, t in times.items()}
 
 
 def deep_cursor(path: str, fraction: float = 0.9) -> tuple[str, int]:
@@ -208,8 +211,8 @@ def page_times(big: int, small: int, rounds: int, reps: int = 200,
             sizes = {key: len(call().tasks) for key, call in calls.items()}
             times: dict[str, list[float]] = {key: [] for key in calls}
             for _ in range(rounds):
-                for key, call in calls.items():
-                    times[key].append(_timed(call, reps))
+                for key, median in _timed(calls, reps).items():
+                    times[key].append(median)
             counts = {n: q.count(QUERY) for n, q in queues.items()}
             size = os.path.getsize(paths[big])
         finally:
