@@ -298,8 +298,9 @@ def operator_rows(big: int, small: int, bulk: int, rounds: int) -> tuple[list[Ro
             f"{sizes['big']}/{sizes['deep']}/{sizes['small']} (first/deep/small); median of "
             f"{rounds} rounds of 200 finds each, the three in turn; the deep page against "
             f"the first with {big:,}: {deep / first:.2f}x; 10c-d: median of {bulk_rounds} "
-            f"round(s), each on a file of {10 * bulk:,} finished tasks ({runs[0]['failed']:,} failed, filled in "
-            f"{runs[0]['fill']:.1f}s), {len(during):,} submits during the bulks, "
+            f"round(s), each on a file of {10 * bulk:,} finished tasks "
+            f"({runs[0]['failed']:,} failed, filled in {runs[0]['fill']:.1f}s), "
+            f"{len(during):,} submits during the bulks, "
             f"{len(alone):,} without (workers running, no bulk)"
             + (f"; {refused} submits refused" if refused else ""))
     return rows, note
