@@ -16,7 +16,11 @@ rows are those of issue 6, plus the poll's render time after many tasks:
    scheduled task holds, and the plain engine's rate while 1,000 wait;
 9. the RQ backend on a private redis-server: its submit against RQ's own
    ``Queue.enqueue``, no-op tasks drained by 2 worker processes against 1,
-   and a changed poll's render with many finished jobs in Redis against 100.
+   and a changed poll's render with many finished jobs in Redis against 100;
+10. the operator's view on the SQLite store: a filtered page with 1,000,000
+    finished tasks in the file against 1,000 (the first page, and one 90% down by
+    its cursor), and a bulk retry of 10,000 failed tasks while workers run, with
+    the worst wait of a submit made every 2 ms meanwhile.
 
 HTTP load comes from wrk when it is installed (``make bench`` installs
 Debian's package when it can), else from :mod:`bench.load`'s Python client.
@@ -34,7 +38,7 @@ from typing import Callable
 from . import engine, sqlite, web
 from .load import LoadGenerator
 
-ROWS = ("1", "2", "3", "4", "5", "6", "7", "8", "9")
+ROWS = ("1", "2", "3", "4", "5", "6", "7", "8", "9", "10")
 
 
 @dataclass
@@ -250,6 +254,58 @@ def rq_rows(n: int, rounds: int, tasks: int, finished: int) -> tuple[list[Row], 
     return rows, note
 
 
+def millis(value: float) -> str:
+    return f"{value * 1e3:,.1f} ms"
+
+
+def operator_rows(big: int, small: int, bulk: int, rounds: int) -> tuple[list[Row], str]:
+    from . import operator
+
+    pages = operator.page_times(big, small, rounds, log=progress)
+    times, sizes = pages["times"], pages["rows"]
+    first, few, deep = times["big"], times["small"], times["deep"]
+    bulk_rounds = max(1, min(rounds, 3))
+    progress(f"  10c bulk retry of {bulk:,}, {bulk_rounds} round(s) ...")
+    runs = [operator.bulk_round(bulk) for _ in range(bulk_rounds)]
+    took = statistics.median(r["bulk"] for r in runs)
+    one_by_one = statistics.median(r["one_by_one"] for r in runs)
+    during = [w for r in runs for w in r["during"]]
+    alone = [w for r in runs for w in r["alone"]]
+    worst, worst_alone = max(during, default=0.0), max(alone, default=0.0)
+    tail, tail_alone = operator.p99(during), operator.p99(alone)
+    retried = runs[0]["retried"]
+    query = f"failed {operator.FLAKY!r} tasks, newest first, {operator.PAGE} a page"
+    rows = [
+        Row("10a", f"SQLite find: first page of {query}, {big:,} finished vs {small:,}",
+            micros(first), micros(few), first / few, "<= 1.5x", first / few <= 1.5),
+        Row("10b", f"SQLite find: the page {pages['position']:,} matches down by its cursor "
+            f"({big:,}) vs the first ({small:,})", micros(deep), micros(few), deep / few,
+            "<= 1.5x", deep / few <= 1.5),
+        Row("10c", f"SQLite bulk retry of {retried:,} failed tasks (2 workers, a submit every "
+            f"2 ms) vs {retried:,} submits one by one", f"{took:.2f} s", f"{one_by_one:.2f} s",
+            took / one_by_one if one_by_one else None),
+        Row("10d", "  worst submit wait meanwhile (and p99) vs the same submits without it",
+            f"{millis(worst)} (p99 {millis(tail)})",
+            f"{millis(worst_alone)} (p99 {millis(tail_alone)})",
+            worst / worst_alone if worst_alone else None, "< 100 ms (worst and p99)",
+            worst < 0.1 and tail < 0.1),
+    ]
+    fills = ", ".join(f"{n:,} in {s:.1f}s" for n, s in pages["fill"].items())
+    refused = sum(len(r["refused"]) for r in runs)
+    note = (f"finished tasks written straight into the store's file (5 kinds, 10% failed; "
+            f"fill {fills}, {pages['bytes'] / 2**20:,.0f} MiB); matches "
+            f"{pages['matches'][big]:,} vs {pages['matches'][small]:,}, rows per page "
+            f"{sizes['big']}/{sizes['deep']}/{sizes['small']} (first/deep/small); median of "
+            f"{rounds} rounds of 200 finds each, the three in turn; the deep page against "
+            f"the first with {big:,}: {deep / first:.2f}x; 10c-d: median of {bulk_rounds} "
+            f"round(s), each on a file of {10 * bulk:,} finished tasks "
+            f"({runs[0]['failed']:,} failed, filled in {runs[0]['fill']:.1f}s), "
+            f"{len(during):,} submits during the bulks, "
+            f"{len(alone):,} without (workers running, no bulk)"
+            + (f"; {refused} submits refused" if refused else ""))
+    return rows, note
+
+
 def progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -286,6 +342,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="no-op tasks per round of the RQ end-to-end row (9b)")
     parser.add_argument("--rq-finished", type=int, default=15_000,
                         help="finished jobs in Redis for the RQ poll-render row (9c)")
+    parser.add_argument("--history-big", type=int, default=1_000_000,
+                        help="finished tasks in the SQLite file of the operator's rows (10a-b)")
+    parser.add_argument("--history-small", type=int, default=1_000,
+                        help="finished tasks in the file 10a-b compare it to")
+    parser.add_argument("--bulk", type=int, default=10_000,
+                        help="failed tasks retried in bulk (10c-d)")
     parser.add_argument("--load", choices=("auto", "wrk", "python"), default="auto",
                         help="HTTP load generator (auto: wrk if installed)")
     parser.add_argument("--only", default=",".join(ROWS),
@@ -310,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
         ("8", "delayed tasks", lambda: delay_rows(args.n, args.rounds, min(1000, args.tries))),
         ("9", "RQ backend", lambda: rq_rows(max(200, args.n // 10), args.rounds,
                                             args.rq_tasks, args.rq_finished)),
+        ("10", "operator's view (SQLite)", lambda: operator_rows(
+            args.history_big, args.history_small, args.bulk, args.rounds)),
     ]
     for key, title, run in sections:
         if key not in only:

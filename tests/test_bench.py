@@ -49,3 +49,10 @@ def test_rq_rows_run_on_a_private_redis():
                       "--rq-finished", "300")
     assert rows(table) == {"9a", "9b", "9c"}
     assert "QUEUE_HISTORY 1,000,000" in table
+
+
+def test_operator_rows_run_on_a_small_sqlite_history():
+    table = run_bench("--only", "10", "--rounds", "1", "--history-big", "20000",
+                      "--history-small", "200", "--bulk", "300")
+    assert rows(table) == {"10a", "10b", "10c", "10d"}
+    assert "300 failed tasks" in table
