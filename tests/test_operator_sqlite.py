@@ -232,6 +232,23 @@ def counting_writes(store: SqliteStore):
         store._write = write
 
 
+def test_clearing_a_large_history_goes_in_short_transactions(db):
+    """With 100,000 finished tasks kept by default, one DELETE held every submit and
+    worker of every process for about a second; now 500 go per transaction."""
+    store = SqliteStore(db, max_queued=2000, history=2000)
+    failed_tasks(store, 1200)
+    late = store.add_one("k", {})
+    with counting_writes(store) as begun:
+        assert store.clear_history() == 1200
+    assert len(begun) == 1 + 3  # the newest end, then 500, 500, 200
+    assert store.count(TaskFilter()) == 1 and store.get(late).state is QUEUED
+    failed_tasks(store, 3)
+    with counting_writes(store) as begun:
+        store.reset()
+    assert store.count(TaskFilter(states=frozenset({FAILED}))) == 0
+    assert store.snapshot().failed == 0
+
+
 def test_a_bulk_action_is_one_write_transaction_per_batch(db):
     store = SqliteStore(db, max_queued=1000, history=1000)
     failed = failed_tasks(store, 450)
