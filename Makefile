@@ -1,4 +1,5 @@
 # The two front doors: `make demo` and `make test`. Each sets up what it needs.
+# `make docs` builds the documentation site into docs/_build/html.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -7,7 +8,7 @@ PORT   ?= 5000
 HTMX_VERSION ?= 4.0.1
 AXE_VERSION ?= 4.14.1
 
-.PHONY: demo test bench browser redis wrk clean vendor-htmx vendor-axe
+.PHONY: demo test docs bench browser redis wrk clean vendor-htmx vendor-axe
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +21,10 @@ $(VENV)/.run-deps: requirements.txt | $(BIN)/python
 
 $(VENV)/.dev-deps: requirements-dev.txt requirements.txt | $(BIN)/python
 	$(BIN)/pip install -q -r requirements-dev.txt
+	touch $@ $(VENV)/.run-deps
+
+$(VENV)/.docs-deps: requirements-docs.txt requirements.txt | $(BIN)/python
+	$(BIN)/pip install -q -r requirements-docs.txt
 	touch $@ $(VENV)/.run-deps
 
 demo: $(VENV)/.run-deps
@@ -45,8 +50,14 @@ demo-redis: $(VENV)/.run-deps redis
 	BIND=$(HOST):$(PORT) $(BIN)/gunicorn -c gunicorn.conf.py; \
 	wait $$w1 $$w2; kill $$redis; wait $$redis; rm -rf $$dir
 
-test: $(VENV)/.dev-deps browser redis
+# The docs are part of the test: a broken link, reference or docstring fails it.
+test: $(VENV)/.dev-deps browser redis docs
 	$(BIN)/python -m pytest
+
+# Nitpicky (-n), every warning an error (-W), all reported (--keep-going); -E reads
+# every page again, so a warning in a page that did not change is not hidden.
+docs: $(VENV)/.docs-deps
+	$(BIN)/sphinx-build -E -W --keep-going -n -b html docs docs/_build/html
 
 bench: $(VENV)/.dev-deps wrk
 	$(BIN)/python -m bench
@@ -107,4 +118,4 @@ vendor-axe:
 	rm -rf .vendor-tmp
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache docs/_build

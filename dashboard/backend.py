@@ -219,14 +219,14 @@ class Backend(ABC):
 
     @abstractmethod
     def bulk(self, action: str, query: TaskFilter) -> BulkResult:
-        """Do ``action`` (``retry``, ``cancel`` or ``purge``: :data:`BULK_ACTIONS`) to every
+        """Do ``action`` (``retry``, ``cancel`` or ``purge``: ``BULK_ACTIONS``) to every
         task that matches ``query`` and that the action applies to, in batches of
-        :data:`BULK_BATCH` (each its own short lock or transaction, so workers and submits
+        ``BULK_BATCH`` (each its own short lock or transaction, so workers and submits
         go on meanwhile). Tasks that change meanwhile are taken as they are then."""
 
     @abstractmethod
     def kind_health(self) -> tuple[KindHealth, ...]:
-        """Each registered kind's health (:class:`KindHealth`), by name."""
+        """Each registered kind's health (:class:`.KindHealth`), by name."""
 
     @abstractmethod
     def pause(self) -> None: ...

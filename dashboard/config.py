@@ -123,7 +123,8 @@ class Setting:
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("QUEUE_WORKERS", 1, Int(0, 64), "Worker threads per process. 0 starts none: "
-            "tasks then run only when code calls `run_pending()` (tests)."),
+            "tasks then run only when code calls `run_pending()` (tests). Up to 64, and not more "
+            "than `QUEUE_MAX_WORKERS` (the app refuses to start)."),
     Setting("QUEUE_MAX_WORKERS", 16, Int(1, 64), "Most worker threads the dashboard's + button "
             "(or `POST /workers`) can reach."),
     Setting("QUEUE_WORK_TIME", 3.0, Float(0, 3600), "Seconds one demo `pretend` or `flaky` task "
@@ -135,7 +136,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("QUEUE_HISTORY", None, OrStoreDefault(Int(0, 1_000_000)), "Finished tasks kept for "
             "the dashboard, the task list and `GET /api/tasks/<id>`; counters keep the totals "
             "beyond it. Unset: the store's default, 1,000 in memory and on Redis, 100,000 in a "
-            "SQLite file. See [What each store keeps](#what-each-store-keeps)."),
+            "SQLite file. See [What each store keeps](stores.md#what-each-store-keeps)."),
     Setting("QUEUE_MAX_RESULT_BYTES", 64 * 1024, Int(0, 16 * 1024 * 1024), "Most bytes of a "
             "task's result (its return value, as JSON) kept with the task; a larger result "
             "fails the task, saying so."),
@@ -150,7 +151,8 @@ SETTINGS: tuple[Setting, ...] = (
             "every process on the machine, kept across restarts; a relative path is under "
             "the app's instance folder), or `redis://host:6379/0` (also `rediss://`, "
             "`unix:///path/to/redis.sock`): RQ jobs on Redis, run by `flask queue worker` "
-            "processes on any machine (see [Scaling out with RQ](#scaling-out-with-rq))."),
+            "processes on any machine. See [Choosing a store](stores.md#choosing-a-store) and "
+            "[Scaling out with RQ](rq.md#scaling-out-with-rq)."),
     Setting("QUEUE_LEASE_TIME", 30.0, Float(1, 3600), "SQLite store: seconds a running task's claim "
             "lasts without its process renewing it, where no process can tell whether that "
             "one still runs (another container sharing the file); then the task is queued "
@@ -160,19 +162,20 @@ SETTINGS: tuple[Setting, ...] = (
             "failed for good when its process keeps dying under it."),
     Setting("QUEUE_RETENTION", 604800.0, Float(60, 3.2e8), "SQLite and RQ: seconds a finished task "
             "is kept at most (QUEUE_HISTORY caps how many). See [What each store keeps]"
-            "(#what-each-store-keeps)."),
+            "(stores.md#what-each-store-keeps)."),
     Setting("QUEUE_ACCESS_TOKEN", "", Str(500), "A secret every request must carry (HTTP Basic "
-            "password, or `Authorization: Bearer`); empty: no secret. At least 12 characters."),
+            "password, or `Authorization: Bearer`); empty: no secret. At least 12 characters. "
+            "See [Security](security.md#security)."),
     Setting("QUEUE_PUBLIC_READ", False, Bool(), "With `QUEUE_ACCESS_TOKEN`: leave the pages and polls "
             "open (a projector), and ask for the secret only for actions."),
     Setting("QUEUE_METRICS_PUBLIC", False, Bool(), "With `QUEUE_ACCESS_TOKEN`: leave `GET "
             "/metrics` open, for a Prometheus scraper on a private network that cannot send "
             "the secret (one that can sends it as `Authorization: Bearer`). See "
-            "[Monitoring](#monitoring)."),
+            "[Monitoring](monitoring.md#monitoring)."),
     Setting("TRUSTED_HOSTS", None, Hosts(), "Flask's own: the names the dashboard answers "
             "to, like `dash.example.com, localhost` (a leading dot: every subdomain; `[]`: any "
             "name). Unset: on loopback only loopback names (`localhost`, `127.0.0.1`, `[::1]`), "
-            "elsewhere any. See [Security](#security)."),
+            "elsewhere any. See [Security](security.md#security)."),
     Setting("QUEUE_TRUSTED_ORIGINS", (), Origins(), "Other origins whose pages may post here "
             "(everything else cross-site gets 403)."),
     Setting("QUEUE_SUBMIT_LIMIT", "600 per minute", Str(100), "Most tasks one client (IP address) "
@@ -183,7 +186,7 @@ SETTINGS: tuple[Setting, ...] = (
             "they run none, whatever the worker count (it is passed on to the store), and the "
             "work runs in `flask queue worker` processes sharing a SQLite store."),
     Setting("QUEUE_SCHEDULES", True, Bool(), "Run a scheduler thread in each process, which "
-            "queues the runs of the [periodic tasks](#periodic-tasks) as they fall due. Off: "
+            "queues the runs of the [periodic tasks](tasks.md#periodic-tasks) as they fall due. Off: "
             "this process queues none (the page still lists them; another process sharing "
             "the store must run them)."),
 )

@@ -415,7 +415,7 @@ class ScheduleInfo(NamedTuple):
     name: str
     kind: str
     params: dict[str, Any]
-    #: As the code gave it ("*/5 * * * *", "every 10 seconds"), and in words.
+    #: As the code gave it (``"*/5 * * * *"``, ``"every 10 seconds"``), and in words.
     expression: str
     description: str
     next_due: float | None = None

@@ -9,7 +9,7 @@ to its error tracker without wrapping each task::
     def report_failure(sender, task, error, exception=None, **extra):
         tracker.capture(exception or error, tags={"kind": task.kind, "task": task.id})
 
-The sender is the Flask app whose queue it is (a :class:`~dashboard.local.WorkQueue`
+The sender is the Flask app whose queue it is (a :class:`~dashboard.WorkQueue`
 made without the extension sends itself). Every signal passes ``task``, a
 :class:`~dashboard.records.TaskInfo` (id, kind, params, state, attempts...);
 ``task_failed`` and ``task_retried`` also pass ``error`` (the text the task

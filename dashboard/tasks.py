@@ -28,7 +28,7 @@ class Param:
     kind_name = "value"
 
     def parse(self, name: str, value: object) -> Any:
-        """Return the checked value or raise :class:`InvalidParam` naming ``name``."""
+        """Return the checked value or raise :class:`.InvalidParam` naming ``name``."""
         raise NotImplementedError
 
     def describe(self) -> str:
@@ -235,14 +235,14 @@ class Registry:
         """Register the decorated function as a task kind called ``name``.
 
         The function is called as ``fn(ctx, **params)``; ``ctx`` is a
-        :class:`~dashboard.local.TaskContext`. ``params`` declares each keyword
+        :class:`~dashboard.TaskContext`. ``params`` declares each keyword
         argument that may be passed when the task is submitted, with its type
         and range; anything else is refused at submit time. ``retry`` tries a
         failing attempt again (:class:`Retry`; a number: that many attempts).
         ``time_limit`` (seconds): past it ``ctx.cancelled`` turns true, and a task
         that then ends is failed as timed out (a submit may give its own limit).
         ``cron`` or ``every`` also makes it periodic: a schedule of the kind's name
-        with no params (see :meth:`schedule`).
+        with no params (see :meth:`~dashboard.Registry.schedule`).
         """
         limit = None if time_limit is None else check_time_limit(time_limit)
         policy = Retry(retry) if isinstance(retry, int) and not isinstance(retry, bool) else retry

@@ -10,7 +10,7 @@ pause, scale or reset get a server of their own (``fresh_tab``), so no test
 depends on what another left behind; the rest share one and assert on deltas.
 
 Screenshots land in test-artifacts/; ``UPDATE_SCREENSHOT=1`` also refreshes
-the README's docs/screenshot.png (written anyway when it is missing).
+docs/screenshot.png, shown in the README and the docs (written anyway when missing).
 
 No Chromium? Under CI=true these tests fail; elsewhere they are skipped with
 the way to get it (see tests/browser.py).
@@ -1035,7 +1035,7 @@ def test_reset_asks_first_then_zeroes_the_counts_and_empties_the_history(fresh_t
 # -- r. screenshots of a busy dashboard, normal and presenter --------------------------------------
 
 SCREENSHOT = ROOT / "docs" / "screenshot.png"
-#: Set to 1 to refresh the README's screenshot (docs/screenshot.png) from this run.
+#: Set to 1 to refresh the screenshot (docs/screenshot.png, in the README and the docs) from this run.
 UPDATE_SCREENSHOT_ENV = "UPDATE_SCREENSHOT"
 
 
@@ -1089,7 +1089,7 @@ def test_screenshots_of_the_normal_and_presenter_views_while_tasks_run(
     size = len(image)
     width = int.from_bytes(image[16:20], "big")
     assert width == 1200, width
-    assert size < 250_000, f"the README's screenshot would be {size // 1000} KB"
+    assert size < 250_000, f"the screenshot would be {size // 1000} KB"
     if os.environ.get(UPDATE_SCREENSHOT_ENV) == "1" or not SCREENSHOT.exists():
         SCREENSHOT.parent.mkdir(exist_ok=True)
         SCREENSHOT.write_bytes(image)

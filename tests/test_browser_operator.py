@@ -11,7 +11,7 @@ c. A filtered URL (made by the form, pushed into the address bar) opened in a ne
    page shows the same view, and the form works with JavaScript off.
 d. The list updates live while a queue burns down, and an idle list's polls are 304s.
 
-The README's docs/operator.png is made by (a): written when missing, refreshed with
+docs/operator.png (docs/operator.md's screenshot) is made by (a): written when missing, refreshed with
 ``UPDATE_SCREENSHOT=1``. No Chromium? The same policy as tests/test_browser.py.
 """
 
@@ -112,7 +112,7 @@ def test_retry_every_failed_task_of_a_kind_through_the_confirmation(chromium_bro
 
     image = shot.read_bytes()
     assert image[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(image[16:20], "big") == 1200
-    assert len(image) < 250_000, f"the README's screenshot would be {len(image) // 1000} KB"
+    assert len(image) < 250_000, f"the screenshot would be {len(image) // 1000} KB"
     if os.environ.get(UPDATE_SCREENSHOT_ENV) == "1" or not SCREENSHOT.exists():
         SCREENSHOT.parent.mkdir(exist_ok=True)
         SCREENSHOT.write_bytes(image)

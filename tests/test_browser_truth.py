@@ -351,7 +351,7 @@ def test_the_keys_footer_shows_only_where_the_keys_work(chromium_browser, start_
 
 
 def test_keys_on_a_tasks_page_cancel_and_retry_it(chromium_browser, start_server):
-    """The README promised the keys on every page; a task's page had none."""
+    """The docs promised the keys on every page; a task's page had none."""
     server = start_server()
     server.request("POST", "/api/pause")
     (task_id,) = server.submit("pretend", seconds=0)

@@ -142,7 +142,9 @@ def test_the_sdist_holds_what_the_wheel_is_built_from(built):
         for relative in _files(folder):
             assert f"{folder}/{relative}" in names, f"{folder}/{relative} not in the sdist"
     assert {"pyproject.toml", "README.md", "LICENSE", "dashboard/web/blueprint.py",
-            "examples/reports/app.py"} <= names
+            "examples/reports/app.py", "docs/index.md", "docs/examples/quickstart.py",
+            "docs/conf.py", "docs/screenshot.png"} <= names
+    assert not [n for n in names if n.startswith("docs/_build/")]
     assert not [n for n in names if n.startswith((".venv/", "instance/", ".git/"))]
 
 

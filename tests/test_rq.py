@@ -320,7 +320,7 @@ def test_a_killed_worker_s_task_is_failed_as_abandoned(rq_cluster, redis_url):
 
     info = wait_for(ended, 60, "the page to show the task ended")
     assert info["state"] == "failed" and info["error"].startswith("abandoned: ")
-    # Stated in the README: within WORKER_TIMEOUT of the last heartbeat, found by the
+    # Stated in docs/rq.md: within WORKER_TIMEOUT of the last heartbeat, found by the
     # next sweep (every 2 s); a generous bound only fails a far slower machine.
     assert time.monotonic() - killed < WORKER_TIMEOUT + 20
     wait_for(lambda: not _stats(web)["workers"], 60, "the dead worker to leave the page")
@@ -406,14 +406,15 @@ def test_two_web_and_two_worker_processes_run_500_tasks_once_and_agree(rq_cluste
         assert worker.members(), worker.log_tail()
 
 
-def test_the_plain_rq_worker_line_in_the_readme_runs_our_tasks(redis_url, tmp_path):
-    """The README's `rq worker ...` line, run as written (with --burst): a task of ours runs."""
+def test_the_plain_rq_worker_line_in_the_docs_runs_our_tasks(redis_url, tmp_path):
+    """The RQ guide's `rq worker ...` line (docs/rq.md), run as written (with --burst):
+    a task of ours runs."""
     import re
     import subprocess
 
-    readme = (ROOT / "README.md").read_text()
-    line = re.search(r"FLASK_APP='yourapp:create_app\(\)' rq worker (.+?)\n```", readme, re.S)
-    assert line, "the README's rq worker line"
+    guide = (ROOT / "docs" / "rq.md").read_text()
+    line = re.search(r"FLASK_APP='yourapp:create_app\(\)' rq worker (.+?)\n```", guide, re.S)
+    assert line, "the RQ guide's rq worker line"
     args = line.group(1).replace("\\\n", " ").split()
     args = [redis_url if a == "redis://localhost:6379/0" else a for a in args]
     assert args[-1] == "yourapp"

@@ -96,7 +96,7 @@ class TaskContext:
         return False
 
     def log_line(self, line: str) -> None:
-        """Keep a line the task logged (see :mod:`.tasklog`)."""
+        """Keep a line the task logged (see ``dashboard.local.tasklog``)."""
         self._store.log(self._record, line)
 
     def progress(self, fraction: float, message: str | None = None) -> None:
@@ -776,8 +776,8 @@ class WorkQueue(Backend):
         task with that key is scheduled, queued or running, its id comes back and
         nothing is queued (see :meth:`enqueue`, which says which).
 
-        Raises :class:`~dashboard.tasks.UnknownKind`,
-        :class:`~dashboard.tasks.InvalidParam`, :class:`QueueFull` or
+        Raises :class:`~dashboard.errors.UnknownKind`,
+        :class:`~dashboard.errors.InvalidParam`, :class:`QueueFull` or
         :class:`QueueClosed`; in each case nothing is queued.
         """
         if key is not None or delay is not None or at is not None or time_limit is not None:
@@ -837,7 +837,7 @@ class WorkQueue(Backend):
 
     @property
     def identity(self) -> str:
-        """Names the queue this process serves (see :attr:`Store.identity`)."""
+        """Names the queue this process serves (see the store's ``identity``)."""
         return self.store.identity
 
     def stats(self, recent: int = 20, upcoming: int = 0) -> Snapshot:
@@ -977,7 +977,7 @@ class WorkQueue(Backend):
         return None if number is None else self.store.get(number)
 
     def wait(self, task_id: int | str, timeout: float | None = None) -> TaskInfo:
-        """Block until the task has finished; the task as it ended (see :meth:`result`).
+        """Block until the task has finished; the task as it ended (see :meth:`.Backend.result`).
 
         Raises :class:`TaskNotFound` for an unknown task, :class:`TimeoutError` when it
         has not finished after ``timeout`` seconds.
@@ -1004,7 +1004,7 @@ class WorkQueue(Backend):
     # -- operating on tasks ------------------------------------------------
 
     def cancel(self, task_id: int | str) -> State:
-        """Cancel a queued task, or ask a running one to stop (see :meth:`Store.cancel`)."""
+        """Cancel a queued task, or ask a running one to stop (see the store's ``cancel``)."""
         number = _known(task_id)
         if not task_cancelled.receivers:
             return self.store.cancel(number)
@@ -1035,7 +1035,7 @@ class WorkQueue(Backend):
 
     def find(self, query: TaskFilter, *, limit: int = 50, cursor: str | None = None,
              oldest_first: bool = False) -> TaskPage:
-        """One page of the tasks that match ``query`` (see :meth:`Backend.find`)."""
+        """One page of the tasks that match ``query`` (see :meth:`.Backend.find`)."""
         return page_of(self.store.find, query, limit, cursor, oldest_first, _number)
 
     def count(self, query: TaskFilter) -> int:
@@ -1043,7 +1043,7 @@ class WorkQueue(Backend):
 
     def bulk(self, action: str, query: TaskFilter) -> BulkResult:
         """Retry, cancel or purge every task that matches, in batches (see
-        :meth:`Backend.bulk`)."""
+        :meth:`.Backend.bulk`)."""
         return bulk_in_batches(self.store, action, query, self._bulk_signals)
 
     def _bulk_signals(self, action: str, ids: list[int]) -> None:

@@ -94,6 +94,9 @@ def _json_action(action: Callable[[], Any], ok: Callable[[Any], Response]) -> Re
 
 @bp.get("/api/stats")
 def api_stats() -> Response:
+    """The queue in one read: ``queued``, ``scheduled``, ``running``, ``done``,
+    ``failed``, ``cancelled``, ``paused``, ``workers`` (``name``, ``state``, ``task``),
+    ``pid`` and more. ``304`` when ``If-None-Match`` holds the current tag."""
     snap = current_queue.stats(RECENT)
     if snap.tag in request.if_none_match:
         return make_response("", 304)
@@ -151,6 +154,7 @@ def _task_dict(info: TaskInfo, can_act: bool) -> dict[str, Any]:
 
 @bp.get("/api/tasks/<task_id>")
 def api_task(task_id: str) -> Response:
+    """One task as JSON; ``404`` when unknown or gone from the history."""
     if read_task_id(task_id) is None:
         return json_error(f"no task {printable_id(task_id)}: {TASK_ID_RULE}", 404)
     info = current_queue.get(task_id)
@@ -230,6 +234,8 @@ def api_kinds() -> Response:
 
 @bp.post("/api/tasks/<task_id>/cancel")
 def api_cancel(task_id: str) -> Response:
+    """Cancel a queued or scheduled task, or ask a running one to stop; ``409``
+    once it finished."""
     def cancel() -> TaskInfo | None:
         checked = parse_task_id(task_id)
         current_queue.cancel(checked)
@@ -299,11 +305,13 @@ def api_clear_history() -> Response:
 
 @bp.post("/api/pause")
 def api_pause() -> Response:
+    """Pause the workers: they finish what they run and take nothing new."""
     return _json_action(current_queue.pause, lambda _: jsonify(paused=True))
 
 
 @bp.post("/api/resume")
 def api_resume() -> Response:
+    """Resume the workers after a pause."""
     return _json_action(current_queue.resume, lambda _: jsonify(paused=False))
 
 

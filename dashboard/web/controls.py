@@ -94,11 +94,13 @@ def add_tasks() -> Response:
 
 @bp.post("/pause")
 def pause() -> Response:
+    """The page's *Pause* (a form, or htmx): the workers take nothing new."""
     return _form_action(current_queue.pause, lambda _: home())
 
 
 @bp.post("/resume")
 def resume() -> Response:
+    """The page's *Resume* (a form, or htmx)."""
     return _form_action(current_queue.resume, lambda _: home())
 
 
@@ -110,6 +112,8 @@ def workers() -> Response:
 
 @bp.post("/history/clear")
 def clear_history() -> Response:
+    """The page's *Clear history*: forget the finished tasks (the counters keep
+    their totals)."""
     return _form_action(current_queue.clear_history, lambda _: home())
 
 
@@ -127,6 +131,7 @@ def _back_to_task(task_id: TaskId) -> str:
 
 @bp.post("/tasks/<task_id>/cancel")
 def cancel_task(task_id: str) -> Response:
+    """A task's *Cancel* (a form, or htmx); ``409`` once it finished."""
     def cancel() -> str:
         checked = parse_task_id(task_id)
         current_queue.cancel(checked)
