@@ -75,10 +75,11 @@ class _Kind:
     increment, and a scrape adds them up into Prometheus's cumulative counts."""
 
     __slots__ = ("submitted", "done", "failed", "cancelled", "retried", "waits", "wait_sum",
-                 "runs", "run_sum", "hour")
+                 "runs", "run_sum", "hour", "queued", "running")
 
     def __init__(self) -> None:
         self.submitted = self.done = self.failed = self.cancelled = self.retried = 0
+        self.queued = self.running = 0  # now: each kind's health reads them, never a walk
         self.waits = [0] * (len(DURATION_BUCKETS) + 1)
         self.wait_sum = 0.0
         self.runs = [0] * (len(DURATION_BUCKETS) + 1)
@@ -252,8 +253,12 @@ class MemoryStore(Store):
         for record in self._tasks.values():
             if record.finished_at is None:
                 kind = self._kind(record.kind)
-                if record.state is QUEUED or record.state is RUNNING:
+                if record.state is QUEUED:
                     kind.submitted += 1
+                    kind.queued += 1
+                elif record.state is RUNNING:
+                    kind.submitted += 1
+                    kind.running += 1
         self._done = 0
         self._failed = 0
         self._cancelled = 0
@@ -413,7 +418,9 @@ class MemoryStore(Store):
             self._tasks[task_id] = record
             self._queued = depth = depth + 1
             self._submitted += 1
-            (self._kinds.get(kind) or self._kind(kind)).submitted += 1
+            stats = self._kinds.get(kind) or self._kind(kind)
+            stats.submitted += 1
+            stats.queued += 1
             series = self._series
             bucket = series[-1] if series else None
             if bucket is None or bucket.second != int(now):
@@ -489,6 +496,7 @@ class MemoryStore(Store):
                 queue.append(record)
             self._scheduled -= 1
             self._queued += 1
+            self._kind(record.kind).queued += 1
             self._grew(now)
             self._version += 1
             if self._waiting and not self._paused:
@@ -604,7 +612,9 @@ class MemoryStore(Store):
             tasks[task_id] = record
         self._queued += count
         self._submitted += count
-        self._kind(kind).submitted += count
+        stats = self._kind(kind)
+        stats.submitted += count
+        stats.queued += count
         self._grew(now)
         self._version += 1
         if self._waiting and not self._paused:
@@ -666,6 +676,8 @@ class MemoryStore(Store):
                 stats.minute(record.started_at).waits[bucket_index] += 1
                 self._queued = depth = self._queued - 1
                 self._running += 1
+                stats.queued -= 1
+                stats.running += 1
                 if slot is not None:
                     slot.task = record
                 series = self._series
@@ -748,6 +760,7 @@ class MemoryStore(Store):
         else:
             raise ValueError(f"{state} is not a finished state")
         self._running -= 1
+        stats.running -= 1
         started = record.started_clock or now
         ran = now - started
         bucket_index = bisect_left(DURATION_BUCKETS, ran)
@@ -807,6 +820,7 @@ class MemoryStore(Store):
         stats.runs[bisect_left(DURATION_BUCKETS, ran)] += 1
         stats.run_sum += ran
         self._running -= 1
+        stats.running -= 1
         self._scheduled += 1
         slot = self._slots.get(record.worker) if record.worker is not None else None
         if slot is not None and slot.task is record:
@@ -880,7 +894,9 @@ class MemoryStore(Store):
             record.error = "cancelled before it started"
             self._queued -= 1
             self._cancelled += 1
-            self._kind(record.kind).cancelled += 1
+            stats = self._kind(record.kind)
+            stats.cancelled += 1
+            stats.queued -= 1
             self._second(now).depth = self._queued
             self._remember(record)
             self._compact_queue()
@@ -987,14 +1003,9 @@ class MemoryStore(Store):
     def kind_health(self, kinds: Iterable[str]) -> list[KindHealth]:
         wall = time.time()
         with self._lock:
-            now: dict[str, list[int]] = {}
-            for record in self._tasks.values():
-                if record.state is QUEUED or record.state is RUNNING:
-                    counts = now.setdefault(record.kind, [0, 0])
-                    counts[record.state is RUNNING] += 1
             empty = _Kind()
-            return [(self._kinds.get(kind) or empty).health(kind, *now.get(kind, (0, 0)), wall)
-                    for kind in kinds]
+            return [(stats := self._kinds.get(kind) or empty).health(
+                        kind, stats.queued, stats.running, wall) for kind in kinds]
 
     def reset(self) -> None:
         with self._lock:
@@ -1102,6 +1113,8 @@ class MemoryStore(Store):
                     dropped += 1
             self._queue.clear()
             self._queued = 0
+            for stats in self._kinds.values():
+                stats.queued = 0
             for _, _, record in self._due:  # delayed tasks go with the process too
                 if record.state is SCHEDULED:
                     self._tasks.pop(record.id, None)
